@@ -1,0 +1,200 @@
+//! moeflux-engine: runs a model for one sequence at a time.
+//!
+//! A [`Session`] owns the backend, the model and the sequence state (KV caches, conv
+//! and delta-rule states). Prefill splits a prompt into power-of-two chunks (at most
+//! `prefill_chunk` wide) so only `log2(chunk) + 1` distinct graphs ever exist per logits
+//! mode; each is built, validated and planned once and replayed from then on.
+
+pub mod generate;
+pub mod npy;
+
+use std::path::Path;
+
+use moeflux_core::{Backend, PoolExt};
+use moeflux_model::{LogitsRows, Model, ModelError, SeqState, StepGraph};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Core(#[from] moeflux_core::CoreError),
+    #[error(transparent)]
+    Text(#[from] moeflux_text::TextError),
+    #[error("token id {token} at position {index} is out of range (vocabulary size {vocab})")]
+    TokenOutOfRange { token: u32, index: usize, vocab: usize },
+    #[error("empty prompt: at least one token is needed")]
+    EmptyPrompt,
+    #[error("context length exceeded: {needed} tokens needed, the session holds at most {max} (raise --max-context)")]
+    ContextExceeded { needed: usize, max: usize },
+    #[error("device '{0}' is not available: {1}")]
+    Device(String, String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Which backend runs the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda,
+    /// CUDA when a GPU is usable, otherwise the CPU.
+    Auto,
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda),
+            "auto" => Ok(Device::Auto),
+            _ => Err(format!("unknown device '{s}' (cpu, cuda, auto)")),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct SessionOptions {
+    pub device: Device,
+    /// Maximum tokens in the sequence (KV cache rows). 0 = min(model limit, 4096).
+    pub max_context: usize,
+    /// Widest prefill chunk (rounded down to a power of two).
+    pub prefill_chunk: usize,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions { device: Device::Auto, max_context: 0, prefill_chunk: 256 }
+    }
+}
+
+pub fn open_backend(device: Device) -> Result<Box<dyn Backend>, EngineError> {
+    match device {
+        Device::Cpu | Device::Auto => Ok(Box::new(moeflux_cpu::CpuBackend::new())),
+        Device::Cuda => Err(EngineError::Device("cuda".into(), "this build has no CUDA backend yet; use --device cpu".into())),
+    }
+}
+
+pub struct Session {
+    backend: Box<dyn Backend>,
+    pub model: Model,
+    state: SeqState,
+    graphs: Vec<((usize, LogitsRows), StepGraph)>,
+    pos: usize,
+    chunk: usize,
+}
+
+impl Session {
+    pub fn open(dir: &Path, opts: &SessionOptions) -> Result<Self, EngineError> {
+        let mut backend = open_backend(opts.device)?;
+        let model = Model::open(dir, backend.pool())?;
+        let max_ctx = if opts.max_context == 0 { model.spec.max_position.min(4096) } else { opts.max_context };
+        let state = model.alloc_state(backend.pool(), max_ctx)?;
+        let chunk = 1usize << (usize::BITS - 1 - opts.prefill_chunk.max(1).leading_zeros());
+        Ok(Session { backend, model, state, graphs: Vec::new(), pos: 0, chunk })
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    pub fn vocab(&self) -> usize {
+        self.model.spec.vocab
+    }
+
+    /// Tokens consumed so far.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    pub fn max_context(&self) -> usize {
+        self.state.max_ctx
+    }
+
+    /// Forget the sequence (zero caches and recurrent state).
+    pub fn reset(&mut self) -> Result<(), EngineError> {
+        self.model.reset_state(self.backend.pool(), &self.state)?;
+        self.pos = 0;
+        Ok(())
+    }
+
+    pub fn set_profiling(&mut self, on: bool) {
+        self.backend.set_profiling(on);
+    }
+
+    pub fn profile(&self) -> moeflux_core::backend::OpProfile {
+        self.backend.profile()
+    }
+
+    fn check(&self, tokens: &[u32]) -> Result<(), EngineError> {
+        if tokens.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let vocab = self.vocab();
+        if let Some((index, &token)) = tokens.iter().enumerate().find(|&(_, &t)| t as usize >= vocab) {
+            return Err(EngineError::TokenOutOfRange { token, index, vocab });
+        }
+        if self.pos + tokens.len() > self.state.max_ctx {
+            return Err(EngineError::ContextExceeded { needed: self.pos + tokens.len(), max: self.state.max_ctx });
+        }
+        Ok(())
+    }
+
+    fn graph_index(&mut self, n: usize, rows: LogitsRows) -> Result<usize, EngineError> {
+        if let Some(i) = self.graphs.iter().position(|(k, _)| *k == (n, rows)) {
+            return Ok(i);
+        }
+        let g = self.model.build_step(self.backend.pool(), &self.state, n, rows)?;
+        self.backend.prepare(&g.graph)?;
+        self.graphs.push(((n, rows), g));
+        Ok(self.graphs.len() - 1)
+    }
+
+    fn run_chunk(&mut self, tokens: &[u32], rows: LogitsRows, out: &mut Vec<f32>) -> Result<(), EngineError> {
+        let n = tokens.len();
+        let gi = self.graph_index(n, rows)?;
+        let positions: Vec<u32> = (self.pos..self.pos + n).map(|p| p as u32).collect();
+        let (tok_buf, pos_buf, logits, lrows) = {
+            let g = &self.graphs[gi].1;
+            (g.tokens, g.pos, g.logits, g.logits_rows)
+        };
+        let pool = self.backend.pool();
+        pool.upload_u32(tok_buf, tokens)?;
+        pool.upload_u32(pos_buf, &positions)?;
+        self.backend.execute(&self.graphs[gi].1.graph)?;
+        let vocab = self.vocab();
+        let start = out.len();
+        out.resize(start + lrows * vocab, 0.0);
+        self.backend.pool().download_f32(logits, &mut out[start..])?;
+        self.pos += n;
+        Ok(())
+    }
+
+    /// Feeds `tokens` through the model. Returns logits for every position (`All`,
+    /// `[n, vocab]` row-major) or for the last one (`Last`, `[vocab]`).
+    pub fn prefill(&mut self, tokens: &[u32], rows: LogitsRows) -> Result<Vec<f32>, EngineError> {
+        self.check(tokens)?;
+        let mut out = Vec::new();
+        let mut rest = tokens;
+        while !rest.is_empty() {
+            let width = if rest.len() >= self.chunk { self.chunk } else { 1usize << (usize::BITS - 1 - rest.len().leading_zeros()) };
+            let (now, later) = rest.split_at(width);
+            let chunk_rows = if rows == LogitsRows::Last && !later.is_empty() { LogitsRows::Last } else { rows };
+            if rows == LogitsRows::Last {
+                out.clear();
+            }
+            self.run_chunk(now, chunk_rows, &mut out)?;
+            rest = later;
+        }
+        Ok(out)
+    }
+
+    /// One decode step: feeds `token`, returns the next-token logits.
+    pub fn decode(&mut self, token: u32) -> Result<Vec<f32>, EngineError> {
+        self.check(&[token])?;
+        let mut out = Vec::new();
+        self.run_chunk(&[token], LogitsRows::Last, &mut out)?;
+        Ok(out)
+    }
+}
