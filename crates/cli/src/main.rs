@@ -1,0 +1,269 @@
+//! The `moeflux` command line.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use moeflux_engine::generate::{GenerateRequest, generate};
+use moeflux_engine::{Device, Session, SessionOptions, npy};
+use moeflux_model::{LayerKind, LogitsRows};
+use moeflux_text::{ChatMessage, SamplingParams, StreamDecoder, TextCodec};
+
+#[derive(Parser)]
+#[command(name = "moeflux", version, about = "Run Mixture-of-Experts language models on CPU and CUDA")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate text from a prompt (streams to stdout; speeds to stderr).
+    Generate(GenerateArgs),
+    /// Write the logits at every prompt position to a float32 .npy [n_tokens, vocab].
+    Logits(LogitsArgs),
+    /// Describe a model: architecture, layers, parameter and byte counts, quantization.
+    Info(InfoArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Model directory (config.json + *.safetensors). Defaults to the bundled model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// cpu, cuda or auto.
+    #[arg(long, default_value = "auto")]
+    device: Device,
+    /// Maximum sequence length (KV cache rows); 0 = min(model limit, 4096).
+    #[arg(long, default_value_t = 0)]
+    max_context: usize,
+    /// Widest prefill chunk (a power of two).
+    #[arg(long, default_value_t = 256)]
+    prefill_chunk: usize,
+}
+
+impl RunArgs {
+    fn dir(&self) -> PathBuf {
+        self.model.clone().unwrap_or_else(bundled_model)
+    }
+    fn open(&self) -> Result<Session> {
+        let dir = self.dir();
+        let opts = SessionOptions { device: self.device, max_context: self.max_context, prefill_chunk: self.prefill_chunk };
+        Session::open(&dir, &opts).with_context(|| format!("opening model {}", dir.display()))
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt as a user message with the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// Tokens to generate at most.
+    #[arg(short = 'n', long = "max-tokens", default_value_t = 128)]
+    n: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Print a per-op time profile to stderr at the end.
+    #[arg(long)]
+    profile: bool,
+}
+
+#[derive(Args)]
+struct LogitsArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Comma-separated token ids.
+    #[arg(long)]
+    tokens: String,
+    #[arg(long)]
+    out: PathBuf,
+    /// Feed the tokens one at a time through the decode path instead of one prefill.
+    #[arg(long)]
+    decode: bool,
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    /// Model directory. Defaults to the bundled model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+}
+
+fn bundled_model() -> PathBuf {
+    if let Some(p) = std::env::var_os("MOEFLUX_BUNDLED_MODEL") {
+        return PathBuf::from(p);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/bundled")
+}
+
+fn parse_tokens(s: &str) -> Result<Vec<u32>> {
+    let toks: Vec<u32> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| t.parse::<u32>().with_context(|| format!("--tokens: '{t}' is not a token id")))
+        .collect::<Result<_>>()?;
+    if toks.is_empty() {
+        bail!("--tokens: no token ids given");
+    }
+    Ok(toks)
+}
+
+fn cmd_logits(a: LogitsArgs) -> Result<()> {
+    let tokens = parse_tokens(&a.tokens)?;
+    let mut s = a.run.open()?;
+    let logits = if a.decode {
+        let mut all = Vec::with_capacity(tokens.len() * s.vocab());
+        for &t in &tokens {
+            all.extend(s.decode(t)?);
+        }
+        all
+    } else {
+        s.prefill(&tokens, LogitsRows::All)?
+    };
+    npy::write_f32(&a.out, &[tokens.len(), s.vocab()], &logits).with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!("wrote {} x {} logits to {} ({} backend)", tokens.len(), s.vocab(), a.out.display(), s.backend_name());
+    Ok(())
+}
+
+fn human(bytes: usize) -> String {
+    let b = bytes as f64;
+    if b >= 1e9 { format!("{:.2} GB", b / 1e9) } else if b >= 1e6 { format!("{:.2} MB", b / 1e6) } else { format!("{:.1} KB", b / 1e3) }
+}
+
+fn count(p: usize) -> String {
+    let x = p as f64;
+    if x >= 1e9 { format!("{:.2}B", x / 1e9) } else if x >= 1e6 { format!("{:.2}M", x / 1e6) } else { format!("{:.1}K", x / 1e3) }
+}
+
+fn cmd_info(a: InfoArgs) -> Result<()> {
+    let dir = a.model.unwrap_or_else(bundled_model);
+    // Resolving weights needs a pool; the CPU one borrows the maps and copies nothing.
+    let mut backend = moeflux_engine::open_backend(Device::Cpu)?;
+    let model = moeflux_model::Model::open(&dir, backend.pool()).with_context(|| format!("opening model {}", dir.display()))?;
+    let s = &model.spec;
+    let st = model.stats();
+    let lin = s.layers.iter().filter(|k| **k == LayerKind::LinearAttention).count();
+    println!("model:          {}", dir.display());
+    println!("architecture:   {} (model_type {})", s.arch.name(), s.model_type);
+    println!("layers:         {} ({} gated-deltanet linear attention, {} full attention)", s.layers.len(), lin, s.layers.len() - lin);
+    let kinds: String = s.layers.iter().map(|k| if *k == LayerKind::LinearAttention { 'L' } else { 'A' }).collect();
+    println!("layer kinds:    {kinds}");
+    println!("hidden:         {}   vocab: {}", s.hidden, s.vocab);
+    println!("attention:      {} heads / {} kv heads x {} (rotary {}), output gate: {}", s.attn.heads, s.attn.kv_heads, s.attn.head_dim, s.attn.rotary_dim, s.attn.output_gate);
+    if let Some(l) = &s.linear {
+        println!("linear attn:    {} key heads x {}, {} value heads x {}, conv {}", l.k_heads, l.dk, l.v_heads, l.dv, l.conv_kernel);
+    }
+    println!(
+        "experts:        {} routed (top {}{}), inter {}, shared: {}",
+        s.moe.experts,
+        s.moe.top_k,
+        if s.moe.renorm { ", renormalised" } else { "" },
+        s.moe.inter,
+        s.moe.shared_inter.map(|x| format!("inter {x}")).unwrap_or_else(|| "none".into())
+    );
+    println!("parameters:     {} total, {} active per token, {} in routed experts", count(st.params_total), count(st.params_active), count(st.params_experts));
+    println!("bytes:          {} total, {} read per token, {} in routed experts", human(st.bytes_total), human(st.bytes_active), human(st.bytes_experts));
+    match &s.quant {
+        Some(q) => println!("quantization:   MLX affine {}-bit, group {} ({} per-module overrides)", q.bits, q.group_size, q.overrides.len()),
+        None => println!("quantization:   none (weights {})", model.weights.embed.format),
+    }
+    println!("max position:   {}   tied embeddings: {}", s.max_position, s.tie_embeddings);
+    Ok(())
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let dir = a.run.dir();
+    let text = TextCodec::from_dir(&dir).with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
+    let prompt_text = if a.chat { text.render_chat(&[ChatMessage::new("user", a.prompt.clone())], true)? } else { a.prompt.clone() };
+    let prompt = text.encode(&prompt_text, !a.chat)?;
+    if prompt.is_empty() {
+        bail!("the prompt encodes to no tokens");
+    }
+    let params = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        repetition_penalty: a.repetition_penalty,
+        seed: a.seed,
+        ..SamplingParams::default()
+    };
+    params.validate()?;
+    let mut s = a.run.open()?;
+    s.set_profiling(a.profile);
+    let mut stops: Vec<u32> = text.eos_ids().to_vec();
+    stops.extend(s.model.spec.eos_ids.iter().copied());
+    let mut dec = StreamDecoder::new(true);
+    let mut out = std::io::stdout().lock();
+    let mut err: Option<anyhow::Error> = None;
+    let req = GenerateRequest { prompt: &prompt, max_new: a.n, params, stop_ids: &stops };
+    let stats = generate(&mut s, &req, &mut |id, _| match dec.push(&text, id) {
+        Ok(piece) => {
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+            true
+        }
+        Err(e) => {
+            err = Some(e.into());
+            false
+        }
+    })?;
+    if let Some(e) = err {
+        return Err(e);
+    }
+    let tail = dec.finish(&text)?;
+    writeln!(out, "{tail}")?;
+    eprintln!(
+        "[{}] prompt {} tokens at {:.1} tok/s, generated {} tokens at {:.1} tok/s ({:?})",
+        s.backend_name(),
+        stats.prompt_tokens,
+        stats.prefill_tps(),
+        stats.generated,
+        stats.decode_tps(),
+        stats.finish
+    );
+    if a.profile {
+        let mut rows = s.profile().rows;
+        rows.sort_by(|x, y| y.2.total_cmp(&x.2));
+        let total: f64 = rows.iter().map(|r| r.2).sum();
+        eprintln!("{:<16} {:>8} {:>10} {:>6}", "op", "calls", "ms", "%");
+        for (k, c, t) in rows {
+            eprintln!("{k:<16} {c:>8} {:>10.2} {:>5.1}%", t * 1e3, 100.0 * t / total.max(1e-12));
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Generate(a) => cmd_generate(a),
+        Cmd::Logits(a) => cmd_logits(a),
+        Cmd::Info(a) => cmd_info(a),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
