@@ -11,7 +11,7 @@ pub mod npy;
 use std::path::Path;
 
 use moeflux_core::{Backend, PoolExt};
-use moeflux_model::{LogitsRows, Model, ModelError, SeqState, StepGraph};
+use moeflux_model::{LayerState, LogitsRows, Model, ModelError, SeqState, StepGraph};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -76,6 +76,22 @@ pub fn open_backend(device: Device) -> Result<Box<dyn Backend>, EngineError> {
     }
 }
 
+/// Host copy of a session's state at a position (see [`Session::snapshot`]).
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pos: usize,
+    bufs: Vec<(moeflux_core::RawBufId, Vec<u8>)>,
+}
+
+impl Snapshot {
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+    pub fn bytes(&self) -> usize {
+        self.bufs.iter().map(|b| b.1.len()).sum()
+    }
+}
+
 pub struct Session {
     backend: Box<dyn Backend>,
     pub model: Model,
@@ -110,6 +126,42 @@ impl Session {
 
     pub fn max_context(&self) -> usize {
         self.state.max_ctx
+    }
+
+    /// Copies the sequence state (recurrent states and the KV rows in use) to the host, so
+    /// a later [`Session::restore`] resumes exactly here. Hybrid models cannot rewind
+    /// their recurrent state, so this is how a server reuses a shared prompt prefix.
+    pub fn snapshot(&mut self) -> Result<Snapshot, EngineError> {
+        let mut bufs = Vec::new();
+        let pos = self.pos;
+        for l in &self.state.layers {
+            let ids: Vec<(moeflux_core::RawBufId, usize)> = match l {
+                LayerState::Kv(kv) => {
+                    let row = self.model.spec.attn.kv_heads * self.model.spec.attn.head_dim * 4;
+                    vec![(kv.k.raw(), pos * row), (kv.v.raw(), pos * row)]
+                }
+                LayerState::Linear(ls) => {
+                    let pool = self.backend.pool_ref();
+                    let size = |id: moeflux_core::RawBufId| pool.info(id).map(|i| i.0).unwrap_or(0);
+                    vec![(ls.conv.raw(), size(ls.conv.raw())), (ls.delta.raw(), size(ls.delta.raw()))]
+                }
+            };
+            for (id, bytes) in ids {
+                let mut host = vec![0u8; bytes];
+                self.backend.pool().download_raw(id, 0, &mut host)?;
+                bufs.push((id, host));
+            }
+        }
+        Ok(Snapshot { pos, bufs })
+    }
+
+    /// Returns the session to a [`Snapshot`] taken from this session.
+    pub fn restore(&mut self, snap: &Snapshot) -> Result<(), EngineError> {
+        for (id, host) in &snap.bufs {
+            self.backend.pool().upload_raw(*id, 0, host)?;
+        }
+        self.pos = snap.pos;
+        Ok(())
     }
 
     /// Forget the sequence (zero caches and recurrent state).

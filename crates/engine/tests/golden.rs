@@ -109,3 +109,20 @@ fn qwen3_moe_f32_matches_transformers() {
 fn qwen3_next_mlx4_matches_mlx_lm() {
     check("qwen3_next_mlx4", 2e-3);
 }
+
+#[test]
+fn snapshot_restore_resumes_exactly() {
+    let r = load_ref("qwen3_next_f32");
+    let mut s = open("qwen3_next_f32", 16);
+    let (a, b) = r.tokens.split_at(40);
+    s.prefill(a, LogitsRows::Last).unwrap();
+    let snap = s.snapshot().unwrap();
+    let want = s.prefill(b, LogitsRows::All).unwrap();
+    // Diverge, then come back.
+    s.prefill(&[1, 2, 3], LogitsRows::Last).unwrap();
+    s.restore(&snap).unwrap();
+    assert_eq!(s.position(), 40);
+    let got = s.prefill(b, LogitsRows::All).unwrap();
+    assert_eq!(got, want);
+    assert!(rel_err(&got, &r.logits[40 * r.vocab..]) <= 1e-4);
+}
