@@ -333,7 +333,8 @@ impl CpuBackend {
             }
             Op::GatedDelta { qkv, a, b, a_log, dt_bias, state, out, n, k_heads, v_heads, dk, dv } => {
                 let s = gated_delta::DeltaShape { k_heads: *k_heads, v_heads: *v_heads, dk: *dk, dv: *dv };
-                gated_delta::gated_delta(
+                let run = if *n > 1 { gated_delta::gated_delta_chunked } else { gated_delta::gated_delta };
+                run(
                     self.f32s(qkv.raw(), n * (2 * k_heads * dk + v_heads * dv)),
                     self.f32s(a.raw(), n * v_heads),
                     self.f32s(b.raw(), n * v_heads),

@@ -68,6 +68,12 @@ fn check(name: &str, tol: f32) {
         assert!(rel_err(g, w) <= tol * 4.0, "{name}: position {p} rel err {}", rel_err(g, w));
     }
 
+    // Wide chunks: 80 tokens as 64 + 16, so the chunked delta rule spans chunk borders
+    // inside one call.
+    let wide = open(name, 128).prefill(&r.tokens, LogitsRows::All).unwrap();
+    let ew = rel_err(&wide, &r.logits);
+    assert!(ew <= tol, "{name}: wide-chunk prefill rel err {ew} > {tol}");
+
     // Decode path: one token at a time must match prefill.
     s.reset().unwrap();
     let mut dec = Vec::new();
