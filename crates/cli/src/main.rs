@@ -1,5 +1,7 @@
 //! The `moeflux` command line.
 
+mod bench;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -26,6 +28,8 @@ enum Cmd {
     Logits(LogitsArgs),
     /// Describe a model: architecture, layers, parameter and byte counts, quantization.
     Info(InfoArgs),
+    /// Benchmark prefill/decode on a random-weight model at real shapes (no disk).
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -258,6 +262,7 @@ fn main() -> ExitCode {
         Cmd::Generate(a) => cmd_generate(a),
         Cmd::Logits(a) => cmd_logits(a),
         Cmd::Info(a) => cmd_info(a),
+        Cmd::Bench(a) => bench::run(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -156,6 +156,12 @@ pub trait Backend: Send {
         self.submit()
     }
 
+    /// Memory read bandwidth of the device in bytes/s, measured now (benchmarks divide
+    /// bytes moved per token by this to get the floor).
+    fn measure_bandwidth(&mut self) -> Result<f64, CoreError> {
+        Err(CoreError::Backend { backend: self.name(), msg: "bandwidth measurement not implemented".into() })
+    }
+
     fn set_profiling(&mut self, _on: bool) {}
     fn profile(&self) -> OpProfile {
         OpProfile::default()

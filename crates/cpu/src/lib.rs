@@ -416,6 +416,34 @@ impl Backend for CpuBackend {
     fn submit(&mut self) -> Result<(), CoreError> {
         Ok(())
     }
+    /// Best of five parallel sums over 1 GiB (every rayon thread reads its share), the
+    /// same measurement as a 2-thread STREAM-style sum.
+    fn measure_bandwidth(&mut self) -> Result<f64, CoreError> {
+        use rayon::prelude::*;
+        let v = vec![1.0f32; 1 << 28];
+        let mut best = 0f64;
+        for _ in 0..5 {
+            let t = Instant::now();
+            // 16 independent lanes so the sum is bound by memory, not by add latency.
+            let s: f32 = v
+                .par_chunks(1 << 16)
+                .map(|c| {
+                    let mut acc = [0f32; 16];
+                    for x in c.chunks_exact(16) {
+                        for j in 0..16 {
+                            acc[j] += x[j];
+                        }
+                    }
+                    acc.iter().sum::<f32>()
+                })
+                .sum();
+            let dt = t.elapsed().as_secs_f64();
+            std::hint::black_box(s);
+            best = best.max((v.len() * 4) as f64 / dt);
+        }
+        Ok(best)
+    }
+
     fn set_profiling(&mut self, on: bool) {
         self.profiling = on;
         self.profile.clear();

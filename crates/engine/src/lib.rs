@@ -105,10 +105,30 @@ impl Session {
     pub fn open(dir: &Path, opts: &SessionOptions) -> Result<Self, EngineError> {
         let mut backend = open_backend(opts.device)?;
         let model = Model::open(dir, backend.pool())?;
+        Self::with_model(backend, model, opts)
+    }
+
+    /// A session over a model already resolved against `backend`'s pool.
+    pub fn with_model(mut backend: Box<dyn Backend>, model: Model, opts: &SessionOptions) -> Result<Self, EngineError> {
         let max_ctx = if opts.max_context == 0 { model.spec.max_position.min(4096) } else { opts.max_context };
         let state = model.alloc_state(backend.pool(), max_ctx)?;
         let chunk = 1usize << (usize::BITS - 1 - opts.prefill_chunk.max(1).leading_zeros());
         Ok(Session { backend, model, state, graphs: Vec::new(), pos: 0, chunk })
+    }
+
+    /// Benchmarks only: jump to position `pos` without computing the tokens before it.
+    /// The cache rows below `pos` hold whatever they held; the work of a step at `pos`
+    /// (attention over `pos` rows) is the same as after a real prefill.
+    pub fn seek(&mut self, pos: usize) -> Result<(), EngineError> {
+        if pos > self.state.max_ctx {
+            return Err(EngineError::ContextExceeded { needed: pos, max: self.state.max_ctx });
+        }
+        self.pos = pos;
+        Ok(())
+    }
+
+    pub fn backend_mut(&mut self) -> &mut dyn Backend {
+        self.backend.as_mut()
     }
 
     pub fn backend_name(&self) -> &'static str {

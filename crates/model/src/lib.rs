@@ -12,6 +12,7 @@ pub mod builder;
 pub mod config;
 pub mod error;
 pub mod source;
+pub mod synthetic;
 pub mod weights;
 
 use std::path::Path;
@@ -28,7 +29,8 @@ use source::WeightSource;
 
 pub struct Model {
     pub spec: ModelSpec,
-    pub source: WeightSource,
+    /// The directory the weights came from (`None` for synthetic benchmark models).
+    pub dir: Option<std::path::PathBuf>,
     pub weights: ModelWeights,
 }
 
@@ -88,7 +90,7 @@ impl Model {
             Arch::Qwen3Next | Arch::Qwen35Moe => arch::qwen3_next::load(&ld, &spec)?,
             Arch::Qwen3Moe => arch::qwen3_moe::load(&ld, &spec)?,
         };
-        Ok(Model { spec, source, weights })
+        Ok(Model { spec, dir: Some(dir.to_path_buf()), weights })
     }
 
     /// Allocates the KV caches and recurrent state for one sequence of up to `max_ctx`

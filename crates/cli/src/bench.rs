@@ -1,0 +1,131 @@
+//! `moeflux bench`: random-weight models at real shapes, built in memory; measures
+//! prefill and decode speed and reports decode against the memory-bandwidth floor
+//! (bytes that must be read per token / bandwidth measured in the same run).
+
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use moeflux_engine::{Device, Session, SessionOptions, open_backend};
+use moeflux_model::synthetic::{PRESETS, preset};
+use moeflux_model::{LayerKind, LogitsRows, Model};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Model shape: qwen3-next-80b-a3b, qwen3.5-35b-a3b, qwen3-30b-a3b, qwen3.5-397b-a17b.
+    #[arg(long)]
+    preset: String,
+    /// Keep only the first N layers (to fit memory); per-token figures scale with it.
+    #[arg(long)]
+    layers: Option<usize>,
+    #[arg(long, default_value = "auto")]
+    device: Device,
+    /// Prompt lengths to time prefill at (comma-separated).
+    #[arg(long, default_value = "512", value_delimiter = ',')]
+    prompt: Vec<usize>,
+    /// Tokens decoded per context length.
+    #[arg(long = "gen", default_value_t = 32)]
+    gen_tokens: usize,
+    /// Context lengths to time decode at (comma-separated).
+    #[arg(long, default_value = "0", value_delimiter = ',')]
+    context: Vec<usize>,
+    /// Widest prefill chunk.
+    #[arg(long, default_value_t = 512)]
+    prefill_chunk: usize,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Print a per-op time profile of the decode steps.
+    #[arg(long)]
+    profile: bool,
+}
+
+fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % vocab as u64) as u32
+        })
+        .collect()
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let Some(cfg) = preset(&a.preset) else { bail!("unknown preset '{}' (known: {})", a.preset, PRESETS.join(", ")) };
+    let mut backend = open_backend(a.device)?;
+    let name = backend.name();
+    eprintln!("[{name}] measuring memory bandwidth ...");
+    let bw = backend.measure_bandwidth().context("measuring bandwidth")?;
+    eprintln!("[{name}] building {} with random 4-bit weights{} ...", a.preset, a.layers.map(|l| format!(" ({l} layers)")).unwrap_or_default());
+    let t = Instant::now();
+    let model = Model::synthetic(&cfg, a.layers, backend.pool(), 0x5eed).context("building the synthetic model")?;
+    let st = model.stats();
+    let spec = model.spec.clone();
+    eprintln!("[{name}] built in {:.1}s: {:.2} GB of weights, {:.1} MB read per token", t.elapsed().as_secs_f64(), st.bytes_total as f64 / 1e9, st.bytes_active as f64 / 1e6);
+    let max_prompt = a.prompt.iter().copied().max().unwrap_or(0);
+    let max_ctx = a.context.iter().copied().max().unwrap_or(0).max(max_prompt) + a.gen_tokens + 1;
+    let opts = SessionOptions { device: a.device, max_context: max_ctx, prefill_chunk: a.prefill_chunk };
+    let mut s = Session::with_model(backend, model, &opts)?;
+    let vocab = spec.vocab;
+
+    let mut rows = Vec::new();
+    println!("preset {}  layers {}  device {}  bandwidth {:.1} GB/s", a.preset, spec.layers.len(), name, bw / 1e9);
+    for &p in &a.prompt {
+        if p == 0 {
+            continue;
+        }
+        let toks = tokens(p, vocab, 7);
+        s.reset()?;
+        s.prefill(&toks[..p.min(8)], LogitsRows::Last)?; // build graphs before timing
+        s.reset()?;
+        let t = Instant::now();
+        s.prefill(&toks, LogitsRows::Last)?;
+        let tps = p as f64 / t.elapsed().as_secs_f64();
+        println!("prefill  {p:>6} tokens   {tps:>10.1} tok/s");
+        rows.push(serde_json::json!({"kind": "prefill", "tokens": p, "tok_per_s": tps}));
+    }
+    let kv_row = spec.attn.kv_heads * spec.attn.head_dim * 4 * 2;
+    let full = spec.layers.iter().filter(|k| **k == LayerKind::FullAttention).count();
+    let lin_state = spec.linear.as_ref().map(|l| (l.v_heads * l.dk * l.dv + (l.conv_kernel - 1) * l.conv_dim()) * 4 * 2).unwrap_or(0);
+    let lins = spec.layers.len() - full;
+    s.set_profiling(a.profile);
+    for &c in &a.context {
+        s.reset()?;
+        s.seek(c)?;
+        let mut tok = tokens(1, vocab, 11)[0];
+        s.decode(tok)?; // warm-up: builds the decode graph
+        let t = Instant::now();
+        for _ in 0..a.gen_tokens {
+            let logits = s.decode(tok)?;
+            tok = logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, v)| if *v > b.1 { (i, *v) } else { b }).0 as u32;
+        }
+        let tps = a.gen_tokens as f64 / t.elapsed().as_secs_f64();
+        let bytes = st.bytes_active + full * kv_row * (c + a.gen_tokens / 2) + lins * lin_state;
+        let floor = bw / bytes as f64;
+        println!(
+            "decode   ctx {c:>6}   {tps:>10.1} tok/s   {:>8.1} MB/token   floor {floor:>8.1} tok/s   {:>5.1}% of floor",
+            bytes as f64 / 1e6,
+            100.0 * tps / floor
+        );
+        rows.push(serde_json::json!({"kind": "decode", "context": c, "tok_per_s": tps, "bytes_per_token": bytes, "floor_tok_per_s": floor, "fraction_of_floor": tps / floor}));
+    }
+    if a.profile {
+        let mut prof = s.profile().rows;
+        prof.sort_by(|x, y| y.2.total_cmp(&x.2));
+        let total: f64 = prof.iter().map(|r| r.2).sum();
+        println!("{:<16} {:>8} {:>10} {:>6}", "op", "calls", "ms", "%");
+        for (k, n, t) in prof {
+            println!("{k:<16} {n:>8} {:>10.2} {:>5.1}%", t * 1e3, 100.0 * t / total.max(1e-12));
+        }
+    }
+    if let Some(path) = &a.json {
+        let doc = serde_json::json!({
+            "preset": a.preset, "layers": spec.layers.len(), "device": name, "bandwidth_bytes_per_s": bw,
+            "weight_bytes": st.bytes_total, "active_bytes_per_token": st.bytes_active, "results": rows,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
