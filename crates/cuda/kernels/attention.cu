@@ -1,0 +1,93 @@
+// attention.cu: KV-cache append and causal GQA attention over the cache (Op::KvAppend,
+// Op::Attention).
+//
+// Caches f32 [max_ctx, kv_heads * head_dim]; q / out f32 [n, heads * head_dim]; pos u32 [n]
+// read on the device: query t attends cache rows 0..=pos[t] (prefill and decode are the same
+// computation). Query head h reads kv head h / (heads / kv_heads).
+//  * kv_append_f32: grid-stride over n * kv_dim, block 256. Rows at pos >= max_ctx are skipped
+//    (the session never asks for them).
+//  * attention_f32: grid (heads, n), block ATT_WARPS * 32. Each warp takes keys j = warp,
+//    warp + ATT_WARPS, ... and keeps an online softmax (running max, sum and weighted V) with
+//    lane d holding dims d, d + 32, ... (head_dim <= 32 * ATT_MAXD, checked on the host); the
+//    warps are merged through shared memory at the end.
+#include "common.cuh"
+
+#define ATT_WARPS 8
+#define ATT_MAXD 8
+
+extern "C" __global__ void kv_append_f32(const float* k, const float* v, const u32* pos, float* kc, float* vc, u32 n, u32 kv_dim,
+                                         u32 max_ctx) {
+    const u64 total = (u64)n * kv_dim;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        u32 t = (u32)(i / kv_dim), c = (u32)(i % kv_dim);
+        u32 p = pos[t];
+        if (p >= max_ctx) continue;
+        kc[(u64)p * kv_dim + c] = k[i];
+        vc[(u64)p * kv_dim + c] = v[i];
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attention_f32(const float* q, const u32* pos, const float* kc,
+                                                                          const float* vc, float* out, u32 heads, u32 kv_heads,
+                                                                          u32 head_dim, float scale, u32 max_ctx) {
+    __shared__ float s_m[ATT_WARPS], s_l[ATT_WARPS];
+    __shared__ float s_acc[ATT_WARPS][ATT_MAXD * 32];
+    const u32 h = blockIdx.x, t = blockIdx.y;
+    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const u32 kvh = h / (heads / kv_heads);
+    const u32 kv_dim = kv_heads * head_dim;
+    const u32 len = min(pos[t] + 1, max_ctx);
+    const float* qr = q + ((u64)t * heads + h) * head_dim;
+
+    float qv[ATT_MAXD], acc[ATT_MAXD];
+#pragma unroll
+    for (int i = 0; i < ATT_MAXD; i++) {
+        u32 d = lane + 32 * i;
+        qv[i] = d < head_dim ? qr[d] : 0.f;
+        acc[i] = 0.f;
+    }
+    float m = NEG_INF, l = 0.f;
+    for (u32 j = warp; j < len; j += ATT_WARPS) {
+        const float* kr = kc + (u64)j * kv_dim + (u64)kvh * head_dim;
+        float s = 0.f;
+#pragma unroll
+        for (int i = 0; i < ATT_MAXD; i++) {
+            u32 d = lane + 32 * i;
+            if (d < head_dim) s += qv[i] * kr[d];
+        }
+        s = warp_sum(s) * scale;
+        float mn = fmaxf(m, s);
+        float corr = expf(m - mn);  // 0 on the first key (m = -inf)
+        float p = expf(s - mn);
+        l = l * corr + p;
+        const float* vr = vc + (u64)j * kv_dim + (u64)kvh * head_dim;
+#pragma unroll
+        for (int i = 0; i < ATT_MAXD; i++) {
+            u32 d = lane + 32 * i;
+            if (d < head_dim) acc[i] = acc[i] * corr + p * vr[d];
+        }
+        m = mn;
+    }
+    if (lane == 0) {
+        s_m[warp] = m;
+        s_l[warp] = l;
+    }
+#pragma unroll
+    for (int i = 0; i < ATT_MAXD; i++) s_acc[warp][lane + 32 * i] = acc[i];
+    __syncthreads();
+    float M = NEG_INF;
+    for (int w = 0; w < ATT_WARPS; w++) M = fmaxf(M, s_m[w]);
+    float L = 0.f, f[ATT_WARPS];
+#pragma unroll
+    for (int w = 0; w < ATT_WARPS; w++) {
+        f[w] = s_l[w] > 0.f ? expf(s_m[w] - M) : 0.f;  // warps that saw no key contribute nothing
+        L += s_l[w] * f[w];
+    }
+    float* o = out + ((u64)t * heads + h) * head_dim;
+    for (u32 d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float a = 0.f;
+#pragma unroll
+        for (int w = 0; w < ATT_WARPS; w++) a += s_acc[w][d] * f[w];
+        o[d] = a / L;
+    }
+}

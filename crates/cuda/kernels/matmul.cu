@@ -1,0 +1,58 @@
+// matmul.cu: out[n, rows] = x[n, cols] @ W^T for every weight format (Op::Matmul).
+//
+// Layouts: x and out f32 row-major; W [rows, cols] row-major in its stored format (see
+// common.cuh). Kernels per format F in {f32, f16, bf16, q4, q8}:
+//  * matvec_vec_F / matvec_scalar_F (few tokens, the decode path): grid (ceil(rows / 32), n),
+//    block 256, dynamic shared memory = padded cols * 4 bytes (x of one token, see gemv.cuh).
+//    Each weight byte is read once per token with 16-byte loads (vec) or per element (scalar,
+//    for matrices whose alignment does not allow the vector path).
+//  * gemm_F (prefill): grid (ceil(rows / 64), ceil(n / 64)), block 256, static shared memory.
+#include "common.cuh"
+#include "gemv.cuh"
+
+template <int FMT, bool VEC>
+__device__ __forceinline__ void matvec_body(const WMat& w, const float* x, float* out) {
+    float* xs = (float*)smem4;
+    const u32 t = blockIdx.y;
+    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const u32 r0 = (blockIdx.x * MV_WARPS + warp) * MV_R;
+    float acc[MV_R];
+    mv_block<FMT, VEC>(w, xs, x + (u64)t * w.cols, r0, acc);
+    if (lane == 0) {
+#pragma unroll
+        for (int j = 0; j < MV_R; j++)
+            if (r0 + j < w.rows) out[(u64)t * w.rows + r0 + j] = acc[j];
+    }
+}
+
+template <int FMT>
+__device__ __forceinline__ void gemm_body(const WMat& w, const float* x, float* out, u32 n) {
+    __shared__ GemmSmem sm;
+    __shared__ const float* xr[GT_M];
+    __shared__ float* orow[GT_M];
+    const u32 t0 = blockIdx.y * GT_M;
+    if (threadIdx.x < GT_M) {
+        u32 t = t0 + threadIdx.x;
+        xr[threadIdx.x] = t < n ? x + (u64)t * w.cols : 0;
+        orow[threadIdx.x] = t < n ? out + (u64)t * w.rows : 0;
+    }
+    __syncthreads();
+    gemm_tile<FMT, 1>(w, w, xr, orow, blockIdx.x * GT_N, sm);
+}
+
+#define MATMUL_KERNELS(NAME, FMT)                                                                   \
+    extern "C" __global__ void __launch_bounds__(256) matvec_vec_##NAME(WMat w, const float* x, float* out) { \
+        matvec_body<FMT, true>(w, x, out);                                                          \
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(256) matvec_scalar_##NAME(WMat w, const float* x, float* out) { \
+        matvec_body<FMT, false>(w, x, out);                                                         \
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(256) gemm_##NAME(WMat w, const float* x, float* out, u32 n) { \
+        gemm_body<FMT>(w, x, out, n);                                                               \
+    }
+
+MATMUL_KERNELS(f32, FMT_F32)
+MATMUL_KERNELS(f16, FMT_F16)
+MATMUL_KERNELS(bf16, FMT_BF16)
+MATMUL_KERNELS(q4, FMT_Q4)
+MATMUL_KERNELS(q8, FMT_Q8)

@@ -1,0 +1,256 @@
+// moe.cu: router top-k and the routed SwiGLU experts (Op::RouterTopK, Op::MoeExperts).
+// Routing indices never leave the device.
+//
+// router_topk_f32: softmax over `experts` logits per token, top-k by probability (ties: lower
+//   index), optionally renormalised. One warp per token, 4 warps per block, dynamic shared
+//   memory 4 * experts floats. Grid ceil(n / 4).
+//
+// Experts: `table` is a device array, per expert 9 u64 device pointers: gate {data, scales,
+// biases}, up {...}, down {...} (null scales/biases for dense formats). Gate and up share one
+// format (FG), down may have another (FD); every expert of a role has the same format, rows and
+// cols (checked on the host). P = n * k (token, slot) pairs, pair p = t * k + slot.
+//  * Few tokens (decode): per pair, matrix-vector kernels (gemv.cuh):
+//      moe_gate_up_{vec,scalar}_FG: grid (ceil(inter / 32), P): h[p] = silu(G x_t) * (U x_t)
+//      moe_down_{vec,scalar}_FD:    grid (ceil(hidden / 32), P): y[p] = D h[p]
+//  * Many tokens (prefill): pairs grouped by expert on the device, then tiled GEMMs:
+//      moe_route: one block of 1024 threads: counts per expert, expert-sorted pair list, and a
+//        list of tiles (expert, first, count <= 64) with their number; dynamic shared memory
+//        2 * experts u32.
+//      moe_gemm_gate_up_FG: grid (ceil(inter / 64), max_tiles); blocks past the tile count exit.
+//      moe_gemm_down_FD:    grid (ceil(hidden / 64), max_tiles).
+//  * moe_combine_f32: out[t] = sum_slot weights[t, slot] * y[t * k + slot], in slot order
+//    (deterministic, same order as the CPU reference). Grid-stride over n * hidden.
+// An index >= num_experts (never produced by the router) contributes zeros.
+#include "common.cuh"
+#include "gemv.cuh"
+
+// ----------------------------------------------------------------------------- router
+extern "C" __global__ void router_topk_f32(const float* logits, u32* idx, float* weights, u32 n, u32 experts, u32 k, int renorm) {
+    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const u32 t = blockIdx.x * 4 + warp;
+    if (t >= n) return;
+    float* p = (float*)smem4 + warp * experts;
+    const float* l = logits + (u64)t * experts;
+    float mx = NEG_INF;
+    for (u32 e = lane; e < experts; e += 32) mx = fmaxf(mx, l[e]);
+    mx = warp_max(mx);
+    float sum = 0.f;
+    for (u32 e = lane; e < experts; e += 32) {
+        float v = expf(l[e] - mx);
+        p[e] = v;
+        sum += v;
+    }
+    sum = warp_sum(sum);
+    __syncwarp();
+    float tot = 0.f;
+    for (u32 j = 0; j < k; j++) {
+        float bv = -1.f;
+        u32 bi = 0xffffffffu;
+        for (u32 e = lane; e < experts; e += 32) {
+            float v = p[e];
+            if (v > bv) {  // e increases within a lane, so ties keep the lower index
+                bv = v;
+                bi = e;
+            }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            u32 oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ov > bv || (ov == bv && oi < bi)) {
+                bv = ov;
+                bi = oi;
+            }
+        }
+        if (lane == 0) {
+            float w = bv / sum;
+            idx[(u64)t * k + j] = bi;
+            weights[(u64)t * k + j] = w;
+            tot += w;
+            p[bi] = -1.f;  // taken
+        }
+        __syncwarp();
+    }
+    if (lane == 0 && renorm) {
+        for (u32 j = 0; j < k; j++) weights[(u64)t * k + j] /= tot;
+    }
+}
+
+// ----------------------------------------------------------------------------- experts
+// Matrix `m` (0 gate, 1 up, 2 down) of expert e.
+__device__ __forceinline__ WMat expert_mat(const u64* table, u32 e, int m, u32 rows, u32 cols, u32 group, int sdt) {
+    const u64* p = table + (u64)e * 9 + m * 3;
+    WMat w;
+    w.data = (const u8*)p[0];
+    w.scales = (const u8*)p[1];
+    w.biases = (const u8*)p[2];
+    w.rows = rows;
+    w.cols = cols;
+    w.group = group;
+    w.sdt = sdt;
+    return w;
+}
+
+template <int FMT, bool VEC>
+__device__ __forceinline__ void gate_up_body(const u64* table, u32 num_experts, const float* x, const u32* idx, u32 k, u32 hidden,
+                                             u32 inter, u32 group, int sdt, float* h) {
+    float* xs = (float*)smem4;
+    const u32 p = blockIdx.y;
+    const u32 e = idx[p];
+    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const u32 r0 = (blockIdx.x * MV_WARPS + warp) * MV_R;
+    float* hr = h + (u64)p * inter;
+    if (e >= num_experts) {
+        if (lane == 0)
+            for (int j = 0; j < MV_R; j++)
+                if (r0 + j < inter) hr[r0 + j] = 0.f;
+        return;  // uniform across the block: no barrier is skipped by part of it
+    }
+    const float* xt = x + (u64)(p / k) * hidden;
+    WMat g = expert_mat(table, e, 0, inter, hidden, group, sdt);
+    WMat u = expert_mat(table, e, 1, inter, hidden, group, sdt);
+    float ag[MV_R], au[MV_R];
+    mv_block<FMT, VEC>(g, xs, xt, r0, ag);
+    // x is already staged (same permutation for gate and up): compute up directly.
+#pragma unroll
+    for (int j = 0; j < MV_R; j++) au[j] = 0.f;
+    if (r0 < inter) {
+        if (VEC) mv_vec<FMT>(u, xs, r0, au);
+        else mv_scalar<FMT>(u, xs, r0, au);
+    }
+#pragma unroll
+    for (int j = 0; j < MV_R; j++) au[j] = warp_sum(au[j]);
+    if (lane == 0) {
+#pragma unroll
+        for (int j = 0; j < MV_R; j++)
+            if (r0 + j < inter) hr[r0 + j] = silu_f(ag[j]) * au[j];
+    }
+}
+
+template <int FMT, bool VEC>
+__device__ __forceinline__ void down_body(const u64* table, u32 num_experts, const float* h, const u32* idx, u32 hidden, u32 inter,
+                                          u32 group, int sdt, float* y) {
+    float* xs = (float*)smem4;
+    const u32 p = blockIdx.y;
+    const u32 e = idx[p];
+    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const u32 r0 = (blockIdx.x * MV_WARPS + warp) * MV_R;
+    float* yr = y + (u64)p * hidden;
+    if (e >= num_experts) {
+        if (lane == 0)
+            for (int j = 0; j < MV_R; j++)
+                if (r0 + j < hidden) yr[r0 + j] = 0.f;
+        return;
+    }
+    WMat d = expert_mat(table, e, 2, hidden, inter, group, sdt);
+    float acc[MV_R];
+    mv_block<FMT, VEC>(d, xs, h + (u64)p * inter, r0, acc);
+    if (lane == 0) {
+#pragma unroll
+        for (int j = 0; j < MV_R; j++)
+            if (r0 + j < hidden) yr[r0 + j] = acc[j];
+    }
+}
+
+extern "C" __global__ void moe_route(const u32* idx, u32 pairs, u32 num_experts, u32* sorted, u32* tiles, u32* ntiles) {
+    u32* cnt = (u32*)smem4;
+    u32* fill = cnt + num_experts;
+    for (u32 e = threadIdx.x; e < num_experts; e += blockDim.x) cnt[e] = 0;
+    __syncthreads();
+    for (u32 p = threadIdx.x; p < pairs; p += blockDim.x) {
+        u32 e = idx[p];
+        if (e < num_experts) atomicAdd(&cnt[e], 1u);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        u32 off = 0, nt = 0;
+        for (u32 e = 0; e < num_experts; e++) {
+            u32 c = cnt[e];
+            fill[e] = off;
+            for (u32 s = 0; s < c; s += GT_M) {
+                tiles[3 * nt] = e;
+                tiles[3 * nt + 1] = off + s;
+                tiles[3 * nt + 2] = min(c - s, (u32)GT_M);
+                nt++;
+            }
+            off += c;
+        }
+        *ntiles = nt;
+    }
+    __syncthreads();
+    // Order inside an expert's range does not matter: each pair's row is computed alone.
+    for (u32 p = threadIdx.x; p < pairs; p += blockDim.x) {
+        u32 e = idx[p];
+        if (e < num_experts) sorted[atomicAdd(&fill[e], 1u)] = p;
+    }
+}
+
+template <int FMT, int NMAT>
+__device__ __forceinline__ void moe_gemm_body(const u64* table, const u32* sorted, const u32* tiles, const u32* ntiles, const float* x,
+                                              u32 k, u32 x_width, u32 gather_div, u32 rows, u32 cols, u32 group, int sdt,
+                                              float* out, u32 out_width) {
+    __shared__ GemmSmem sm;
+    __shared__ const float* xr[GT_M];
+    __shared__ float* orow[GT_M];
+    const u32 tile = blockIdx.y;
+    if (tile >= *ntiles) return;  // uniform across the block
+    const u32 e = tiles[3 * tile], first = tiles[3 * tile + 1], count = tiles[3 * tile + 2];
+    if (threadIdx.x < GT_M) {
+        u32 i = threadIdx.x;
+        if (i < count) {
+            u32 p = sorted[first + i];
+            xr[i] = x + (u64)(p / gather_div) * x_width;
+            orow[i] = out + (u64)p * out_width;
+        } else {
+            xr[i] = 0;
+            orow[i] = 0;
+        }
+    }
+    __syncthreads();
+    WMat w0 = expert_mat(table, e, NMAT == 2 ? 0 : 2, rows, cols, group, sdt);
+    WMat w1 = NMAT == 2 ? expert_mat(table, e, 1, rows, cols, group, sdt) : w0;
+    gemm_tile<FMT, NMAT>(w0, w1, xr, orow, blockIdx.x * GT_N, sm);
+}
+
+#define MOE_KERNELS(NAME, FMT)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(256) moe_gate_up_vec_##NAME(const u64* table, u32 ne, const float* x,     \
+        const u32* idx, u32 k, u32 hidden, u32 inter, u32 group, int sdt, float* h) {                                    \
+        gate_up_body<FMT, true>(table, ne, x, idx, k, hidden, inter, group, sdt, h);                                     \
+    }                                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(256) moe_gate_up_scalar_##NAME(const u64* table, u32 ne, const float* x,  \
+        const u32* idx, u32 k, u32 hidden, u32 inter, u32 group, int sdt, float* h) {                                    \
+        gate_up_body<FMT, false>(table, ne, x, idx, k, hidden, inter, group, sdt, h);                                    \
+    }                                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(256) moe_down_vec_##NAME(const u64* table, u32 ne, const float* h,        \
+        const u32* idx, u32 hidden, u32 inter, u32 group, int sdt, float* y) {                                           \
+        down_body<FMT, true>(table, ne, h, idx, hidden, inter, group, sdt, y);                                           \
+    }                                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(256) moe_down_scalar_##NAME(const u64* table, u32 ne, const float* h,     \
+        const u32* idx, u32 hidden, u32 inter, u32 group, int sdt, float* y) {                                           \
+        down_body<FMT, false>(table, ne, h, idx, hidden, inter, group, sdt, y);                                          \
+    }                                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(256) moe_gemm_gate_up_##NAME(const u64* table, const u32* sorted,          \
+        const u32* tiles, const u32* ntiles, const float* x, u32 k, u32 hidden, u32 inter, u32 group, int sdt, float* h) { \
+        moe_gemm_body<FMT, 2>(table, sorted, tiles, ntiles, x, k, hidden, k, inter, hidden, group, sdt, h, inter);       \
+    }                                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(256) moe_gemm_down_##NAME(const u64* table, const u32* sorted,             \
+        const u32* tiles, const u32* ntiles, const float* h, u32 hidden, u32 inter, u32 group, int sdt, float* y) {       \
+        moe_gemm_body<FMT, 1>(table, sorted, tiles, ntiles, h, 1, inter, 1, hidden, inter, group, sdt, y, hidden);       \
+    }
+
+MOE_KERNELS(f32, FMT_F32)
+MOE_KERNELS(f16, FMT_F16)
+MOE_KERNELS(bf16, FMT_BF16)
+MOE_KERNELS(q4, FMT_Q4)
+MOE_KERNELS(q8, FMT_Q8)
+
+extern "C" __global__ void moe_combine_f32(const float* y, const float* weights, float* out, u32 n, u32 k, u32 hidden) {
+    const u64 total = (u64)n * hidden;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        u64 t = i / hidden;
+        u32 c = (u32)(i % hidden);
+        float a = 0.f;
+        for (u32 j = 0; j < k; j++) a += weights[t * k + j] * y[(t * k + j) * hidden + c];
+        out[i] = a;
+    }
+}

@@ -1,0 +1,317 @@
+//! moeflux-cuda: the CUDA backend. Every op of the IR runs on the device; the CPU backend is
+//! the reference it is tested against (`tests/parity.rs`).
+//!
+//! * Kernels are CUDA C in `kernels/<op>.cu` (+ `common.cuh`, `gemv.cuh`), embedded in the
+//!   binary and compiled by NVRTC at first use for the device's own `sm_XY`, with an on-disk
+//!   CUBIN cache ([`kernels`]).
+//! * `cudarc` loads libcuda and libnvrtc at run time, so this crate builds without CUDA, and
+//!   [`CudaBackend::new`] returns an error (never panics) when no driver or device is present.
+//! * Work is enqueued on one stream: `encode` launches, `submit` synchronises. Buffers are plain
+//!   device allocations ([`pool`]); weights are copied to the device once when registered.
+//! * Nothing leaves the device inside a graph: positions, routing indices and recurrent state
+//!   are read and written by kernels.
+
+pub mod error;
+pub mod kernels;
+mod ops;
+pub mod pool;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use cudarc::driver::sys::CUdevice_attribute_enum;
+use cudarc::driver::{CudaContext, CudaStream};
+use moeflux_core::backend::OpProfile;
+use moeflux_core::{Backend, BufferPool, CoreError, Graph, Lifetime, Op, Plan};
+
+pub use error::CudaError;
+pub use pool::CudaPool;
+
+/// How to open the device.
+#[derive(Clone, Debug)]
+pub struct CudaOptions {
+    /// Device ordinal.
+    pub ordinal: usize,
+    /// Where compiled kernels are cached; `None` disables the disk cache.
+    pub kernel_cache: Option<PathBuf>,
+    /// Synchronise after every op so a device fault names the kernel that caused it (slow;
+    /// for debugging).
+    pub sync_each_op: bool,
+}
+
+impl CudaOptions {
+    /// Defaults for `ordinal`: the cache from [`kernels::default_cache_dir`], and
+    /// `sync_each_op` when `MOEFLUX_CUDA_SYNC=1`.
+    pub fn new(ordinal: usize) -> Self {
+        CudaOptions {
+            ordinal,
+            kernel_cache: kernels::default_cache_dir(),
+            sync_each_op: std::env::var("MOEFLUX_CUDA_SYNC").is_ok_and(|v| v == "1"),
+        }
+    }
+}
+
+/// Why no device can be used, or `Ok` with its count.
+fn probe() -> Result<usize, String> {
+    // SAFETY: probing for the shared libraries only tries to dlopen them.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err("libcuda (the NVIDIA driver library) was not found".into());
+    }
+    let count = std::panic::catch_unwind(|| -> Result<i32, String> {
+        cudarc::driver::result::init().map_err(|e| format!("cuInit failed: {e}"))?;
+        CudaContext::device_count().map_err(|e| format!("cuDeviceGetCount failed: {e}"))
+    })
+    .map_err(|_| "the CUDA driver library is missing a required entry point (driver too old?)".to_string())??;
+    if count <= 0 {
+        return Err("the driver reports no CUDA devices".into());
+    }
+    Ok(count as usize)
+}
+
+/// Whether a CUDA device and NVRTC are usable on this machine.
+pub fn available() -> bool {
+    unavailable_reason().is_none()
+}
+
+/// Why [`available`] is false (`None` when a device is usable).
+pub fn unavailable_reason() -> Option<String> {
+    if let Err(e) = probe() {
+        return Some(e);
+    }
+    kernels::nvrtc_version().err()
+}
+
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    pool: CudaPool,
+    kernels: kernels::Kernels,
+    scratch: ops::Scratch,
+    tables: ops::moe::ExpertTables,
+    smem_optin: usize,
+    device_name: String,
+    arch: String,
+    sync_each_op: bool,
+    /// Kernels enqueued since the last synchronisation.
+    recent: Vec<&'static str>,
+    profiling: bool,
+    profile: Vec<(&'static str, u64, f64)>,
+}
+
+impl CudaBackend {
+    /// Opens device `ordinal` with default options. Errors (no driver, no device, no NVRTC)
+    /// are returned, never panicked.
+    pub fn new(ordinal: usize) -> Result<Self, CoreError> {
+        Self::with_options(CudaOptions::new(ordinal))
+    }
+
+    pub fn with_options(opts: CudaOptions) -> Result<Self, CoreError> {
+        Ok(Self::open(opts)?)
+    }
+
+    fn open(opts: CudaOptions) -> Result<Self, CudaError> {
+        let count = probe().map_err(CudaError::NoDevice)?;
+        if opts.ordinal >= count {
+            return Err(CudaError::NoDevice(format!("device {} requested, {count} present", opts.ordinal)));
+        }
+        let nvrtc = kernels::nvrtc_version().map_err(CudaError::NoDevice)?;
+        let ctx = std::panic::catch_unwind(|| CudaContext::new(opts.ordinal))
+            .map_err(|_| CudaError::NoDevice("creating the CUDA context panicked (driver too old for CUDA 13 bindings?)".into()))?
+            .map_err(CudaError::driver(format!("creating a context on device {}", opts.ordinal)))?;
+        let stream = ctx.new_stream().map_err(CudaError::driver("creating a stream"))?;
+        let (major, minor) = ctx.compute_capability().map_err(CudaError::driver("querying the compute capability"))?;
+        let arch = format!("sm_{major}{minor}");
+        let smem_optin = ctx
+            .attribute(CUdevice_attribute_enum::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(CudaError::driver("querying shared memory"))? as usize;
+        let device_name = ctx.name().unwrap_or_else(|_| "unknown".into());
+        let kernels = kernels::Kernels::new(ctx.clone(), arch.clone(), nvrtc, opts.kernel_cache.clone());
+        Ok(CudaBackend {
+            pool: CudaPool::new(ctx.clone(), stream.clone()),
+            ctx,
+            stream,
+            kernels,
+            scratch: ops::Scratch::default(),
+            tables: Default::default(),
+            smem_optin,
+            device_name,
+            arch,
+            sync_each_op: opts.sync_each_op,
+            recent: Vec::new(),
+            profiling: false,
+            profile: Vec::new(),
+        })
+    }
+
+    /// e.g. "NVIDIA H100 80GB HBM3 (sm_90)".
+    pub fn device_description(&self) -> String {
+        format!("{} ({})", self.device_name, self.arch)
+    }
+
+    /// Compiles (or loads from the cache) every kernel now rather than at first use.
+    pub fn precompile(&mut self) -> Result<(), CoreError> {
+        self.bind()?;
+        Ok(self.kernels.load_all()?)
+    }
+
+    /// (modules compiled by NVRTC, modules loaded from the disk cache) so far.
+    pub fn kernel_stats(&self) -> (usize, usize) {
+        self.kernels.stats
+    }
+
+    /// (free, total) device memory in bytes.
+    pub fn mem_info(&self) -> Result<(usize, usize), CoreError> {
+        self.bind()?;
+        Ok(self.ctx.mem_get_info().map_err(CudaError::driver("cuMemGetInfo"))?)
+    }
+
+    fn bind(&self) -> Result<(), CudaError> {
+        self.ctx.bind_to_thread().map_err(CudaError::driver("binding the context to this thread"))
+    }
+
+    fn sync(&mut self, graph: &str) -> Result<(), CudaError> {
+        let r = self.stream.synchronize();
+        let recent = std::mem::take(&mut self.recent);
+        r.map_err(|err| {
+            let tail: Vec<&str> = recent.iter().rev().take(8).rev().copied().collect();
+            CudaError::Execution { graph: graph.to_string(), recent: format!("{} launched, last: {}", recent.len(), tail.join(", ")), err }
+        })
+    }
+
+    fn encode_one(&mut self, op: &Op) -> Result<(), CudaError> {
+        let mut enc = ops::Enc {
+            stream: &self.stream,
+            kernels: &mut self.kernels,
+            pool: &mut self.pool,
+            scratch: &mut self.scratch,
+            tables: &mut self.tables,
+            smem_optin: self.smem_optin,
+            recent: &mut self.recent,
+        };
+        ops::encode_op(&mut enc, op)
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        // Queued work may still use buffers that are about to be freed.
+        let _ = self.bind();
+        let _ = self.stream.synchronize();
+    }
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+    fn pool(&mut self) -> &mut dyn BufferPool {
+        let _ = self.bind();
+        &mut self.pool
+    }
+    fn pool_ref(&self) -> &dyn BufferPool {
+        &self.pool
+    }
+
+    fn begin(&mut self) -> Result<(), CoreError> {
+        Ok(())
+    }
+
+    fn encode(&mut self, graph: &Graph, index: usize) -> Result<(), CoreError> {
+        self.bind()?;
+        let (name, op) = &graph.nodes[index];
+        let at = |e: CudaError| CoreError::BadOp {
+            graph: graph.name.clone(),
+            op: format!("{} ({}{})", op.kind(), name.role, name.layer.map(|l| format!(", layer {l}")).unwrap_or_default()),
+            msg: e.to_string(),
+        };
+        let t0 = self.profiling.then(Instant::now);
+        match self.encode_one(op) {
+            Ok(()) => {}
+            Err(e @ CudaError::OutOfMemory { .. }) => return Err(e.into()),
+            Err(e) => return Err(at(e)),
+        }
+        if self.sync_each_op || self.profiling {
+            self.sync(&graph.name).map_err(at)?;
+        }
+        if let Some(t0) = t0 {
+            let dt = t0.elapsed().as_secs_f64();
+            let kind = op.kind();
+            match self.profile.iter_mut().find(|r| r.0 == kind) {
+                Some(r) => {
+                    r.1 += 1;
+                    r.2 += dt;
+                }
+                None => self.profile.push((kind, 1, dt)),
+            }
+        }
+        Ok(())
+    }
+
+    fn submit(&mut self) -> Result<(), CoreError> {
+        self.bind()?;
+        Ok(self.sync("(submitted work)")?)
+    }
+
+    /// Validates and plans like the default, then builds what the graph's ops will need
+    /// (expert tables) so the first execution does not pay for it.
+    fn prepare(&mut self, graph: &Graph) -> Result<(), CoreError> {
+        self.bind()?;
+        let pool = self.pool_ref();
+        graph.validate(&|id| pool.info(id).map(|(b, l, _)| (b, l)))?;
+        let plan = Plan::build(graph, &|id| match pool.info(id) {
+            Some((b, _, Lifetime::Transient)) => Some(b),
+            _ => None,
+        });
+        self.pool.commit_plan(&plan)?;
+        for op in graph.ops() {
+            if let Op::MoeExperts { experts, .. } = op {
+                self.tables.ensure(&mut self.pool, &self.stream, experts)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn set_profiling(&mut self, on: bool) {
+        self.profiling = on;
+        self.profile.clear();
+    }
+
+    fn profile(&self) -> OpProfile {
+        OpProfile { rows: self.profile.clone() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Compiles every kernel file with NVRTC for sm_90 when libnvrtc is present (no GPU needed),
+    /// so a syntax error shows up on any machine that has the library.
+    #[test]
+    fn kernels_compile_with_nvrtc() {
+        if let Err(why) = kernels::nvrtc_version() {
+            eprintln!("skipping: {why}");
+            return;
+        }
+        for (file, _) in kernels::FILES {
+            let bin = kernels::compile_cubin(file, "sm_90").unwrap_or_else(|e| panic!("{e}"));
+            assert!(!bin.is_empty(), "{file}: empty CUBIN");
+        }
+    }
+
+    #[test]
+    fn includes_are_expanded() {
+        let s = kernels::expanded_source("moe.cu").unwrap();
+        assert!(s.contains("struct WMat") && s.contains("gemm_tile") && !s.contains("#include \"common.cuh\""));
+    }
+
+    #[test]
+    fn new_errors_cleanly_without_a_device() {
+        if available() {
+            return;
+        }
+        let e = CudaBackend::new(0).err().expect("no device, so an error");
+        assert!(e.to_string().contains("cuda"), "{e}");
+    }
+}

@@ -1,0 +1,78 @@
+//! Op::KvAppend and Op::Attention -> kernels/attention.cu
+
+use cudarc::driver::LaunchConfig;
+use moeflux_core::{Act, BufId, Cache, Pos};
+
+use super::{Enc, grid_1d, grid_y, launch, u32_of};
+use crate::error::CudaError;
+
+/// `ATT_WARPS` and `ATT_MAXD` in attention.cu.
+const WARPS: u32 = 8;
+const MAX_HEAD_DIM: usize = 8 * 32;
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn kv_append(
+    enc: &mut Enc<'_>,
+    k: BufId<Act>,
+    v: BufId<Act>,
+    pos: BufId<Pos>,
+    k_cache: BufId<Cache>,
+    v_cache: BufId<Cache>,
+    n: usize,
+    kv_dim: usize,
+    max_ctx: usize,
+) -> Result<(), CudaError> {
+    const OP: &str = "kv_append";
+    if n * kv_dim == 0 {
+        return Ok(());
+    }
+    let (kp, vp, pp, kc, vc) = (enc.buf(k.raw())?, enc.buf(v.raw())?, enc.buf(pos.raw())?, enc.buf(k_cache.raw())?, enc.buf(v_cache.raw())?);
+    let (n_, d, m) = (u32_of(n, "n", OP)?, u32_of(kv_dim, "kv_dim", OP)?, u32_of(max_ctx, "max_ctx", OP)?);
+    // SAFETY: kv_append_f32(const float*, const float*, const u32*, float*, float*, u32, u32,
+    // u32); k/v hold n * kv_dim floats, caches max_ctx * kv_dim (Graph::validate); rows at
+    // pos >= max_ctx are skipped by the kernel.
+    unsafe { launch!(enc, "attention.cu", "kv_append_f32", grid_1d(n * kv_dim), [kp, vp, pp, kc, vc, n_, d, m]) }
+}
+
+pub(crate) struct AttnShape {
+    pub n: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+    pub max_ctx: usize,
+}
+
+pub(crate) fn attention(
+    enc: &mut Enc<'_>,
+    q: BufId<Act>,
+    pos: BufId<Pos>,
+    k_cache: BufId<Cache>,
+    v_cache: BufId<Cache>,
+    out: BufId<Act>,
+    s: &AttnShape,
+) -> Result<(), CudaError> {
+    const OP: &str = "attention";
+    if s.n == 0 || s.heads == 0 {
+        return Ok(());
+    }
+    if s.head_dim == 0 || s.head_dim > MAX_HEAD_DIM {
+        return Err(CudaError::Unsupported { op: OP, msg: format!("head_dim {} (the kernel takes 1..={MAX_HEAD_DIM})", s.head_dim) });
+    }
+    if s.max_ctx == 0 {
+        return Err(CudaError::Unsupported { op: OP, msg: "max_ctx is 0".into() });
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (u32_of(s.heads, "heads", OP)?, grid_y(s.n, "tokens", OP)?, 1),
+        block_dim: (WARPS * 32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (qp, pp, kc, vc, op) = (enc.buf(q.raw())?, enc.buf(pos.raw())?, enc.buf(k_cache.raw())?, enc.buf(v_cache.raw())?, enc.buf(out.raw())?);
+    let (h, kvh, hd, scale, mc) =
+        (u32_of(s.heads, "heads", OP)?, u32_of(s.kv_heads, "kv_heads", OP)?, u32_of(s.head_dim, "head_dim", OP)?, s.scale, u32_of(s.max_ctx, "max_ctx", OP)?);
+    // SAFETY: attention_f32(const float*, const u32*, const float*, const float*, float*, u32,
+    // u32, u32, float, u32); q/out hold n * heads * head_dim floats, caches max_ctx * kv_heads
+    // * head_dim (Graph::validate); heads % kv_heads == 0 (check_shapes); the kernel clamps
+    // the attended length to max_ctx.
+    unsafe { launch!(enc, "attention.cu", "attention_f32", cfg, [qp, pp, kc, vc, op, h, kvh, hd, scale, mc]) }
+}

@@ -1,0 +1,246 @@
+//! Op::RouterTopK and Op::MoeExperts -> kernels/moe.cu
+//!
+//! Routing stays on the device. The experts' weights are reached through a device table of
+//! per-expert pointers, built once per expert set (keyed by the op's `Arc`, which the cache
+//! keeps alive so the key cannot be reused) and reused by every later graph.
+//! Up to [`PAIR_MAX_N`] tokens run one matrix-vector pass per (token, slot) pair; wider
+//! batches group the pairs by expert on the device and run tiled GEMMs per expert.
+
+use std::sync::Arc;
+
+use cudarc::driver::result as drv;
+use cudarc::driver::{CudaStream, LaunchConfig};
+use moeflux_core::{Act, BufId, ExpertWeights, Idx, Matrix};
+
+use super::matmul::{GT, MV_ROWS, mv_smem};
+use super::{Enc, Fmt, format_of, grid_1d, grid_y, launch, u32_of, vec_ok};
+use crate::error::CudaError;
+use crate::pool::{CudaPool, DevMem};
+
+pub(crate) const PAIR_MAX_N: usize = 2;
+
+const GATE_UP_VEC: [&str; 5] = ["moe_gate_up_vec_f32", "moe_gate_up_vec_f16", "moe_gate_up_vec_bf16", "moe_gate_up_vec_q4", "moe_gate_up_vec_q8"];
+const GATE_UP_SCALAR: [&str; 5] =
+    ["moe_gate_up_scalar_f32", "moe_gate_up_scalar_f16", "moe_gate_up_scalar_bf16", "moe_gate_up_scalar_q4", "moe_gate_up_scalar_q8"];
+const DOWN_VEC: [&str; 5] = ["moe_down_vec_f32", "moe_down_vec_f16", "moe_down_vec_bf16", "moe_down_vec_q4", "moe_down_vec_q8"];
+const DOWN_SCALAR: [&str; 5] = ["moe_down_scalar_f32", "moe_down_scalar_f16", "moe_down_scalar_bf16", "moe_down_scalar_q4", "moe_down_scalar_q8"];
+const GEMM_GATE_UP: [&str; 5] = ["moe_gemm_gate_up_f32", "moe_gemm_gate_up_f16", "moe_gemm_gate_up_bf16", "moe_gemm_gate_up_q4", "moe_gemm_gate_up_q8"];
+const GEMM_DOWN: [&str; 5] = ["moe_gemm_down_f32", "moe_gemm_down_f16", "moe_gemm_down_bf16", "moe_gemm_down_q4", "moe_gemm_down_q8"];
+
+pub(crate) fn router_topk(
+    enc: &mut Enc<'_>,
+    logits: BufId<Act>,
+    idx: BufId<Idx>,
+    weights: BufId<Act>,
+    n: usize,
+    experts: usize,
+    k: usize,
+    renorm: bool,
+) -> Result<(), CudaError> {
+    const OP: &str = "router_topk";
+    if n == 0 {
+        return Ok(());
+    }
+    let smem = 4 * experts * 4;
+    if smem > enc.smem_optin {
+        return Err(CudaError::Unsupported { op: OP, msg: format!("{experts} experts exceed the kernel's shared memory") });
+    }
+    let cfg = LaunchConfig { grid_dim: (u32_of(n.div_ceil(4), "blocks", OP)?, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
+    let (lp, ip, wp) = (enc.buf(logits.raw())?, enc.buf(idx.raw())?, enc.buf(weights.raw())?);
+    let (n_, e, k_, r) = (u32_of(n, "n", OP)?, u32_of(experts, "experts", OP)?, u32_of(k, "k", OP)?, renorm as i32);
+    // SAFETY: router_topk_f32(const float*, u32*, float*, u32, u32, u32, int); logits hold
+    // n * experts floats, idx/weights n * k (Graph::validate), 1 <= k <= experts (check_shapes).
+    unsafe { launch!(enc, "moe.cu", "router_topk_f32", cfg, [lp, ip, wp, n_, e, k_, r]) }
+}
+
+/// Format, group, scale dtype and vector-path eligibility of one role (gate+up, or down).
+#[derive(Clone, Copy, Debug)]
+struct RoleFmt {
+    fmt: Fmt,
+    group: u32,
+    sdt: i32,
+    vec: bool,
+}
+
+pub(crate) struct ExpertTable {
+    experts: Arc<[ExpertWeights]>,
+    mem: DevMem,
+    gate_up: RoleFmt,
+    down: RoleFmt,
+}
+
+/// Device tables of expert weight pointers, one per distinct expert set.
+#[derive(Default)]
+pub(crate) struct ExpertTables {
+    tables: Vec<ExpertTable>,
+}
+
+impl ExpertTables {
+    fn index(&mut self, pool: &mut CudaPool, stream: &Arc<CudaStream>, experts: &Arc<[ExpertWeights]>) -> Result<usize, CudaError> {
+        if let Some(i) = self.tables.iter().position(|t| Arc::ptr_eq(&t.experts, experts)) {
+            return Ok(i);
+        }
+        let t = build_table(pool, stream, experts)?;
+        self.tables.push(t);
+        Ok(self.tables.len() - 1)
+    }
+
+    /// Builds the table for `experts` now (called from `prepare`, so the first step does not pay).
+    pub fn ensure(&mut self, pool: &mut CudaPool, stream: &Arc<CudaStream>, experts: &Arc<[ExpertWeights]>) -> Result<(), CudaError> {
+        self.index(pool, stream, experts).map(|_| ())
+    }
+}
+
+fn build_table(pool: &mut CudaPool, stream: &Arc<CudaStream>, experts: &Arc<[ExpertWeights]>) -> Result<ExpertTable, CudaError> {
+    const OP: &str = "moe_experts";
+    let first = experts.first().ok_or_else(|| CudaError::Unsupported { op: OP, msg: "no experts".into() })?;
+    let gu = format_of(first.gate.format, OP)?;
+    let d = format_of(first.down.format, OP)?;
+    let mut ptrs: Vec<u64> = Vec::with_capacity(experts.len() * 9);
+    let (mut gu_vec, mut d_vec) = (true, true);
+    let region = |pool: &mut CudaPool, r: Option<moeflux_core::Region>| -> Result<u64, CudaError> {
+        match r {
+            Some(r) => Ok(pool.ptr(r.buf.raw())? + r.offset as u64),
+            None => Ok(0),
+        }
+    };
+    for (i, e) in experts.iter().enumerate() {
+        let same = |m: &Matrix, want: WeightFmt| m.format == want;
+        if !same(&e.gate, first.gate.format) || !same(&e.up, first.gate.format) || !same(&e.down, first.down.format) {
+            return Err(CudaError::Unsupported {
+                op: OP,
+                msg: format!(
+                    "expert {i} is stored as gate {} / up {} / down {}, expert 0 as gate {} / down {}: every expert's gate and up must share one format and every down another",
+                    e.gate.format, e.up.format, e.down.format, first.gate.format, first.down.format
+                ),
+            });
+        }
+        for (j, m) in [&e.gate, &e.up, &e.down].into_iter().enumerate() {
+            let data = region(pool, Some(m.data))?;
+            let (fmt, group, _) = if j < 2 { gu } else { d };
+            if !vec_ok(fmt, data, m.cols, group) {
+                if j < 2 {
+                    gu_vec = false;
+                } else {
+                    d_vec = false;
+                }
+            }
+            ptrs.push(data);
+            ptrs.push(region(pool, m.scales)?);
+            ptrs.push(region(pool, m.biases)?);
+        }
+    }
+    let bytes = ptrs.len() * 8;
+    let mem = DevMem::zeroed(stream.context(), stream, bytes, "expert table")?;
+    // SAFETY: mem holds `bytes` bytes; synchronised before `ptrs` is dropped.
+    unsafe { drv::memcpy_htod_async(mem.ptr, &ptrs, stream.cu_stream()) }.map_err(CudaError::driver("uploading the expert table"))?;
+    stream.synchronize().map_err(CudaError::driver("uploading the expert table"))?;
+    Ok(ExpertTable {
+        experts: experts.clone(),
+        mem,
+        gate_up: RoleFmt { fmt: gu.0, group: gu.1, sdt: gu.2, vec: gu_vec },
+        down: RoleFmt { fmt: d.0, group: d.1, sdt: d.2, vec: d_vec },
+    })
+}
+
+type WeightFmt = moeflux_core::WeightFormat;
+
+pub(crate) struct MoeShape {
+    pub n: usize,
+    pub k: usize,
+    pub hidden: usize,
+    pub inter: usize,
+}
+
+fn align256(v: usize) -> usize {
+    v.div_ceil(256) * 256
+}
+
+pub(crate) fn moe_experts(
+    enc: &mut Enc<'_>,
+    x: BufId<Act>,
+    idx: BufId<Idx>,
+    weights: BufId<Act>,
+    experts: &Arc<[ExpertWeights]>,
+    out: BufId<Act>,
+    s: &MoeShape,
+) -> Result<(), CudaError> {
+    const OP: &str = "moe_experts";
+    if s.n == 0 || s.hidden == 0 {
+        return Ok(());
+    }
+    let ti = enc.tables.index(enc.pool, enc.stream, experts)?;
+    let (table, gu, dn) = {
+        let t = &enc.tables.tables[ti];
+        (t.mem.ptr, t.gate_up, t.down)
+    };
+    let ne = u32_of(experts.len(), "experts", OP)?;
+    let pairs = s.n * s.k;
+    let max_tiles = pairs.div_ceil(GT) + experts.len().min(pairs);
+
+    // Scratch: h [pairs, inter] | y [pairs, hidden] | sorted [pairs] | tiles [max_tiles * 3] | ntiles
+    let h_off = 0;
+    let y_off = h_off + align256(pairs * s.inter * 4);
+    let sorted_off = y_off + align256(pairs * s.hidden * 4);
+    let tiles_off = sorted_off + align256(pairs * 4);
+    let ntiles_off = tiles_off + align256(max_tiles * 12);
+    let base = enc.scratch.get(enc.stream, ntiles_off + 256)?;
+    let (h, y, sorted, tiles, ntiles) =
+        (base + h_off as u64, base + y_off as u64, base + sorted_off as u64, base + tiles_off as u64, base + ntiles_off as u64);
+
+    let (xp, ip, wp, op) = (enc.buf(x.raw())?, enc.buf(idx.raw())?, enc.buf(weights.raw())?, enc.buf(out.raw())?);
+    let (k, hidden, inter) = (u32_of(s.k, "k", OP)?, u32_of(s.hidden, "hidden", OP)?, u32_of(s.inter, "inter", OP)?);
+    let (gu_group, gu_sdt, dn_group, dn_sdt) = (gu.group, gu.sdt, dn.group, dn.sdt);
+
+    let gu_smem = mv_smem(s.hidden, if gu.vec { gu.fmt.elems16() } else { 4 });
+    let dn_smem = mv_smem(s.inter, if dn.vec { dn.fmt.elems16() } else { 4 });
+    let per_pair = s.n <= PAIR_MAX_N && gu_smem.max(dn_smem) <= enc.smem_optin;
+    if per_pair {
+        let cfg = LaunchConfig {
+            grid_dim: (u32_of(s.inter.div_ceil(MV_ROWS), "row blocks", OP)?, grid_y(pairs, "pairs", OP)?, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: gu_smem as u32,
+        };
+        let name = gu.fmt.pick(if gu.vec { &GATE_UP_VEC } else { &GATE_UP_SCALAR });
+        // SAFETY: moe_gate_up_*(const u64*, u32, const float*, const u32*, u32, u32, u32, u32,
+        // int, float*); the table holds 9 pointers per expert into registered weights whose
+        // extents Graph::validate checked for every expert; x holds n * hidden floats, idx
+        // n * k; h (scratch) pairs * inter. Out-of-range expert ids write zeros.
+        unsafe { launch!(enc, "moe.cu", name, cfg, [table, ne, xp, ip, k, hidden, inter, gu_group, gu_sdt, h]) }?;
+        let cfg = LaunchConfig {
+            grid_dim: (u32_of(s.hidden.div_ceil(MV_ROWS), "row blocks", OP)?, grid_y(pairs, "pairs", OP)?, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: dn_smem as u32,
+        };
+        let name = dn.fmt.pick(if dn.vec { &DOWN_VEC } else { &DOWN_SCALAR });
+        // SAFETY: moe_down_*(const u64*, u32, const float*, const u32*, u32, u32, u32, int,
+        // float*); h holds pairs * inter floats and y (scratch) pairs * hidden.
+        unsafe { launch!(enc, "moe.cu", name, cfg, [table, ne, h, ip, hidden, inter, dn_group, dn_sdt, y]) }?;
+    } else {
+        let route_smem = 2 * experts.len() * 4;
+        if route_smem > enc.smem_optin {
+            return Err(CudaError::Unsupported { op: OP, msg: format!("{} experts exceed the routing kernel's shared memory", experts.len()) });
+        }
+        // Pairs routed nowhere (never produced by the router) must still read as zeros.
+        // SAFETY: y spans pairs * hidden floats of scratch.
+        unsafe { drv::memset_d8_async(y, 0, pairs * s.hidden * 4, enc.stream.cu_stream()) }.map_err(CudaError::driver("moe: zeroing y"))?;
+        let p_u = u32_of(pairs, "pairs", OP)?;
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: route_smem as u32 };
+        // SAFETY: moe_route(const u32*, u32, u32, u32*, u32*, u32*); idx holds pairs entries;
+        // sorted / tiles / ntiles are scratch sized pairs, 3 * max_tiles and 1.
+        unsafe { launch!(enc, "moe.cu", "moe_route", cfg, [ip, p_u, ne, sorted, tiles, ntiles]) }?;
+        let ty = grid_y(max_tiles, "expert tiles", OP)?;
+        let cfg = LaunchConfig { grid_dim: (u32_of(s.inter.div_ceil(GT), "row tiles", OP)?, ty, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: moe_gemm_gate_up_*(const u64*, const u32*, const u32*, const u32*, const
+        // float*, u32, u32, u32, u32, int, float*); tiles beyond *ntiles exit; rows as above.
+        unsafe { launch!(enc, "moe.cu", gu.fmt.pick(&GEMM_GATE_UP), cfg, [table, sorted, tiles, ntiles, xp, k, hidden, inter, gu_group, gu_sdt, h]) }?;
+        let cfg = LaunchConfig { grid_dim: (u32_of(s.hidden.div_ceil(GT), "row tiles", OP)?, ty, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: moe_gemm_down_*(const u64*, const u32*, const u32*, const u32*, const float*,
+        // u32, u32, u32, int, float*); h pairs * inter, y pairs * hidden floats.
+        unsafe { launch!(enc, "moe.cu", dn.fmt.pick(&GEMM_DOWN), cfg, [table, sorted, tiles, ntiles, h, hidden, inter, dn_group, dn_sdt, y]) }?;
+    }
+    let n_u = u32_of(s.n, "n", OP)?;
+    // SAFETY: moe_combine_f32(const float*, const float*, float*, u32, u32, u32); y holds
+    // pairs * hidden floats, weights n * k, out n * hidden (Graph::validate).
+    unsafe { launch!(enc, "moe.cu", "moe_combine_f32", grid_1d(s.n * s.hidden), [y, wp, op, n_u, k, hidden]) }
+}

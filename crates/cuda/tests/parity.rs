@@ -1,0 +1,806 @@
+//! CUDA vs CPU parity, one test body per op.
+//!
+//! Every case is a small graph built through the `Backend` trait by one closure, run on the CPU
+//! reference and on the CUDA backend from the same seed (so both see identical inputs and
+//! weights). Outputs are poisoned (all bits set: NaN / u32::MAX) before the run, so an element
+//! a kernel forgets to write shows up. Floats are compared as max|cuda - cpu| / max|cpu|;
+//! integer outputs (routing indices) must match exactly.
+//!
+//! Without a usable device every test prints "skipping: no CUDA device (...)" and passes, so
+//! CI without a GPU stays green; `scripts/gpu_check.sh --remote` runs them for real.
+
+use std::sync::Arc;
+
+use half::{bf16, f16};
+use moeflux_core::{
+    Act, Backend, BufId, Cache, ColPart, DType, ExpertWeights, Graph, Idx, Lifetime, Matrix, Op, PoolExt, Pos, RawBufId, Region, Role,
+    State, Tokens, Vector, Weight, WeightBytes, WeightFormat,
+};
+use moeflux_cpu::CpuBackend;
+use moeflux_cuda::CudaBackend;
+
+// ------------------------------------------------------------------------------------ harness
+
+/// xorshift64*: deterministic, dependency-free.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E3779B97F4A7C15) | 1)
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545F4914F6CDD1D)
+    }
+    /// Uniform in [-1, 1).
+    fn unit(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+    fn vec(&mut self, len: usize, scale: f32) -> Vec<f32> {
+        (0..len).map(|_| self.unit() * scale).collect()
+    }
+    fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next_u64() as u8).collect()
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    F32,
+    U32,
+}
+
+struct Out {
+    label: String,
+    id: RawBufId,
+    len: usize,
+    kind: Kind,
+}
+
+/// Builds one case's graph and buffers against any backend.
+struct Setup<'a> {
+    b: &'a mut dyn Backend,
+    g: Graph,
+    uploads: Vec<(RawBufId, Vec<u8>)>,
+    outs: Vec<Out>,
+    rng: Rng,
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn u32_bytes(v: &[u32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+impl Setup<'_> {
+    fn alloc<R: Role>(&mut self, bytes: usize, label: &str, lt: Lifetime) -> BufId<R> {
+        self.b.pool().alloc(bytes, label, lt).unwrap()
+    }
+    /// An f32 buffer with uploaded contents (External unless a lifetime is given).
+    fn input_as<R: Role>(&mut self, data: &[f32], label: &str, lt: Lifetime) -> BufId<R> {
+        let id: BufId<R> = self.alloc(data.len() * 4, label, lt);
+        self.uploads.push((id.raw(), f32_bytes(data)));
+        id
+    }
+    fn input(&mut self, data: &[f32], label: &str) -> BufId<Act> {
+        self.input_as(data, label, Lifetime::External)
+    }
+    fn input_u32<R: Role>(&mut self, data: &[u32], label: &str) -> BufId<R> {
+        let id: BufId<R> = self.alloc(data.len() * 4, label, Lifetime::External);
+        self.uploads.push((id.raw(), u32_bytes(data)));
+        id
+    }
+    /// Downloads `id` after the run and compares it.
+    fn watch<R: Role>(&mut self, id: BufId<R>, len: usize, label: &str, kind: Kind) {
+        self.outs.push(Out { label: label.into(), id: id.raw(), len, kind });
+    }
+    /// A poisoned output buffer of `len` elements.
+    fn output_as<R: Role>(&mut self, len: usize, label: &str, kind: Kind) -> BufId<R> {
+        let id: BufId<R> = self.alloc(len * 4, label, Lifetime::External);
+        self.uploads.push((id.raw(), vec![0xff; len * 4]));
+        self.watch(id, len, label, kind);
+        id
+    }
+    fn output(&mut self, len: usize, label: &str) -> BufId<Act> {
+        self.output_as(len, label, Kind::F32)
+    }
+    fn transient(&mut self, len: usize, label: &str) -> BufId<Act> {
+        self.alloc(len * 4, label, Lifetime::Transient)
+    }
+    fn weights(&mut self, bytes: Vec<u8>, label: &str) -> BufId<Weight> {
+        let len = bytes.len();
+        let wb = WeightBytes::new(Arc::new(bytes), 0..len);
+        BufId::from_raw(self.b.pool().register_weights(wb, label).unwrap())
+    }
+    fn op(&mut self, op: Op) {
+        self.g.push(None, "case", op);
+    }
+    fn rand(&mut self, len: usize, scale: f32) -> Vec<f32> {
+        self.rng.vec(len, scale)
+    }
+}
+
+type Build<'f> = &'f dyn Fn(&mut Setup);
+
+fn run(b: &mut dyn Backend, seed: u64, build: Build) -> Vec<(String, Kind, Vec<u32>)> {
+    let mut s = Setup { b, g: Graph::new("parity"), uploads: Vec::new(), outs: Vec::new(), rng: Rng::new(seed) };
+    build(&mut s);
+    let Setup { b, g, uploads, outs, .. } = s;
+    b.prepare(&g).unwrap_or_else(|e| panic!("{} prepare: {e}", b.name()));
+    for (id, bytes) in &uploads {
+        b.pool().upload_raw(*id, 0, bytes).unwrap();
+    }
+    b.execute(&g).unwrap_or_else(|e| panic!("{} execute: {e}", b.name()));
+    let mut res = Vec::new();
+    for o in &outs {
+        let mut v = vec![0u32; o.len];
+        b.pool().download_u32(BufId::<Act>::from_raw(o.id), &mut v).unwrap();
+        res.push((o.label.clone(), o.kind, v));
+    }
+    res
+}
+
+/// The CUDA backend, or `None` after printing why the test is skipped.
+/// `MOEFLUX_PARITY_SELFTEST=1` substitutes a second CPU backend, to check the harness and the
+/// cases themselves on a machine without a GPU.
+fn device() -> Option<Box<dyn Backend>> {
+    if std::env::var("MOEFLUX_PARITY_SELFTEST").is_ok_and(|v| v == "1") {
+        return Some(Box::new(CpuBackend::new()));
+    }
+    if let Some(why) = moeflux_cuda::unavailable_reason() {
+        eprintln!("skipping: no CUDA device ({why})");
+        return None;
+    }
+    match CudaBackend::new(0) {
+        Ok(b) => Some(Box::new(b)),
+        Err(e) => panic!("a device is present but the backend failed to open: {e}"),
+    }
+}
+
+/// Runs `build` on both backends and compares every watched buffer.
+fn check(name: &str, seed: u64, tol: f32, build: Build) {
+    let Some(mut gpu) = device() else { return };
+    let mut cpu = CpuBackend::new();
+    let want = run(&mut cpu, seed, build);
+    let got = run(gpu.as_mut(), seed, build);
+    let mut failures = Vec::new();
+    for ((label, kind, w), (_, _, g)) in want.iter().zip(&got) {
+        match kind {
+            Kind::U32 => {
+                if let Some(i) = (0..w.len()).find(|&i| w[i] != g[i]) {
+                    failures.push(format!("{name}/{label}: element {i}: cuda {} cpu {}", g[i], w[i]));
+                } else {
+                    eprintln!("{name}/{label}: exact");
+                }
+            }
+            Kind::F32 => {
+                let (w, g): (Vec<f32>, Vec<f32>) = (w.iter().map(|v| f32::from_bits(*v)).collect(), g.iter().map(|v| f32::from_bits(*v)).collect());
+                if let Some(i) = (0..w.len()).find(|&i| g[i].is_nan() != w[i].is_nan()) {
+                    failures.push(format!("{name}/{label}: element {i} of {}: cuda {} cpu {} (unwritten or NaN)", w.len(), g[i], w[i]));
+                    continue;
+                }
+                let maxref = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let (mut maxdiff, mut at) = (0f32, 0);
+                for i in 0..w.len() {
+                    let d = (w[i] - g[i]).abs();
+                    if d > maxdiff {
+                        maxdiff = d;
+                        at = i;
+                    }
+                }
+                let rel = if maxref > 0.0 { maxdiff / maxref } else { maxdiff };
+                eprintln!("{name}/{label}: rel err {rel:.2e} (max |ref| {maxref:.3e}, {} elements)", w.len());
+                if !(rel <= tol) {
+                    failures.push(format!("{name}/{label}: rel err {rel:.3e} > {tol:.1e} (element {at}: cuda {} cpu {})", g[at], w[at]));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+// ------------------------------------------------------------------------------------ weights
+
+#[derive(Clone, Copy, Debug)]
+enum WFmt {
+    F32,
+    F16,
+    BF16,
+    /// (bits, group, scale dtype)
+    Q(u8, u32, DType),
+}
+
+const DENSE_AND_QUANT: [WFmt; 7] = [
+    WFmt::F32,
+    WFmt::F16,
+    WFmt::BF16,
+    WFmt::Q(4, 64, DType::BF16),
+    WFmt::Q(4, 32, DType::F32),
+    WFmt::Q(8, 64, DType::BF16),
+    WFmt::Q(8, 128, DType::F16),
+];
+
+fn store_floats(v: &[f32], dt: DType) -> Vec<u8> {
+    match dt {
+        DType::F32 => f32_bytes(v),
+        DType::BF16 => v.iter().flat_map(|x| bf16::from_f32(*x).to_bits().to_le_bytes()).collect(),
+        DType::F16 => v.iter().flat_map(|x| f16::from_f32(*x).to_bits().to_le_bytes()).collect(),
+        _ => unreachable!(),
+    }
+}
+
+/// Appends `bytes` to `buf` at an offset aligned to 16, plus `skew` bytes; returns the offset.
+fn place(buf: &mut Vec<u8>, bytes: &[u8], skew: usize) -> usize {
+    let off = buf.len().div_ceil(16) * 16 + skew;
+    buf.resize(off, 0xAB);
+    buf.extend_from_slice(bytes);
+    off
+}
+
+/// Appends a random `[rows, cols]` matrix of format `f` to `buf`. `skew` misaligns the data
+/// (forcing the kernels' scalar path). Returns the matrix with regions in `buf` (buffer id
+/// filled in later by `set_buf`).
+fn gen_matrix(rng: &mut Rng, buf: &mut Vec<u8>, f: WFmt, rows: usize, cols: usize, skew: usize) -> Matrix {
+    let scale = 1.0 / (cols as f32).sqrt();
+    let dummy = Region { buf: BufId::from_raw(RawBufId(u32::MAX)), offset: 0 };
+    let (format, data, scales, biases) = match f {
+        WFmt::F32 | WFmt::F16 | WFmt::BF16 => {
+            let dt = match f {
+                WFmt::F32 => DType::F32,
+                WFmt::F16 => DType::F16,
+                _ => DType::BF16,
+            };
+            let bytes = store_floats(&rng.vec(rows * cols, scale), dt);
+            let skew = skew.min(if dt == DType::F32 { 4 } else { 2 }); // keep element alignment
+            (WeightFormat::Dense(dt), place(buf, &bytes, skew), None, None)
+        }
+        WFmt::Q(bits, group, sdt) => {
+            let bytes = rng.bytes(rows * cols * bits as usize / 8);
+            let d = place(buf, &bytes, if skew > 0 { 4 } else { 0 });
+            let ng = rows * (cols / group as usize);
+            let qmax = ((1u32 << bits) - 1) as f32;
+            let sc: Vec<f32> = (0..ng).map(|_| (0.5 + 0.5 * rng.unit().abs()) * 2.0 * scale / qmax).collect();
+            let bi: Vec<f32> = (0..ng).map(|_| -scale + 0.2 * scale * rng.unit()).collect();
+            let s = place(buf, &store_floats(&sc, sdt), if skew > 0 { 2 } else { 0 });
+            let b = place(buf, &store_floats(&bi, sdt), 0);
+            (WeightFormat::Affine { bits, group_size: group, scale_dtype: sdt }, d, Some(s), Some(b))
+        }
+    };
+    let r = |o: usize| Region { offset: o, ..dummy };
+    Matrix { data: r(data), scales: scales.map(r), biases: biases.map(r), rows, cols, format }
+}
+
+fn set_buf(m: &mut Matrix, id: BufId<Weight>) {
+    m.data.buf = id;
+    if let Some(s) = &mut m.scales {
+        s.buf = id;
+    }
+    if let Some(b) = &mut m.biases {
+        b.buf = id;
+    }
+}
+
+/// A stored vector of `data` in dtype `dt`.
+fn gen_vector(s: &mut Setup, data: &[f32], dt: DType, label: &str) -> Vector {
+    let mut buf = Vec::new();
+    let off = place(&mut buf, &store_floats(data, dt), if dt == DType::F32 { 4 } else { 2 });
+    let id = s.weights(buf, label);
+    Vector { data: Region { buf: id, offset: off }, len: data.len(), dtype: dt }
+}
+
+fn matrix(s: &mut Setup, f: WFmt, rows: usize, cols: usize, skew: usize) -> Matrix {
+    let mut buf = Vec::new();
+    let mut m = gen_matrix(&mut s.rng, &mut buf, f, rows, cols, skew);
+    let id = s.weights(buf, "matrix");
+    set_buf(&mut m, id);
+    m
+}
+
+// ------------------------------------------------------------------------------------ ops
+
+#[test]
+fn embed() {
+    for (i, f) in DENSE_AND_QUANT.into_iter().enumerate() {
+        for skew in [0, 4] {
+            check(&format!("embed {f:?} skew {skew}"), 100 + i as u64, 1e-6, &|s| {
+                let (vocab, d, n) = (50, 1152, 7);
+                let table = matrix(s, f, vocab, d, skew);
+                let toks: Vec<u32> = (0..n).map(|_| s.rng.below(vocab) as u32).collect();
+                let tokens: BufId<Tokens> = s.input_u32(&toks, "tokens");
+                let out = s.output(n * d, "out");
+                s.op(Op::Embed { table, tokens, out, n });
+            });
+        }
+    }
+}
+
+#[test]
+fn rms_norm() {
+    for (rows, dim) in [(5, 1000), (12, 64), (1, 4096)] {
+        for (dt, offset) in [(DType::F32, 0.0), (DType::BF16, 1.0)] {
+            check(&format!("rms_norm {rows}x{dim} {dt}"), 7, 1e-5, &|s| {
+                let x = s.rand(rows * dim, 2.0);
+                let x = s.input(&x, "x");
+                let w = s.rand(dim, 1.0);
+                let weight = gen_vector(s, &w, dt, "w");
+                let out = s.output(rows * dim, "out");
+                s.op(Op::RmsNorm { x, weight, out, rows, dim, eps: 1e-6, offset });
+            });
+        }
+    }
+    check("rms_norm in place", 8, 1e-5, &|s| {
+        let (rows, dim) = (3, 200);
+        let x = s.rand(rows * dim, 2.0);
+        let x = s.input(&x, "x");
+        let w = s.rand(dim, 1.0);
+        let weight = gen_vector(s, &w, DType::F32, "w");
+        s.watch(x, rows * dim, "x (in place)", Kind::F32);
+        s.op(Op::RmsNorm { x, weight, out: x, rows, dim, eps: 1e-5, offset: 0.0 });
+    });
+}
+
+#[test]
+fn gated_rms_norm() {
+    for (rows, dim, dt) in [(6, 128, DType::F32), (3, 1000, DType::BF16)] {
+        check(&format!("gated_rms_norm {rows}x{dim}"), 9, 1e-5, &|s| {
+            let x = s.rand(rows * dim, 2.0);
+            let x = s.input(&x, "x");
+            let gt = s.rand(rows * dim, 3.0);
+            let gate = s.input(&gt, "gate");
+            let w = s.rand(dim, 1.0);
+            let weight = gen_vector(s, &w, dt, "w");
+            let out = s.output(rows * dim, "out");
+            s.op(Op::GatedRmsNorm { x, gate, weight, out, rows, dim, eps: 1e-6, offset: 0.0 });
+        });
+    }
+}
+
+#[test]
+fn matmul() {
+    for (i, f) in DENSE_AND_QUANT.into_iter().enumerate() {
+        for skew in [0, 4] {
+            for n in [1, 2, 3, 70] {
+                check(&format!("matmul {f:?} skew {skew} n {n}"), 200 + i as u64, 2e-5, &|s| {
+                    let (rows, cols) = (72, 1152);
+                    let w = matrix(s, f, rows, cols, skew);
+                    let x = s.rand(n * cols, 1.0);
+                    let x = s.input(&x, "x");
+                    let out = s.output(n * rows, "out");
+                    s.op(Op::Matmul { x, w, out, n });
+                });
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_odd_shapes() {
+    // Tiny and ragged shapes: fewer columns than one warp step, rows not a multiple of 4.
+    for (f, rows, cols) in [(WFmt::F32, 5, 12), (WFmt::BF16, 33, 40), (WFmt::Q(4, 32, DType::BF16), 7, 64), (WFmt::Q(8, 32, DType::F32), 3, 96)] {
+        for n in [1, 5] {
+            check(&format!("matmul {f:?} {rows}x{cols} n {n}"), 300, 2e-5, &|s| {
+                let w = matrix(s, f, rows, cols, 0);
+                let x = s.rand(n * cols, 1.0);
+                let x = s.input(&x, "x");
+                let out = s.output(n * rows, "out");
+                s.op(Op::Matmul { x, w, out, n });
+            });
+        }
+    }
+    // Wide input: the staged x needs more than 48 KiB of shared memory.
+    check("matmul f32 wide", 301, 2e-5, &|s| {
+        let (rows, cols, n) = (40, 16384, 1);
+        let w = matrix(s, WFmt::F32, rows, cols, 0);
+        let x = s.rand(n * cols, 1.0);
+        let x = s.input(&x, "x");
+        let out = s.output(n * rows, "out");
+        s.op(Op::Matmul { x, w, out, n });
+    });
+}
+
+#[test]
+fn copy_rows() {
+    check("copy_rows", 10, 0.0, &|s| {
+        let (rows_in, width) = (6, 40);
+        let x = s.rand(rows_in * width, 1.0);
+        let x = s.input(&x, "x");
+        let out = s.output(3 * width, "out");
+        s.op(Op::CopyRows { x, out, start: 2, rows: 3, width });
+    });
+}
+
+#[test]
+fn add() {
+    check("add", 11, 0.0, &|s| {
+        let len = 1000;
+        let a = s.rand(len, 1.0);
+        let a = s.input(&a, "a");
+        let b = s.rand(len, 1.0);
+        let b = s.input(&b, "b");
+        let out = s.output(len, "out");
+        s.op(Op::Add { a, b, out, len });
+    });
+    check("add in place", 12, 0.0, &|s| {
+        let len = 777;
+        let a = s.rand(len, 1.0);
+        let a = s.input(&a, "a");
+        let b = s.rand(len, 1.0);
+        let b = s.input(&b, "b");
+        s.watch(a, len, "a (in place)", Kind::F32);
+        s.op(Op::Add { a, b, out: a, len });
+    });
+}
+
+#[test]
+fn swiglu() {
+    check("swiglu", 13, 1e-6, &|s| {
+        let len = 1000;
+        let g = s.rand(len, 4.0);
+        let gate = s.input(&g, "gate");
+        let u = s.rand(len, 1.0);
+        let up = s.input(&u, "up");
+        let out = s.output(len, "out");
+        s.op(Op::SwiGlu { gate, up, out, len });
+    });
+}
+
+#[test]
+fn sigmoid_gate() {
+    for gate_width in [48, 1] {
+        check(&format!("sigmoid_gate gw {gate_width}"), 14, 1e-6, &|s| {
+            let (n, width) = (4, 48);
+            let x = s.rand(n * width, 1.0);
+            let x = s.input(&x, "x");
+            let g = s.rand(n * gate_width, 4.0);
+            let gate = s.input(&g, "gate");
+            let out = s.output(n * width, "out");
+            s.op(Op::SigmoidGate { x, gate, out, n, width, gate_width });
+        });
+    }
+    check("sigmoid_gate in place", 15, 1e-6, &|s| {
+        let (n, width) = (3, 64);
+        let x = s.rand(n * width, 1.0);
+        let x = s.input(&x, "x");
+        let g = s.rand(n, 4.0);
+        let gate = s.input(&g, "gate");
+        s.watch(x, n * width, "x (in place)", Kind::F32);
+        s.op(Op::SigmoidGate { x, gate, out: x, n, width, gate_width: 1 });
+    });
+}
+
+#[test]
+fn scatter_cols() {
+    check("scatter_cols", 16, 0.0, &|s| {
+        let (n, groups) = (3, 4);
+        let widths = [8usize, 8, 4];
+        let row = widths.iter().sum::<usize>() * groups;
+        let x = s.rand(n * row, 1.0);
+        let x = s.input(&x, "x");
+        let p0 = s.output(n * 32, "part0");
+        let p1 = s.output(n * 40, "part1");
+        let p2 = s.output(n * 16, "part2");
+        let parts = vec![
+            ColPart { out: p0, width: 8, out_width: 32, out_offset: 0 },
+            ColPart { out: p1, width: 8, out_width: 40, out_offset: 8 },
+            ColPart { out: p2, width: 4, out_width: 16, out_offset: 0 },
+        ];
+        s.op(Op::ScatterCols { x, n, groups, parts });
+    });
+}
+
+#[test]
+fn rope() {
+    for (head_dim, rotary_dim, theta) in [(32, 32, 1e4f32), (64, 16, 1e6), (128, 64, 5e6)] {
+        check(&format!("rope hd {head_dim} rd {rotary_dim}"), 17, 2e-6, &|s| {
+            let (n, heads) = (5, 3);
+            let positions: Vec<u32> = vec![0, 1, 517, 30000, 65535];
+            let pos: BufId<Pos> = s.input_u32(&positions, "pos");
+            let x = s.rand(n * heads * head_dim, 1.0);
+            let x = s.input(&x, "x");
+            s.watch(x, n * heads * head_dim, "x (in place)", Kind::F32);
+            s.op(Op::Rope { x, pos, n, heads, head_dim, rotary_dim, theta });
+        });
+    }
+}
+
+#[test]
+fn kv_append() {
+    check("kv_append", 18, 0.0, &|s| {
+        let (n, kv_dim, max_ctx) = (4, 64, 32);
+        let k = s.rand(n * kv_dim, 1.0);
+        let k = s.input(&k, "k");
+        let v = s.rand(n * kv_dim, 1.0);
+        let v = s.input(&v, "v");
+        let pos: BufId<Pos> = s.input_u32(&[3, 4, 5, 31], "pos");
+        let kc0 = s.rand(max_ctx * kv_dim, 1.0);
+        let k_cache: BufId<Cache> = s.input_as(&kc0, "k_cache", Lifetime::Persistent);
+        let vc0 = s.rand(max_ctx * kv_dim, 1.0);
+        let v_cache: BufId<Cache> = s.input_as(&vc0, "v_cache", Lifetime::Persistent);
+        s.watch(k_cache, max_ctx * kv_dim, "k_cache", Kind::F32);
+        s.watch(v_cache, max_ctx * kv_dim, "v_cache", Kind::F32);
+        s.op(Op::KvAppend { k, v, pos, k_cache, v_cache, n, kv_dim, max_ctx });
+    });
+}
+
+#[test]
+fn attention() {
+    // (heads, kv_heads, head_dim, positions)
+    let cases: [(usize, usize, usize, Vec<u32>); 4] = [
+        (8, 2, 64, vec![0, 17, 299]),
+        (4, 4, 80, vec![250]),
+        (16, 2, 128, vec![5, 6, 7, 8, 9, 10]),
+        (6, 3, 256, vec![123]),
+    ];
+    for (heads, kv_heads, head_dim, positions) in cases {
+        check(&format!("attention h {heads} kv {kv_heads} hd {head_dim} pos {positions:?}"), 19, 1e-5, &|s| {
+            let (n, max_ctx) = (positions.len(), 300);
+            let kv = max_ctx * kv_heads * head_dim;
+            let q = s.rand(n * heads * head_dim, 1.0);
+            let q = s.input(&q, "q");
+            let pos: BufId<Pos> = s.input_u32(&positions, "pos");
+            let kc = s.rand(kv, 1.0);
+            let k_cache: BufId<Cache> = s.input_as(&kc, "k_cache", Lifetime::Persistent);
+            let vc = s.rand(kv, 1.0);
+            let v_cache: BufId<Cache> = s.input_as(&vc, "v_cache", Lifetime::Persistent);
+            let out = s.output(n * heads * head_dim, "out");
+            let scale = 1.0 / (head_dim as f32).sqrt() * 2.0;
+            s.op(Op::Attention { q, pos, k_cache, v_cache, out, n, heads, kv_heads, head_dim, scale, max_ctx });
+        });
+    }
+}
+
+#[test]
+fn conv1d_silu() {
+    for (n, dt, kernel) in [(1, DType::F32, 4), (7, DType::BF16, 4), (3, DType::F32, 2)] {
+        check(&format!("conv1d_silu n {n} k {kernel} {dt}"), 20, 1e-6, &|s| {
+            let channels = 300;
+            let x = s.rand(n * channels, 1.0);
+            let x = s.input(&x, "x");
+            let st = s.rand((kernel - 1) * channels, 1.0);
+            let state: BufId<State> = s.input_as(&st, "state", Lifetime::Persistent);
+            let w = s.rand(channels * kernel, 1.0);
+            let weight = gen_vector(s, &w, dt, "w");
+            let out = s.output(n * channels, "out");
+            s.watch(state, (kernel - 1) * channels, "state", Kind::F32);
+            s.op(Op::Conv1dSilu { x, state, weight, out, n, channels, kernel });
+        });
+    }
+}
+
+#[test]
+fn gated_delta() {
+    // (n, k_heads, v_heads, dk, dv, vector dtype)
+    for (n, k_heads, v_heads, dk, dv, dt) in
+        [(1, 2, 6, 32, 48, DType::F32), (6, 2, 6, 32, 48, DType::BF16), (3, 2, 4, 128, 128, DType::F32), (2, 1, 2, 200, 16, DType::F32)]
+    {
+        check(&format!("gated_delta n {n} kh {k_heads} vh {v_heads} dk {dk} dv {dv}"), 21, 5e-5, &|s| {
+            let row = 2 * k_heads * dk + v_heads * dv;
+            let qkv = s.rand(n * row, 1.0);
+            let qkv = s.input(&qkv, "qkv");
+            let a = s.rand(n * v_heads, 2.0);
+            let a = s.input(&a, "a");
+            let b = s.rand(n * v_heads, 2.0);
+            let b = s.input(&b, "b");
+            let al = s.rand(v_heads, 1.0);
+            let a_log = gen_vector(s, &al, dt, "A_log");
+            let db = s.rand(v_heads, 1.0);
+            let dt_bias = gen_vector(s, &db, dt, "dt_bias");
+            let st = s.rand(v_heads * dk * dv, 0.3);
+            let state: BufId<State> = s.input_as(&st, "state", Lifetime::Persistent);
+            let out = s.output(n * v_heads * dv, "out");
+            s.watch(state, v_heads * dk * dv, "state", Kind::F32);
+            s.op(Op::GatedDelta { qkv, a, b, a_log, dt_bias, state, out, n, k_heads, v_heads, dk, dv });
+        });
+    }
+}
+
+#[test]
+fn router_topk() {
+    for (n, experts, k, renorm) in [(9, 60, 4, true), (3, 128, 8, false), (2, 8, 2, true), (5, 512, 10, true)] {
+        check(&format!("router_topk n {n} e {experts} k {k}"), 22, 1e-6, &|s| {
+            let l = s.rand(n * experts, 3.0);
+            let logits = s.input(&l, "logits");
+            let idx: BufId<Idx> = s.output_as(n * k, "idx", Kind::U32);
+            let weights = s.output(n * k, "weights");
+            s.op(Op::RouterTopK { logits, idx, weights, n, experts, k, renorm });
+        });
+    }
+}
+
+/// `e` experts of SwiGLU matrices in one weight buffer (formats per role), plus routing inputs.
+fn gen_experts(s: &mut Setup, e: usize, hidden: usize, inter: usize, gu: WFmt, dn: WFmt, skew: usize) -> Arc<[ExpertWeights]> {
+    let mut buf = Vec::new();
+    let mut ws = Vec::new();
+    for _ in 0..e {
+        let gate = gen_matrix(&mut s.rng, &mut buf, gu, inter, hidden, skew);
+        let up = gen_matrix(&mut s.rng, &mut buf, gu, inter, hidden, skew);
+        let down = gen_matrix(&mut s.rng, &mut buf, dn, hidden, inter, skew);
+        ws.push(ExpertWeights { gate, up, down });
+    }
+    let id = s.weights(buf, "experts");
+    for w in &mut ws {
+        set_buf(&mut w.gate, id);
+        set_buf(&mut w.up, id);
+        set_buf(&mut w.down, id);
+    }
+    ws.into()
+}
+
+#[test]
+fn moe_experts() {
+    let q4 = WFmt::Q(4, 32, DType::BF16);
+    let q8 = WFmt::Q(8, 32, DType::F32);
+    let combos = [(WFmt::F32, WFmt::F32), (WFmt::BF16, WFmt::BF16), (q4, q4), (q8, q8), (q4, q8), (WFmt::F16, WFmt::F16)];
+    for (ci, (gu, dn)) in combos.into_iter().enumerate() {
+        for skew in [0, 4] {
+            for n in [1, 2, 5, 70] {
+                check(&format!("moe_experts {gu:?}/{dn:?} skew {skew} n {n}"), 400 + ci as u64, 2e-5, &|s| {
+                    let (e, k, hidden, inter) = (8, 2, 256, 96);
+                    let experts = gen_experts(s, e, hidden, inter, gu, dn, skew);
+                    let x = s.rand(n * hidden, 1.0);
+                    let x = s.input(&x, "x");
+                    // k distinct experts per token
+                    let mut ids = Vec::new();
+                    for _ in 0..n {
+                        let a = s.rng.below(e);
+                        let b = (a + 1 + s.rng.below(e - 1)) % e;
+                        ids.extend([a as u32, b as u32]);
+                    }
+                    let idx: BufId<Idx> = s.input_u32(&ids, "idx");
+                    let w = s.rand(n * k, 1.0);
+                    let weights = s.input(&w, "weights");
+                    let out = s.output(n * hidden, "out");
+                    s.op(Op::MoeExperts { x, idx, weights, experts, out, n, k, hidden, inter });
+                });
+            }
+        }
+    }
+}
+
+/// Router + experts + shared expert through transients: exercises the plan's aliasing, the
+/// device-side routing feeding the experts, and expert-table reuse across two layers.
+#[test]
+fn moe_block_chain() {
+    for n in [1, 9] {
+        check(&format!("moe block chain n {n}"), 500, 5e-5, &|s| {
+            let (e, k, hidden, inter) = (16, 4, 128, 64);
+            let q4 = WFmt::Q(4, 64, DType::BF16);
+            let experts = gen_experts(s, e, hidden, inter, q4, q4, 0);
+            let router = matrix(s, WFmt::BF16, e, hidden, 0);
+            let norm_w = s.rand(hidden, 1.0);
+            let norm = gen_vector(s, &norm_w, DType::BF16, "norm");
+            let x0 = s.rand(n * hidden, 1.0);
+            let x = s.input(&x0, "x");
+            let mut cur = x;
+            for layer in 0..2 {
+                let hn = s.transient(n * hidden, "hn");
+                s.op(Op::RmsNorm { x: cur, weight: norm, out: hn, rows: n, dim: hidden, eps: 1e-6, offset: 1.0 });
+                let logits = s.transient(n * e, "logits");
+                s.op(Op::Matmul { x: hn, w: router, out: logits, n });
+                let idx: BufId<Idx> = s.alloc(n * k * 4, "idx", Lifetime::Transient);
+                let weights = s.transient(n * k, "route_w");
+                s.op(Op::RouterTopK { logits, idx, weights, n, experts: e, k, renorm: layer == 0 });
+                let y = s.transient(n * hidden, "moe_out");
+                s.op(Op::MoeExperts { x: hn, idx, weights, experts: experts.clone(), out: y, n, k, hidden, inter });
+                let next = if layer == 1 { s.output(n * hidden, "out") } else { s.transient(n * hidden, "resid") };
+                s.op(Op::Add { a: cur, b: y, out: next, len: n * hidden });
+                cur = next;
+            }
+        });
+    }
+}
+
+// ------------------------------------------------------------------------------------ pool
+
+#[test]
+fn pool_semantics() {
+    let Some(mut gpu) = device() else { return };
+    let is_cuda = gpu.name() == "cuda";
+    let pool = gpu.pool();
+    // zeroed on allocation, prefix upload/download, zero
+    let a: BufId<Act> = pool.alloc(64, "a", Lifetime::External).unwrap();
+    let mut v = vec![1f32; 16];
+    pool.download_f32(a, &mut v).unwrap();
+    assert!(v.iter().all(|x| *x == 0.0), "fresh buffer not zeroed");
+    pool.upload_f32(a, &[1.0, 2.0, 3.0]).unwrap();
+    let mut p = vec![0f32; 4];
+    pool.download_f32(a, &mut p).unwrap();
+    assert_eq!(p, [1.0, 2.0, 3.0, 0.0]);
+    assert!(pool.upload_f32(a, &[0.0; 17]).is_err(), "upload past the end must fail");
+    pool.upload_at(a, 8, &2.5f32.to_le_bytes()).unwrap();
+    pool.download_f32(a, &mut p).unwrap();
+    assert_eq!(p, [1.0, 2.0, 2.5, 0.0]);
+    pool.zero(a.raw()).unwrap();
+    pool.download_f32(a, &mut p).unwrap();
+    assert_eq!(p, [0.0; 4]);
+    // a transient gets zeroed storage lazily
+    let t: BufId<Act> = pool.alloc(32, "t", Lifetime::Transient).unwrap();
+    let mut q = vec![7f32; 8];
+    pool.download_f32(t, &mut q).unwrap();
+    assert_eq!(q, [0.0; 8]);
+    // weights: readable, not writable
+    let bytes: Vec<u8> = (0..=255u8).collect();
+    let w = pool.register_weights(WeightBytes::new(Arc::new(bytes.clone()), 16..80), "w").unwrap();
+    let mut back = vec![0u8; 64];
+    pool.download_raw(w, 0, &mut back).unwrap();
+    assert_eq!(back, bytes[16..80]);
+    assert!(pool.upload_raw(w, 0, &[0]).is_err(), "weights are read-only");
+    assert_eq!(pool.info(w).unwrap().0, 64);
+    // persistent survives reset_transient, others are released
+    let keep: BufId<State> = pool.alloc(16, "keep", Lifetime::Persistent).unwrap();
+    pool.upload_f32(keep, &[4.0]).unwrap();
+    pool.reset_transient();
+    assert_eq!(pool.info(a.raw()).unwrap().0, 0);
+    let mut k1 = [0f32; 1];
+    pool.download_f32(keep, &mut k1).unwrap();
+    assert_eq!(k1, [4.0]);
+    assert!(pool.allocated_bytes() >= 16);
+    // out of memory is a typed error naming the buffer
+    if !is_cuda {
+        return;
+    }
+    let huge = pool.alloc_raw(1 << 50, "huge", Lifetime::Persistent).unwrap_err();
+    assert!(matches!(huge, moeflux_core::CoreError::OutOfMemory { .. }), "{huge}");
+    assert!(huge.to_string().contains("huge"), "{huge}");
+}
+
+/// A graph replayed several times keeps its recurrent state on the device and matches the CPU
+/// after every run (conv window and delta state advance; KV cache grows).
+#[test]
+fn replay_keeps_state() {
+    let Some(mut gpu) = device() else { return };
+    let mut cpu = CpuBackend::new();
+    let (n, channels, kernel) = (2, 128, 4);
+    let (k_heads, v_heads, dk, dv) = (1, 2, 32, 32);
+    let mut rng = Rng::new(77);
+    let xs: Vec<Vec<f32>> = (0..3).map(|_| rng.vec(n * channels, 1.0)).collect();
+    let w = rng.vec(channels * kernel, 1.0);
+    let row = 2 * k_heads * dk + v_heads * dv;
+    assert_eq!(row, channels);
+    let gates: Vec<Vec<f32>> = (0..3).map(|_| rng.vec(n * v_heads, 1.0)).collect();
+    let params = rng.vec(v_heads, 1.0);
+    let mut results: Vec<Vec<Vec<f32>>> = Vec::new();
+    for b in [&mut cpu as &mut dyn Backend, gpu.as_mut()] {
+        let pool = b.pool();
+        let x: BufId<Act> = pool.alloc(n * channels * 4, "x", Lifetime::External).unwrap();
+        let ab: BufId<Act> = pool.alloc(n * v_heads * 4, "ab", Lifetime::External).unwrap();
+        let conv_state: BufId<State> = pool.alloc((kernel - 1) * channels * 4, "conv", Lifetime::Persistent).unwrap();
+        let delta_state: BufId<State> = pool.alloc(v_heads * dk * dv * 4, "delta", Lifetime::Persistent).unwrap();
+        let out: BufId<Act> = pool.alloc(n * v_heads * dv * 4, "out", Lifetime::External).unwrap();
+        let wb = f32_bytes(&w);
+        let wid: BufId<Weight> = BufId::from_raw(pool.register_weights(WeightBytes::new(Arc::new(wb.clone()), 0..wb.len()), "w").unwrap());
+        let pb = f32_bytes(&params);
+        let pid: BufId<Weight> = BufId::from_raw(pool.register_weights(WeightBytes::new(Arc::new(pb.clone()), 0..pb.len()), "p").unwrap());
+        let conv_out: BufId<Act> = pool.alloc(n * channels * 4, "conv_out", Lifetime::Transient).unwrap();
+        let weight = Vector { data: Region { buf: wid, offset: 0 }, len: channels * kernel, dtype: DType::F32 };
+        let pv = Vector { data: Region { buf: pid, offset: 0 }, len: v_heads, dtype: DType::F32 };
+        let mut g = Graph::new("replay");
+        g.push(None, "conv", Op::Conv1dSilu { x, state: conv_state, weight, out: conv_out, n, channels, kernel });
+        g.push(None, "delta", Op::GatedDelta { qkv: conv_out, a: ab, b: ab, a_log: pv, dt_bias: pv, state: delta_state, out, n, k_heads, v_heads, dk, dv });
+        b.prepare(&g).unwrap();
+        let mut runs = Vec::new();
+        for step in 0..3 {
+            b.pool().upload_f32(x, &xs[step]).unwrap();
+            b.pool().upload_f32(ab, &gates[step]).unwrap();
+            b.execute(&g).unwrap();
+            let mut o = vec![0f32; n * v_heads * dv];
+            b.pool().download_f32(out, &mut o).unwrap();
+            runs.push(o);
+        }
+        results.push(runs);
+    }
+    for step in 0..3 {
+        let (c, g) = (&results[0][step], &results[1][step]);
+        let maxref = c.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let maxdiff = c.iter().zip(g).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        eprintln!("replay step {step}: rel err {:.2e}", maxdiff / maxref);
+        assert!(maxdiff <= 5e-5 * maxref, "step {step}: rel err {}", maxdiff / maxref);
+    }
+}
