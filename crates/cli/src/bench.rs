@@ -66,7 +66,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     eprintln!("[{name}] built in {:.1}s: {:.2} GB of weights, {:.1} MB read per token", t.elapsed().as_secs_f64(), st.bytes_total as f64 / 1e9, st.bytes_active as f64 / 1e6);
     let max_prompt = a.prompt.iter().copied().max().unwrap_or(0);
     let max_ctx = a.context.iter().copied().max().unwrap_or(0).max(max_prompt) + a.gen_tokens + 1;
-    let opts = SessionOptions { device: a.device, max_context: max_ctx, prefill_chunk: a.prefill_chunk };
+    let opts = SessionOptions { device: a.device, max_context: max_ctx, prefill_chunk: a.prefill_chunk, ..SessionOptions::default() };
     let mut s = Session::with_model(backend, model, &opts)?;
     let vocab = spec.vocab;
 

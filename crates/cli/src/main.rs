@@ -30,6 +30,8 @@ enum Cmd {
     Info(InfoArgs),
     /// Benchmark prefill/decode on a random-weight model at real shapes (no disk).
     Bench(bench::BenchArgs),
+    /// Repack a checkpoint for tiered expert streaming (experts as contiguous records).
+    Convert(ConvertArgs),
 }
 
 #[derive(Args)]
@@ -46,6 +48,12 @@ struct RunArgs {
     /// Widest prefill chunk (a power of two).
     #[arg(long, default_value_t = 256)]
     prefill_chunk: usize,
+    /// RAM budget for the expert cache of a packed model (e.g. 512MiB, 20GiB).
+    #[arg(long, value_parser = moeflux_engine::parse_size)]
+    host_mem: Option<usize>,
+    /// VRAM budget for the expert cache (CUDA; the CPU backend ignores it).
+    #[arg(long, value_parser = moeflux_engine::parse_size)]
+    gpu_mem: Option<usize>,
 }
 
 impl RunArgs {
@@ -54,7 +62,10 @@ impl RunArgs {
     }
     fn open(&self) -> Result<Session> {
         let dir = self.dir();
-        let opts = SessionOptions { device: self.device, max_context: self.max_context, prefill_chunk: self.prefill_chunk };
+        let opts = SessionOptions { device: self.device, max_context: self.max_context, prefill_chunk: self.prefill_chunk, host_mem: self.host_mem };
+        if self.gpu_mem.is_some() && self.device == Device::Cpu {
+            eprintln!("note: --gpu-mem has no effect on the CPU backend");
+        }
         Session::open(&dir, &opts).with_context(|| format!("opening model {}", dir.display()))
     }
 }
@@ -87,6 +98,9 @@ struct GenerateArgs {
     /// Print a per-op time profile to stderr at the end.
     #[arg(long)]
     profile: bool,
+    /// Print expert-store statistics (packed models).
+    #[arg(long)]
+    verbose: bool,
 }
 
 #[derive(Args)]
@@ -108,6 +122,44 @@ struct InfoArgs {
     /// Model directory. Defaults to the bundled model.
     #[arg(long)]
     model: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// Source model directory (any checkpoint `generate` can open).
+    src: PathBuf,
+    /// Output directory (must not exist).
+    dst: PathBuf,
+    /// Bits for weights quantized during conversion (already-quantized weights are copied).
+    #[arg(long, default_value_t = 4)]
+    bits: u8,
+    /// Re-read the output and check every checksum.
+    #[arg(long)]
+    verify: bool,
+}
+
+fn cmd_convert(a: ConvertArgs) -> Result<()> {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(indicatif::ProgressStyle::with_template("{msg:>8} [{bar:40}] {pos}/{len} ({eta})").expect("template").progress_chars("=> "));
+    let mut tick = |done: u64, total: u64, what: &str| {
+        bar.set_length(total);
+        bar.set_position(done);
+        bar.set_message(what.to_string());
+    };
+    let m = moeflux_model::packed::convert(&a.src, &a.dst, a.bits, &mut tick).with_context(|| format!("converting {}", a.src.display()))?;
+    bar.finish_and_clear();
+    eprintln!("wrote {}: {} layers x {} experts, {} bytes per expert record", a.dst.display(), m.layers.len(), m.experts, m.record_bytes);
+    if a.verify {
+        let bar = indicatif::ProgressBar::new(0);
+        let mut tick = |done: u64, total: u64, _: &str| {
+            bar.set_length(total);
+            bar.set_position(done);
+        };
+        moeflux_model::packed::verify(&a.dst, &mut tick).with_context(|| format!("verifying {}", a.dst.display()))?;
+        bar.finish_and_clear();
+        eprintln!("verified: every checksum matches");
+    }
+    Ok(())
 }
 
 fn bundled_model() -> PathBuf {
@@ -244,6 +296,18 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         stats.decode_tps(),
         stats.finish
     );
+    if a.verbose
+        && let Some(st) = s.expert_stats()
+    {
+        let tokens = (stats.prompt_tokens + stats.generated).max(1) as f64;
+        eprintln!(
+            "experts: {} hits, {} misses ({:.1}% hit rate), {:.2} MB read from disk per token",
+            st.hits,
+            st.misses,
+            100.0 * st.hits as f64 / (st.hits + st.misses).max(1) as f64,
+            st.bytes_read as f64 / tokens / 1e6
+        );
+    }
     if a.profile {
         let mut rows = s.profile().rows;
         rows.sort_by(|x, y| y.2.total_cmp(&x.2));
@@ -263,6 +327,7 @@ fn main() -> ExitCode {
         Cmd::Logits(a) => cmd_logits(a),
         Cmd::Info(a) => cmd_info(a),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::Convert(a) => cmd_convert(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

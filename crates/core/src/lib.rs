@@ -20,5 +20,5 @@ pub use backend::{Backend, BufferPool, Lifetime, PoolExt, WeightBytes};
 pub use buf::{Act, BufId, Cache, Idx, Pos, RawBufId, Role, State, Tokens, Weight};
 pub use dtype::{DType, WeightFormat};
 pub use error::CoreError;
-pub use op::{ColPart, ExpertWeights, Graph, Matrix, Op, Region, Vector};
+pub use op::{ColPart, ExpertProvider, ExpertWeights, Graph, Matrix, Op, Region, Vector};
 pub use planner::{Access, Plan};

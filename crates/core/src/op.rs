@@ -60,6 +60,20 @@ pub struct ExpertWeights {
     pub down: Matrix,
 }
 
+/// Expert weights that live outside device memory (a packed file behind a cache) and are
+/// fetched when the router picks them. Every expert of a layer has the same layout.
+pub trait ExpertProvider: Send + Sync + std::fmt::Debug {
+    /// Where gate, up and down sit inside one expert record (offsets relative to the
+    /// record; the `buf` fields of the regions are meaningless).
+    fn layout(&self) -> ExpertWeights;
+    /// Bytes of one expert record.
+    fn record_bytes(&self) -> usize;
+    /// How many records may be held at once (the cache budget), at least 1.
+    fn max_in_flight(&self) -> usize;
+    /// The record of `expert` in `layer`, from cache or storage.
+    fn fetch(&self, layer: usize, expert: usize) -> Result<Arc<dyn AsRef<[u8]> + Send + Sync>, crate::CoreError>;
+}
+
 /// One destination of [`Op::ScatterCols`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ColPart {
@@ -157,6 +171,19 @@ pub enum Op {
     /// Softmax over `experts` router logits, top-`k` (ties: lower index), optionally
     /// renormalised to sum 1. Writes `idx[n, k]` and `weights[n, k]`.
     RouterTopK { logits: BufId<Act>, idx: BufId<Idx>, weights: BufId<Act>, n: usize, experts: usize, k: usize, renorm: bool },
+    /// [`Op::MoeExperts`] with the experts fetched through a provider (tiered storage).
+    MoeExpertsStreamed {
+        x: BufId<Act>,
+        idx: BufId<Idx>,
+        weights: BufId<Act>,
+        store: Arc<dyn ExpertProvider>,
+        layer: usize,
+        out: BufId<Act>,
+        n: usize,
+        k: usize,
+        hidden: usize,
+        inter: usize,
+    },
     /// `out[i] = sum_j weights[i, j] * down_e(silu(gate_e x_i) * up_e x_i)`, `e = idx[i, j]`.
     MoeExperts {
         x: BufId<Act>,
@@ -206,6 +233,7 @@ impl Op {
             Op::GatedDelta { .. } => "gated_delta",
             Op::RouterTopK { .. } => "router_topk",
             Op::MoeExperts { .. } => "moe_experts",
+            Op::MoeExpertsStreamed { .. } => "moe_experts_streamed",
         }
     }
 
@@ -299,6 +327,12 @@ impl Op {
                 f(idx.raw(), Write, n * k * 4);
                 f(weights.raw(), Write, n * k * F);
             }
+            Op::MoeExpertsStreamed { x, idx, weights, out, n, k, hidden, .. } => {
+                f(x.raw(), Read, n * hidden * F);
+                f(idx.raw(), Read, n * k * 4);
+                f(weights.raw(), Read, n * k * F);
+                f(out.raw(), Write, n * hidden * F);
+            }
             Op::MoeExperts { x, idx, weights, experts, out, n, k, hidden, .. } => {
                 f(x.raw(), Read, n * hidden * F);
                 f(idx.raw(), Read, n * k * 4);
@@ -382,6 +416,17 @@ impl Op {
             Op::RouterTopK { experts, k, .. } => {
                 if *k == 0 || k > experts {
                     return Err(format!("top-{k} of {experts} experts"));
+                }
+                Ok(())
+            }
+            Op::MoeExpertsStreamed { store, hidden, inter, .. } => {
+                let e = store.layout();
+                let need = [&e.gate, &e.up, &e.down].iter().map(|m| m.data.offset.max(m.scales.map_or(0, |s| s.offset)).max(m.biases.map_or(0, |b| b.offset))).max().unwrap_or(0);
+                if e.gate.rows != *inter || e.gate.cols != *hidden || e.down.rows != *hidden || e.down.cols != *inter {
+                    return Err(format!("streamed expert layout does not match hidden {hidden} / inter {inter}"));
+                }
+                if need >= store.record_bytes() {
+                    return Err("streamed expert layout points past its record".into());
                 }
                 Ok(())
             }

@@ -237,7 +237,7 @@ impl CpuBackend {
         floats(self.weight_bytes(v.data.buf.raw(), v.data.offset), v.dtype, v.len)
     }
 
-    fn run(&self, op: &Op) {
+    fn run(&self, op: &Op) -> Result<(), CoreError> {
         use ops::*;
         match op {
             Op::Embed { table, tokens, out, n } => {
@@ -356,6 +356,20 @@ impl CpuBackend {
                     *renorm,
                 );
             }
+            Op::MoeExpertsStreamed { x, idx, weights, store, layer, out, n, k, hidden, inter } => {
+                moe_streamed::moe_experts_streamed(
+                    self.f32s(x.raw(), n * hidden),
+                    self.u32s(idx.raw(), n * k),
+                    self.f32s(weights.raw(), n * k),
+                    store.as_ref(),
+                    *layer,
+                    self.f32s_mut(out.raw(), n * hidden),
+                    *n,
+                    *k,
+                    *hidden,
+                    *inter,
+                )?;
+            }
             Op::MoeExperts { x, idx, weights, experts, out, n, k, hidden, inter } => {
                 moe::moe_experts(
                     self.f32s(x.raw(), n * hidden),
@@ -371,6 +385,7 @@ impl CpuBackend {
                 );
             }
         }
+        Ok(())
     }
 }
 
@@ -398,7 +413,7 @@ impl Backend for CpuBackend {
         let op = &graph.nodes[index].1;
         if self.profiling {
             let t = Instant::now();
-            self.run(op);
+            self.run(op)?;
             let dt = t.elapsed().as_secs_f64();
             let kind = op.kind();
             match self.profile.iter_mut().find(|r| r.0 == kind) {
@@ -409,7 +424,7 @@ impl Backend for CpuBackend {
                 None => self.profile.push((kind, 1, dt)),
             }
         } else {
-            self.run(op);
+            self.run(op)?;
         }
         Ok(())
     }

@@ -33,6 +33,27 @@ pub enum EngineError {
     Invalid(String),
 }
 
+/// Parses a human size: `512MiB`, `20GiB`, `1.5GB`, `4096` (bytes).
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num.parse().map_err(|_| format!("'{s}' is not a size (e.g. 512MiB, 20GiB)"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "kib" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mib" => 1024.0 * 1024.0,
+        "g" | "gb" => 1e9,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "t" | "tb" => 1e12,
+        "tib" => 1024f64.powi(4),
+        u => return Err(format!("'{s}': unknown unit '{u}' (B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")),
+    };
+    Ok((v * mult) as usize)
+}
+
 /// Which backend runs the model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Device {
@@ -61,11 +82,13 @@ pub struct SessionOptions {
     pub max_context: usize,
     /// Widest prefill chunk (rounded down to a power of two).
     pub prefill_chunk: usize,
+    /// RAM budget for the expert cache of a packed model (bytes; `None` = unbounded).
+    pub host_mem: Option<usize>,
 }
 
 impl Default for SessionOptions {
     fn default() -> Self {
-        SessionOptions { device: Device::Auto, max_context: 0, prefill_chunk: 256 }
+        SessionOptions { device: Device::Auto, max_context: 0, prefill_chunk: 256, host_mem: None }
     }
 }
 
@@ -104,7 +127,8 @@ pub struct Session {
 impl Session {
     pub fn open(dir: &Path, opts: &SessionOptions) -> Result<Self, EngineError> {
         let mut backend = open_backend(opts.device)?;
-        let model = Model::open(dir, backend.pool())?;
+        let load = moeflux_model::LoadOptions { host_mem: opts.host_mem };
+        let model = Model::open_with(dir, backend.pool(), &load)?;
         Self::with_model(backend, model, opts)
     }
 
@@ -125,6 +149,17 @@ impl Session {
         }
         self.pos = pos;
         Ok(())
+    }
+
+    /// Counters of the expert store, for models whose experts are streamed.
+    pub fn expert_stats(&self) -> Option<moeflux_model::packed::StoreStats> {
+        self.model.weights.layers.iter().find_map(|l| match &l.ffn {
+            moeflux_model::arch::Ffn::Moe(m) => match &m.experts {
+                moeflux_model::arch::Experts::Streamed(s) => Some(s.stats()),
+                moeflux_model::arch::Experts::Resident(_) => None,
+            },
+            moeflux_model::arch::Ffn::Dense(_) => None,
+        })
     }
 
     pub fn backend_mut(&mut self) -> &mut dyn Backend {

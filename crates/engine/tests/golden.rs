@@ -33,7 +33,7 @@ pub fn device() -> Device {
 }
 
 fn open(name: &str, chunk: usize) -> Session {
-    let opts = SessionOptions { device: device(), max_context: 256, prefill_chunk: chunk };
+    let opts = SessionOptions { device: device(), max_context: 256, prefill_chunk: chunk, ..SessionOptions::default() };
     Session::open(&fixture(name).join("model"), &opts).unwrap_or_else(|e| panic!("open {name}: {e}"))
 }
 

@@ -23,6 +23,10 @@ impl<'p> Builder<'p> {
         self.pool
     }
 
+    pub fn layer(&self) -> Option<usize> {
+        self.layer
+    }
+
     pub fn set_layer(&mut self, layer: Option<usize>) {
         self.layer = layer;
     }

@@ -24,6 +24,10 @@ pub enum ModelError {
     Shape { name: String, path: PathBuf, expected: Vec<usize>, found: Vec<usize> },
     #[error("tensor '{name}' in {path}: unsupported dtype {dtype} ({what})")]
     DType { name: String, path: PathBuf, dtype: String, what: &'static str },
+    #[error("{path}: expert {expert} of layer {layer} fails its checksum (file corrupted; re-run `moeflux convert`)")]
+    CorruptExpert { path: PathBuf, layer: usize, expert: usize },
+    #[error("{what} of {given} bytes is too small to run this model: the minimum is {minimum} bytes")]
+    Budget { what: String, given: usize, minimum: usize },
     #[error(transparent)]
     Core(#[from] moeflux_core::CoreError),
 }

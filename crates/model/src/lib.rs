@@ -11,6 +11,7 @@ pub mod blocks;
 pub mod builder;
 pub mod config;
 pub mod error;
+pub mod packed;
 pub mod source;
 pub mod synthetic;
 pub mod weights;
@@ -32,6 +33,13 @@ pub struct Model {
     /// The directory the weights came from (`None` for synthetic benchmark models).
     pub dir: Option<std::path::PathBuf>,
     pub weights: ModelWeights,
+}
+
+/// How a model is opened.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// RAM budget (bytes) for the expert cache of a packed model; `None` = unbounded.
+    pub host_mem: Option<usize>,
 }
 
 /// Per-layer recurrent or cached state of one sequence.
@@ -83,12 +91,23 @@ fn mat_params(m: &Matrix) -> (usize, usize) {
 
 impl Model {
     pub fn open(dir: &Path, pool: &mut dyn BufferPool) -> Result<Self, ModelError> {
+        Self::open_with(dir, pool, &LoadOptions::default())
+    }
+
+    /// Opens a model directory; a packed directory (`moeflux convert`) streams its routed
+    /// experts through an [`packed::ExpertStore`] bounded by `opts.host_mem`.
+    pub fn open_with(dir: &Path, pool: &mut dyn BufferPool, opts: &LoadOptions) -> Result<Self, ModelError> {
         let spec = ModelSpec::from_dir(dir)?;
         let source = WeightSource::open(dir)?;
+        let store = if dir.join(packed::MANIFEST).exists() {
+            Some(std::sync::Arc::new(packed::ExpertStore::open(dir, opts.host_mem, spec.moe.top_k)?))
+        } else {
+            None
+        };
         let ld = weights::Loader::new(&source, spec.quant.as_ref(), pool)?;
         let weights = match spec.arch {
-            Arch::Qwen3Next | Arch::Qwen35Moe => arch::qwen3_next::load(&ld, &spec)?,
-            Arch::Qwen3Moe => arch::qwen3_moe::load(&ld, &spec)?,
+            Arch::Qwen3Next | Arch::Qwen35Moe => arch::qwen3_next::load(&ld, &spec, store.as_ref())?,
+            Arch::Qwen3Moe => arch::qwen3_moe::load(&ld, &spec, store.as_ref())?,
         };
         Ok(Model { spec, dir: Some(dir.to_path_buf()), weights })
     }
@@ -221,7 +240,11 @@ impl Model {
             match &l.ffn {
                 Ffn::Moe(m) => {
                     add(&m.router, true, false);
-                    for (i, e) in m.experts.iter().enumerate() {
+                    let experts: Vec<moeflux_core::ExpertWeights> = match &m.experts {
+                        arch::Experts::Resident(e) => e.to_vec(),
+                        arch::Experts::Streamed(s) => vec![moeflux_core::ExpertProvider::layout(s.as_ref()); s.manifest().experts],
+                    };
+                    for (i, e) in experts.iter().enumerate() {
                         // active per token: k experts (count the first k as representative)
                         for mm in [&e.gate, &e.up, &e.down] {
                             add(mm, i < k, true);

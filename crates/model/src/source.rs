@@ -34,6 +34,8 @@ pub struct SafetensorsFile {
 
 pub struct WeightSource {
     pub dir: PathBuf,
+    /// `__metadata__.format` of the files ("mlx" for MLX-saved checkpoints, "pt", ...).
+    pub format: Option<String>,
     pub files: Vec<SafetensorsFile>,
     pub tensors: BTreeMap<String, TensorInfo>,
 }
@@ -64,7 +66,7 @@ impl WeightSource {
         if paths.is_empty() {
             return Err(ModelError::NoWeights { dir: dir.to_path_buf() });
         }
-        let mut src = WeightSource { dir: dir.to_path_buf(), files: Vec::new(), tensors: BTreeMap::new() };
+        let mut src = WeightSource { dir: dir.to_path_buf(), format: None, files: Vec::new(), tensors: BTreeMap::new() };
         for path in paths {
             src.add_file(path)?;
         }
@@ -93,6 +95,9 @@ impl WeightSource {
         let fidx = self.files.len();
         for (name, v) in obj {
             if name == "__metadata__" {
+                if let Some(f) = v.get("format").and_then(|f| f.as_str()) {
+                    self.format.get_or_insert_with(|| f.to_string());
+                }
                 continue;
             }
             let info: safetensors::tensor::TensorInfo =

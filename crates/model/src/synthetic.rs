@@ -8,7 +8,7 @@ use std::sync::Arc;
 use moeflux_core::{BufId, BufferPool, DType, ExpertWeights, Matrix, Region, Vector, Weight, WeightBytes, WeightFormat};
 use serde_json::{Value, json};
 
-use crate::arch::{Ffn, LayerWeights, Mixer, ModelWeights};
+use crate::arch::{Experts, Ffn, LayerWeights, Mixer, ModelWeights};
 use crate::blocks::attn::AttnWeights;
 use crate::blocks::linear_attn::{InProj, LinearWeights};
 use crate::blocks::moe::{Mlp, MoeWeights};
@@ -236,7 +236,7 @@ impl Model {
             let ffn = match ffn {
                 (Some((router, ex, shared)), _) => Ffn::Moe(MoeWeights {
                     router: r.mat(router),
-                    experts: ex.iter().map(|&(g, u, d)| ExpertWeights { gate: r.mat(g), up: r.mat(u), down: r.mat(d) }).collect::<Vec<_>>().into(),
+                    experts: Experts::Resident(ex.iter().map(|&(g, u, d)| ExpertWeights { gate: r.mat(g), up: r.mat(u), down: r.mat(d) }).collect::<Vec<_>>().into()),
                     shared: shared.map(|(g, u, d, sg)| (Mlp { gate: r.mat(g), up: r.mat(u), down: r.mat(d) }, r.mat(sg))),
                 }),
                 (None, Some((g, u, d))) => Ffn::Dense(Mlp { gate: r.mat(g), up: r.mat(u), down: r.mat(d) }),

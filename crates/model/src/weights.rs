@@ -31,6 +31,13 @@ impl<'a> Loader<'a> {
         Region { buf: self.bufs[t.file], offset: t.offset + extra }
     }
 
+    /// The stored bytes of `len` bytes at `r` (for converters reading resolved weights).
+    pub fn bytes(&self, r: Region, len: usize) -> &'a [u8] {
+        let f = self.bufs.iter().position(|b| *b == r.buf).expect("region from this loader");
+        let file = &self.src.files[f];
+        &file.mmap[file.data_start + r.offset..file.data_start + r.offset + len]
+    }
+
     pub fn has(&self, name: &str) -> bool {
         self.src.get(name).is_some()
     }

@@ -240,5 +240,11 @@ pub(crate) fn encode_op(enc: &mut Enc<'_>, op: &Op) -> Result<(), CudaError> {
             let shape = moe::MoeShape { n: *n, k: *k, hidden: *hidden, inter: *inter };
             moe::moe_experts(enc, *x, *idx, *weights, experts, *out, &shape)
         }
+        // Tiered expert streaming into VRAM is not built yet: refuse clearly instead of
+        // reading host pointers on the device.
+        Op::MoeExpertsStreamed { layer, .. } => Err(CudaError::Unsupported {
+            op: "moe_experts_streamed",
+            msg: format!("layer {layer}: streamed (packed) experts are not supported on CUDA yet; run packed models with --device cpu"),
+        }),
     }
 }

@@ -27,6 +27,14 @@ pub enum Ffn {
     Dense(Mlp),
 }
 
+/// Where a layer's routed experts live.
+pub enum Experts {
+    /// Registered with the backend like every other weight.
+    Resident(Arc<[ExpertWeights]>),
+    /// In a packed file behind the tiered store.
+    Streamed(Arc<crate::packed::ExpertStore>),
+}
+
 pub struct LayerWeights {
     pub input_norm: Vector,
     pub post_norm: Vector,
@@ -103,13 +111,17 @@ pub fn mlp(ld: &Loader, m: &str, inter: usize, hidden: usize) -> Result<Mlp, Mod
     })
 }
 
-pub fn moe(ld: &Loader, m: &str, spec: &ModelSpec) -> Result<MoeWeights, ModelError> {
+pub fn moe(ld: &Loader, m: &str, spec: &ModelSpec, store: Option<&Arc<crate::packed::ExpertStore>>) -> Result<MoeWeights, ModelError> {
     let s = &spec.moe;
+    let routed = match store {
+        Some(st) => Experts::Streamed(st.clone()),
+        None => Experts::Resident(experts(ld, m, s, spec.hidden)?),
+    };
     let shared = match s.shared_inter {
         Some(si) => Some((mlp(ld, &format!("{m}.shared_expert"), si, spec.hidden)?, ld.matrix(&format!("{m}.shared_expert_gate"), 1, spec.hidden)?)),
         None => None,
     };
-    Ok(MoeWeights { router: ld.matrix(&format!("{m}.gate"), s.experts, spec.hidden)?, experts: experts(ld, m, s, spec.hidden)?, shared })
+    Ok(MoeWeights { router: ld.matrix(&format!("{m}.gate"), s.experts, spec.hidden)?, experts: routed, shared })
 }
 
 pub fn attention(ld: &Loader, a: &str, spec: &ModelSpec, with_norms: bool) -> Result<AttnWeights, ModelError> {

@@ -6,7 +6,7 @@ use crate::config::{MlpKind, ModelSpec};
 use crate::error::ModelError;
 use crate::weights::Loader;
 
-pub fn load(ld: &Loader, spec: &ModelSpec) -> Result<ModelWeights, ModelError> {
+pub fn load(ld: &Loader, spec: &ModelSpec, store: Option<&std::sync::Arc<crate::packed::ExpertStore>>) -> Result<ModelWeights, ModelError> {
     let p = arch::text_prefix(ld)?;
     let (embed, lm_head, final_norm) = arch::outer(ld, spec, p)?;
     let h = spec.hidden;
@@ -14,7 +14,7 @@ pub fn load(ld: &Loader, spec: &ModelSpec) -> Result<ModelWeights, ModelError> {
     for l in 0..spec.layers.len() {
         let base = format!("{p}layers.{l}");
         let ffn = match spec.mlp[l] {
-            MlpKind::Moe => Ffn::Moe(arch::moe(ld, &format!("{base}.mlp"), spec)?),
+            MlpKind::Moe => Ffn::Moe(arch::moe(ld, &format!("{base}.mlp"), spec, store)?),
             MlpKind::Dense => Ffn::Dense(arch::mlp(ld, &format!("{base}.mlp"), spec.dense_inter, h)?),
         };
         layers.push(LayerWeights {

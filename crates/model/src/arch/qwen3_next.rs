@@ -3,7 +3,7 @@
 //!
 //! Traps handled here: RMS-norm weights are stored as `w - 1` by transformers (the model
 //! multiplies by `1 + w`) but already shifted in MLX conversions (recognised by their
-//! `switch_mlp` experts); Qwen3-Next fuses `in_proj_qkvz` grouped per key head while
+//! safetensors `format: mlx` stamp or their `switch_mlp` experts); Qwen3-Next fuses `in_proj_qkvz` grouped per key head while
 //! Qwen3.5 splits it.
 
 use crate::arch::{self, Ffn, LayerWeights, Mixer, ModelWeights};
@@ -12,10 +12,11 @@ use crate::config::{LayerKind, ModelSpec};
 use crate::error::ModelError;
 use crate::weights::Loader;
 
-pub fn load(ld: &Loader, spec: &ModelSpec) -> Result<ModelWeights, ModelError> {
+pub fn load(ld: &Loader, spec: &ModelSpec, store: Option<&std::sync::Arc<crate::packed::ExpertStore>>) -> Result<ModelWeights, ModelError> {
     let p = arch::text_prefix(ld)?;
     let (embed, lm_head, final_norm) = arch::outer(ld, spec, p)?;
-    let mlx_layout = ld.has(&format!("{p}layers.0.mlp.switch_mlp.gate_proj.weight"));
+    // MLX writers stamp their files; older conversions are recognised by `switch_mlp`.
+    let mlx_layout = ld.src.format.as_deref() == Some("mlx") || ld.has(&format!("{p}layers.0.mlp.switch_mlp.gate_proj.weight"));
     let h = spec.hidden;
     let mut layers = Vec::new();
     for (l, kind) in spec.layers.iter().enumerate() {
@@ -52,7 +53,7 @@ pub fn load(ld: &Loader, spec: &ModelSpec) -> Result<ModelWeights, ModelError> {
             input_norm: ld.vector(&format!("{base}.input_layernorm.weight"), h)?,
             post_norm: ld.vector(&format!("{base}.post_attention_layernorm.weight"), h)?,
             mixer,
-            ffn: Ffn::Moe(arch::moe(ld, &format!("{base}.mlp"), spec)?),
+            ffn: Ffn::Moe(arch::moe(ld, &format!("{base}.mlp"), spec, store)?),
         });
     }
     Ok(ModelWeights { embed, lm_head, final_norm, layers, norm_offset: if mlx_layout { 0.0 } else { 1.0 } })

@@ -1,9 +1,9 @@
 //! Sparse MoE block: softmax router, top-k routed SwiGLU experts, and the optional shared
 //! expert scaled by `sigmoid(shared_expert_gate(x))`. Also the dense SwiGLU MLP.
 
-use std::sync::Arc;
+use moeflux_core::{Act, BufId, Idx, Lifetime, Matrix, Op, PoolExt};
 
-use moeflux_core::{Act, BufId, ExpertWeights, Idx, Lifetime, Matrix, Op, PoolExt};
+use crate::arch::Experts;
 
 use crate::builder::Builder;
 use crate::config::MoeSpec;
@@ -17,7 +17,7 @@ pub struct Mlp {
 
 pub struct MoeWeights {
     pub router: Matrix,
-    pub experts: Arc<[ExpertWeights]>,
+    pub experts: Experts,
     pub shared: Option<(Mlp, Matrix)>,
 }
 
@@ -36,7 +36,13 @@ pub fn emit(b: &mut Builder, x: BufId<Act>, w: &MoeWeights, s: &MoeSpec, hidden:
     let weights = b.act(s.top_k, "route_w")?;
     b.push("router_topk", Op::RouterTopK { logits, idx, weights, n, experts: s.experts, k: s.top_k, renorm: s.renorm });
     let out = b.act(hidden, "moe_out")?;
-    b.push("experts", Op::MoeExperts { x, idx, weights, experts: w.experts.clone(), out, n, k: s.top_k, hidden, inter: s.inter });
+    let op = match &w.experts {
+        Experts::Resident(experts) => Op::MoeExperts { x, idx, weights, experts: experts.clone(), out, n, k: s.top_k, hidden, inter: s.inter },
+        Experts::Streamed(store) => {
+            Op::MoeExpertsStreamed { x, idx, weights, store: store.clone(), layer: b.layer().unwrap_or(0), out, n, k: s.top_k, hidden, inter: s.inter }
+        }
+    };
+    b.push("experts", op);
     if let Some((mlp, gate)) = &w.shared {
         let y = emit_mlp(b, x, mlp, "shared_expert")?;
         let g = b.matmul(x, gate, "shared_expert_gate")?;

@@ -1,0 +1,88 @@
+//! Routed experts fetched through an [`ExpertProvider`] (packed files behind a bounded
+//! cache). Experts are processed in waves no larger than the provider's budget, so the
+//! records held at once never exceed it; within a wave, fetches (disk reads on a miss)
+//! and expert math run in parallel. Results are combined in slot order as in `moe.rs`,
+//! so the output is bit-identical to the resident path whatever the budget.
+
+use moeflux_core::{CoreError, ExpertProvider, Matrix};
+use rayon::prelude::*;
+
+use super::matmul::matmul_serial;
+use super::rms_norm::silu;
+use super::weights::MatView;
+
+fn view<'a>(rec: &'a [u8], m: &Matrix) -> MatView<'a> {
+    MatView {
+        data: &rec[m.data.offset..],
+        scales: m.scales.map_or(&[][..], |s| &rec[s.offset..]),
+        biases: m.biases.map_or(&[][..], |b| &rec[b.offset..]),
+        rows: m.rows,
+        cols: m.cols,
+        format: m.format,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn moe_experts_streamed(
+    x: &[f32],
+    idx: &[u32],
+    weights: &[f32],
+    store: &dyn ExpertProvider,
+    layer: usize,
+    out: &mut [f32],
+    n: usize,
+    k: usize,
+    hidden: usize,
+    inter: usize,
+) -> Result<(), CoreError> {
+    let layout = store.layout();
+    let mut buckets: std::collections::BTreeMap<u32, Vec<usize>> = Default::default();
+    for (pair, &e) in idx[..n * k].iter().enumerate() {
+        buckets.entry(e).or_default().push(pair);
+    }
+    let active: Vec<(u32, Vec<usize>)> = buckets.into_iter().collect();
+    let mut per_pair = vec![0f32; n * k * hidden];
+    for wave in active.chunks(store.max_in_flight().max(1)) {
+        let results: Vec<Result<(&Vec<usize>, Vec<f32>), CoreError>> = wave
+            .par_iter()
+            .map(|(e, pairs)| {
+                let rec = store.fetch(layer, *e as usize)?;
+                let rec: &[u8] = (*rec).as_ref();
+                let (g, u, d) = (view(rec, &layout.gate), view(rec, &layout.up), view(rec, &layout.down));
+                let m = pairs.len();
+                let mut xs = vec![0f32; m * hidden];
+                for (r, &p) in pairs.iter().enumerate() {
+                    let t = p / k;
+                    xs[r * hidden..(r + 1) * hidden].copy_from_slice(&x[t * hidden..(t + 1) * hidden]);
+                }
+                let mut scratch = Vec::new();
+                let (mut gate, mut up) = (vec![0f32; m * inter], vec![0f32; m * inter]);
+                matmul_serial(&xs, m, &g, &mut gate, &mut scratch);
+                matmul_serial(&xs, m, &u, &mut up, &mut scratch);
+                for (gv, uv) in gate.iter_mut().zip(&up) {
+                    *gv = silu(*gv) * uv;
+                }
+                let mut y = vec![0f32; m * hidden];
+                matmul_serial(&gate, m, &d, &mut y, &mut scratch);
+                Ok((pairs, y))
+            })
+            .collect();
+        for r in results {
+            let (pairs, y) = r?;
+            for (row, &p) in pairs.iter().enumerate() {
+                per_pair[p * hidden..(p + 1) * hidden].copy_from_slice(&y[row * hidden..(row + 1) * hidden]);
+            }
+        }
+    }
+    out[..n * hidden].fill(0.0);
+    for t in 0..n {
+        let o = &mut out[t * hidden..(t + 1) * hidden];
+        for j in 0..k {
+            let w = weights[t * k + j];
+            for (a, b) in o.iter_mut().zip(&per_pair[(t * k + j) * hidden..(t * k + j + 1) * hidden]) {
+                *a += w * b;
+            }
+        }
+    }
+    Ok(())
+}
