@@ -170,3 +170,20 @@ fn logits_and_info_work_without_tokenizer() {
     assert!(ok, "{err}");
     assert!(info.contains("qwen3_next") && info.contains("LALA"), "{info}");
 }
+
+#[test]
+fn cuda_without_a_gpu_is_a_clear_error() {
+    if moeflux_cuda_present() {
+        eprintln!("skipping: a CUDA device is present");
+        return;
+    }
+    let out = tempfile::tempdir().unwrap();
+    let f = out.path().join("l.npy");
+    let (ok, _, err) = run(&["logits", "--model", fixture_model("qwen3_moe_f32").to_str().unwrap(), "--tokens", "1", "--out", f.to_str().unwrap(), "--device", "cuda"]);
+    assert!(!ok && !err.contains("panicked"), "{err}");
+    assert!(err.contains("device 'cuda' is not available"), "{err}");
+}
+
+fn moeflux_cuda_present() -> bool {
+    Path::new("/dev/nvidia0").exists()
+}

@@ -92,10 +92,15 @@ impl Default for SessionOptions {
     }
 }
 
+/// Opens the backend for `device`; `Auto` takes CUDA when a device and NVRTC are usable.
 pub fn open_backend(device: Device) -> Result<Box<dyn Backend>, EngineError> {
     match device {
-        Device::Cpu | Device::Auto => Ok(Box::new(moeflux_cpu::CpuBackend::new())),
-        Device::Cuda => Err(EngineError::Device("cuda".into(), "this build has no CUDA backend yet; use --device cpu".into())),
+        Device::Cpu => Ok(Box::new(moeflux_cpu::CpuBackend::new())),
+        Device::Cuda => Ok(Box::new(moeflux_cuda::CudaBackend::new(0).map_err(|e| EngineError::Device("cuda".into(), e.to_string()))?)),
+        Device::Auto => match moeflux_cuda::available() {
+            true => open_backend(Device::Cuda),
+            false => Ok(Box::new(moeflux_cpu::CpuBackend::new())),
+        },
     }
 }
 
