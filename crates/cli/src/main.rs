@@ -301,10 +301,12 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     {
         let tokens = (stats.prompt_tokens + stats.generated).max(1) as f64;
         eprintln!(
-            "experts: {} hits, {} misses ({:.1}% hit rate), {:.2} MB read from disk per token",
+            "experts: {} hits, {} misses ({:.1}% hit rate), {} read ahead ({:.1}% used), {:.2} MB read from disk per token",
             st.hits,
             st.misses,
             100.0 * st.hits as f64 / (st.hits + st.misses).max(1) as f64,
+            st.prefetched,
+            100.0 * st.prefetch_accuracy(),
             st.bytes_read as f64 / tokens / 1e6
         );
     }

@@ -72,6 +72,9 @@ pub trait ExpertProvider: Send + Sync + std::fmt::Debug {
     fn max_in_flight(&self) -> usize;
     /// The record of `expert` in `layer`, from cache or storage.
     fn fetch(&self, layer: usize, expert: usize) -> Result<Arc<dyn AsRef<[u8]> + Send + Sync>, crate::CoreError>;
+    /// Called once a layer's experts for the current step are known: lets the provider
+    /// record the set and start fetching what the next layer is likely to need.
+    fn layer_routed(&self, _layer: usize, _experts: &[usize]) {}
 }
 
 /// One destination of [`Op::ScatterCols`].

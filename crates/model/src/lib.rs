@@ -100,7 +100,7 @@ impl Model {
         let spec = ModelSpec::from_dir(dir)?;
         let source = WeightSource::open(dir)?;
         let store = if dir.join(packed::MANIFEST).exists() {
-            Some(std::sync::Arc::new(packed::ExpertStore::open(dir, opts.host_mem, spec.moe.top_k)?))
+            Some(packed::ExpertStore::open(dir, opts.host_mem, spec.moe.top_k)?)
         } else {
             None
         };

@@ -409,21 +409,52 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, ModelError> {
 /// Counters of an [`ExpertStore`].
 #[derive(Clone, Debug, Default)]
 pub struct StoreStats {
+    /// Fetches served from RAM.
     pub hits: u64,
+    /// Fetches that had to wait for a disk read.
     pub misses: u64,
+    /// Bytes read from disk (misses and prefetches).
     pub bytes_read: u64,
+    /// Records read ahead of need.
+    pub prefetched: u64,
+    /// Prefetched records that were used before being evicted.
+    pub prefetch_used: u64,
+}
+
+impl StoreStats {
+    /// Share of prefetched records that were used.
+    pub fn prefetch_accuracy(&self) -> f64 {
+        self.prefetch_used as f64 / self.prefetched.max(1) as f64
+    }
 }
 
 struct Cached {
     data: Arc<Vec<u8>>,
     last_use: u64,
     uses: u32,
+    /// Read ahead and not used yet.
+    prefetched: bool,
 }
 
 struct Cache {
     map: HashMap<(usize, usize), Cached>,
     clock: u64,
     stats: StoreStats,
+    /// Experts each layer used on its latest step: the prediction for its next step.
+    last_set: HashMap<usize, Vec<usize>>,
+}
+
+impl Cache {
+    /// Inserts a record, evicting by frequency-aware LRU while over `capacity`.
+    fn insert(&mut self, key: (usize, usize), data: Arc<Vec<u8>>, capacity: usize, prefetched: bool) {
+        let bonus = capacity as u64;
+        while self.map.len() >= capacity {
+            let victim = self.map.iter().min_by_key(|(k, v)| (v.last_use + bonus * v.uses.min(8) as u64, **k)).map(|(k, _)| *k).expect("non-empty");
+            self.map.remove(&victim);
+        }
+        let now = self.clock;
+        self.map.insert(key, Cached { data, last_use: now, uses: 0, prefetched });
+    }
 }
 
 /// Expert records of a packed model behind a bounded host-RAM cache (the CPU tier).
@@ -435,6 +466,12 @@ pub struct ExpertStore {
     files: HashMap<usize, (PathBuf, File)>,
     capacity: usize,
     cache: Mutex<Cache>,
+    /// Work queue of the read-ahead thread (started on first use).
+    prefetch_tx: Mutex<Option<std::sync::mpsc::Sender<(usize, Vec<usize>)>>>,
+    /// Layers in model order, to find "the next layer".
+    layer_order: Vec<usize>,
+    /// Handed to the read-ahead thread (which must not keep the store alive).
+    self_ref: std::sync::Weak<ExpertStore>,
 }
 
 impl std::fmt::Debug for ExpertStore {
@@ -446,7 +483,7 @@ impl std::fmt::Debug for ExpertStore {
 impl ExpertStore {
     /// Opens the store with a RAM budget in bytes (`None`: everything may be cached).
     /// A budget below `min_records` records is refused, naming the minimum.
-    pub fn open(dir: &Path, budget: Option<usize>, min_records: usize) -> Result<Self, ModelError> {
+    pub fn open(dir: &Path, budget: Option<usize>, min_records: usize) -> Result<Arc<Self>, ModelError> {
         let manifest = read_manifest(dir)?;
         let mut files = HashMap::new();
         for l in &manifest.layers {
@@ -469,7 +506,35 @@ impl ExpertStore {
                 c.min(total)
             }
         };
-        Ok(ExpertStore { dir: dir.to_path_buf(), manifest, files, capacity, cache: Mutex::new(Cache { map: HashMap::new(), clock: 0, stats: StoreStats::default() }) })
+        let layer_order = manifest.layers.iter().map(|l| l.layer).collect();
+        Ok(Arc::new_cyclic(|me| ExpertStore {
+            dir: dir.to_path_buf(),
+            manifest,
+            files,
+            capacity,
+            cache: Mutex::new(Cache { map: HashMap::new(), clock: 0, stats: StoreStats::default(), last_set: HashMap::new() }),
+            prefetch_tx: Mutex::new(None),
+            layer_order,
+            self_ref: me.clone(),
+        }))
+    }
+
+    /// Reads `experts` of `layer` into the cache unless present. Runs on the read-ahead
+    /// thread; errors are left for the real fetch to report.
+    fn prefetch_now(&self, layer: usize, experts: &[usize]) {
+        for &e in experts {
+            if self.cache.lock().expect("store lock").map.contains_key(&(layer, e)) {
+                continue;
+            }
+            let Ok(data) = self.load(layer, e) else { return };
+            let mut c = self.cache.lock().expect("store lock");
+            if c.map.contains_key(&(layer, e)) {
+                continue;
+            }
+            c.stats.prefetched += 1;
+            c.stats.bytes_read += data.len() as u64;
+            c.insert((layer, e), Arc::new(data), self.capacity, true);
+        }
     }
 
     pub fn stats(&self) -> StoreStats {
@@ -531,8 +596,10 @@ impl ExpertProvider for ExpertStore {
             if let Some(e) = c.map.get_mut(&key) {
                 e.last_use = now;
                 e.uses = e.uses.saturating_add(1);
+                let was_prefetched = std::mem::take(&mut e.prefetched);
                 let data = e.data.clone();
                 c.stats.hits += 1;
+                c.stats.prefetch_used += was_prefetched as u64;
                 return Ok(data);
             }
         }
@@ -540,14 +607,44 @@ impl ExpertProvider for ExpertStore {
         let mut c = self.cache.lock().expect("store lock");
         c.stats.misses += 1;
         c.stats.bytes_read += data.len() as u64;
-        let bonus = self.capacity as u64;
-        while c.map.len() >= self.capacity {
-            let victim = c.map.iter().min_by_key(|(k, v)| (v.last_use + bonus * v.uses.min(8) as u64, **k)).map(|(k, _)| *k).expect("non-empty");
-            c.map.remove(&victim);
-        }
-        let now = c.clock;
-        c.map.insert(key, Cached { data: data.clone(), last_use: now, uses: 0 });
+        c.insert(key, data.clone(), self.capacity, false);
         Ok(data)
+    }
+
+    /// Records the layer's set and reads ahead the set the *next* layer used on its last
+    /// step (routing is temporally local: consecutive tokens reuse most experts), so the
+    /// disk reads overlap this layer's remaining work and the next layer's attention.
+    fn layer_routed(&self, layer: usize, experts: &[usize]) {
+        let next = {
+            let mut c = self.cache.lock().expect("store lock");
+            c.last_set.insert(layer, experts.to_vec());
+            let pos = self.layer_order.iter().position(|l| *l == layer).unwrap_or(0);
+            let next_layer = self.layer_order[(pos + 1) % self.layer_order.len()];
+            c.last_set.get(&next_layer).map(|s| (next_layer, s.clone()))
+        };
+        // Read-ahead only helps when the cache cannot hold every layer's set anyway.
+        let Some((next_layer, set)) = next else { return };
+        if self.capacity >= self.manifest.experts * self.layer_order.len() {
+            return;
+        }
+        let mut tx = self.prefetch_tx.lock().expect("prefetch lock");
+        if tx.is_none() {
+            let (send, recv) = std::sync::mpsc::channel::<(usize, Vec<usize>)>();
+            let weak = self.self_ref.clone();
+            std::thread::Builder::new()
+                .name("moeflux-prefetch".into())
+                .spawn(move || {
+                    while let Ok((l, set)) = recv.recv() {
+                        let Some(store) = weak.upgrade() else { break };
+                        store.prefetch_now(l, &set);
+                    }
+                })
+                .ok();
+            *tx = Some(send);
+        }
+        if let Some(tx) = tx.as_ref() {
+            let _ = tx.send((next_layer, set));
+        }
     }
 }
 
@@ -584,5 +681,67 @@ impl moeflux_core::BufferPool for RegionPool {
     fn reset_transient(&mut self) {}
     fn allocated_bytes(&self) -> usize {
         0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantize_roundtrip_error_is_within_half_a_step() {
+        let (rows, cols) = (3, 128);
+        let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1.0 + (i / cols) as f32)).collect();
+        for bits in [4u8, 8] {
+            let (d, s, b) = quantize(&w, rows, cols, bits, 64);
+            assert_eq!(d.len(), rows * cols * bits as usize / 8);
+            for r in 0..rows {
+                for c in 0..cols {
+                    let g = r * 2 + c / 64;
+                    let scale = bf16::from_bits(u16::from_le_bytes([s[2 * g], s[2 * g + 1]])).to_f32();
+                    let bias = bf16::from_bits(u16::from_le_bytes([b[2 * g], b[2 * g + 1]])).to_f32();
+                    let i = r * cols + c;
+                    let q = if bits == 4 { (d[i / 2] >> (4 * (i % 2))) & 15 } else { d[i] };
+                    let err = (scale * q as f32 + bias - w[i]).abs();
+                    assert!(err <= scale * 0.5 + 1e-3 * scale.max(1e-3), "bits {bits} at ({r},{c}): err {err} step {scale}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn read_ahead_fetches_the_next_layers_previous_set() {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/qwen3_next_mlx4/model");
+        let tmp = tempfile::tempdir().unwrap();
+        let dst = tmp.path().join("p");
+        convert(&fixture, &dst, 4, &mut |_, _, _| {}).unwrap();
+        // room for 3 records: far less than 4 layers x 8 experts
+        let rec = read_manifest(&dst).unwrap().record_bytes;
+        let store = ExpertStore::open(&dst, Some(3 * rec), 2).unwrap();
+        let step = |sets: [[usize; 2]; 4]| {
+            for (l, set) in sets.iter().enumerate() {
+                for &e in set {
+                    store.fetch(l, e).unwrap();
+                }
+                store.layer_routed(l, set);
+            }
+        };
+        step([[0, 1], [2, 3], [4, 5], [6, 7]]);
+        // same routing next token: each layer's set was read ahead while the previous
+        // layer ran
+        step([[0, 1], [2, 3], [4, 5], [6, 7]]);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let st = loop {
+            let st = store.stats();
+            if st.prefetched > 0 || std::time::Instant::now() > deadline {
+                break st;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        assert!(st.prefetched > 0, "{st:?}");
+        assert!(st.hits + st.misses == 16, "{st:?}");
+        assert!(st.prefetch_accuracy() <= 1.0);
+        // budget is respected: never more records than capacity in the cache
+        assert!(store.cache.lock().unwrap().map.len() <= 3);
     }
 }

@@ -41,6 +41,7 @@ pub fn moe_experts_streamed(
         buckets.entry(e).or_default().push(pair);
     }
     let active: Vec<(u32, Vec<usize>)> = buckets.into_iter().collect();
+    store.layer_routed(layer, &active.iter().map(|(e, _)| *e as usize).collect::<Vec<_>>());
     let mut per_pair = vec![0f32; n * k * hidden];
     for wave in active.chunks(store.max_in_flight().max(1)) {
         let results: Vec<Result<(&Vec<usize>, Vec<f32>), CoreError>> = wave
