@@ -40,10 +40,22 @@ __device__ __forceinline__ float f16_to_f32(u16 h) {
     return f;
 }
 
-// Element i of a stored float array of dtype `dt`.
+// Element i of a stored float array of dtype `dt`. Stored tensors need not be aligned to
+// their element size (safetensors packs them back to back), so a misaligned array is read
+// byte by byte.
 __device__ __forceinline__ float load_float(const void* p, int dt, u64 i) {
-    if (dt == DT_F32) return ((const float*)p)[i];
-    u16 h = ((const u16*)p)[i];
+    if (dt == DT_F32) {
+        if (((u64)p & 3) == 0) return ((const float*)p)[i];
+        const u8* b = (const u8*)p + 4 * i;
+        return __uint_as_float((u32)b[0] | ((u32)b[1] << 8) | ((u32)b[2] << 16) | ((u32)b[3] << 24));
+    }
+    u16 h;
+    if (((u64)p & 1) == 0) {
+        h = ((const u16*)p)[i];
+    } else {
+        const u8* b = (const u8*)p + 2 * i;
+        h = (u16)((u32)b[0] | ((u32)b[1] << 8));
+    }
     return dt == DT_BF16 ? bf16_to_f32(h) : f16_to_f32(h);
 }
 

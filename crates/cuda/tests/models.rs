@@ -13,8 +13,13 @@ use moeflux_cpu::CpuBackend;
 use moeflux_cuda::CudaBackend;
 use moeflux_model::{LogitsRows, Model, SeqState, StepGraph};
 
+/// `$MOEFLUX_FIXTURES` (set by `scripts/gpu_check.sh --remote`, where the source tree sits at
+/// another path than at build time), else the repository's `tests/fixtures`.
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
+    let dir = std::env::var_os("MOEFLUX_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"));
+    dir.join(name)
 }
 
 /// `.npy` float32 reader (shape, data), enough for the fixtures' logits.

@@ -268,7 +268,8 @@ fn gen_matrix(rng: &mut Rng, buf: &mut Vec<u8>, f: WFmt, rows: usize, cols: usiz
             let qmax = ((1u32 << bits) - 1) as f32;
             let sc: Vec<f32> = (0..ng).map(|_| (0.5 + 0.5 * rng.unit().abs()) * 2.0 * scale / qmax).collect();
             let bi: Vec<f32> = (0..ng).map(|_| -scale + 0.2 * scale * rng.unit()).collect();
-            let s = place(buf, &store_floats(&sc, sdt), if skew > 0 { 2 } else { 0 });
+            // skewed scales sit off their element alignment (read byte-wise by the kernels)
+            let s = place(buf, &store_floats(&sc, sdt), if skew > 0 { if sdt == DType::F32 { 2 } else { 1 } } else { 0 });
             let b = place(buf, &store_floats(&bi, sdt), 0);
             (WeightFormat::Affine { bits, group_size: group, scale_dtype: sdt }, d, Some(s), Some(b))
         }

@@ -1,0 +1,208 @@
+#!/usr/bin/env bash
+# scripts/gpu_check.sh: check the CUDA backend on the GPU machine (which has no Rust toolchain).
+#
+#   scripts/gpu_check.sh            here: build the release test binaries (CUDA parity, CUDA model
+#                                   tests, engine golden tests) and the moeflux binary, copy them
+#                                   into gpu-carry/ (git-ignored), print the `run` command to use.
+#   scripts/gpu_check.sh --remote   on the GPU machine: run the parity tests (one process per
+#                                   test, so a device fault cannot hide the other results), the
+#                                   model tests, the engine golden tests with
+#                                   MOEFLUX_TEST_DEVICE=cuda, compute-sanitizer memcheck on the
+#                                   parity binary (and racecheck on the shared-memory-heavy
+#                                   cases), and write $OUT/summary.md plus one log per check.
+#
+# Environment (local mode): CARGO_TARGET_DIR (default <repo>/target), JOBS (cargo -j, default
+# cargo's own), SKIP_BIN=1 to skip building the moeflux binary. Remote: BUDGET (seconds for all
+# checks, default 270).
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CARRY="$ROOT/gpu-carry"
+
+# ----------------------------------------------------------------------------- local (build)
+if [ "${1:-}" != "--remote" ]; then
+    set -e
+    cd "$ROOT"
+    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+    JOBS_ARG=()
+    if [ -n "${JOBS:-}" ]; then JOBS_ARG=(-j "$JOBS"); fi
+
+    # Prints "<test target name> <executable>" for each test binary cargo builds.
+    executables() {
+        python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m.get("profile", {}).get("test"):
+        print(m["target"]["name"], m["executable"])
+'
+    }
+
+    rm -rf "$CARRY"
+    mkdir -p "$CARRY/bin"
+    echo "== building test binaries (release) in $CARGO_TARGET_DIR"
+    {
+        cargo test --release "${JOBS_ARG[@]}" -p moeflux-cuda --test parity --test models --no-run --message-format=json
+        cargo test --release "${JOBS_ARG[@]}" -p moeflux-engine --test golden --no-run --message-format=json
+    } | executables | while read -r name exe; do
+        cp "$exe" "$CARRY/bin/$name"
+        echo "   $name <- $exe"
+    done
+    for t in parity models golden; do
+        [ -x "$CARRY/bin/$t" ] || { echo "missing test binary: $t" >&2; exit 1; }
+    done
+    echo "== building the kernel benchmark"
+    cargo build --release "${JOBS_ARG[@]}" -p moeflux-cuda --example kernel_bench
+    cp "$CARGO_TARGET_DIR/release/examples/kernel_bench" "$CARRY/bin/kernel_bench"
+    if [ "${SKIP_BIN:-0}" != "1" ] && grep -q 'name = "moeflux"' crates/cli/Cargo.toml 2>/dev/null; then
+        echo "== building the moeflux binary"
+        cargo build --release "${JOBS_ARG[@]}" -p moeflux-cli
+        cp "$CARGO_TARGET_DIR/release/moeflux" "$CARRY/bin/moeflux"
+    fi
+    # Host debug info is not needed there (kernels carry -lineinfo); keeps the carry small.
+    if command -v strip >/dev/null; then strip --strip-debug "$CARRY"/bin/* || true; fi
+    # Tests locate fixtures through paths fixed at build time; the remote side re-creates it.
+    echo "$ROOT" >"$CARRY/build_root"
+    git -C "$ROOT" rev-parse --short HEAD >"$CARRY/commit" 2>/dev/null || echo unknown >"$CARRY/commit"
+    du -sh "$CARRY"
+    cat <<EOF
+
+gpu-carry/ is ready. Run on the GPU machine with the device tool:
+  run(command="bash scripts/gpu_check.sh --remote", carry=["gpu-carry"], timeout_s=300)
+Results come back under \$OUT: summary.md and logs/*.log.
+EOF
+    exit 0
+fi
+
+# ----------------------------------------------------------------------------- remote (run)
+cd "$ROOT"
+OUT="${OUT:-$ROOT/gpu-out}"
+LOGS="$OUT/logs"
+mkdir -p "$LOGS"
+BIN="$CARRY/bin"
+SUMMARY="$OUT/summary.md"
+export MOEFLUX_FIXTURES="$ROOT/tests/fixtures"
+export MOEFLUX_KERNEL_CACHE="${MOEFLUX_KERNEL_CACHE:-/tmp/moeflux-kernel-cache}"
+export RUST_BACKTRACE=1
+
+# The engine's golden test finds fixtures under the source path it was built in.
+BUILD_ROOT="$(cat "$CARRY/build_root" 2>/dev/null || echo "")"
+if [ -n "$BUILD_ROOT" ] && [ "$BUILD_ROOT" != "$ROOT" ] && [ ! -e "$BUILD_ROOT" ]; then
+    mkdir -p "$(dirname "$BUILD_ROOT")" && ln -s "$ROOT" "$BUILD_ROOT" || echo "warning: could not link $BUILD_ROOT" >&2
+fi
+
+ROWS=()
+row() { ROWS+=("| $1 | $2 | $3 | $4 |"); }
+now() { date +%s.%N; }
+# Everything must fit one device call: checks get at most what is left of BUDGET seconds.
+START=$(date +%s)
+BUDGET="${BUDGET:-270}"
+left() { # min(wanted, remaining budget)
+    local rem=$((START + BUDGET - $(date +%s)))
+    if [ "$1" -lt "$rem" ]; then echo "$1"; else echo "$rem"; fi
+}
+secs() { python3 -c "print(f'{$2 - $1:.1f}')" 2>/dev/null || echo "?"; }
+
+{
+    echo "# moeflux GPU check"
+    echo
+    echo "- commit: $(cat "$CARRY/commit" 2>/dev/null || echo unknown)"
+    echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "- device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)"
+    echo
+} >"$SUMMARY"
+
+# 1. parity: one process per test
+PASS=0
+FAIL=0
+SKIP=0
+FAILED=()
+T0=$(now)
+mapfile -t TESTS < <("$BIN/parity" --list --format terse 2>/dev/null | sed -n 's/: test$//p')
+for t in "${TESTS[@]}"; do
+    log="$LOGS/parity.$t.log"
+    s=$(now)
+    to=$(left 120)
+    if [ "$to" -lt 5 ]; then
+        row "parity: $t" "not run" "" "time budget spent"
+        continue
+    fi
+    timeout "$to" "$BIN/parity" --exact "$t" --nocapture --test-threads=1 >"$log" 2>&1
+    rc=$?
+    dt=$(secs "$s" "$(now)")
+    if grep -q "skipping: no CUDA device" "$log"; then
+        SKIP=$((SKIP + 1))
+        row "parity: $t" "SKIP" "$dt" "$(grep -m1 'skipping' "$log")"
+    elif [ $rc -eq 0 ]; then
+        PASS=$((PASS + 1))
+        worst=$(grep -o 'rel err [0-9.e+-]*' "$log" | awk '{print $3}' | sort -g | tail -1)
+        row "parity: $t" "pass" "$dt" "worst rel err ${worst:-exact}"
+    else
+        FAIL=$((FAIL + 1))
+        FAILED+=("$t")
+        why=$(grep -m1 -E "rel err .* > |panicked|error|unwritten|element" "$log" | tr '|' '/' | cut -c1-160)
+        row "parity: $t" "**FAIL** (rc $rc)" "$dt" "$why"
+    fi
+done
+PARITY_DT=$(secs "$T0" "$(now)")
+
+# 2. CUDA model tests (whole fixtures vs CPU and references)
+run_check() { # name, timeout, log, command...
+    local name=$1 to log=$3
+    to=$(left "$2")
+    shift 3
+    if [ "$to" -lt 5 ]; then
+        row "$name" "not run" "" "time budget spent"
+        return
+    fi
+    local s rc dt
+    s=$(now)
+    timeout "$to" "$@" >"$log" 2>&1
+    rc=$?
+    dt=$(secs "$s" "$(now)")
+    local res="pass"
+    [ $rc -eq 0 ] || res="**FAIL** (rc $rc)"
+    [ $rc -eq 124 ] && res="**TIMEOUT**"
+    local notes
+    notes=$(grep -E "test result|rel err|ERROR SUMMARY|FAILED|panicked" "$log" | tail -4 | tr '\n|' '; ' | cut -c1-220)
+    row "$name" "$res" "$dt" "$notes"
+}
+run_check "models (CUDA vs CPU vs references)" 150 "$LOGS/models.log" "$BIN/models" --nocapture --test-threads=1
+MOEFLUX_TEST_DEVICE=cuda run_check "engine golden, MOEFLUX_TEST_DEVICE=cuda" 150 "$LOGS/golden_cuda.log" "$BIN/golden" --nocapture --test-threads=1
+
+# 3. kernel throughput (ratios to the bandwidth floor; details in the bench section below)
+if [ -x "$BIN/kernel_bench" ]; then
+    run_check "kernel_bench" 60 "$LOGS/kernel_bench.log" "$BIN/kernel_bench"
+fi
+
+# 4. compute-sanitizer (gets what is left of the budget)
+if command -v compute-sanitizer >/dev/null; then
+    run_check "memcheck: parity (all tests)" 240 "$LOGS/memcheck.log" \
+        compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 "$BIN/parity" --test-threads=1
+    for t in gated_delta moe_block_chain attention; do
+        run_check "racecheck: parity $t" 90 "$LOGS/racecheck.$t.log" \
+            compute-sanitizer --tool racecheck --error-exitcode 99 --print-limit 20 "$BIN/parity" "$t" --test-threads=1
+    done
+else
+    row "compute-sanitizer" "not found" "" ""
+fi
+
+{
+    echo "Parity: $PASS passed, $FAIL failed, $SKIP skipped (${PARITY_DT}s)${FAILED:+; failed: ${FAILED[*]}}"
+    echo
+    echo "| check | result | seconds | notes |"
+    echo "| --- | --- | --- | --- |"
+    printf '%s\n' "${ROWS[@]}"
+    echo
+    echo "Logs: logs/*.log"
+    if [ -s "$LOGS/kernel_bench.log" ]; then
+        echo
+        echo "## kernel_bench"
+        echo
+        grep -E '^\||device:|prefill|kernel modules' "$LOGS/kernel_bench.log"
+    fi
+} >>"$SUMMARY"
+cat "$SUMMARY"
