@@ -74,3 +74,36 @@ fn bench_rejects_unknown_preset() {
     let (ok, _, err) = moeflux(&["bench", "--preset", "gpt-5"]);
     assert!(!ok && err.contains("unknown preset 'gpt-5'") && err.contains("qwen3-30b-a3b"), "{err}");
 }
+
+#[test]
+fn bundled_model_adds_numbers() {
+    // Without --model: the bundled model, as in the README's first command.
+    for (prompt, answer) in [("12+34=", "46"), ("4821+377=", "5198"), ("999+1=", "1000"), ("8888+2222=", "11110")] {
+        let (ok, out, err) = moeflux(&["generate", "--chat", "--prompt", prompt, "--device", "cpu"]);
+        assert!(ok, "{err}");
+        assert_eq!(out.trim(), answer, "{prompt}");
+        assert!(err.contains("tok/s") && err.contains("(Stop)"), "{err}");
+    }
+}
+
+#[test]
+fn bundled_model_matches_transformers_token_for_token() {
+    // Reference from tools/bundled (HF transformers 5.24, greedy): the chat-rendered prompt
+    // of "12+34=" and its continuation "46<|im_end|>".
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/bundled");
+    let text = moeflux_text::TextCodec::from_dir(&dir).unwrap();
+    let prompt = text.render_chat(&[moeflux_text::ChatMessage::new("user", "12+34=")], true).unwrap();
+    let ids = text.encode(&prompt, false).unwrap();
+    assert_eq!(ids, vec![1, 91, 89, 75, 88, 4, 23, 24, 17, 25, 26, 35, 2, 4, 1, 71, 89, 89, 79, 89, 90, 71, 84, 90, 4]);
+    let mut s = moeflux_engine::Session::open(&dir, &moeflux_engine::SessionOptions { device: moeflux_engine::Device::Cpu, ..Default::default() }).unwrap();
+    let mut logits = s.prefill(&ids, moeflux_model::LogitsRows::Last).unwrap();
+    // HF top logit at step 0: id 26 with 9.8868
+    assert!((logits[26] - 9.8868).abs() < 1e-3, "{}", logits[26]);
+    let mut out = Vec::new();
+    for _ in 0..3 {
+        let t = logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, v)| if *v > b.1 { (i, *v) } else { b }).0 as u32;
+        out.push(t);
+        logits = s.decode(t).unwrap();
+    }
+    assert_eq!(out, vec![26, 28, 2]);
+}
