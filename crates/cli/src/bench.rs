@@ -38,6 +38,13 @@ pub struct BenchArgs {
     /// Print a per-op time profile of the decode steps.
     #[arg(long)]
     profile: bool,
+    /// Run from a packed directory on disk (written here once if missing) with the routed
+    /// experts behind the tiered store instead of all in memory.
+    #[arg(long)]
+    store: Option<std::path::PathBuf>,
+    /// RAM budget of the expert cache with --store (e.g. 2GiB).
+    #[arg(long, value_parser = moeflux_engine::parse_size)]
+    host_mem: Option<usize>,
 }
 
 fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
@@ -60,7 +67,19 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let bw = backend.measure_bandwidth().context("measuring bandwidth")?;
     eprintln!("[{name}] building {} with random 4-bit weights{} ...", a.preset, a.layers.map(|l| format!(" ({l} layers)")).unwrap_or_default());
     let t = Instant::now();
-    let model = Model::synthetic(&cfg, a.layers, backend.pool(), 0x5eed).context("building the synthetic model")?;
+    let model = match &a.store {
+        None => Model::synthetic(&cfg, a.layers, backend.pool(), 0x5eed).context("building the synthetic model")?,
+        Some(dir) => {
+            if !dir.join(moeflux_model::packed::MANIFEST).exists() {
+                let src = dir.with_extension("src-tmp");
+                moeflux_model::synthetic::write_checkpoint(&cfg, a.layers, 0x5eed, &src)?;
+                moeflux_model::packed::convert(&src, dir, 4, &mut |_, _, _| {})?;
+                std::fs::remove_dir_all(&src).with_context(|| format!("removing {}", src.display()))?;
+            }
+            let load = moeflux_model::LoadOptions { host_mem: a.host_mem };
+            Model::open_with(dir, backend.pool(), &load).with_context(|| format!("opening {}", dir.display()))?
+        }
+    };
     let st = model.stats();
     let spec = model.spec.clone();
     eprintln!("[{name}] built in {:.1}s: {:.2} GB of weights, {:.1} MB read per token", t.elapsed().as_secs_f64(), st.bytes_total as f64 / 1e9, st.bytes_active as f64 / 1e6);
@@ -96,6 +115,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         s.seek(c)?;
         let mut tok = tokens(1, vocab, 11)[0];
         s.decode(tok)?; // warm-up: builds the decode graph
+        let before = s.expert_stats();
         let t = Instant::now();
         for _ in 0..a.gen_tokens {
             let logits = s.decode(tok)?;
@@ -109,7 +129,23 @@ pub fn run(a: BenchArgs) -> Result<()> {
             bytes as f64 / 1e6,
             100.0 * tps / floor
         );
-        rows.push(serde_json::json!({"kind": "decode", "context": c, "tok_per_s": tps, "bytes_per_token": bytes, "floor_tok_per_s": floor, "fraction_of_floor": tps / floor}));
+        let mut row = serde_json::json!({"kind": "decode", "context": c, "tok_per_s": tps, "bytes_per_token": bytes, "floor_tok_per_s": floor, "fraction_of_floor": tps / floor});
+        if let (Some(b), Some(e)) = (before, s.expert_stats()) {
+            let n = a.gen_tokens as f64;
+            let (hits, misses) = (e.hits - b.hits, e.misses - b.misses);
+            let disk = (e.bytes_read - b.bytes_read) as f64 / n;
+            println!(
+                "         experts: {:.1}% RAM hits, {:.1} MB/token read from disk, read-ahead {} ({:.0}% used)",
+                100.0 * hits as f64 / (hits + misses).max(1) as f64,
+                disk / 1e6,
+                e.prefetched - b.prefetched,
+                100.0 * (e.prefetch_used - b.prefetch_used) as f64 / (e.prefetched - b.prefetched).max(1) as f64
+            );
+            row["expert_hits"] = hits.into();
+            row["expert_misses"] = misses.into();
+            row["disk_bytes_per_token"] = disk.into();
+        }
+        rows.push(row);
     }
     if a.profile {
         let mut prof = s.profile().rows;

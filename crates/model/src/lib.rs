@@ -104,12 +104,19 @@ impl Model {
         } else {
             None
         };
-        let ld = weights::Loader::new(&source, spec.quant.as_ref(), pool)?;
+        let mut m = Self::from_source(spec, &source, pool, store)?;
+        m.dir = Some(dir.to_path_buf());
+        Ok(m)
+    }
+
+    /// Resolves a model from already-parsed weights (files or in-memory buffers).
+    pub fn from_source(spec: ModelSpec, source: &WeightSource, pool: &mut dyn BufferPool, store: Option<std::sync::Arc<packed::ExpertStore>>) -> Result<Self, ModelError> {
+        let ld = weights::Loader::new(source, spec.quant.as_ref(), pool)?;
         let weights = match spec.arch {
             Arch::Qwen3Next | Arch::Qwen35Moe => arch::qwen3_next::load(&ld, &spec, store.as_ref())?,
             Arch::Qwen3Moe => arch::qwen3_moe::load(&ld, &spec, store.as_ref())?,
         };
-        Ok(Model { spec, dir: Some(dir.to_path_buf()), weights })
+        Ok(Model { spec, dir: None, weights })
     }
 
     /// Allocates the KV caches and recurrent state for one sequence of up to `max_ctx`

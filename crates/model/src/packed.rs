@@ -314,7 +314,7 @@ pub fn convert(src_dir: &Path, dst: &Path, bits: u8, progress: Progress) -> Resu
         for e in &entries {
             let t = src.get(&e.source).expect("listed above");
             let file = &src.files[t.file];
-            let raw = &file.mmap[file.data_start + t.offset..file.data_start + t.offset + t.bytes];
+            let raw = &(*file.data).as_ref()[file.data_start + t.offset..file.data_start + t.offset + t.bytes];
             if !e.quant {
                 put(&mut f, raw)?;
             } else {

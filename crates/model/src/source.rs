@@ -27,7 +27,8 @@ pub struct TensorInfo {
 
 pub struct SafetensorsFile {
     pub path: PathBuf,
-    pub mmap: Arc<Mmap>,
+    /// The whole file: a memory map, or bytes built in memory (synthetic models).
+    pub data: Arc<dyn AsRef<[u8]> + Send + Sync>,
     /// Byte offset of the data section in the file.
     pub data_start: usize,
 }
@@ -74,12 +75,26 @@ impl WeightSource {
         Ok(src)
     }
 
+    /// Parses safetensors files already in memory (`name` labels errors).
+    pub fn from_buffers(dir: &Path, files: Vec<(PathBuf, Arc<dyn AsRef<[u8]> + Send + Sync>)>) -> Result<Self, ModelError> {
+        let mut src = WeightSource { dir: dir.to_path_buf(), format: None, files: Vec::new(), tensors: BTreeMap::new() };
+        for (path, data) in files {
+            src.add_bytes(path, data)?;
+        }
+        Ok(src)
+    }
+
     fn add_file(&mut self, path: PathBuf) -> Result<(), ModelError> {
         let io = |e| ModelError::Io { path: path.clone(), source: e };
         let file = File::open(&path).map_err(io)?;
         // SAFETY: the map is read-only; a checkpoint modified underneath a running engine
         // is outside what we can defend against (same contract as every mmap loader).
         let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
+        self.add_bytes(path, Arc::new(mmap))
+    }
+
+    fn add_bytes(&mut self, path: PathBuf, data: Arc<dyn AsRef<[u8]> + Send + Sync>) -> Result<(), ModelError> {
+        let mmap: &[u8] = (*data).as_ref();
         let bad = |msg: String| ModelError::BadSafetensors { path: path.clone(), msg };
         if mmap.len() < 8 {
             return Err(bad(format!("{} bytes, shorter than the 8-byte header length", mmap.len())));
@@ -118,7 +133,7 @@ impl WeightSource {
             }
             self.tensors.insert(name.clone(), TensorInfo { file: fidx, dtype, shape: info.shape, offset: start, bytes: end - start });
         }
-        self.files.push(SafetensorsFile { path, mmap: Arc::new(mmap), data_start });
+        self.files.push(SafetensorsFile { path, data: data.clone(), data_start });
         Ok(())
     }
 

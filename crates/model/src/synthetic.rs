@@ -1,20 +1,20 @@
-//! Models with random weights at real shapes, built straight in memory (no disk), for
-//! `moeflux bench`. Weights are MLX-style affine 4-bit (group 64) with 8-bit router gates,
-//! like the mlx-community checkpoints; norms are ones. Random routing makes every expert
-//! equally likely, which is the worst case for any expert cache.
+//! Models with random weights at real shapes for `moeflux bench`, as mlx-community
+//! checkpoints would store them: affine 4-bit (group 64) with 8-bit router gates, experts
+//! stacked under `switch_mlp`, norms of ones. The weights are real safetensors bytes (one
+//! shard per layer) parsed by the normal loader, either straight from memory (no disk) or
+//! written to a directory for the tiered-store benchmarks. Random routing makes every
+//! expert equally likely: the worst case for any expert cache.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use moeflux_core::{BufId, BufferPool, DType, ExpertWeights, Matrix, Region, Vector, Weight, WeightBytes, WeightFormat};
+use moeflux_core::BufferPool;
 use serde_json::{Value, json};
 
-use crate::arch::{Experts, Ffn, LayerWeights, Mixer, ModelWeights};
-use crate::blocks::attn::AttnWeights;
-use crate::blocks::linear_attn::{InProj, LinearWeights};
-use crate::blocks::moe::{Mlp, MoeWeights};
+use crate::Model;
 use crate::config::{LayerKind, MlpKind, ModelSpec};
 use crate::error::ModelError;
-use crate::Model;
+use crate::source::WeightSource;
 
 /// Real configs of the models the benchmarks are named after.
 pub fn preset(name: &str) -> Option<Value> {
@@ -48,11 +48,6 @@ pub fn preset(name: &str) -> Option<Value> {
 
 pub const PRESETS: [&str; 4] = ["qwen3-next-80b-a3b", "qwen3.5-35b-a3b", "qwen3-30b-a3b", "qwen3.5-397b-a17b"];
 
-/// Lays out matrices in one host buffer, fills it with random bytes, registers it.
-struct Arena {
-    bytes: Vec<u8>,
-    pending: Vec<(usize, usize, usize, WeightFormat, usize)>,
-}
 
 /// xorshift64 bytes, filled in parallel 1 MiB blocks (each block seeded from its index,
 /// so the content does not depend on the thread count).
@@ -70,180 +65,165 @@ fn fill_random(buf: &mut [u8], seed: u64) {
     });
 }
 
-fn bf16_bytes(v: f32) -> [u8; 2] {
+fn bf16(v: f32) -> [u8; 2] {
     ((v.to_bits() >> 16) as u16).to_le_bytes()
 }
 
-impl Arena {
-    fn new() -> Self {
-        Arena { bytes: Vec::new(), pending: Vec::new() }
+/// One safetensors shard being assembled in memory.
+struct Shard {
+    seed: u64,
+    /// (name, dtype, shape, byte range in `data`)
+    entries: Vec<(String, &'static str, Vec<usize>, usize, usize)>,
+    data: Vec<u8>,
+}
+
+impl Shard {
+    fn new(seed: u64) -> Self {
+        Shard { seed, entries: Vec::new(), data: Vec::new() }
     }
 
-    fn align(&mut self) {
-        let pad = (64 - self.bytes.len() % 64) % 64;
-        self.bytes.resize(self.bytes.len() + pad, 0);
+    fn push(&mut self, name: String, dtype: &'static str, shape: Vec<usize>, bytes: impl FnOnce(&mut Vec<u8>)) {
+        let at = self.data.len();
+        bytes(&mut self.data);
+        self.entries.push((name, dtype, shape, at, self.data.len()));
     }
 
-    /// Reserves a `[rows, cols]` matrix; returns its index for [`Self::finish`].
-    fn matrix(&mut self, rows: usize, cols: usize, bits: u8, seed: u64) -> usize {
-        let f = WeightFormat::Affine { bits, group_size: 64, scale_dtype: DType::BF16 };
-        self.align();
-        let data = self.bytes.len();
-        self.bytes.resize(data + f.data_bytes(rows, cols), 0);
-        fill_random(&mut self.bytes[data..], seed);
-        let sb = f.scale_bytes(rows, cols);
-        // scale * q + bias with q uniform in [0, 2^bits): centre at zero, keep the
-        // activations O(1) whatever the width.
+    fn filled(&mut self, name: String, shape: Vec<usize>, v: f32) {
+        let n: usize = shape.iter().product();
+        self.push(name, "BF16", shape, |d| (0..n).for_each(|_| d.extend_from_slice(&bf16(v))));
+    }
+
+    /// `[lead.., rows, cols]` affine-quantized matrix (or stack of them) under `module`.
+    fn quantized(&mut self, module: &str, lead: &[usize], rows: usize, cols: usize, bits: usize) {
+        let count: usize = lead.iter().product();
+        let with = |tail: &[usize]| -> Vec<usize> { lead.iter().chain(tail).copied().collect() };
+        self.seed = self.seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let seed = self.seed;
+        self.push(format!("{module}.weight"), "U32", with(&[rows, cols * bits / 32]), |d| {
+            let at = d.len();
+            d.resize(at + count * rows * cols * bits / 8, 0);
+            fill_random(&mut d[at..], seed);
+        });
+        // scale * q + bias with q uniform in [0, 2^bits): centred on zero, activations O(1)
         let levels = ((1u32 << bits) - 1) as f32;
         let scale = 2.0 / (levels * (cols as f32).sqrt());
-        for v in [scale, -scale * levels / 2.0] {
-            let b = bf16_bytes(v);
-            for _ in 0..sb / 2 {
-                self.bytes.extend_from_slice(&b);
+        self.filled(format!("{module}.scales"), with(&[rows, cols / 64]), scale);
+        self.filled(format!("{module}.biases"), with(&[rows, cols / 64]), -scale * levels / 2.0);
+    }
+
+    fn bytes(self) -> Vec<u8> {
+        let mut header = serde_json::Map::new();
+        header.insert("__metadata__".into(), json!({"format": "mlx"}));
+        for (name, dt, shape, a, b) in &self.entries {
+            header.insert(name.clone(), json!({"dtype": dt, "shape": shape, "data_offsets": [a, b]}));
+        }
+        let mut h = serde_json::to_vec(&header).expect("json");
+        h.resize(h.len().div_ceil(8) * 8, b' ');
+        let mut out = Vec::with_capacity(8 + h.len() + self.data.len());
+        out.extend_from_slice(&(h.len() as u64).to_le_bytes());
+        out.extend_from_slice(&h);
+        out.extend_from_slice(&self.data);
+        out
+    }
+}
+
+/// The config (with the MLX quantization block, routers at 8 bits) and the shards of a
+/// synthetic model: one with embeddings, final norm and head, then one per layer.
+/// Shards are handed to `emit` as they are made, so only one is in memory at a time.
+fn shards(config: &Value, layers: Option<usize>, seed: u64, emit: &mut dyn FnMut(Vec<u8>) -> Result<(), ModelError>) -> Result<Value, ModelError> {
+    let mut cfg = config.clone();
+    if let Some(l) = layers {
+        cfg["num_hidden_layers"] = json!(l);
+    }
+    let spec = ModelSpec::from_json(&cfg, Path::new("<synthetic>"))?;
+    let h = spec.hidden;
+    let mut s = Shard::new(seed);
+    s.quantized("model.embed_tokens", &[], spec.vocab, h, 4);
+    s.filled("model.norm.weight".into(), vec![h], 1.0);
+    s.quantized("lm_head", &[], spec.vocab, h, 4);
+    emit(s.bytes())?;
+    for (l, kind) in spec.layers.iter().enumerate() {
+        let p = format!("model.layers.{l}");
+        let mut s = Shard::new(seed ^ (l as u64 + 1).wrapping_mul(0x2545f4914f6cdd1d));
+        s.filled(format!("{p}.input_layernorm.weight"), vec![h], 1.0);
+        s.filled(format!("{p}.post_attention_layernorm.weight"), vec![h], 1.0);
+        match kind {
+            LayerKind::FullAttention => {
+                let a = &spec.attn;
+                let q_rows = a.heads * a.head_dim * if a.output_gate { 2 } else { 1 };
+                s.quantized(&format!("{p}.self_attn.q_proj"), &[], q_rows, h, 4);
+                s.quantized(&format!("{p}.self_attn.k_proj"), &[], a.kv_heads * a.head_dim, h, 4);
+                s.quantized(&format!("{p}.self_attn.v_proj"), &[], a.kv_heads * a.head_dim, h, 4);
+                s.quantized(&format!("{p}.self_attn.o_proj"), &[], h, a.heads * a.head_dim, 4);
+                s.filled(format!("{p}.self_attn.q_norm.weight"), vec![a.head_dim], 1.0);
+                s.filled(format!("{p}.self_attn.k_norm.weight"), vec![a.head_dim], 1.0);
+            }
+            LayerKind::LinearAttention => {
+                let la = spec.linear.as_ref().expect("linear spec");
+                let q = format!("{p}.linear_attn");
+                s.quantized(&format!("{q}.in_proj_qkvz"), &[], 2 * la.key_dim() + 2 * la.value_dim(), h, 4);
+                s.quantized(&format!("{q}.in_proj_ba"), &[], 2 * la.v_heads, h, 4);
+                s.filled(format!("{q}.conv1d.weight"), vec![la.conv_dim(), la.conv_kernel, 1], 0.25);
+                s.filled(format!("{q}.A_log"), vec![la.v_heads], 0.0);
+                s.filled(format!("{q}.dt_bias"), vec![la.v_heads], 0.5);
+                s.filled(format!("{q}.norm.weight"), vec![la.dv], 1.0);
+                s.quantized(&format!("{q}.out_proj"), &[], h, la.value_dim(), 4);
             }
         }
-        self.pending.push((rows, cols, data, f, sb));
-        self.pending.len() - 1
-    }
-
-    fn ones(&mut self, len: usize) -> usize {
-        self.align();
-        let at = self.bytes.len();
-        for _ in 0..len {
-            self.bytes.extend_from_slice(&bf16_bytes(1.0));
+        let m = &spec.moe;
+        match spec.mlp[l] {
+            MlpKind::Moe => {
+                s.quantized(&format!("{p}.mlp.gate"), &[], m.experts, h, 8);
+                s.quantized(&format!("{p}.mlp.switch_mlp.gate_proj"), &[m.experts], m.inter, h, 4);
+                s.quantized(&format!("{p}.mlp.switch_mlp.up_proj"), &[m.experts], m.inter, h, 4);
+                s.quantized(&format!("{p}.mlp.switch_mlp.down_proj"), &[m.experts], h, m.inter, 4);
+                if let Some(si) = m.shared_inter {
+                    s.quantized(&format!("{p}.mlp.shared_expert.gate_proj"), &[], si, h, 4);
+                    s.quantized(&format!("{p}.mlp.shared_expert.up_proj"), &[], si, h, 4);
+                    s.quantized(&format!("{p}.mlp.shared_expert.down_proj"), &[], h, si, 4);
+                    s.quantized(&format!("{p}.mlp.shared_expert_gate"), &[], 1, h, 8);
+                    cfg["quantization"][format!("{p}.mlp.shared_expert_gate")] = json!({"group_size": 64, "bits": 8});
+                }
+                cfg["quantization"][format!("{p}.mlp.gate")] = json!({"group_size": 64, "bits": 8});
+            }
+            MlpKind::Dense => {
+                let i = spec.dense_inter;
+                s.quantized(&format!("{p}.mlp.gate_proj"), &[], i, h, 4);
+                s.quantized(&format!("{p}.mlp.up_proj"), &[], i, h, 4);
+                s.quantized(&format!("{p}.mlp.down_proj"), &[], h, i, 4);
+            }
         }
-        at
+        emit(s.bytes())?;
     }
-
-    fn small(&mut self, len: usize, v: f32) -> usize {
-        self.align();
-        let at = self.bytes.len();
-        for _ in 0..len {
-            self.bytes.extend_from_slice(&bf16_bytes(v));
-        }
-        at
-    }
-
-    fn register(self, pool: &mut dyn BufferPool, label: &str) -> Result<Registered, ModelError> {
-        let len = self.bytes.len();
-        let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = Arc::new(self.bytes);
-        let buf: BufId<Weight> = BufId::from_raw(pool.register_weights(WeightBytes::new(owner, 0..len), label)?);
-        Ok(Registered { buf, pending: self.pending })
-    }
-}
-
-struct Registered {
-    buf: BufId<Weight>,
-    pending: Vec<(usize, usize, usize, WeightFormat, usize)>,
-}
-
-impl Registered {
-    fn mat(&self, i: usize) -> Matrix {
-        let (rows, cols, data, format, sb) = self.pending[i];
-        let end = data + format.data_bytes(rows, cols);
-        Matrix {
-            data: Region { buf: self.buf, offset: data },
-            scales: Some(Region { buf: self.buf, offset: end }),
-            biases: Some(Region { buf: self.buf, offset: end + sb }),
-            rows,
-            cols,
-            format,
-        }
-    }
-    fn vec(&self, at: usize, len: usize) -> Vector {
-        Vector { data: Region { buf: self.buf, offset: at }, len, dtype: DType::BF16 }
-    }
+    Ok(cfg)
 }
 
 impl Model {
-    /// A random-weight model for `config` (a config.json value), keeping only the first
-    /// `layers` layers when given.
+    /// A random-weight model for `config` (a config.json value) built in memory, keeping
+    /// only the first `layers` layers when given.
     pub fn synthetic(config: &Value, layers: Option<usize>, pool: &mut dyn BufferPool, seed: u64) -> Result<Model, ModelError> {
-        let mut cfg = config.clone();
-        if let Some(l) = layers {
-            cfg["num_hidden_layers"] = json!(l);
-        }
-        let spec = ModelSpec::from_json(&cfg, std::path::Path::new("<synthetic>"))?;
-        let h = spec.hidden;
-        let mut seed = seed;
-        let mut next = || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            seed
-        };
-        // embeddings + head
-        let mut outer = Arena::new();
-        let e = outer.matrix(spec.vocab, h, 4, next());
-        let head = outer.matrix(spec.vocab, h, 4, next());
-        let norm = outer.ones(h);
-        let reg = outer.register(pool, "synthetic.outer")?;
-        let (embed, lm_head, final_norm) = (reg.mat(e), reg.mat(head), reg.vec(norm, h));
-
-        let mut out_layers = Vec::new();
-        for (l, kind) in spec.layers.iter().enumerate() {
-            let mut a = Arena::new();
-            let n_in = a.ones(h);
-            let n_post = a.ones(h);
-            enum M {
-                Attn(usize, usize, usize, usize, usize, usize),
-                Lin(usize, usize, usize, usize, usize, usize, usize),
-            }
-            let at = &spec.attn;
-            let m = match kind {
-                LayerKind::FullAttention => {
-                    let q_rows = at.heads * at.head_dim * if at.output_gate { 2 } else { 1 };
-                    let kv = at.kv_heads * at.head_dim;
-                    M::Attn(a.matrix(q_rows, h, 4, next()), a.matrix(kv, h, 4, next()), a.matrix(kv, h, 4, next()), a.matrix(h, at.heads * at.head_dim, 4, next()), a.ones(at.head_dim), a.ones(at.head_dim))
-                }
-                LayerKind::LinearAttention => {
-                    let s = spec.linear.as_ref().expect("linear spec");
-                    let qkvz = a.matrix(2 * s.key_dim() + 2 * s.value_dim(), h, 4, next());
-                    let ba = a.matrix(2 * s.v_heads, h, 4, next());
-                    let conv = a.small(s.conv_dim() * s.conv_kernel, 0.25);
-                    let alog = a.small(s.v_heads, 0.0);
-                    let dtb = a.small(s.v_heads, 0.5);
-                    let out = a.matrix(h, s.value_dim(), 4, next());
-                    M::Lin(qkvz, ba, conv, alog, dtb, out, a.ones(s.dv))
-                }
-            };
-            let moe = &spec.moe;
-            let ffn = match spec.mlp[l] {
-                MlpKind::Moe => {
-                    let router = a.matrix(moe.experts, h, 8, next());
-                    let ex: Vec<(usize, usize, usize)> = (0..moe.experts).map(|_| (a.matrix(moe.inter, h, 4, next()), a.matrix(moe.inter, h, 4, next()), a.matrix(h, moe.inter, 4, next()))).collect();
-                    let shared = moe.shared_inter.map(|si| (a.matrix(si, h, 4, next()), a.matrix(si, h, 4, next()), a.matrix(h, si, 4, next()), a.matrix(1, h, 8, next())));
-                    (Some((router, ex, shared)), None)
-                }
-                MlpKind::Dense => {
-                    let i = spec.dense_inter;
-                    (None, Some((a.matrix(i, h, 4, next()), a.matrix(i, h, 4, next()), a.matrix(h, i, 4, next()))))
-                }
-            };
-            let r = a.register(pool, &format!("synthetic.L{l}"))?;
-            let mixer = match m {
-                M::Attn(q, k, v, o, qn, kn) => Mixer::Attn(AttnWeights { q: r.mat(q), k: r.mat(k), v: r.mat(v), o: r.mat(o), q_norm: Some(r.vec(qn, at.head_dim)), k_norm: Some(r.vec(kn, at.head_dim)) }),
-                M::Lin(qkvz, ba, conv, alog, dtb, out, norm) => {
-                    let s = spec.linear.as_ref().expect("linear spec");
-                    Mixer::Linear(LinearWeights {
-                        in_proj: InProj::Fused { qkvz: r.mat(qkvz), ba: r.mat(ba) },
-                        conv: r.vec(conv, s.conv_dim() * s.conv_kernel),
-                        a_log: r.vec(alog, s.v_heads),
-                        dt_bias: r.vec(dtb, s.v_heads),
-                        norm: r.vec(norm, s.dv),
-                        out: r.mat(out),
-                    })
-                }
-            };
-            let ffn = match ffn {
-                (Some((router, ex, shared)), _) => Ffn::Moe(MoeWeights {
-                    router: r.mat(router),
-                    experts: Experts::Resident(ex.iter().map(|&(g, u, d)| ExpertWeights { gate: r.mat(g), up: r.mat(u), down: r.mat(d) }).collect::<Vec<_>>().into()),
-                    shared: shared.map(|(g, u, d, sg)| (Mlp { gate: r.mat(g), up: r.mat(u), down: r.mat(d) }, r.mat(sg))),
-                }),
-                (None, Some((g, u, d))) => Ffn::Dense(Mlp { gate: r.mat(g), up: r.mat(u), down: r.mat(d) }),
-                _ => unreachable!("one of the two"),
-            };
-            out_layers.push(LayerWeights { input_norm: r.vec(n_in, h), post_norm: r.vec(n_post, h), mixer, ffn });
-        }
-        Ok(Model { spec, dir: None, weights: ModelWeights { embed, lm_head, final_norm, layers: out_layers, norm_offset: 0.0 } })
+        let mut files: Vec<(PathBuf, Arc<dyn AsRef<[u8]> + Send + Sync>)> = Vec::new();
+        let cfg = shards(config, layers, seed, &mut |b| {
+            files.push((PathBuf::from(format!("<synthetic shard {}>", files.len())), Arc::new(b)));
+            Ok(())
+        })?;
+        let spec = ModelSpec::from_json(&cfg, Path::new("<synthetic>"))?;
+        let source = WeightSource::from_buffers(Path::new("<synthetic>"), files)?;
+        Model::from_source(spec, &source, pool, None)
     }
+}
+
+/// Writes the synthetic model as a checkpoint directory (config.json + one shard per
+/// layer), one shard in memory at a time.
+pub fn write_checkpoint(config: &Value, layers: Option<usize>, seed: u64, dir: &Path) -> Result<(), ModelError> {
+    let io = |e| ModelError::Io { path: dir.to_path_buf(), source: e };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let mut i = 0;
+    let cfg = shards(config, layers, seed, &mut |b| {
+        let path = dir.join(format!("model-{i:05}.safetensors"));
+        i += 1;
+        std::fs::write(&path, b).map_err(|e| ModelError::Io { path, source: e })
+    })?;
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg).expect("json")).map_err(io)?;
+    Ok(())
 }

@@ -20,7 +20,7 @@ impl<'a> Loader<'a> {
     pub fn new(src: &'a WeightSource, quant: Option<&'a QuantConfig>, pool: &mut dyn BufferPool) -> Result<Self, ModelError> {
         let mut bufs = Vec::new();
         for f in &src.files {
-            let wb = WeightBytes::new(f.mmap.clone(), f.data_start..f.mmap.len());
+            let wb = WeightBytes::new(f.data.clone(), f.data_start..(*f.data).as_ref().len());
             let label = f.path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
             bufs.push(BufId::from_raw(pool.register_weights(wb, &label)?));
         }
@@ -35,7 +35,7 @@ impl<'a> Loader<'a> {
     pub fn bytes(&self, r: Region, len: usize) -> &'a [u8] {
         let f = self.bufs.iter().position(|b| *b == r.buf).expect("region from this loader");
         let file = &self.src.files[f];
-        &file.mmap[file.data_start + r.offset..file.data_start + r.offset + len]
+        &(*file.data).as_ref()[file.data_start + r.offset..file.data_start + r.offset + len]
     }
 
     pub fn has(&self, name: &str) -> bool {
