@@ -9,7 +9,7 @@
 #                                   model tests, the engine golden tests with
 #                                   MOEFLUX_TEST_DEVICE=cuda, compute-sanitizer memcheck on the
 #                                   parity binary (and racecheck on the shared-memory-heavy
-#                                   cases), and write $OUT/summary.md plus one log per check.
+#                                   cases), and write $OUT/summary.md and $OUT/logs.tar.gz.
 #
 # Environment (local mode): CARGO_TARGET_DIR (default <repo>/target), JOBS (cargo -j, default
 # cargo's own), SKIP_BIN=1 to skip building the moeflux binary. Remote: BUDGET (seconds for all
@@ -72,7 +72,7 @@ for line in sys.stdin:
 
 gpu-carry/ is ready. Run on the GPU machine with the device tool:
   run(command="bash scripts/gpu_check.sh --remote", carry=["gpu-carry"], timeout_s=300)
-Results come back under \$OUT: summary.md and logs/*.log.
+Results come back under \$OUT: summary.md and logs.tar.gz.
 EOF
     exit 0
 fi
@@ -181,7 +181,7 @@ fi
 # 4. compute-sanitizer (gets what is left of the budget)
 if command -v compute-sanitizer >/dev/null; then
     run_check "memcheck: parity (all tests)" 240 "$LOGS/memcheck.log" \
-        compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 "$BIN/parity" --test-threads=1
+        compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 99 --print-limit 20 "$BIN/parity" --test-threads=1
     for t in gated_delta moe_block_chain attention; do
         run_check "racecheck: parity $t" 90 "$LOGS/racecheck.$t.log" \
             compute-sanitizer --tool racecheck --error-exitcode 99 --print-limit 20 "$BIN/parity" "$t" --test-threads=1
@@ -197,12 +197,14 @@ fi
     echo "| --- | --- | --- | --- |"
     printf '%s\n' "${ROWS[@]}"
     echo
-    echo "Logs: logs/*.log"
+    echo "Logs: logs.tar.gz (one log per check)"
     if [ -s "$LOGS/kernel_bench.log" ]; then
         echo
         echo "## kernel_bench"
         echo
-        grep -E '^\||device:|prefill|kernel modules' "$LOGS/kernel_bench.log"
+        grep -E '^\||device:|measured|prefill|kernel modules' "$LOGS/kernel_bench.log"
     fi
 } >>"$SUMMARY"
+# One archive: the device tool returns a limited number of files.
+tar czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$LOGS"
 cat "$SUMMARY"

@@ -121,6 +121,8 @@ fn main() {
     };
     println!("device: {}", gpu.device_description());
     let b: &mut dyn Backend = &mut gpu;
+    let bw = b.measure_bandwidth().expect("bandwidth probe");
+    println!("measured read bandwidth: {:.2} TB/s (floor below uses 3.0 TB/s)", bw / 1e12);
     let mut rng = Rng(0x1234_5678_9abc_def1);
     let q4 = WeightFormat::Affine { bits: 4, group_size: 64, scale_dtype: DType::BF16 };
     let q8 = WeightFormat::Affine { bits: 8, group_size: 64, scale_dtype: DType::BF16 };

@@ -9,7 +9,14 @@
 //  * attention_f32: grid (heads, n), block ATT_WARPS * 32. Each warp takes keys j = warp,
 //    warp + ATT_WARPS, ... and keeps an online softmax (running max, sum and weighted V) with
 //    lane d holding dims d, d + 32, ... (head_dim <= 32 * ATT_MAXD, checked on the host); the
-//    warps are merged through shared memory at the end.
+//    warps are merged through shared memory at the end. Used for wide batches (prefill).
+//  * attention_split_f32 + attention_merge_f32 (few queries: decode): flash-decoding. Grid
+//    (heads, n, splits) with splits = ceil(max_ctx / AS_KEYS); block z takes keys
+//    [z * AS_KEYS, (z + 1) * AS_KEYS) of the query's 0..=pos[t] (blocks past it only mark
+//    themselves empty), each warp walks AS_KU keys at a time (independent loads and reductions
+//    in flight) with an online softmax, and the block writes its unnormalised partial
+//    (max, sum, acc[head_dim]) to part[t, h, z]. The merge (grid (heads, n), block 128)
+//    rescales the non-empty partials to the global max and normalises.
 #include "common.cuh"
 
 #define ATT_WARPS 8
@@ -88,6 +95,135 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attention_f32(const
         float a = 0.f;
 #pragma unroll
         for (int w = 0; w < ATT_WARPS; w++) a += s_acc[w][d] * f[w];
+        o[d] = a / L;
+    }
+}
+
+#define AS_WARPS 4
+#define AS_KEYS 256
+#define AS_KU 4
+
+extern "C" __global__ void __launch_bounds__(AS_WARPS * 32) attention_split_f32(const float* q, const u32* pos, const float* kc,
+                                                                               const float* vc, float* part, u32 heads, u32 kv_heads,
+                                                                               u32 head_dim, float scale, u32 max_ctx, u32 splits) {
+    __shared__ float s_m[AS_WARPS], s_l[AS_WARPS];
+    __shared__ float s_acc[AS_WARPS][ATT_MAXD * 32];
+    const u32 h = blockIdx.x, t = blockIdx.y, sp = blockIdx.z;
+    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const u32 len = min(pos[t] + 1, max_ctx);
+    const u32 j0 = sp * AS_KEYS, j1 = min(j0 + AS_KEYS, len);
+    float* P = part + (((u64)t * heads + h) * splits + sp) * (head_dim + 2);
+    if (j0 >= len) {
+        if (threadIdx.x == 0) {
+            P[0] = NEG_INF;
+            P[1] = 0.f;
+        }
+        return;  // uniform across the block
+    }
+    const u32 kvh = h / (heads / kv_heads);
+    const u32 kv_dim = kv_heads * head_dim;
+    const float* qr = q + ((u64)t * heads + h) * head_dim;
+    const float* kbase = kc + (u64)kvh * head_dim;
+    const float* vbase = vc + (u64)kvh * head_dim;
+
+    float qv[ATT_MAXD], acc[ATT_MAXD];
+#pragma unroll
+    for (int i = 0; i < ATT_MAXD; i++) {
+        u32 d = lane + 32 * i;
+        qv[i] = d < head_dim ? qr[d] : 0.f;
+        acc[i] = 0.f;
+    }
+    float m = NEG_INF, l = 0.f;
+    for (u32 jb = j0 + warp * AS_KU; jb < j1; jb += AS_WARPS * AS_KU) {
+        float s[AS_KU];
+#pragma unroll
+        for (int u = 0; u < AS_KU; u++) {
+            const u32 j = min(jb + u, j1 - 1);  // clamped rows are masked below
+            const float* kr = kbase + (u64)j * kv_dim;
+            float a = 0.f;
+#pragma unroll
+            for (int i = 0; i < ATT_MAXD; i++) {
+                u32 d = lane + 32 * i;
+                if (d < head_dim) a += qv[i] * kr[d];
+            }
+            s[u] = a;
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+            for (int u = 0; u < AS_KU; u++) s[u] += __shfl_xor_sync(0xffffffffu, s[u], o);
+        float mn = m;
+#pragma unroll
+        for (int u = 0; u < AS_KU; u++) {
+            s[u] = jb + u < j1 ? s[u] * scale : NEG_INF;
+            mn = fmaxf(mn, s[u]);
+        }
+        const float corr = expf(m - mn);  // 0 on the first keys (m = -inf)
+        float p[AS_KU];
+        l *= corr;
+#pragma unroll
+        for (int u = 0; u < AS_KU; u++) {
+            p[u] = expf(s[u] - mn);  // 0 for masked keys
+            l += p[u];
+        }
+#pragma unroll
+        for (int i = 0; i < ATT_MAXD; i++) {
+            u32 d = lane + 32 * i;
+            if (d < head_dim) {
+                float a = acc[i] * corr;
+#pragma unroll
+                for (int u = 0; u < AS_KU; u++) a += p[u] * vbase[(u64)min(jb + u, j1 - 1) * kv_dim + d];
+                acc[i] = a;
+            }
+        }
+        m = mn;
+    }
+    if (lane == 0) {
+        s_m[warp] = m;
+        s_l[warp] = l;
+    }
+#pragma unroll
+    for (int i = 0; i < ATT_MAXD; i++) s_acc[warp][lane + 32 * i] = acc[i];
+    __syncthreads();
+    float M = NEG_INF;
+#pragma unroll
+    for (int w = 0; w < AS_WARPS; w++) M = fmaxf(M, s_m[w]);
+    float L = 0.f, f[AS_WARPS];
+#pragma unroll
+    for (int w = 0; w < AS_WARPS; w++) {
+        f[w] = s_l[w] > 0.f ? expf(s_m[w] - M) : 0.f;
+        L += s_l[w] * f[w];
+    }
+    if (threadIdx.x == 0) {
+        P[0] = M;
+        P[1] = L;
+    }
+    for (u32 d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float a = 0.f;
+#pragma unroll
+        for (int w = 0; w < AS_WARPS; w++) a += s_acc[w][d] * f[w];
+        P[2 + d] = a;
+    }
+}
+
+extern "C" __global__ void attention_merge_f32(const float* part, float* out, u32 heads, u32 head_dim, u32 splits) {
+    const u32 h = blockIdx.x, t = blockIdx.y;
+    const u64 stride = head_dim + 2;
+    const float* P = part + ((u64)t * heads + h) * splits * stride;
+    float M = NEG_INF;
+    for (u32 s = 0; s < splits; s++) M = fmaxf(M, P[s * stride]);
+    float L = 0.f;
+    for (u32 s = 0; s < splits; s++) {
+        float l = P[s * stride + 1];
+        if (l > 0.f) L += l * expf(P[s * stride] - M);
+    }
+    float* o = out + ((u64)t * heads + h) * head_dim;
+    for (u32 d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float a = 0.f;
+        for (u32 s = 0; s < splits; s++) {
+            float l = P[s * stride + 1];
+            if (l > 0.f) a += P[s * stride + 2 + d] * expf(P[s * stride] - M);
+        }
         o[d] = a / L;
     }
 }

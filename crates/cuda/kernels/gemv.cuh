@@ -1,7 +1,7 @@
 // gemv.cuh: the dequantizing dot-product building blocks shared by matmul.cu and moe.cu.
 //
 // Two shapes of work:
-//  * mv_*: matrix-vector (decode). A 256-thread block = 8 warps, each warp owns MV_R = 4
+//  * mv_*: matrix-vector (decode). A 256-thread block = 8 warps, each warp owns R (1, 2 or 4)
 //    consecutive weight rows and walks the columns. The input row x is first staged in shared
 //    memory; on the vector path it is stored *permuted* so that the float4 a lane needs at
 //    step f sits next to the float4s of its neighbours (conflict-free), and every lane loads
@@ -12,14 +12,13 @@
 //    row size in bytes a multiple of 16 (so cols is a multiple of E, the elements per 16 B),
 //    and for affine formats group % E == 0 (each lane's 16 bytes lie in one group).
 //    Otherwise the scalar path reads one element at a time (any alignment).
-//  * gemm_tile: a 64 (tokens) x 64 (weight rows) output tile over K in steps of 32, 256
-//    threads, 4x4 outputs per thread, weights dequantized into shared memory. Rows of x and
+//  * gemm_tile: a TM (tokens: 64 dense, 16 experts) x 64 (weight rows) output tile over K in
+//    steps of 32, 256 threads, (TM / 16) x 4 outputs per thread, weights dequantized into shared memory. Rows of x and
 //    of the output are given per tile row through pointer tables, so the same code serves the
 //    dense matmul and the gathered (token, slot) pairs of the experts.
 
 #define MV_WARPS 8
-#define MV_R 4
-#define MV_ROWS_PER_BLOCK (MV_WARPS * MV_R)
+#define MV_R 2  // rows per warp of the expert kernels; matmul picks 1, 2 or 4 per matrix
 
 // Elements of one format held by 16 bytes.
 template <int FMT>
@@ -58,7 +57,22 @@ __device__ __forceinline__ void stage_x(float* xs, const float* x, u32 cols, u32
 // 2^23 + q, minus 2^23: exact int -> float for q < 2^23 without the (slow) I2F unit.
 __device__ __forceinline__ float qf(u32 q) { return __uint_as_float(0x4B000000u | q) - 8388608.f; }
 
+// Quantized codes are turned into floats 1 + q / 2^bits by moving them into the top mantissa
+// bits under the exponent of 1.0 (a shift and a LOP3, no conversion); the dot of those with x
+// is sum(x) + sum(q x) / 2^bits, and the caller recovers sum(q x) = 2^bits (dot - sum(x)) once
+// per 16 bytes. The subtraction loses at most bits + 1 bits relative to sum(|x|), far below
+// the f32 parity tolerance.
+template <int SHIFT>  // SHIFT > 0: left, < 0: right
+__device__ __forceinline__ u32 shl(u32 w) { return SHIFT >= 0 ? (w << (SHIFT & 31)) : (w >> ((-SHIFT) & 31)); }
+
+template <int J>  // nibble J of w as 1 + q / 16
+__device__ __forceinline__ float q4one(u32 w) { return __uint_as_float((shl<19 - 4 * J>(w) & 0x00780000u) | 0x3F800000u); }
+
+template <int J>  // byte J of w as 1 + q / 256
+__device__ __forceinline__ float q8one(u32 w) { return __uint_as_float((shl<15 - 8 * J>(w) & 0x007F8000u) | 0x3F800000u); }
+
 // Dot of the 16 weight bytes `wv` (E elements) with the lane's E inputs `xv` (F = E/4 float4).
+// Dense formats: the plain dot. Affine formats: sum((1 + q / 2^bits) x) (see above).
 template <int FMT>
 __device__ __forceinline__ float dot16(uint4 wv, const float4* xv) {
     u32 ws[4] = {wv.x, wv.y, wv.z, wv.w};
@@ -87,41 +101,47 @@ __device__ __forceinline__ float dot16(uint4 wv, const float4* xv) {
             d += w0 * x.x + w1 * x.y + w2 * x.z + w3 * x.w;
         }
     } else if (FMT == FMT_Q4) {
+        // float4 f covers nibbles 4 (f & 1) .. + 3 of word f >> 1
+        float d0 = 0.f, d1 = 0.f;
 #pragma unroll
-        for (int f = 0; f < 8; f++) {
-            u32 word = ws[f >> 1] >> ((f & 1) * 16);
-            float4 x = xv[f];
-            d += qf(word & 15u) * x.x + qf((word >> 4) & 15u) * x.y + qf((word >> 8) & 15u) * x.z +
-                 qf((word >> 12) & 15u) * x.w;
+        for (int w = 0; w < 4; w++) {
+            u32 word = ws[w];
+            float4 a = xv[2 * w], b = xv[2 * w + 1];
+            d0 += q4one<0>(word) * a.x + q4one<1>(word) * a.y + q4one<2>(word) * a.z + q4one<3>(word) * a.w;
+            d1 += q4one<4>(word) * b.x + q4one<5>(word) * b.y + q4one<6>(word) * b.z + q4one<7>(word) * b.w;
         }
+        d = d0 + d1;
     } else {
 #pragma unroll
         for (int f = 0; f < 4; f++) {
             u32 word = ws[f];
             float4 x = xv[f];
-            d += qf(word & 255u) * x.x + qf((word >> 8) & 255u) * x.y + qf((word >> 16) & 255u) * x.z +
-                 qf(word >> 24) * x.w;
+            d += q8one<0>(word) * x.x + q8one<1>(word) * x.y + q8one<2>(word) * x.z + q8one<3>(word) * x.w;
         }
     }
     return d;
 }
 
-// Per-lane partial dots of rows r0..r0+MV_R with the permuted staged x (vector path). Rows past
+// Per-lane partial dots of rows r0..r0+R with the permuted staged x (vector path). Rows past
 // the end are clamped to the last row (their results are discarded by the caller).
-template <int FMT>
+template <int FMT, int R>
 __device__ __forceinline__ void mv_vec(const WMat& w, const float* xs, u32 r0, float* acc) {
     constexpr int E = elems16<FMT>();
     constexpr int F = E / 4;
     constexpr bool AFF = FMT == FMT_Q4 || FMT == FMT_Q8;
+    constexpr float QS = FMT == FMT_Q4 ? 16.f : 256.f;
     const u32 lane = threadIdx.x & 31;
     const u64 rb = row_bytes<FMT>(w.cols);
     const u32 groups = AFF ? w.cols / w.group : 1;
-    u32 rr[MV_R];
+    u32 rr[R];
 #pragma unroll
-    for (int j = 0; j < MV_R; j++) rr[j] = min(r0 + j, w.rows - 1);
+    for (int j = 0; j < R; j++) rr[j] = min(r0 + j, w.rows - 1);
     for (u32 base = 0; base < w.cols; base += 32 * E) {
         u32 e0 = base + lane * E;
         if (e0 >= w.cols) break;
+        uint4 wv[R];
+#pragma unroll
+        for (int j = 0; j < R; j++) wv[j] = __ldg((const uint4*)(w.data + (u64)rr[j] * rb + elem_byte<FMT>(e0)));
         float4 xv[F];
 #pragma unroll
         for (int f = 0; f < F; f++) xv[f] = *(const float4*)(xs + base + f * 128 + lane * 4);
@@ -130,13 +150,13 @@ __device__ __forceinline__ void mv_vec(const WMat& w, const float* xs, u32 r0, f
 #pragma unroll
             for (int f = 0; f < F; f++) sx += (xv[f].x + xv[f].y) + (xv[f].z + xv[f].w);
         }
+        const u32 gi = AFF ? e0 / w.group : 0;
 #pragma unroll
-        for (int j = 0; j < MV_R; j++) {
-            uint4 wv = __ldg((const uint4*)(w.data + (u64)rr[j] * rb + elem_byte<FMT>(e0)));
-            float d = dot16<FMT>(wv, xv);
+        for (int j = 0; j < R; j++) {
+            float d = dot16<FMT>(wv[j], xv);
             if (AFF) {
-                u64 g = (u64)rr[j] * groups + e0 / w.group;
-                acc[j] += load_float(w.scales, w.sdt, g) * d + load_float(w.biases, w.sdt, g) * sx;
+                u64 g = (u64)rr[j] * groups + gi;
+                acc[j] += load_float(w.scales, w.sdt, g) * (QS * (d - sx)) + load_float(w.biases, w.sdt, g) * sx;
             } else {
                 acc[j] += d;
             }
@@ -145,11 +165,11 @@ __device__ __forceinline__ void mv_vec(const WMat& w, const float* xs, u32 r0, f
 }
 
 // Scalar path: lanes stride over columns; x staged unpermuted.
-template <int FMT>
+template <int FMT, int R>
 __device__ __forceinline__ void mv_scalar(const WMat& w, const float* xs, u32 r0, float* acc) {
     const u32 lane = threadIdx.x & 31;
 #pragma unroll
-    for (int j = 0; j < MV_R; j++) {
+    for (int j = 0; j < R; j++) {
         u32 r = min(r0 + j, w.rows - 1);
         float a = 0.f;
         for (u32 c = lane; c < w.cols; c += 32) a += wload<FMT>(w, r, c) * xs[c];
@@ -157,27 +177,28 @@ __device__ __forceinline__ void mv_scalar(const WMat& w, const float* xs, u32 r0
     }
 }
 
-// Stage x and compute this warp's MV_R row dots into acc (reduced across the warp: every lane
+// Stage x and compute this warp's R row dots into acc (reduced across the warp: every lane
 // holds the totals). All threads of the block must call it (it synchronises).
-template <int FMT, bool VEC>
+template <int FMT, bool VEC, int R>
 __device__ __forceinline__ void mv_block(const WMat& w, float* xs, const float* x, u32 r0, float* acc) {
     constexpr int E = VEC ? elems16<FMT>() : 4;
     stage_x<E>(xs, x, w.cols, mv_padded<E>(w.cols));
     __syncthreads();
 #pragma unroll
-    for (int j = 0; j < MV_R; j++) acc[j] = 0.f;
+    for (int j = 0; j < R; j++) acc[j] = 0.f;
     if (r0 < w.rows) {
-        if (VEC) mv_vec<FMT>(w, xs, r0, acc);
-        else mv_scalar<FMT>(w, xs, r0, acc);
+        if (VEC) mv_vec<FMT, R>(w, xs, r0, acc);
+        else mv_scalar<FMT, R>(w, xs, r0, acc);
     }
 #pragma unroll
-    for (int j = 0; j < MV_R; j++) acc[j] = warp_sum(acc[j]);
+    for (int j = 0; j < R; j++) acc[j] = warp_sum(acc[j]);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Tiled GEMM
 
-#define GT_M 64  // tokens (rows of x / output) per tile
+#define GT_M 64  // tokens (rows of x / output) per tile of the dense GEMM
+#define MOE_TM 16  // (token, slot) pairs per tile of the expert GEMMs: an expert sees few pairs
 #define GT_N 64  // weight rows (output features) per tile
 #define GT_K 32
 
@@ -218,25 +239,27 @@ __device__ __forceinline__ void wload8(const WMat& w, u32 r, u32 c0, float* o) {
 }
 
 // out_rows[i][r0 + j] for the tile: NMAT == 1: x . w0; NMAT == 2: silu(x . w0) * (x . w1).
-// `xr[i]` / `orow[i]` (shared memory, GT_M entries) are the input / output rows of tile row i,
-// null for rows past the end. K = w0.cols. Block: 256 threads.
-template <int FMT, int NMAT>
+// TM (16 or 64) rows of x per tile; `xr[i]` / `orow[i]` (shared memory, TM entries) are the
+// input / output rows of tile row i, null for rows past the end. K = w0.cols. Block: 256
+// threads as 16 (weight rows, 4 each) x 16 (x rows, TM / 16 each).
+template <int FMT, int NMAT, int TM>
 __device__ __forceinline__ void gemm_tile(const WMat& w0, const WMat& w1, const float* const* xr, float* const* orow,
                                           u32 r0, GemmSmem& sm) {
+    constexpr int TI = TM / 16;  // x rows per thread
     const u32 tid = threadIdx.x;
     const u32 tx = tid & 15, ty = tid >> 4;
     const u32 K = w0.cols;
-    float acc[NMAT][4][4];
+    float acc[NMAT][TI][4];
 #pragma unroll
     for (int m = 0; m < NMAT; m++)
 #pragma unroll
-        for (int i = 0; i < 4; i++)
+        for (int i = 0; i < TI; i++)
 #pragma unroll
             for (int j = 0; j < 4; j++) acc[m][i][j] = 0.f;
 
     const u32 li = tid >> 2, lk = (tid & 3) * 8;  // loader: tile row li, k offset lk (8 elements)
     for (u32 k0 = 0; k0 < K; k0 += GT_K) {
-        {
+        if (li < TM) {
             const float* src = xr[li];
 #pragma unroll
             for (int e = 0; e < 8; e++) {
@@ -261,14 +284,23 @@ __device__ __forceinline__ void gemm_tile(const WMat& w0, const WMat& w1, const 
         __syncthreads();
 #pragma unroll 8
         for (int kk = 0; kk < GT_K; kk++) {
-            float4 a = *(const float4*)&sm.xs[kk][ty * 4];
-            float av[4] = {a.x, a.y, a.z, a.w};
+            float av[TI];
+            if (TI == 4) {
+                float4 a = *(const float4*)&sm.xs[kk][ty * 4];
+                av[0] = a.x;
+                av[TI > 1 ? 1 : 0] = a.y;
+                av[TI > 2 ? 2 : 0] = a.z;
+                av[TI > 3 ? 3 : 0] = a.w;
+            } else {
+#pragma unroll
+                for (int i = 0; i < TI; i++) av[i] = sm.xs[kk][ty * TI + i];
+            }
 #pragma unroll
             for (int m = 0; m < NMAT; m++) {
                 float4 b = *(const float4*)&sm.ws[m][kk][tx * 4];
                 float bv[4] = {b.x, b.y, b.z, b.w};
 #pragma unroll
-                for (int i = 0; i < 4; i++)
+                for (int i = 0; i < TI; i++)
 #pragma unroll
                     for (int j = 0; j < 4; j++) acc[m][i][j] += av[i] * bv[j];
             }
@@ -276,8 +308,8 @@ __device__ __forceinline__ void gemm_tile(const WMat& w0, const WMat& w1, const 
         __syncthreads();
     }
 #pragma unroll
-    for (int i = 0; i < 4; i++) {
-        float* o = orow[ty * 4 + i];
+    for (int i = 0; i < TI; i++) {
+        float* o = orow[ty * TI + i];
         if (o == 0) continue;
 #pragma unroll
         for (int j = 0; j < 4; j++) {

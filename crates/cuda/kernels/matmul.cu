@@ -2,25 +2,26 @@
 //
 // Layouts: x and out f32 row-major; W [rows, cols] row-major in its stored format (see
 // common.cuh). Kernels per format F in {f32, f16, bf16, q4, q8}:
-//  * matvec_vec_F / matvec_scalar_F (few tokens, the decode path): grid (ceil(rows / 32), n),
-//    block 256, dynamic shared memory = padded cols * 4 bytes (x of one token, see gemv.cuh).
+//  * matvec_{vec,scalar}_F_rR (few tokens, the decode path), R = rows per warp (1, 2, 4; the
+//    host picks the largest that still fills the GPU): grid (ceil(rows / (8 R)), n), block 256,
+//    dynamic shared memory = padded cols * 4 bytes (x of one token, see gemv.cuh).
 //    Each weight byte is read once per token with 16-byte loads (vec) or per element (scalar,
 //    for matrices whose alignment does not allow the vector path).
 //  * gemm_F (prefill): grid (ceil(rows / 64), ceil(n / 64)), block 256, static shared memory.
 #include "common.cuh"
 #include "gemv.cuh"
 
-template <int FMT, bool VEC>
+template <int FMT, bool VEC, int R>
 __device__ __forceinline__ void matvec_body(const WMat& w, const float* x, float* out) {
     float* xs = (float*)smem4;
     const u32 t = blockIdx.y;
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const u32 r0 = (blockIdx.x * MV_WARPS + warp) * MV_R;
-    float acc[MV_R];
-    mv_block<FMT, VEC>(w, xs, x + (u64)t * w.cols, r0, acc);
+    const u32 r0 = (blockIdx.x * MV_WARPS + warp) * R;
+    float acc[R];
+    mv_block<FMT, VEC, R>(w, xs, x + (u64)t * w.cols, r0, acc);
     if (lane == 0) {
 #pragma unroll
-        for (int j = 0; j < MV_R; j++)
+        for (int j = 0; j < R; j++)
             if (r0 + j < w.rows) out[(u64)t * w.rows + r0 + j] = acc[j];
     }
 }
@@ -37,16 +38,20 @@ __device__ __forceinline__ void gemm_body(const WMat& w, const float* x, float* 
         orow[threadIdx.x] = t < n ? out + (u64)t * w.rows : 0;
     }
     __syncthreads();
-    gemm_tile<FMT, 1>(w, w, xr, orow, blockIdx.x * GT_N, sm);
+    gemm_tile<FMT, 1, GT_M>(w, w, xr, orow, blockIdx.x * GT_N, sm);
 }
 
+#define MATVEC_KERNEL(NAME, FMT, VEC, KIND, R)                                                      \
+    extern "C" __global__ void __launch_bounds__(256) matvec_##KIND##_##NAME##_r##R(WMat w, const float* x, float* out) { \
+        matvec_body<FMT, VEC, R>(w, x, out);                                                        \
+    }
+
 #define MATMUL_KERNELS(NAME, FMT)                                                                   \
-    extern "C" __global__ void __launch_bounds__(256) matvec_vec_##NAME(WMat w, const float* x, float* out) { \
-        matvec_body<FMT, true>(w, x, out);                                                          \
-    }                                                                                               \
-    extern "C" __global__ void __launch_bounds__(256) matvec_scalar_##NAME(WMat w, const float* x, float* out) { \
-        matvec_body<FMT, false>(w, x, out);                                                         \
-    }                                                                                               \
+    MATVEC_KERNEL(NAME, FMT, true, vec, 1)                                                          \
+    MATVEC_KERNEL(NAME, FMT, true, vec, 2)                                                          \
+    MATVEC_KERNEL(NAME, FMT, true, vec, 4)                                                          \
+    MATVEC_KERNEL(NAME, FMT, false, scalar, 1)                                                      \
+    MATVEC_KERNEL(NAME, FMT, false, scalar, 4)                                                      \
     extern "C" __global__ void __launch_bounds__(256) gemm_##NAME(WMat w, const float* x, float* out, u32 n) { \
         gemm_body<FMT>(w, x, out, n);                                                               \
     }

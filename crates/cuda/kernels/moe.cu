@@ -14,13 +14,15 @@
 //      moe_down_{vec,scalar}_FD:    grid (ceil(hidden / 32), P): y[p] = D h[p]
 //  * Many tokens (prefill): pairs grouped by expert on the device, then tiled GEMMs:
 //      moe_route: one block of 1024 threads: counts per expert, expert-sorted pair list, and a
-//        list of tiles (expert, first, count <= 64) with their number; dynamic shared memory
+//        list of tiles (expert, first, count <= MOE_TM) with their number; dynamic shared memory
 //        2 * experts u32.
 //      moe_gemm_gate_up_FG: grid (ceil(inter / 64), max_tiles); blocks past the tile count exit.
 //      moe_gemm_down_FD:    grid (ceil(hidden / 64), max_tiles).
 //  * moe_combine_f32: out[t] = sum_slot weights[t, slot] * y[t * k + slot], in slot order
 //    (deterministic, same order as the CPU reference). Grid-stride over n * hidden.
-// An index >= num_experts (never produced by the router) contributes zeros.
+// Pairs whose index is >= num_experts are skipped by every expert kernel (their y rows are left
+// as they are): the host zeroes y first, and the streamed op runs one pass per wave of experts
+// with the other waves' pairs marked that way.
 #include "common.cuh"
 #include "gemv.cuh"
 
@@ -100,23 +102,18 @@ __device__ __forceinline__ void gate_up_body(const u64* table, u32 num_experts, 
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const u32 r0 = (blockIdx.x * MV_WARPS + warp) * MV_R;
     float* hr = h + (u64)p * inter;
-    if (e >= num_experts) {
-        if (lane == 0)
-            for (int j = 0; j < MV_R; j++)
-                if (r0 + j < inter) hr[r0 + j] = 0.f;
-        return;  // uniform across the block: no barrier is skipped by part of it
-    }
+    if (e >= num_experts) return;  // not in this pass; uniform across the block
     const float* xt = x + (u64)(p / k) * hidden;
     WMat g = expert_mat(table, e, 0, inter, hidden, group, sdt);
     WMat u = expert_mat(table, e, 1, inter, hidden, group, sdt);
     float ag[MV_R], au[MV_R];
-    mv_block<FMT, VEC>(g, xs, xt, r0, ag);
+    mv_block<FMT, VEC, MV_R>(g, xs, xt, r0, ag);
     // x is already staged (same permutation for gate and up): compute up directly.
 #pragma unroll
     for (int j = 0; j < MV_R; j++) au[j] = 0.f;
     if (r0 < inter) {
-        if (VEC) mv_vec<FMT>(u, xs, r0, au);
-        else mv_scalar<FMT>(u, xs, r0, au);
+        if (VEC) mv_vec<FMT, MV_R>(u, xs, r0, au);
+        else mv_scalar<FMT, MV_R>(u, xs, r0, au);
     }
 #pragma unroll
     for (int j = 0; j < MV_R; j++) au[j] = warp_sum(au[j]);
@@ -136,15 +133,10 @@ __device__ __forceinline__ void down_body(const u64* table, u32 num_experts, con
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const u32 r0 = (blockIdx.x * MV_WARPS + warp) * MV_R;
     float* yr = y + (u64)p * hidden;
-    if (e >= num_experts) {
-        if (lane == 0)
-            for (int j = 0; j < MV_R; j++)
-                if (r0 + j < hidden) yr[r0 + j] = 0.f;
-        return;
-    }
+    if (e >= num_experts) return;
     WMat d = expert_mat(table, e, 2, hidden, inter, group, sdt);
     float acc[MV_R];
-    mv_block<FMT, VEC>(d, xs, h + (u64)p * inter, r0, acc);
+    mv_block<FMT, VEC, MV_R>(d, xs, h + (u64)p * inter, r0, acc);
     if (lane == 0) {
 #pragma unroll
         for (int j = 0; j < MV_R; j++)
@@ -167,10 +159,10 @@ extern "C" __global__ void moe_route(const u32* idx, u32 pairs, u32 num_experts,
         for (u32 e = 0; e < num_experts; e++) {
             u32 c = cnt[e];
             fill[e] = off;
-            for (u32 s = 0; s < c; s += GT_M) {
+            for (u32 s = 0; s < c; s += MOE_TM) {
                 tiles[3 * nt] = e;
                 tiles[3 * nt + 1] = off + s;
-                tiles[3 * nt + 2] = min(c - s, (u32)GT_M);
+                tiles[3 * nt + 2] = min(c - s, (u32)MOE_TM);
                 nt++;
             }
             off += c;
@@ -190,12 +182,12 @@ __device__ __forceinline__ void moe_gemm_body(const u64* table, const u32* sorte
                                               u32 k, u32 x_width, u32 gather_div, u32 rows, u32 cols, u32 group, int sdt,
                                               float* out, u32 out_width) {
     __shared__ GemmSmem sm;
-    __shared__ const float* xr[GT_M];
-    __shared__ float* orow[GT_M];
+    __shared__ const float* xr[MOE_TM];
+    __shared__ float* orow[MOE_TM];
     const u32 tile = blockIdx.y;
     if (tile >= *ntiles) return;  // uniform across the block
     const u32 e = tiles[3 * tile], first = tiles[3 * tile + 1], count = tiles[3 * tile + 2];
-    if (threadIdx.x < GT_M) {
+    if (threadIdx.x < MOE_TM) {
         u32 i = threadIdx.x;
         if (i < count) {
             u32 p = sorted[first + i];
@@ -209,7 +201,7 @@ __device__ __forceinline__ void moe_gemm_body(const u64* table, const u32* sorte
     __syncthreads();
     WMat w0 = expert_mat(table, e, NMAT == 2 ? 0 : 2, rows, cols, group, sdt);
     WMat w1 = NMAT == 2 ? expert_mat(table, e, 1, rows, cols, group, sdt) : w0;
-    gemm_tile<FMT, NMAT>(w0, w1, xr, orow, blockIdx.x * GT_N, sm);
+    gemm_tile<FMT, NMAT, MOE_TM>(w0, w1, xr, orow, blockIdx.x * GT_N, sm);
 }
 
 #define MOE_KERNELS(NAME, FMT)                                                                                          \

@@ -21,6 +21,7 @@ use crate::error::CudaError;
 /// `(file name, source)` of every kernel program.
 pub const FILES: &[(&str, &str)] = &[
     ("attention.cu", include_str!("../kernels/attention.cu")),
+    ("bandwidth.cu", include_str!("../kernels/bandwidth.cu")),
     ("conv1d.cu", include_str!("../kernels/conv1d.cu")),
     ("elementwise.cu", include_str!("../kernels/elementwise.cu")),
     ("embed.cu", include_str!("../kernels/embed.cu")),

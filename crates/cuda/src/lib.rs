@@ -89,7 +89,9 @@ pub struct CudaBackend {
     kernels: kernels::Kernels,
     scratch: ops::Scratch,
     tables: ops::moe::ExpertTables,
+    staging: ops::moe::Staging,
     smem_optin: usize,
+    sm_count: usize,
     device_name: String,
     arch: String,
     sync_each_op: bool,
@@ -125,6 +127,9 @@ impl CudaBackend {
         let smem_optin = ctx
             .attribute(CUdevice_attribute_enum::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(CudaError::driver("querying shared memory"))? as usize;
+        let sm_count = ctx
+            .attribute(CUdevice_attribute_enum::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(CudaError::driver("querying the multiprocessor count"))? as usize;
         let device_name = ctx.name().unwrap_or_else(|_| "unknown".into());
         let kernels = kernels::Kernels::new(ctx.clone(), arch.clone(), nvrtc, opts.kernel_cache.clone());
         Ok(CudaBackend {
@@ -134,7 +139,9 @@ impl CudaBackend {
             kernels,
             scratch: ops::Scratch::default(),
             tables: Default::default(),
+            staging: Default::default(),
             smem_optin,
+            sm_count,
             device_name,
             arch,
             sync_each_op: opts.sync_each_op,
@@ -166,6 +173,38 @@ impl CudaBackend {
         Ok(self.ctx.mem_get_info().map_err(CudaError::driver("cuMemGetInfo"))?)
     }
 
+    fn read_bandwidth(&mut self) -> Result<f64, CudaError> {
+        self.bind()?;
+        let (free, _) = self.ctx.mem_get_info().map_err(CudaError::driver("cuMemGetInfo"))?;
+        let bytes = (1usize << 30).min(free / 4) / 16 * 16;
+        let blocks = (self.sm_count * 8) as u32;
+        let src = pool::DevMem::zeroed(&self.ctx, &self.stream, bytes, "bandwidth probe")?;
+        let out = pool::DevMem::zeroed(&self.ctx, &self.stream, blocks as usize * 4, "bandwidth probe sums")?;
+        let f = self.kernels.get("bandwidth.cu", "read_sum_f32")?;
+        let (x, n4, o) = (src.ptr, (bytes / 16) as u64, out.ptr);
+        let cfg = cudarc::driver::LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        const LAUNCHES: usize = 4;
+        let mut best = 0f64;
+        for run in 0..6 {
+            let t = Instant::now();
+            for _ in 0..LAUNCHES {
+                let mut b = self.stream.launch_builder(&f);
+                cudarc::driver::PushKernelArg::arg(&mut b, &x);
+                cudarc::driver::PushKernelArg::arg(&mut b, &n4);
+                cudarc::driver::PushKernelArg::arg(&mut b, &o);
+                // SAFETY: read_sum_f32(const float4*, u64, float*); src holds n4 float4s
+                // (16-byte aligned device allocation), out `blocks` floats.
+                unsafe { b.launch(cfg) }.map_err(|err| CudaError::Launch { kernel: "read_sum_f32", err })?;
+            }
+            self.sync("bandwidth probe")?;
+            let dt = t.elapsed().as_secs_f64();
+            if run > 0 {
+                best = best.max((bytes * LAUNCHES) as f64 / dt);
+            }
+        }
+        Ok(best)
+    }
+
     fn bind(&self) -> Result<(), CudaError> {
         self.ctx.bind_to_thread().map_err(CudaError::driver("binding the context to this thread"))
     }
@@ -186,7 +225,9 @@ impl CudaBackend {
             pool: &mut self.pool,
             scratch: &mut self.scratch,
             tables: &mut self.tables,
+            staging: &mut self.staging,
             smem_optin: self.smem_optin,
+            sm_count: self.sm_count,
             recent: &mut self.recent,
         };
         ops::encode_op(&mut enc, op)
@@ -270,6 +311,11 @@ impl Backend for CudaBackend {
             }
         }
         Ok(())
+    }
+
+    /// Read bandwidth of device memory: a summing kernel over 1 GiB, best of several runs.
+    fn measure_bandwidth(&mut self) -> Result<f64, CoreError> {
+        Ok(self.read_bandwidth()?)
     }
 
     fn set_profiling(&mut self, on: bool) {

@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use half::{bf16, f16};
 use moeflux_core::{
-    Act, Backend, BufId, Cache, ColPart, DType, ExpertWeights, Graph, Idx, Lifetime, Matrix, Op, PoolExt, Pos, RawBufId, Region, Role,
-    State, Tokens, Vector, Weight, WeightBytes, WeightFormat,
+    Act, Backend, BufId, Cache, ColPart, CoreError, DType, ExpertProvider, ExpertWeights, Graph, Idx, Lifetime, Matrix, Op, PoolExt,
+    Pos, RawBufId, Region, Role, State, Tokens, Vector, Weight, WeightBytes, WeightFormat,
 };
 use moeflux_cpu::CpuBackend;
 use moeflux_cuda::CudaBackend;
@@ -395,6 +395,20 @@ fn matmul_odd_shapes() {
             });
         }
     }
+    // Tall matrices: the decode kernels switch to 2 and 4 rows per warp once that still gives
+    // every SM two blocks (132 SMs: > 4224 rows for 2, > 8448 for 4).
+    for (f, rows) in [(WFmt::Q(4, 64, DType::BF16), 8500), (WFmt::BF16, 4300), (WFmt::Q(8, 32, DType::F16), 8500), (WFmt::F32, 4300)] {
+        for n in [1, 2] {
+            check(&format!("matmul {f:?} {rows}x256 n {n}"), 302, 2e-5, &|s| {
+                let cols = 256;
+                let w = matrix(s, f, rows, cols, 0);
+                let x = s.rand(n * cols, 1.0);
+                let x = s.input(&x, "x");
+                let out = s.output(n * rows, "out");
+                s.op(Op::Matmul { x, w, out, n });
+            });
+        }
+    }
     // Wide input: the staged x needs more than 48 KiB of shared memory.
     check("matmul f32 wide", 301, 2e-5, &|s| {
         let (rows, cols, n) = (40, 16384, 1);
@@ -533,15 +547,19 @@ fn kv_append() {
 #[test]
 fn attention() {
     // (heads, kv_heads, head_dim, positions)
-    let cases: [(usize, usize, usize, Vec<u32>); 4] = [
+    // Up to 4 queries take the split (flash-decoding) kernels, more the one-pass kernel.
+    let cases: [(usize, usize, usize, Vec<u32>); 6] = [
         (8, 2, 64, vec![0, 17, 299]),
         (4, 4, 80, vec![250]),
         (16, 2, 128, vec![5, 6, 7, 8, 9, 10]),
         (6, 3, 256, vec![123]),
+        (8, 1, 128, vec![1999, 3]),
+        (4, 2, 32, vec![700, 701, 702, 703, 704]),
     ];
     for (heads, kv_heads, head_dim, positions) in cases {
         check(&format!("attention h {heads} kv {kv_heads} hd {head_dim} pos {positions:?}"), 19, 1e-5, &|s| {
-            let (n, max_ctx) = (positions.len(), 300);
+            let n = positions.len();
+            let max_ctx = (*positions.iter().max().unwrap() as usize + 1).max(300);
             let kv = max_ctx * kv_heads * head_dim;
             let q = s.rand(n * heads * head_dim, 1.0);
             let q = s.input(&q, "q");
@@ -665,6 +683,73 @@ fn moe_experts() {
     }
 }
 
+/// Expert records held in memory, served like a tiered store (budget = max_in_flight).
+#[derive(Debug)]
+struct TestStore {
+    layout: ExpertWeights,
+    records: Vec<Arc<Vec<u8>>>,
+    budget: usize,
+}
+
+impl ExpertProvider for TestStore {
+    fn layout(&self) -> ExpertWeights {
+        self.layout
+    }
+    fn record_bytes(&self) -> usize {
+        self.records[0].len()
+    }
+    fn max_in_flight(&self) -> usize {
+        self.budget
+    }
+    fn fetch(&self, _layer: usize, expert: usize) -> Result<Arc<dyn AsRef<[u8]> + Send + Sync>, CoreError> {
+        Ok(self.records[expert].clone())
+    }
+}
+
+fn gen_store(s: &mut Setup, e: usize, hidden: usize, inter: usize, gu: WFmt, dn: WFmt, skew: usize, budget: usize) -> Arc<dyn ExpertProvider> {
+    let mut records = Vec::new();
+    let mut layout = None;
+    for _ in 0..e {
+        let mut rec = Vec::new();
+        let gate = gen_matrix(&mut s.rng, &mut rec, gu, inter, hidden, skew);
+        let up = gen_matrix(&mut s.rng, &mut rec, gu, inter, hidden, skew);
+        let down = gen_matrix(&mut s.rng, &mut rec, dn, hidden, inter, skew);
+        rec.resize(rec.len() + 5, 0); // records need not end on a matrix
+        layout.get_or_insert(ExpertWeights { gate, up, down });
+        records.push(Arc::new(rec));
+    }
+    Arc::new(TestStore { layout: layout.unwrap(), records, budget })
+}
+
+#[test]
+fn moe_experts_streamed() {
+    let q4 = WFmt::Q(4, 32, DType::BF16);
+    let q8 = WFmt::Q(8, 32, DType::F32);
+    for (ci, (gu, dn)) in [(q4, q4), (WFmt::BF16, WFmt::BF16), (q4, q8)].into_iter().enumerate() {
+        for (skew, budget) in [(0, 3), (4, 100), (0, 1)] {
+            for n in [1, 5, 70] {
+                check(&format!("moe_experts_streamed {gu:?}/{dn:?} skew {skew} budget {budget} n {n}"), 600 + ci as u64, 2e-5, &|s| {
+                    let (e, k, hidden, inter) = (8, 2, 256, 96);
+                    let store = gen_store(s, e, hidden, inter, gu, dn, skew, budget);
+                    let x = s.rand(n * hidden, 1.0);
+                    let x = s.input(&x, "x");
+                    let mut ids = Vec::new();
+                    for _ in 0..n {
+                        let a = s.rng.below(e);
+                        let b = (a + 1 + s.rng.below(e - 1)) % e;
+                        ids.extend([a as u32, b as u32]);
+                    }
+                    let idx: BufId<Idx> = s.input_u32(&ids, "idx");
+                    let w = s.rand(n * k, 1.0);
+                    let weights = s.input(&w, "weights");
+                    let out = s.output(n * hidden, "out");
+                    s.op(Op::MoeExpertsStreamed { x, idx, weights, store, layer: 3, out, n, k, hidden, inter });
+                });
+            }
+        }
+    }
+}
+
 /// Router + experts + shared expert through transients: exercises the plan's aliasing, the
 /// device-side routing feeding the experts, and expert-table reuse across two layers.
 #[test]
@@ -750,6 +835,17 @@ fn pool_semantics() {
     let huge = pool.alloc_raw(1 << 50, "huge", Lifetime::Persistent).unwrap_err();
     assert!(matches!(huge, moeflux_core::CoreError::OutOfMemory { .. }), "{huge}");
     assert!(huge.to_string().contains("huge"), "{huge}");
+}
+
+#[test]
+fn bandwidth_probe() {
+    let Some(mut gpu) = device() else { return };
+    if gpu.name() != "cuda" {
+        return;
+    }
+    let bw = gpu.measure_bandwidth().unwrap();
+    eprintln!("read bandwidth {:.2} TB/s", bw / 1e12);
+    assert!(bw > 1e11 && bw < 1e14, "implausible bandwidth {bw}");
 }
 
 /// A graph replayed several times keeps its recurrent state on the device and matches the CPU

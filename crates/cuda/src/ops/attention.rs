@@ -9,6 +9,12 @@ use crate::error::CudaError;
 /// `ATT_WARPS` and `ATT_MAXD` in attention.cu.
 const WARPS: u32 = 8;
 const MAX_HEAD_DIM: usize = 8 * 32;
+/// `AS_WARPS` and `AS_KEYS` in attention.cu (the split, flash-decoding path).
+const SPLIT_WARPS: u32 = 4;
+const SPLIT_KEYS: usize = 256;
+/// Batches up to this many queries take the split path: few queries leave the one-block-per-
+/// (query, head) kernel with too few blocks to fill the GPU over a long context.
+pub(crate) const SPLIT_MAX_N: usize = 4;
 
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn kv_append(
@@ -62,14 +68,26 @@ pub(crate) fn attention(
     if s.max_ctx == 0 {
         return Err(CudaError::Unsupported { op: OP, msg: "max_ctx is 0".into() });
     }
-    let cfg = LaunchConfig {
-        grid_dim: (u32_of(s.heads, "heads", OP)?, grid_y(s.n, "tokens", OP)?, 1),
-        block_dim: (WARPS * 32, 1, 1),
-        shared_mem_bytes: 0,
-    };
     let (qp, pp, kc, vc, op) = (enc.buf(q.raw())?, enc.buf(pos.raw())?, enc.buf(k_cache.raw())?, enc.buf(v_cache.raw())?, enc.buf(out.raw())?);
     let (h, kvh, hd, scale, mc) =
         (u32_of(s.heads, "heads", OP)?, u32_of(s.kv_heads, "kv_heads", OP)?, u32_of(s.head_dim, "head_dim", OP)?, s.scale, u32_of(s.max_ctx, "max_ctx", OP)?);
+    let ty = grid_y(s.n, "tokens", OP)?;
+    if s.n <= SPLIT_MAX_N {
+        let splits = s.max_ctx.div_ceil(SPLIT_KEYS);
+        let sp = grid_y(splits, "key splits", OP)?;
+        let part = enc.scratch.get(enc.stream, s.n * s.heads * splits * (s.head_dim + 2) * 4)?;
+        let cfg = LaunchConfig { grid_dim: (h, ty, sp), block_dim: (SPLIT_WARPS * 32, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: attention_split_f32(const float*, const u32*, const float*, const float*, float*,
+        // u32, u32, u32, float, u32, u32); q holds n * heads * head_dim floats, caches max_ctx *
+        // kv_heads * head_dim (Graph::validate); part (scratch) n * heads * splits * (head_dim + 2);
+        // heads % kv_heads == 0 (check_shapes); keys are clamped to max_ctx in the kernel.
+        unsafe { launch!(enc, "attention.cu", "attention_split_f32", cfg, [qp, pp, kc, vc, part, h, kvh, hd, scale, mc, sp]) }?;
+        let cfg = LaunchConfig { grid_dim: (h, ty, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: attention_merge_f32(const float*, float*, u32, u32, u32); part as written above,
+        // out n * heads * head_dim floats.
+        return unsafe { launch!(enc, "attention.cu", "attention_merge_f32", cfg, [part, op, h, hd, sp]) };
+    }
+    let cfg = LaunchConfig { grid_dim: (h, ty, 1), block_dim: (WARPS * 32, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: attention_f32(const float*, const u32*, const float*, const float*, float*, u32,
     // u32, u32, float, u32); q/out hold n * heads * head_dim floats, caches max_ctx * kv_heads
     // * head_dim (Graph::validate); heads % kv_heads == 0 (check_shapes); the kernel clamps

@@ -12,13 +12,20 @@ use crate::error::CudaError;
 
 pub(crate) const MATVEC_MAX_N: usize = 2;
 
-const MATVEC_VEC: [&str; 5] = ["matvec_vec_f32", "matvec_vec_f16", "matvec_vec_bf16", "matvec_vec_q4", "matvec_vec_q8"];
-const MATVEC_SCALAR: [&str; 5] = ["matvec_scalar_f32", "matvec_scalar_f16", "matvec_scalar_bf16", "matvec_scalar_q4", "matvec_scalar_q8"];
+const MATVEC_VEC_R1: [&str; 5] = ["matvec_vec_f32_r1", "matvec_vec_f16_r1", "matvec_vec_bf16_r1", "matvec_vec_q4_r1", "matvec_vec_q8_r1"];
+const MATVEC_VEC_R2: [&str; 5] = ["matvec_vec_f32_r2", "matvec_vec_f16_r2", "matvec_vec_bf16_r2", "matvec_vec_q4_r2", "matvec_vec_q8_r2"];
+const MATVEC_VEC_R4: [&str; 5] = ["matvec_vec_f32_r4", "matvec_vec_f16_r4", "matvec_vec_bf16_r4", "matvec_vec_q4_r4", "matvec_vec_q8_r4"];
+const MATVEC_SCALAR_R1: [&str; 5] =
+    ["matvec_scalar_f32_r1", "matvec_scalar_f16_r1", "matvec_scalar_bf16_r1", "matvec_scalar_q4_r1", "matvec_scalar_q8_r1"];
+const MATVEC_SCALAR_R4: [&str; 5] =
+    ["matvec_scalar_f32_r4", "matvec_scalar_f16_r4", "matvec_scalar_bf16_r4", "matvec_scalar_q4_r4", "matvec_scalar_q8_r4"];
 const GEMM: [&str; 5] = ["gemm_f32", "gemm_f16", "gemm_bf16", "gemm_q4", "gemm_q8"];
 
-/// Rows per matrix-vector block (`MV_ROWS_PER_BLOCK` in gemv.cuh) and GEMM tile sizes.
-pub(crate) const MV_ROWS: usize = 32;
+/// Rows per block of the expert matrix-vector kernels (8 warps x `MV_R` = 2 in gemv.cuh), the
+/// dense GEMM tile (`GT_M` = `GT_N`) and the expert GEMM's pairs per tile (`MOE_TM`).
+pub(crate) const MV_ROWS: usize = 16;
 pub(crate) const GT: usize = 64;
+pub(crate) const MOE_TM: usize = 16;
 
 /// Dynamic shared memory of a matrix-vector block over `cols` inputs (x staged, padded to the
 /// warp span of one step).
@@ -37,12 +44,23 @@ pub(crate) fn matmul(enc: &mut Enc<'_>, x: BufId<Act>, w: &Matrix, out: BufId<Ac
         let vec = vec_ok(fmt, wa.data, w.cols, wa.group);
         let smem = mv_smem(w.cols, if vec { fmt.elems16() } else { 4 });
         if smem <= enc.smem_optin {
+            // Rows per warp: as many as still give every SM two blocks (x is staged once per
+            // block, so more rows per block amortise it; fewer keep small matrices parallel).
+            let enough = |r: usize| w.rows.div_ceil(8 * r) * n >= 2 * enc.sm_count;
+            let r = if enough(4) { 4 } else if vec && enough(2) { 2 } else { 1 };
+            let names = match (vec, r) {
+                (true, 4) => &MATVEC_VEC_R4,
+                (true, 2) => &MATVEC_VEC_R2,
+                (true, _) => &MATVEC_VEC_R1,
+                (false, 4) => &MATVEC_SCALAR_R4,
+                (false, _) => &MATVEC_SCALAR_R1,
+            };
             let cfg = LaunchConfig {
-                grid_dim: (u32_of(w.rows.div_ceil(MV_ROWS), "row blocks", OP)?, n as u32, 1),
+                grid_dim: (u32_of(w.rows.div_ceil(8 * r), "row blocks", OP)?, n as u32, 1),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: smem as u32,
             };
-            let name = fmt.pick(if vec { &MATVEC_VEC } else { &MATVEC_SCALAR });
+            let name = fmt.pick(names);
             // SAFETY: matvec_*(WMat, const float*, float*); x holds n * cols floats and out
             // n * rows (Graph::validate); the vector path's alignment was checked by vec_ok.
             return unsafe { launch!(enc, "matmul.cu", name, cfg, [wa, xp, op]) };

@@ -167,8 +167,11 @@ pub(crate) struct Enc<'a> {
     pub pool: &'a mut CudaPool,
     pub scratch: &'a mut Scratch,
     pub tables: &'a mut moe::ExpertTables,
+    pub staging: &'a mut moe::Staging,
     /// Largest dynamic shared memory a block may opt into.
     pub smem_optin: usize,
+    /// Streaming multiprocessors of the device (grid sizing).
+    pub sm_count: usize,
     /// Kernels enqueued since the last synchronisation (named in execution errors).
     pub recent: &'a mut Vec<&'static str>,
 }
@@ -236,15 +239,13 @@ pub(crate) fn encode_op(enc: &mut Enc<'_>, op: &Op) -> Result<(), CudaError> {
             gated_delta::gated_delta(enc, *qkv, *a, *b, a_log, dt_bias, *state, *out, &shape)
         }
         Op::RouterTopK { logits, idx, weights, n, experts, k, renorm } => moe::router_topk(enc, *logits, *idx, *weights, *n, *experts, *k, *renorm),
+        Op::MoeExpertsStreamed { x, idx, weights, store, layer, out, n, k, hidden, inter } => {
+            let shape = moe::MoeShape { n: *n, k: *k, hidden: *hidden, inter: *inter };
+            moe::moe_experts_streamed(enc, *x, *idx, *weights, store, *layer, *out, &shape)
+        }
         Op::MoeExperts { x, idx, weights, experts, out, n, k, hidden, inter } => {
             let shape = moe::MoeShape { n: *n, k: *k, hidden: *hidden, inter: *inter };
             moe::moe_experts(enc, *x, *idx, *weights, experts, *out, &shape)
         }
-        // Tiered expert streaming into VRAM is not built yet: refuse clearly instead of
-        // reading host pointers on the device.
-        Op::MoeExpertsStreamed { layer, .. } => Err(CudaError::Unsupported {
-            op: "moe_experts_streamed",
-            msg: format!("layer {layer}: streamed (packed) experts are not supported on CUDA yet; run packed models with --device cpu"),
-        }),
     }
 }

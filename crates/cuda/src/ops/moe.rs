@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use cudarc::driver::result as drv;
 use cudarc::driver::{CudaStream, LaunchConfig};
-use moeflux_core::{Act, BufId, ExpertWeights, Idx, Matrix};
+use moeflux_core::{Act, BufId, ExpertProvider, ExpertWeights, Idx, Matrix};
 
-use super::matmul::{GT, MV_ROWS, mv_smem};
+use super::matmul::{GT, MOE_TM, MV_ROWS, mv_smem};
 use super::{Enc, Fmt, format_of, grid_1d, grid_y, launch, u32_of, vec_ok};
 use crate::error::CudaError;
 use crate::pool::{CudaPool, DevMem};
@@ -170,25 +170,74 @@ pub(crate) fn moe_experts(
         return Ok(());
     }
     let ti = enc.tables.index(enc.pool, enc.stream, experts)?;
-    let (table, gu, dn) = {
+    let (table, gate_up, down) = {
         let t = &enc.tables.tables[ti];
         (t.mem.ptr, t.gate_up, t.down)
     };
-    let ne = u32_of(experts.len(), "experts", OP)?;
-    let pairs = s.n * s.k;
-    let max_tiles = pairs.div_ceil(GT) + experts.len().min(pairs);
-
-    // Scratch: h [pairs, inter] | y [pairs, hidden] | sorted [pairs] | tiles [max_tiles * 3] | ntiles
-    let h_off = 0;
-    let y_off = h_off + align256(pairs * s.inter * 4);
-    let sorted_off = y_off + align256(pairs * s.hidden * 4);
-    let tiles_off = sorted_off + align256(pairs * 4);
-    let ntiles_off = tiles_off + align256(max_tiles * 12);
-    let base = enc.scratch.get(enc.stream, ntiles_off + 256)?;
-    let (h, y, sorted, tiles, ntiles) =
-        (base + h_off as u64, base + y_off as u64, base + sorted_off as u64, base + tiles_off as u64, base + ntiles_off as u64);
-
+    let sc = ScratchLayout::new(s, experts.len(), 0, 0);
+    let base = enc.scratch.get(enc.stream, sc.total)?;
     let (xp, ip, wp, op) = (enc.buf(x.raw())?, enc.buf(idx.raw())?, enc.buf(weights.raw())?, enc.buf(out.raw())?);
+    zero_y(enc, &sc, base, s)?;
+    let pass = Pass { table, num_experts: u32_of(experts.len(), "experts", OP)?, gate_up, down, idx: ip };
+    expert_pass(enc, &pass, &sc, base, xp, s, OP)?;
+    combine(enc, &sc, base, wp, op, s, OP)
+}
+
+/// One pass of the routed experts over the pairs whose (possibly remapped) index is below
+/// `num_experts`: h and y rows of those pairs are written, the others are left alone.
+struct Pass {
+    table: u64,
+    num_experts: u32,
+    gate_up: RoleFmt,
+    down: RoleFmt,
+    /// Device `[n * k]` u32 expert index per pair, as the table numbers them.
+    idx: u64,
+}
+
+/// Byte offsets in the scratch block: h [pairs, inter] | y [pairs, hidden] | sorted [pairs] |
+/// tiles [max_tiles * 3] | ntiles | (streamed) idx [pairs] | table [wave * 9 u64].
+struct ScratchLayout {
+    h: usize,
+    y: usize,
+    sorted: usize,
+    tiles: usize,
+    ntiles: usize,
+    wave_idx: usize,
+    wave_table: usize,
+    total: usize,
+    max_tiles: usize,
+}
+
+impl ScratchLayout {
+    fn new(s: &MoeShape, num_experts: usize, wave_idx_pairs: usize, wave_experts: usize) -> Self {
+        let pairs = s.n * s.k;
+        let max_tiles = pairs.div_ceil(MOE_TM) + num_experts.min(pairs);
+        let h = 0;
+        let y = h + align256(pairs * s.inter * 4);
+        let sorted = y + align256(pairs * s.hidden * 4);
+        let tiles = sorted + align256(pairs * 4);
+        let ntiles = tiles + align256(max_tiles * 12);
+        let wave_idx = ntiles + 256;
+        let wave_table = wave_idx + align256(wave_idx_pairs * 4);
+        let total = wave_table + align256(wave_experts * 9 * 8);
+        ScratchLayout { h, y, sorted, tiles, ntiles, wave_idx, wave_table, total, max_tiles }
+    }
+}
+
+fn zero_y(enc: &mut Enc<'_>, sc: &ScratchLayout, base: u64, s: &MoeShape) -> Result<(), CudaError> {
+    // Every pair's y row is read by the combine; pairs no pass computes stay zero.
+    // SAFETY: y spans pairs * hidden floats of scratch.
+    unsafe { drv::memset_d8_async(base + sc.y as u64, 0, s.n * s.k * s.hidden * 4, enc.stream.cu_stream()) }
+        .map_err(CudaError::driver("moe: zeroing y"))
+}
+
+#[allow(non_snake_case)] // OP names the op in errors, as in the other op functions
+fn expert_pass(enc: &mut Enc<'_>, pass: &Pass, sc: &ScratchLayout, base: u64, xp: u64, s: &MoeShape, OP: &'static str) -> Result<(), CudaError> {
+    let (gu, dn) = (pass.gate_up, pass.down);
+    let (table, ne, ip) = (pass.table, pass.num_experts, pass.idx);
+    let pairs = s.n * s.k;
+    let (h, y, sorted, tiles, ntiles) =
+        (base + sc.h as u64, base + sc.y as u64, base + sc.sorted as u64, base + sc.tiles as u64, base + sc.ntiles as u64);
     let (k, hidden, inter) = (u32_of(s.k, "k", OP)?, u32_of(s.hidden, "hidden", OP)?, u32_of(s.inter, "inter", OP)?);
     let (gu_group, gu_sdt, dn_group, dn_sdt) = (gu.group, gu.sdt, dn.group, dn.sdt);
 
@@ -203,9 +252,10 @@ pub(crate) fn moe_experts(
         };
         let name = gu.fmt.pick(if gu.vec { &GATE_UP_VEC } else { &GATE_UP_SCALAR });
         // SAFETY: moe_gate_up_*(const u64*, u32, const float*, const u32*, u32, u32, u32, u32,
-        // int, float*); the table holds 9 pointers per expert into registered weights whose
-        // extents Graph::validate checked for every expert; x holds n * hidden floats, idx
-        // n * k; h (scratch) pairs * inter. Out-of-range expert ids write zeros.
+        // int, float*); the table holds 9 pointers per expert to matrices whose extents were
+        // checked (Graph::validate for resident experts, the record size for streamed ones);
+        // x holds n * hidden floats, idx n * k; h (scratch) pairs * inter. Pairs with an index
+        // >= ne are skipped.
         unsafe { launch!(enc, "moe.cu", name, cfg, [table, ne, xp, ip, k, hidden, inter, gu_group, gu_sdt, h]) }?;
         let cfg = LaunchConfig {
             grid_dim: (u32_of(s.hidden.div_ceil(MV_ROWS), "row blocks", OP)?, grid_y(pairs, "pairs", OP)?, 1),
@@ -215,21 +265,18 @@ pub(crate) fn moe_experts(
         let name = dn.fmt.pick(if dn.vec { &DOWN_VEC } else { &DOWN_SCALAR });
         // SAFETY: moe_down_*(const u64*, u32, const float*, const u32*, u32, u32, u32, int,
         // float*); h holds pairs * inter floats and y (scratch) pairs * hidden.
-        unsafe { launch!(enc, "moe.cu", name, cfg, [table, ne, h, ip, hidden, inter, dn_group, dn_sdt, y]) }?;
+        unsafe { launch!(enc, "moe.cu", name, cfg, [table, ne, h, ip, hidden, inter, dn_group, dn_sdt, y]) }
     } else {
-        let route_smem = 2 * experts.len() * 4;
+        let route_smem = 2 * ne as usize * 4;
         if route_smem > enc.smem_optin {
-            return Err(CudaError::Unsupported { op: OP, msg: format!("{} experts exceed the routing kernel's shared memory", experts.len()) });
+            return Err(CudaError::Unsupported { op: OP, msg: format!("{ne} experts exceed the routing kernel's shared memory") });
         }
-        // Pairs routed nowhere (never produced by the router) must still read as zeros.
-        // SAFETY: y spans pairs * hidden floats of scratch.
-        unsafe { drv::memset_d8_async(y, 0, pairs * s.hidden * 4, enc.stream.cu_stream()) }.map_err(CudaError::driver("moe: zeroing y"))?;
         let p_u = u32_of(pairs, "pairs", OP)?;
         let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: route_smem as u32 };
         // SAFETY: moe_route(const u32*, u32, u32, u32*, u32*, u32*); idx holds pairs entries;
         // sorted / tiles / ntiles are scratch sized pairs, 3 * max_tiles and 1.
         unsafe { launch!(enc, "moe.cu", "moe_route", cfg, [ip, p_u, ne, sorted, tiles, ntiles]) }?;
-        let ty = grid_y(max_tiles, "expert tiles", OP)?;
+        let ty = grid_y(sc.max_tiles, "expert tiles", OP)?;
         let cfg = LaunchConfig { grid_dim: (u32_of(s.inter.div_ceil(GT), "row tiles", OP)?, ty, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: moe_gemm_gate_up_*(const u64*, const u32*, const u32*, const u32*, const
         // float*, u32, u32, u32, u32, int, float*); tiles beyond *ntiles exit; rows as above.
@@ -237,10 +284,142 @@ pub(crate) fn moe_experts(
         let cfg = LaunchConfig { grid_dim: (u32_of(s.hidden.div_ceil(GT), "row tiles", OP)?, ty, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: moe_gemm_down_*(const u64*, const u32*, const u32*, const u32*, const float*,
         // u32, u32, u32, int, float*); h pairs * inter, y pairs * hidden floats.
-        unsafe { launch!(enc, "moe.cu", dn.fmt.pick(&GEMM_DOWN), cfg, [table, sorted, tiles, ntiles, h, hidden, inter, dn_group, dn_sdt, y]) }?;
+        unsafe { launch!(enc, "moe.cu", dn.fmt.pick(&GEMM_DOWN), cfg, [table, sorted, tiles, ntiles, h, hidden, inter, dn_group, dn_sdt, y]) }
     }
-    let n_u = u32_of(s.n, "n", OP)?;
+}
+
+fn combine(enc: &mut Enc<'_>, sc: &ScratchLayout, base: u64, wp: u64, op: u64, s: &MoeShape, name: &'static str) -> Result<(), CudaError> {
+    let y = base + sc.y as u64;
+    let (n_u, k, hidden) = (u32_of(s.n, "n", name)?, u32_of(s.k, "k", name)?, u32_of(s.hidden, "hidden", name)?);
     // SAFETY: moe_combine_f32(const float*, const float*, float*, u32, u32, u32); y holds
     // pairs * hidden floats, weights n * k, out n * hidden (Graph::validate).
     unsafe { launch!(enc, "moe.cu", "moe_combine_f32", grid_1d(s.n * s.hidden), [y, wp, op, n_u, k, hidden]) }
+}
+
+/// Device memory holding the expert records of one wave of a streamed op, grown on demand.
+#[derive(Default)]
+pub(crate) struct Staging {
+    mem: Option<DevMem>,
+}
+
+/// [`Op::MoeExpertsStreamed`](moeflux_core::Op::MoeExpertsStreamed): the experts live behind a
+/// host-side provider, so this op reads the routing back (the one host round-trip in a graph),
+/// then, one wave of at most `max_in_flight` experts at a time: fetches the records, copies
+/// them into device staging, and runs the expert kernels on that wave's pairs (the others are
+/// marked out of range). The combine runs once at the end, in slot order, so the result equals
+/// the resident op's.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn moe_experts_streamed(
+    enc: &mut Enc<'_>,
+    x: BufId<Act>,
+    idx: BufId<Idx>,
+    weights: BufId<Act>,
+    store: &Arc<dyn ExpertProvider>,
+    layer: usize,
+    out: BufId<Act>,
+    s: &MoeShape,
+) -> Result<(), CudaError> {
+    const OP: &str = "moe_experts_streamed";
+    if s.n == 0 || s.hidden == 0 {
+        return Ok(());
+    }
+    let pairs = s.n * s.k;
+    let layout = store.layout();
+    let record = store.record_bytes();
+    let slot = align256(record);
+    let wave_max = store.max_in_flight().max(1);
+    let (gu_fmt, gu_group, gu_sdt) = format_of(layout.gate.format, OP)?;
+    let (dn_fmt, dn_group, dn_sdt) = format_of(layout.down.format, OP)?;
+    if layout.up.format != layout.gate.format {
+        return Err(CudaError::Unsupported { op: OP, msg: format!("gate ({}) and up ({}) differ in format", layout.gate.format, layout.up.format) });
+    }
+    // Every matrix must lie inside the record (check_shapes only checks the start offsets).
+    for (what, m) in [("gate", &layout.gate), ("up", &layout.up), ("down", &layout.down)] {
+        let end = m.data.offset + m.format.data_bytes(m.rows, m.cols);
+        let send = [m.scales, m.biases].iter().flatten().map(|r| r.offset + m.format.scale_bytes(m.rows, m.cols)).max().unwrap_or(0);
+        if end.max(send) > record {
+            return Err(CudaError::Unsupported { op: OP, msg: format!("{what} of the expert layout ends past the {record}-byte record") });
+        }
+    }
+
+    // Routing back to the host (waits for the router).
+    let ip = enc.buf(idx.raw())?;
+    let mut host_idx = vec![0u32; pairs];
+    // SAFETY: idx holds n * k u32 (Graph::validate); synchronised before host_idx is read.
+    unsafe { drv::memcpy_dtoh_async(&mut host_idx[..], ip, enc.stream.cu_stream()) }.map_err(CudaError::driver("moe streamed: reading routing"))?;
+    enc.stream.synchronize().map_err(CudaError::driver("moe streamed: reading routing"))?;
+    let mut active: Vec<u32> = host_idx.clone();
+    active.sort_unstable();
+    active.dedup();
+    store.layer_routed(layer, &active.iter().map(|&e| e as usize).collect::<Vec<_>>());
+
+    let wave_n = wave_max.min(active.len().max(1));
+    let sc = ScratchLayout::new(s, wave_n, pairs, wave_n);
+    let base = enc.scratch.get(enc.stream, sc.total)?;
+    let stage = {
+        let need = wave_n * slot;
+        if enc.staging.mem.as_ref().is_none_or(|m| m.bytes < need) {
+            enc.stream.synchronize().map_err(CudaError::driver("synchronising before growing expert staging"))?;
+            enc.staging.mem = None;
+            enc.staging.mem = Some(DevMem::zeroed(enc.stream.context(), enc.stream, need, "expert staging")?);
+        }
+        enc.staging.mem.as_ref().map(|m| m.ptr).unwrap_or(0)
+    };
+    let xp = enc.buf(x.raw())?;
+    let (wp, op) = (enc.buf(weights.raw())?, enc.buf(out.raw())?);
+    zero_y(enc, &sc, base, s)?;
+    let (wave_idx, wave_table) = (base + sc.wave_idx as u64, base + sc.wave_table as u64);
+
+    for wave in active.chunks(wave_max) {
+        // Fetch (host) and stage (device) this wave's records; they stay referenced until the
+        // wave's kernels have run.
+        let mut records = Vec::with_capacity(wave.len());
+        let mut ptrs: Vec<u64> = Vec::with_capacity(wave.len() * 9);
+        let (mut gu_vec, mut dn_vec) = (true, true);
+        for (i, &e) in wave.iter().enumerate() {
+            let rec = store.fetch(layer, e as usize).map_err(|err| CudaError::Unsupported { op: OP, msg: format!("fetching expert {e} of layer {layer}: {err}") })?;
+            let bytes: &[u8] = (*rec).as_ref();
+            if bytes.len() < record {
+                return Err(CudaError::Unsupported { op: OP, msg: format!("expert {e} of layer {layer}: record of {} bytes, layout needs {record}", bytes.len()) });
+            }
+            let dst = stage + (i * slot) as u64;
+            // SAFETY: slot i of the staging block holds `slot` >= record bytes.
+            unsafe { drv::memcpy_htod_async(dst, &bytes[..record], enc.stream.cu_stream()) }.map_err(CudaError::driver("moe streamed: staging a record"))?;
+            for (j, m) in [&layout.gate, &layout.up, &layout.down].into_iter().enumerate() {
+                let data = dst + m.data.offset as u64;
+                let ok = if j < 2 { vec_ok(gu_fmt, data, m.cols, gu_group) } else { vec_ok(dn_fmt, data, m.cols, dn_group) };
+                if !ok {
+                    if j < 2 {
+                        gu_vec = false;
+                    } else {
+                        dn_vec = false;
+                    }
+                }
+                ptrs.push(data);
+                ptrs.push(m.scales.map_or(0, |r| dst + r.offset as u64));
+                ptrs.push(m.biases.map_or(0, |r| dst + r.offset as u64));
+            }
+            records.push(rec);
+        }
+        // Pairs of this wave get their slot in the wave, the others an out-of-range index.
+        let local: Vec<u32> = host_idx.iter().map(|e| wave.iter().position(|w| w == e).map_or(u32::MAX, |i| i as u32)).collect();
+        // SAFETY: wave_idx holds `pairs` u32 and wave_table wave_n * 9 u64 of scratch.
+        unsafe {
+            drv::memcpy_htod_async(wave_idx, &local[..], enc.stream.cu_stream()).map_err(CudaError::driver("moe streamed: wave routing"))?;
+            drv::memcpy_htod_async(wave_table, &ptrs[..], enc.stream.cu_stream()).map_err(CudaError::driver("moe streamed: wave table"))?;
+        }
+        let pass = Pass {
+            table: wave_table,
+            num_experts: u32_of(wave.len(), "wave", OP)?,
+            gate_up: RoleFmt { fmt: gu_fmt, group: gu_group, sdt: gu_sdt, vec: gu_vec },
+            down: RoleFmt { fmt: dn_fmt, group: dn_group, sdt: dn_sdt, vec: dn_vec },
+            idx: wave_idx,
+        };
+        expert_pass(enc, &pass, &sc, base, xp, s, OP)?;
+        // The staging slots, the wave's routing and table are rewritten by the next wave, and
+        // the records may be dropped: wait for this wave's kernels.
+        enc.stream.synchronize().map_err(CudaError::driver("moe streamed: wave"))?;
+        drop(records);
+    }
+    combine(enc, &sc, base, wp, op, s, OP)
 }
