@@ -32,6 +32,8 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Repack a checkpoint for tiered expert streaming (experts as contiguous records).
     Convert(ConvertArgs),
+    /// Serve the model over an OpenAI- and Anthropic-compatible HTTP API.
+    Serve(ServeArgs),
 }
 
 #[derive(Args)]
@@ -322,6 +324,44 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Address to listen on (127.0.0.1 = this machine only).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Require this key on /v1/* (`Authorization: Bearer KEY` or `x-api-key: KEY`). Default: $MOEFLUX_API_KEY.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Requests that may wait for the engine; more get 429.
+    #[arg(long, default_value_t = 64)]
+    queue_size: usize,
+    /// Prompt-prefix snapshots kept for reuse across requests (0 = off).
+    #[arg(long, default_value_t = 8)]
+    prefix_cache: usize,
+    /// Model id clients must use (default: the model directory's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+}
+
+fn cmd_serve(a: ServeArgs) -> Result<()> {
+    let dir = a.run.dir();
+    let opts = SessionOptions { device: a.run.device, max_context: a.run.max_context, prefill_chunk: a.run.prefill_chunk, host_mem: a.run.host_mem };
+    let cfg = moeflux_server::ServerConfig {
+        model_id: a.served_model_name.unwrap_or_else(|| moeflux_server::model_id(&dir)),
+        api_key: a.api_key.or_else(|| std::env::var("MOEFLUX_API_KEY").ok()).filter(|k| !k.is_empty()),
+        queue_capacity: a.queue_size,
+        prefix_cache: a.prefix_cache,
+        ..moeflux_server::ServerConfig::default()
+    };
+    moeflux_server::init_logging();
+    moeflux_server::run(&a.host, a.port, cfg, moeflux_server::session_loader(dir, opts))?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
@@ -330,6 +370,7 @@ fn main() -> ExitCode {
         Cmd::Info(a) => cmd_info(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Convert(a) => cmd_convert(a),
+        Cmd::Serve(a) => cmd_serve(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
