@@ -230,7 +230,8 @@ pub async fn shutdown_signal() {
 /// Logs to stderr as `tracing` events; `RUST_LOG` overrides the default `info` level.
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).try_init();
 }
 
 /// The blocking entry point of `moeflux serve`: binds `host:port`, serves until SIGINT or
