@@ -1,73 +1,64 @@
 //! `out[n, rows] = x[n, cols] @ W^T` for every weight format.
 //!
-//! Work is split over output rows. With one token the row is consumed straight from
-//! the stored bytes ([`MatView::dot_row`]); with several, each row is dequantized once
-//! and reused for every token, so quantized prefill pays the unpacking once per row.
+//! The activations are laid out once for the matrix's kernel ([`qdot::prepare`]); work is
+//! then split over output rows, each row's stored bytes read once for the whole batch
+//! (tokens go through the kernels in blocks, the row staying in L1 between blocks).
 
 use rayon::prelude::*;
 
-use super::weights::{MatView, dot};
+use super::qdot::{self, Layout};
+use super::weights::MatView;
 
-/// Rows per rayon task: large enough to amortise scheduling, small enough to balance.
-const ROWS_PER_TASK: usize = 16;
+/// Smallest rows per rayon task.
+const MIN_ROWS_PER_TASK: usize = 16;
+
+/// Rows per task: about eight tasks per thread (load balance with other work on the
+/// machine) but no fewer than [`MIN_ROWS_PER_TASK`] rows.
+fn rows_per_task(rows: usize, n: usize) -> usize {
+    let tasks = rayon::current_num_threads() * 8;
+    // big batches: more, smaller tasks keep every thread busy
+    let per = rows.div_ceil(tasks * if n > 8 { 2 } else { 1 });
+    per.max(MIN_ROWS_PER_TASK).next_multiple_of(4)
+}
+
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements (their own rows).
+unsafe impl Sync for OutPtr {}
+unsafe impl Send for OutPtr {}
+
+thread_local! {
+    static PREP: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 pub fn matmul(x: &[f32], n: usize, w: &MatView<'_>, out: &mut [f32]) {
     let (rows, cols) = (w.rows, w.cols);
     let x = &x[..n * cols];
     let out = &mut out[..n * rows];
-    if n == 1 {
-        let xsum = w.group_sums(x);
-        out.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each_init(
-            || vec![0f32; cols],
-            |scratch, (c, chunk)| {
-                for (i, o) in chunk.iter_mut().enumerate() {
-                    *o = w.dot_row(c * ROWS_PER_TASK + i, x, &xsum, scratch);
-                }
-            },
-        );
-        return;
-    }
-    // Row-major result per weight row, transposed at the end.
-    let mut t = vec![0f32; rows * n];
-    t.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each_init(
-        || vec![0f32; cols],
-        |wrow, (c, chunk)| {
-            for (i, orow) in chunk.chunks_mut(n).enumerate() {
-                w.row_f32(c * ROWS_PER_TASK + i, wrow);
-                for (tok, o) in orow.iter_mut().enumerate() {
-                    *o = dot(wrow, &x[tok * cols..(tok + 1) * cols]);
-                }
-            }
-        },
-    );
-    out.par_chunks_mut(rows).enumerate().for_each(|(tok, orow)| {
-        for (r, o) in orow.iter_mut().enumerate() {
-            *o = t[r * n + tok];
-        }
+    let lay = Layout::new(w, n);
+    let mut buf = PREP.with(|b| std::mem::take(&mut *b.borrow_mut()));
+    qdot::prepare(x, &lay, &mut buf);
+    let per = rows_per_task(rows, n);
+    let ptr = OutPtr(out.as_mut_ptr());
+    let tasks = rows.div_ceil(per);
+    (0..tasks).into_par_iter().for_each(|i| {
+        let (r0, r1) = (i * per, ((i + 1) * per).min(rows));
+        let p = &ptr;
+        // SAFETY: `out` holds n * rows floats; each task writes only its rows r0..r1.
+        unsafe { qdot::rows_raw(w, &lay, &buf, r0, r1, p.0, rows) };
     });
+    PREP.with(|b| *b.borrow_mut() = buf);
 }
 
 /// Matrix-vector product for a single row of input, run on the calling thread (used
 /// inside already-parallel loops such as the experts).
 pub fn matvec_serial(x: &[f32], w: &MatView<'_>, out: &mut [f32], scratch: &mut Vec<f32>) {
-    scratch.resize(w.cols, 0.0);
-    let xsum = w.group_sums(x);
-    for (r, o) in out[..w.rows].iter_mut().enumerate() {
-        *o = w.dot_row(r, x, &xsum, scratch);
-    }
+    matmul_serial(x, 1, w, out, scratch)
 }
 
-/// Serial matmul over a small token batch (`n` rows of `x`), dequantizing each weight
-/// row once.
+/// Serial matmul over a small token batch (`n` rows of `x`); `scratch` holds the
+/// prepared activations.
 pub fn matmul_serial(x: &[f32], n: usize, w: &MatView<'_>, out: &mut [f32], scratch: &mut Vec<f32>) {
-    if n == 1 {
-        return matvec_serial(x, w, out, scratch);
-    }
-    scratch.resize(w.cols, 0.0);
-    for r in 0..w.rows {
-        w.row_f32(r, scratch);
-        for tok in 0..n {
-            out[tok * w.rows + r] = dot(scratch, &x[tok * w.cols..(tok + 1) * w.cols]);
-        }
-    }
+    let lay = Layout::new(w, n);
+    qdot::prepare(&x[..n * w.cols], &lay, scratch);
+    qdot::rows_serial(w, &lay, scratch, out);
 }

@@ -8,6 +8,7 @@ pub mod embed;
 pub mod gated_delta;
 pub mod matmul;
 pub mod moe;
+pub mod qdot;
 pub mod moe_streamed;
 pub mod rms_norm;
 pub mod rope;

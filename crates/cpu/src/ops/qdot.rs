@@ -1,0 +1,799 @@
+//! Fast row kernels for `W x` over stored weights (MLX affine 4/8-bit, bf16/f16/f32),
+//! chosen once at run time from the CPU's features, with the portable code of
+//! [`MatView::dot_row`]/[`MatView::row_f32`] as the fallback.
+//!
+//! Activations stay f32 (quantizing them to int8 the way llama.cpp does moves the
+//! golden mlx-lm logits by ~1e-1, and even 16-bit fixed point by ~1e-4), so the
+//! quantized kernels are exact f32 arithmetic on the integer codes:
+//! `sum_g s_g * sum_{j in g} q_j x_j + sum_g b_g * sum_{j in g} x_j`.
+//!
+//! The caller first lays the activations out for the matrix's format ([`Layout`],
+//! [`prepare`]); one prepared buffer serves every matrix of the same format and width
+//! (the gate and up projections of an expert, say). Each (row, token) result is computed
+//! the same way whatever else is in the batch, so decode and prefill agree to rounding
+//! and batching experts differently cannot change a bit.
+//!
+//! AVX-512 layout for 4-bit rows: a 64-byte chunk holds 128 elements; as 16 dwords, lane
+//! `k` holds elements `8k..8k+8`, nibble `j` of the lane being element `8k+j`. The
+//! activations of a chunk are stored transposed (`xp[16j + k] = x[8k + j]`), so nibble
+//! `j` of every lane — isolated by a shift and turned into `0.0..=15.0` by a 16-entry
+//! `vpermps` table — meets its activation in one FMA. Lanes are scaled per group after
+//! the chunk's 8 FMAs; the bias term uses per-group sums of `x`.
+
+use std::sync::OnceLock;
+
+use moeflux_core::{DType, WeightFormat};
+
+use super::weights::{MatView, dot};
+
+/// Instruction set the kernels run with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Scalar,
+    /// AVX-512 F/BW/VL with FMA and F16C.
+    Avx512,
+}
+
+static ISA: OnceLock<Isa> = OnceLock::new();
+
+/// The instruction set in use (detected once; `MOEFLUX_CPU_KERNELS=scalar` forces the
+/// portable code).
+pub fn isa() -> Isa {
+    *ISA.get_or_init(|| {
+        if std::env::var("MOEFLUX_CPU_KERNELS").is_ok_and(|v| v == "scalar") {
+            return Isa::Scalar;
+        }
+        detect()
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect() -> Isa {
+    if is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+        && is_x86_feature_detected!("avx2")
+    {
+        Isa::Avx512
+    } else {
+        Isa::Scalar
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect() -> Isa {
+    Isa::Scalar
+}
+
+/// Which kernel serves a matrix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// `MatView::dot_row` / `row_f32` + `dot`.
+    Scalar,
+    Q4,
+    Q8,
+    Dense(DType),
+}
+
+fn kind_for(isa: Isa, format: WeightFormat) -> Kind {
+    if isa == Isa::Scalar {
+        return Kind::Scalar;
+    }
+    match format {
+        WeightFormat::Affine { bits: 4, group_size, scale_dtype }
+            if group_size >= 8 && group_size % 8 == 0 && matches!(scale_dtype, DType::F32 | DType::BF16 | DType::F16) =>
+        {
+            Kind::Q4
+        }
+        WeightFormat::Affine { bits: 8, group_size, scale_dtype }
+            if group_size >= 32 && group_size % 32 == 0 && matches!(scale_dtype, DType::F32 | DType::BF16 | DType::F16) =>
+        {
+            Kind::Q8
+        }
+        WeightFormat::Dense(dt @ (DType::F32 | DType::BF16 | DType::F16)) => Kind::Dense(dt),
+        _ => Kind::Scalar,
+    }
+}
+
+/// How `n` activation rows are laid out for one matrix format and width: `n` rows of
+/// `stride` floats, then (affine formats) `n` rows of `gstride` per-group sums.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    kind: Kind,
+    pub n: usize,
+    pub cols: usize,
+    pub stride: usize,
+    pub gstride: usize,
+    group_size: usize,
+}
+
+impl Layout {
+    pub fn new(w: &MatView<'_>, n: usize) -> Self {
+        Self::with_isa(isa(), w.format, w.cols, n)
+    }
+
+    fn with_isa(isa: Isa, format: WeightFormat, cols: usize, n: usize) -> Self {
+        let kind = kind_for(isa, format);
+        let group_size = match format {
+            WeightFormat::Affine { group_size, .. } => group_size as usize,
+            WeightFormat::Dense(_) => 0,
+        };
+        let groups = if group_size > 0 { cols / group_size } else { 0 };
+        let (stride, gstride) = match kind {
+            Kind::Scalar => (cols, groups),
+            // whole chunks / windows of 16 groups, zero padded
+            Kind::Q4 | Kind::Q8 | Kind::Dense(_) => (cols.div_ceil(128) * 128, groups.div_ceil(16) * 16),
+        };
+        Layout { kind, n, cols, stride, gstride, group_size }
+    }
+
+    /// Floats [`prepare`] writes.
+    pub fn len(&self) -> usize {
+        self.n * (self.stride + self.gstride)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// Activation row `t` as the kernel reads it.
+    fn x(&self, buf: &[f32], t: usize) -> *const f32 {
+        buf[t * self.stride..].as_ptr()
+    }
+
+    fn xs(&self, buf: &[f32], t: usize) -> *const f32 {
+        buf[self.n * self.stride + t * self.gstride..].as_ptr()
+    }
+}
+
+/// Lays `x` (`n` rows of `cols`) out for the kernel into `buf` (resized to `lay.len()`).
+pub fn prepare(x: &[f32], lay: &Layout, buf: &mut Vec<f32>) {
+    let (n, cols) = (lay.n, lay.cols);
+    buf.clear();
+    buf.resize(lay.len(), 0.0);
+    let (xb, sb) = buf.split_at_mut(n * lay.stride);
+    for t in 0..n {
+        let src = &x[t * cols..(t + 1) * cols];
+        let dst = &mut xb[t * lay.stride..(t + 1) * lay.stride];
+        if lay.kind == Kind::Q4 {
+            // transpose each 128-element chunk: dst[16j + k] = src[8k + j]
+            for (c, d) in dst.chunks_exact_mut(128).enumerate() {
+                let s = &src[(c * 128).min(cols)..((c + 1) * 128).min(cols)];
+                for (e, v) in s.iter().enumerate() {
+                    d[16 * (e % 8) + e / 8] = *v;
+                }
+            }
+        } else {
+            dst[..cols].copy_from_slice(src);
+        }
+        if lay.group_size > 0 {
+            let sums = &mut sb[t * lay.gstride..(t + 1) * lay.gstride];
+            for (s, c) in sums.iter_mut().zip(src.chunks_exact(lay.group_size)) {
+                *s = c.iter().sum();
+            }
+        }
+    }
+}
+
+/// Writes `out[t * ostride + r] = row(r) . x_t` for rows `r0..r1` and every token of
+/// `lay`, from activations made by [`prepare`].
+///
+/// # Safety
+/// `out` must be valid for those writes and no other thread may touch those elements.
+pub unsafe fn rows_raw(w: &MatView<'_>, lay: &Layout, buf: &[f32], r0: usize, r1: usize, out: *mut f32, ostride: usize) {
+    assert!(r1 <= w.rows && buf.len() >= lay.len() && lay.cols == w.cols);
+    match lay.kind {
+        Kind::Scalar => unsafe { rows_scalar(w, lay, buf, r0, r1, out, ostride) },
+        #[cfg(target_arch = "x86_64")]
+        _ => unsafe { avx512::rows(w, lay, buf, r0, r1, out, ostride) },
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => unreachable!(),
+    }
+}
+
+/// All rows, on the calling thread: `out[t * rows + r]`.
+pub fn rows_serial(w: &MatView<'_>, lay: &Layout, buf: &[f32], out: &mut [f32]) {
+    let out = &mut out[..lay.n * w.rows];
+    // SAFETY: `out` covers every written element and is borrowed exclusively.
+    unsafe { rows_raw(w, lay, buf, 0, w.rows, out.as_mut_ptr(), w.rows) }
+}
+
+unsafe fn rows_scalar(w: &MatView<'_>, lay: &Layout, buf: &[f32], r0: usize, r1: usize, out: *mut f32, ostride: usize) {
+    let n = lay.n;
+    let cols = w.cols;
+    let mut scratch = vec![0f32; cols];
+    for r in r0..r1 {
+        if n == 1 {
+            let x = &buf[..cols];
+            let xs = &buf[lay.stride..lay.stride + lay.gstride];
+            // SAFETY: caller guarantees `out`.
+            unsafe { *out.add(r) = w.dot_row(r, x, xs, &mut scratch) };
+        } else {
+            w.row_f32(r, &mut scratch);
+            for t in 0..n {
+                let v = dot(&scratch, &buf[t * lay.stride..t * lay.stride + cols]);
+                // SAFETY: caller guarantees `out`.
+                unsafe { *out.add(t * ostride + r) = v };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use moeflux_core::{DType, WeightFormat};
+
+    use super::{Kind, Layout, MatView};
+
+    pub(super) unsafe fn rows(w: &MatView<'_>, lay: &Layout, buf: &[f32], r0: usize, r1: usize, out: *mut f32, ostride: usize) {
+        unsafe {
+            match lay.kind {
+                Kind::Q4 => rows_q4(w, lay, buf, r0, r1, out, ostride),
+                Kind::Q8 => rows_q8(w, lay, buf, r0, r1, out, ostride),
+                Kind::Dense(dt) => rows_dense(w, dt, lay, buf, r0, r1, out, ostride),
+                Kind::Scalar => unreachable!(),
+            }
+        }
+    }
+
+    /// Geometry of one affine matrix.
+    #[derive(Clone, Copy)]
+    struct Aff {
+        data: *const u8,
+        scales: *const u8,
+        biases: *const u8,
+        row_bytes: usize,
+        groups: usize,
+        gs: usize,
+        sdt: DType,
+    }
+
+    impl Aff {
+        fn new(w: &MatView<'_>) -> Self {
+            let WeightFormat::Affine { bits, group_size, scale_dtype } = w.format else { unreachable!() };
+            let gs = group_size as usize;
+            let groups = w.cols / gs;
+            let row_bytes = w.cols * bits as usize / 8;
+            assert!(w.data.len() >= w.rows * row_bytes);
+            assert!(w.scales.len() >= w.rows * groups * scale_dtype.size());
+            assert!(w.biases.len() >= w.rows * groups * scale_dtype.size());
+            Aff { data: w.data.as_ptr(), scales: w.scales.as_ptr(), biases: w.biases.as_ptr(), row_bytes, groups, gs, sdt: scale_dtype }
+        }
+    }
+
+    /// Elements `i..i+16` (those in `m`) of a float vector of `dt` as f32.
+    #[inline(always)]
+    unsafe fn load16(p: *const u8, dt: DType, i: usize, m: __mmask16) -> __m512 {
+        unsafe {
+            match dt {
+                DType::F32 => _mm512_maskz_loadu_ps(m, p.add(4 * i) as *const f32),
+                DType::BF16 => {
+                    let h = _mm256_maskz_loadu_epi16(m, p.add(2 * i) as *const i16);
+                    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+                }
+                _ => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p.add(2 * i) as *const i16)),
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn mask16(n: usize) -> __mmask16 {
+        if n >= 16 { 0xFFFF } else { ((1u32 << n) - 1) as __mmask16 }
+    }
+
+    /// Dispatches `f::<N>` over blocks of up to 6 (4-bit) or 4 tokens, each weight row
+    /// being read once per block (from L1 after the first).
+    macro_rules! token_blocks {
+        (6, $n:expr, $f:ident, ($($a:expr),*)) => {{
+            let mut t0 = 0;
+            while t0 < $n {
+                let nb = ($n - t0).min(6);
+                match nb {
+                    1 => $f::<1>($($a,)* t0),
+                    2 => $f::<2>($($a,)* t0),
+                    3 => $f::<3>($($a,)* t0),
+                    4 => $f::<4>($($a,)* t0),
+                    5 => $f::<5>($($a,)* t0),
+                    _ => $f::<6>($($a,)* t0),
+                }
+                t0 += nb;
+            }
+        }};
+        (4, $n:expr, $f:ident, ($($a:expr),*)) => {{
+            let mut t0 = 0;
+            while t0 < $n {
+                let nb = ($n - t0).min(4);
+                match nb {
+                    1 => $f::<1>($($a,)* t0),
+                    2 => $f::<2>($($a,)* t0),
+                    3 => $f::<3>($($a,)* t0),
+                    _ => $f::<4>($($a,)* t0),
+                }
+                t0 += nb;
+            }
+        }};
+    }
+
+    // ---------------------------------------------------------------- 4-bit
+
+    unsafe fn rows_q4(w: &MatView<'_>, lay: &Layout, buf: &[f32], r0: usize, r1: usize, out: *mut f32, ostride: usize) {
+        let a = Aff::new(w);
+        let xs: Vec<*const f32> = (0..lay.n).map(|t| lay.x(buf, t)).collect();
+        let ss: Vec<*const f32> = (0..lay.n).map(|t| lay.xs(buf, t)).collect();
+        // lane -> group (within its 16-group window) for each chunk of a window
+        let wchunks = a.gs / 8;
+        let mut tab = vec![[0u32; 16]; wchunks];
+        for (co, t) in tab.iter_mut().enumerate() {
+            for (k, v) in t.iter_mut().enumerate() {
+                *v = ((co * 128 + 8 * k) / a.gs) as u32;
+            }
+        }
+        for r in r0..r1 {
+            unsafe { token_blocks!(6, lay.n, q4_block, (&a, &tab, r, &xs, &ss, out, ostride)) };
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c,avx2")]
+    unsafe fn q4_block<const N: usize>(
+        a: &Aff,
+        tab: &[[u32; 16]],
+        r: usize,
+        xs: &[*const f32],
+        ss: &[*const f32],
+        out: *mut f32,
+        ostride: usize,
+        t0: usize,
+    ) {
+        unsafe {
+            let x: [*const f32; N] = std::array::from_fn(|t| xs[t0 + t]);
+            let xsum: [*const f32; N] = std::array::from_fn(|t| ss[t0 + t]);
+            let res = q4_row::<N>(a, tab, r, &x, &xsum);
+            for t in 0..N {
+                *out.add((t0 + t) * ostride + r) = res[t];
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn q4_row<const N: usize>(a: &Aff, tab: &[[u32; 16]], r: usize, x: &[*const f32; N], xsum: &[*const f32; N]) -> [f32; N] {
+        unsafe {
+            let row = a.data.add(r * a.row_bytes);
+            let sp = a.scales.add(r * a.groups * a.sdt.size());
+            let bp = a.biases.add(r * a.groups * a.sdt.size());
+            let iota = _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.);
+            let nchunks = a.row_bytes.div_ceil(64);
+            let tail_dw = (a.row_bytes % 64) / 4;
+            let tail: __mmask16 = if tail_dw == 0 { 0xFFFF } else { mask16(tail_dw) };
+            let wchunks = tab.len();
+            let mut tot = [_mm512_setzero_ps(); N];
+            let mut c = 0;
+            let mut g0 = 0;
+            while g0 < a.groups {
+                let m = mask16(a.groups - g0);
+                let s16 = load16(sp, a.sdt, g0, m);
+                let b16 = load16(bp, a.sdt, g0, m);
+                for t in 0..N {
+                    tot[t] = _mm512_fmadd_ps(b16, _mm512_loadu_ps(xsum[t].add(g0)), tot[t]);
+                }
+                let cend = (c + wchunks).min(nchunks);
+                let mut co = 0;
+                while c < cend {
+                    let p = row.add(64 * c);
+                    let wv = if c + 1 == nchunks { _mm512_maskz_loadu_epi32(tail, p as *const i32) } else { _mm512_loadu_si512(p as *const _) };
+                    let sv = _mm512_permutexvar_ps(_mm512_loadu_si512(tab[co].as_ptr() as *const _), s16);
+                    let mut a0 = [_mm512_setzero_ps(); N];
+                    let mut a1 = [_mm512_setzero_ps(); N];
+                    macro_rules! step {
+                        ($j:literal, $acc:ident, $q:expr) => {{
+                            let q = _mm512_permutexvar_ps($q, iota);
+                            for t in 0..N {
+                                $acc[t] = _mm512_fmadd_ps(q, _mm512_loadu_ps(x[t].add(128 * c + 16 * $j)), $acc[t]);
+                            }
+                        }};
+                    }
+                    step!(0, a0, wv);
+                    step!(1, a1, _mm512_srli_epi32::<4>(wv));
+                    step!(2, a0, _mm512_srli_epi32::<8>(wv));
+                    step!(3, a1, _mm512_srli_epi32::<12>(wv));
+                    step!(4, a0, _mm512_srli_epi32::<16>(wv));
+                    step!(5, a1, _mm512_srli_epi32::<20>(wv));
+                    step!(6, a0, _mm512_srli_epi32::<24>(wv));
+                    step!(7, a1, _mm512_srli_epi32::<28>(wv));
+                    for t in 0..N {
+                        tot[t] = _mm512_fmadd_ps(_mm512_add_ps(a0[t], a1[t]), sv, tot[t]);
+                    }
+                    c += 1;
+                    co += 1;
+                }
+                g0 += 16;
+            }
+            std::array::from_fn(|t| _mm512_reduce_add_ps(tot[t]))
+        }
+    }
+
+    // ---------------------------------------------------------------- 8-bit
+
+    unsafe fn rows_q8(w: &MatView<'_>, lay: &Layout, buf: &[f32], r0: usize, r1: usize, out: *mut f32, ostride: usize) {
+        let a = Aff::new(w);
+        let xs: Vec<*const f32> = (0..lay.n).map(|t| lay.x(buf, t)).collect();
+        let ss: Vec<*const f32> = (0..lay.n).map(|t| lay.xs(buf, t)).collect();
+        for r in r0..r1 {
+            unsafe { token_blocks!(4, lay.n, q8_block, (&a, r, &xs, &ss, out, ostride)) };
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c,avx2")]
+    unsafe fn q8_block<const N: usize>(a: &Aff, r: usize, xs: &[*const f32], ss: &[*const f32], out: *mut f32, ostride: usize, t0: usize) {
+        unsafe {
+            let x: [*const f32; N] = std::array::from_fn(|t| xs[t0 + t]);
+            let xsum: [*const f32; N] = std::array::from_fn(|t| ss[t0 + t]);
+            let res = q8_row::<N>(a, r, &x, &xsum);
+            for t in 0..N {
+                *out.add((t0 + t) * ostride + r) = res[t];
+            }
+        }
+    }
+
+    /// 8-bit rows: 32 elements (two vectors of 16, one group) per step.
+    #[inline(always)]
+    unsafe fn q8_row<const N: usize>(a: &Aff, r: usize, x: &[*const f32; N], xsum: &[*const f32; N]) -> [f32; N] {
+        unsafe {
+            let row = a.data.add(r * a.row_bytes);
+            let sp = a.scales.add(r * a.groups * a.sdt.size());
+            let bp = a.biases.add(r * a.groups * a.sdt.size());
+            let mut tot = [_mm512_setzero_ps(); N];
+            let mut g0 = 0;
+            while g0 < a.groups {
+                let ng = (a.groups - g0).min(16);
+                let m = mask16(ng);
+                let s16 = load16(sp, a.sdt, g0, m);
+                let b16 = load16(bp, a.sdt, g0, m);
+                for t in 0..N {
+                    tot[t] = _mm512_fmadd_ps(b16, _mm512_loadu_ps(xsum[t].add(g0)), tot[t]);
+                }
+                for gi in 0..ng {
+                    let sv = _mm512_permutexvar_ps(_mm512_set1_epi32(gi as i32), s16);
+                    let e0 = (g0 + gi) * a.gs;
+                    let mut a0 = [_mm512_setzero_ps(); N];
+                    let mut a1 = [_mm512_setzero_ps(); N];
+                    let mut e = e0;
+                    while e < e0 + a.gs {
+                        let q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(row.add(e) as *const _)));
+                        let q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(row.add(e + 16) as *const _)));
+                        for t in 0..N {
+                            a0[t] = _mm512_fmadd_ps(q0, _mm512_loadu_ps(x[t].add(e)), a0[t]);
+                            a1[t] = _mm512_fmadd_ps(q1, _mm512_loadu_ps(x[t].add(e + 16)), a1[t]);
+                        }
+                        e += 32;
+                    }
+                    for t in 0..N {
+                        tot[t] = _mm512_fmadd_ps(_mm512_add_ps(a0[t], a1[t]), sv, tot[t]);
+                    }
+                }
+                g0 += 16;
+            }
+            std::array::from_fn(|t| _mm512_reduce_add_ps(tot[t]))
+        }
+    }
+
+    // ---------------------------------------------------------------- dense
+
+    unsafe fn rows_dense(w: &MatView<'_>, dt: DType, lay: &Layout, buf: &[f32], r0: usize, r1: usize, out: *mut f32, ostride: usize) {
+        assert!(w.data.len() >= w.rows * w.cols * dt.size());
+        let xs: Vec<*const f32> = (0..lay.n).map(|t| lay.x(buf, t)).collect();
+        let d = Dense { data: w.data.as_ptr(), cols: w.cols, dt };
+        for r in r0..r1 {
+            unsafe { token_blocks!(4, lay.n, dense_block, (&d, r, &xs, out, ostride)) };
+        }
+    }
+
+    struct Dense {
+        data: *const u8,
+        cols: usize,
+        dt: DType,
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c,avx2")]
+    unsafe fn dense_block<const N: usize>(d: &Dense, r: usize, xs: &[*const f32], out: *mut f32, ostride: usize, t0: usize) {
+        unsafe {
+            let x: [*const f32; N] = std::array::from_fn(|t| xs[t0 + t]);
+            let res = match d.dt {
+                DType::BF16 => dense_row::<N, 0>(d, r, &x),
+                DType::F16 => dense_row::<N, 1>(d, r, &x),
+                _ => dense_row::<N, 2>(d, r, &x),
+            };
+            for t in 0..N {
+                *out.add((t0 + t) * ostride + r) = res[t];
+            }
+        }
+    }
+
+    /// 16 weights at element `i` of a dense row (`D`: 0 bf16, 1 f16, 2 f32), lanes in `m`.
+    #[inline(always)]
+    unsafe fn dense16<const D: u8>(row: *const u8, i: usize, m: __mmask16) -> __m512 {
+        unsafe {
+            match D {
+                0 => {
+                    let h = _mm256_maskz_loadu_epi16(m, row.add(2 * i) as *const i16);
+                    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+                }
+                1 => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, row.add(2 * i) as *const i16)),
+                _ => _mm512_maskz_loadu_ps(m, row.add(4 * i) as *const f32),
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn dense_row<const N: usize, const D: u8>(d: &Dense, r: usize, x: &[*const f32; N]) -> [f32; N] {
+        unsafe {
+            let esz = if D == 2 { 4 } else { 2 };
+            let row = d.data.add(r * d.cols * esz);
+            let mut acc = [[_mm512_setzero_ps(); 4]; N];
+            let mut i = 0;
+            while i + 64 <= d.cols {
+                for u in 0..4 {
+                    let wv = dense16::<D>(row, i + 16 * u, 0xFFFF);
+                    for t in 0..N {
+                        acc[t][u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x[t].add(i + 16 * u)), acc[t][u]);
+                    }
+                }
+                i += 64;
+            }
+            let mut u = 0;
+            while i < d.cols {
+                let wv = dense16::<D>(row, i, mask16(d.cols - i));
+                for t in 0..N {
+                    acc[t][u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x[t].add(i)), acc[t][u]);
+                }
+                i += 16;
+                u += 1;
+            }
+            std::array::from_fn(|t| {
+                let s = _mm512_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]), _mm512_add_ps(acc[t][2], acc[t][3]));
+                _mm512_reduce_add_ps(s)
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn f(&mut self) -> f32 {
+            (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        }
+    }
+
+    fn put(dt: DType, v: f32, out: &mut Vec<u8>) {
+        match dt {
+            DType::F32 => out.extend(v.to_le_bytes()),
+            DType::BF16 => out.extend(half::bf16::from_f32(v).to_bits().to_le_bytes()),
+            DType::F16 => out.extend(half::f16::from_f32(v).to_bits().to_le_bytes()),
+            _ => unreachable!(),
+        }
+    }
+
+    /// A random matrix in `format`, stored at byte offset `skew` (unaligned).
+    struct Mat {
+        data: Vec<u8>,
+        scales: Vec<u8>,
+        biases: Vec<u8>,
+        rows: usize,
+        cols: usize,
+        format: WeightFormat,
+        skew: usize,
+    }
+
+    impl Mat {
+        fn new(rng: &mut Rng, rows: usize, cols: usize, format: WeightFormat, skew: usize) -> Self {
+            let mut data = vec![0u8; skew];
+            let (mut scales, mut biases) = (vec![0u8; skew], vec![0u8; skew]);
+            match format {
+                WeightFormat::Dense(dt) => {
+                    for _ in 0..rows * cols {
+                        put(dt, rng.f(), &mut data);
+                    }
+                }
+                WeightFormat::Affine { bits, group_size, scale_dtype } => {
+                    for _ in 0..format.data_bytes(rows, cols) {
+                        data.push(rng.next() as u8);
+                    }
+                    let _ = bits;
+                    for _ in 0..rows * cols / group_size as usize {
+                        put(scale_dtype, rng.f() * 0.1, &mut scales);
+                        put(scale_dtype, rng.f(), &mut biases);
+                    }
+                }
+            }
+            Mat { data, scales, biases, rows, cols, format, skew }
+        }
+
+        fn view(&self) -> MatView<'_> {
+            MatView {
+                data: &self.data[self.skew..],
+                scales: &self.scales[self.skew.min(self.scales.len())..],
+                biases: &self.biases[self.skew.min(self.biases.len())..],
+                rows: self.rows,
+                cols: self.cols,
+                format: self.format,
+            }
+        }
+    }
+
+    /// f64 reference: dequantized row . x.
+    fn reference(w: &MatView<'_>, x: &[f32], n: usize) -> Vec<f64> {
+        let mut row = vec![0f32; w.cols];
+        let mut out = vec![0f64; n * w.rows];
+        for r in 0..w.rows {
+            w.row_f32(r, &mut row);
+            for t in 0..n {
+                out[t * w.rows + r] = row.iter().zip(&x[t * w.cols..(t + 1) * w.cols]).map(|(a, b)| *a as f64 * *b as f64).sum();
+            }
+        }
+        out
+    }
+
+    fn run(isa: Isa, w: &MatView<'_>, x: &[f32], n: usize) -> Vec<f32> {
+        let lay = Layout::with_isa(isa, w.format, w.cols, n);
+        let mut buf = Vec::new();
+        prepare(x, &lay, &mut buf);
+        let mut out = vec![f32::NAN; n * w.rows];
+        rows_serial(w, &lay, &buf, &mut out);
+        out
+    }
+
+    fn formats() -> Vec<WeightFormat> {
+        let mut f = vec![WeightFormat::Dense(DType::F32), WeightFormat::Dense(DType::BF16), WeightFormat::Dense(DType::F16)];
+        for bits in [4u8, 8] {
+            for group_size in [32u32, 64, 128] {
+                for scale_dtype in [DType::BF16, DType::F16, DType::F32] {
+                    f.push(WeightFormat::Affine { bits, group_size, scale_dtype });
+                }
+            }
+        }
+        f.push(WeightFormat::Affine { bits: 4, group_size: 8, scale_dtype: DType::BF16 });
+        f.push(WeightFormat::Affine { bits: 4, group_size: 24, scale_dtype: DType::F32 });
+        f
+    }
+
+    /// Every kernel against an f64 reference, on odd shapes, unaligned data and several
+    /// batch sizes. All paths are f32 arithmetic, so the bound is a small multiple of
+    /// f32 rounding on `sum |w x|`.
+    #[test]
+    fn kernels_match_reference() {
+        let mut rng = Rng(0x9e3779b97f4a7c15);
+        let isas: Vec<Isa> = [Isa::Scalar, detect()].into_iter().collect();
+        for format in formats() {
+            let gs = match format {
+                WeightFormat::Affine { group_size, .. } => group_size as usize,
+                _ => 16,
+            };
+            for &cols in &[gs.max(24), 2 * gs.max(16), 192, 320, 1024, 1088] {
+                if cols % gs != 0 {
+                    continue;
+                }
+                let rows = 7;
+                let m = Mat::new(&mut rng, rows, cols, format, 3);
+                let w = m.view();
+                for n in [1usize, 2, 5, 9] {
+                    let x: Vec<f32> = (0..n * cols).map(|_| rng.f()).collect();
+                    let want = reference(&w, &x, n);
+                    let mut row = vec![0f32; cols];
+                    let scale: Vec<f64> = (0..n * rows)
+                        .map(|i| {
+                            let (t, r) = (i / rows, i % rows);
+                            w.row_f32(r, &mut row);
+                            row.iter().zip(&x[t * cols..(t + 1) * cols]).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum::<f64>()
+                        })
+                        .collect();
+                    for &isa in &isas {
+                        let got = run(isa, &w, &x, n);
+                        for i in 0..n * rows {
+                            let err = (got[i] as f64 - want[i]).abs() / scale[i].max(1e-30);
+                            assert!(err < 2e-6, "{format} cols {cols} n {n} {isa:?}: [{i}] got {} want {} (rel {err:.2e})", got[i], want[i]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A token's result does not depend on the batch it is computed in (SIMD kernels;
+    /// the portable fallback dequantizes rows for batches).
+    #[test]
+    fn batch_invariant() {
+        if detect() == Isa::Scalar {
+            return;
+        }
+        let mut rng = Rng(12345);
+        for format in formats() {
+            let cols = 1024;
+            let m = Mat::new(&mut rng, 5, cols, format, 1);
+            let w = m.view();
+            let n = 11;
+            let x: Vec<f32> = (0..n * cols).map(|_| rng.f()).collect();
+            let all = run(detect(), &w, &x, n);
+            for t in 0..n {
+                let one = run(detect(), &w, &x[t * cols..(t + 1) * cols], 1);
+                assert_eq!(&all[t * 5..(t + 1) * 5], &one[..], "{format} token {t}");
+            }
+        }
+    }
+}
+
+/// Kernel throughput: `cargo test --release -p moeflux-cpu qdot_bench -- --ignored --nocapture`.
+#[cfg(test)]
+mod bench {
+    use std::time::Instant;
+
+    use super::*;
+
+    fn mat(rows: usize, cols: usize, format: WeightFormat) -> (Vec<u8>, Vec<u8>) {
+        let mut data: Vec<u8> = (0..format.data_bytes(rows, cols)).map(|i| (i * 2654435761usize >> 7) as u8).collect();
+        if let WeightFormat::Dense(_) = format {
+            // normal floats only (denormals would measure microcode assists)
+            for (i, b) in data.iter_mut().enumerate() {
+                if i % 2 == 1 {
+                    *b = 0x3c;
+                }
+            }
+        }
+        let sb = format.scale_bytes(rows, cols);
+        let scales: Vec<u8> = (0..sb).map(|i| if i % 2 == 1 { 0x3c } else { 0 }).collect();
+        (data, scales)
+    }
+
+    #[test]
+    #[ignore]
+    fn qdot_bench() {
+        let q4 = WeightFormat::Affine { bits: 4, group_size: 64, scale_dtype: DType::BF16 };
+        let q8 = WeightFormat::Affine { bits: 8, group_size: 64, scale_dtype: DType::BF16 };
+        for (name, format, rows, cols) in [
+            ("q4 l2", q4, 768, 2048),
+            ("q4 dram", q4, 65536, 2048),
+            ("q8 l2", q8, 512, 2048),
+            ("bf16 l2", WeightFormat::Dense(DType::BF16), 256, 2048),
+        ] {
+            let (data, scales) = mat(rows, cols, format);
+            let w = MatView { data: &data, scales: &scales, biases: &scales, rows, cols, format };
+            let bytes = format.total_bytes(rows, cols) as f64;
+            for n in [1usize, 4, 6, 8] {
+                let x: Vec<f32> = (0..n * cols).map(|i| (i % 13) as f32 * 0.1).collect();
+                let lay = Layout::new(&w, n);
+                let mut buf = Vec::new();
+                prepare(&x, &lay, &mut buf);
+                let mut out = vec![0f32; n * rows];
+                let reps = (2e9 / bytes / n as f64).clamp(3.0, 2000.0) as usize;
+                let reps = reps.div_ceil(4);
+                let mut best = f64::MAX;
+                for _ in 0..12 {
+                    let t = Instant::now();
+                    for _ in 0..reps {
+                        rows_serial(&w, &lay, &buf, &mut out);
+                    }
+                    best = best.min(t.elapsed().as_secs_f64() / reps as f64);
+                }
+                let macs = (rows * cols * n) as f64;
+                println!(
+                    "{name:8} {rows}x{cols} n={n}: {:7.1} us  {:6.1} GB/s  {:6.1} GMAC/s",
+                    best * 1e6,
+                    bytes / best / 1e9,
+                    macs / best / 1e9
+                );
+            }
+        }
+    }
+}
