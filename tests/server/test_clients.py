@@ -203,6 +203,11 @@ def test_messages_system_and_blocks(claude, model):
     assert m.usage.input_tokens > chat_prompt_tokens("2+2=")
 
 
+def test_messages_count_tokens(claude, model):
+    r = claude.messages.count_tokens(model=model, messages=[{"role": "user", "content": "12+34="}])
+    assert r.input_tokens == chat_prompt_tokens("12+34=")
+
+
 def test_anthropic_errors(claude, model):
     with pytest.raises(anthropic.BadRequestError) as e:
         claude.messages.create(model=model, max_tokens=8, messages=[{"role": "user", "content": "1+1="}], extra_body={"temperature": 3})

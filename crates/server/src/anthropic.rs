@@ -5,7 +5,7 @@
 //! field, temperature is in `[0, 1]`) and its streaming event sequence:
 //! `message_start`, `content_block_start`, `ping`, `content_block_delta`...,
 //! `content_block_stop`, `message_delta` (stop reason and output tokens),
-//! `message_stop`. A final `assistant` message is treated as the beginning of
+//! `message_stop`. `POST /v1/messages/count_tokens` counts a prompt's tokens. A final `assistant` message is treated as the beginning of
 //! the reply to continue ("prefill"), as the API does. Errors use Anthropic's
 //! `{"type": "error", "error": {...}}` shape.
 
@@ -47,10 +47,12 @@ struct MessagesRequest {
     stream: bool,
 }
 
-fn parse(st: &Shared, v: &Value) -> Result<MessagesRequest, ApiError> {
+/// `count_only`: for `/v1/messages/count_tokens`, where `max_tokens` is not required.
+fn parse(st: &Shared, v: &Value, count_only: bool) -> Result<MessagesRequest, ApiError> {
     let f = Fields::root(v)?;
     st.check_model(&f)?;
-    let max = f.require("max_tokens", f.int("max_tokens", 1, MAX_TOKENS_LIMIT)?)? as usize;
+    let max = f.int("max_tokens", 1, MAX_TOKENS_LIMIT)?;
+    let max = if count_only { max.unwrap_or(1) } else { f.require("max_tokens", max)? } as usize;
     let list = f.require("messages", f.array("messages")?)?;
     if list.is_empty() {
         return Err(ApiError::invalid("messages", "must contain at least one message"));
@@ -135,7 +137,7 @@ pub async fn messages(State(st): State<Shared>, Extension(rid): Extension<Reques
 
 async fn inner(st: Shared, rid: RequestId, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let v = http::read_json(&st, &headers, body).await?;
-    let req = parse(&st, &v)?;
+    let req = parse(&st, &v, false)?;
     let sub = http::submit(&st, &rid.0, req.generation).await?;
     let id = format!("msg_{}", rid.0);
     let model = st.cfg.model_id.clone();
@@ -183,4 +185,18 @@ async fn inner(st: Shared, rid: RequestId, headers: HeaderMap, body: Body) -> Re
         }
         Event::Failed(msg) => vec![event("error", ApiError::internal(format!("generation failed: {msg}")).dialect(Dialect::Anthropic).body())],
     }))
+}
+
+/// `POST /v1/messages/count_tokens`: the prompt's token count, without generating.
+pub async fn count_tokens(State(st): State<Shared>, headers: HeaderMap, body: Body) -> Response {
+    let r = async {
+        let v = http::read_json(&st, &headers, body).await?;
+        let req = parse(&st, &v, true)?;
+        let n = http::count_prompt(&st, req.generation).await?;
+        Ok::<_, ApiError>(axum::Json(json!({"input_tokens": n})).into_response())
+    };
+    match r.await {
+        Ok(r) => r,
+        Err(e) => e.dialect(Dialect::Anthropic).into_response(),
+    }
 }

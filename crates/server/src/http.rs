@@ -106,6 +106,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/chat/completions", post(crate::openai::chat))
         .route("/v1/completions", post(crate::openai::completions))
         .route("/v1/messages", post(crate::anthropic::messages))
+        .route("/v1/messages/count_tokens", post(crate::anthropic::count_tokens))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), auth))
@@ -122,6 +123,7 @@ fn route_label(path: &str) -> &'static str {
         "/v1/chat/completions" => "/v1/chat/completions",
         "/v1/completions" => "/v1/completions",
         "/v1/messages" => "/v1/messages",
+        "/v1/messages/count_tokens" => "/v1/messages/count_tokens",
         p if p.starts_with("/v1/models/") => "/v1/models/{id}",
         _ => "other",
     }
@@ -310,6 +312,19 @@ fn tokenize(codec: &TextCodec, spec: &PromptSpec, param: &'static str, vocab: us
     }
 }
 
+/// Renders and tokenizes a prompt off the async threads.
+async fn tokenize_blocking(loaded: &Loaded, spec: PromptSpec, param: &'static str) -> Result<(Vec<u32>, Option<usize>), ApiError> {
+    let codec = loaded.codec.clone();
+    let vocab = loaded.vocab;
+    tokio::task::spawn_blocking(move || tokenize(&codec, &spec, param, vocab)).await.map_err(|e| ApiError::internal(format!("tokenization failed: {e}")))?
+}
+
+/// The number of tokens `req`'s prompt encodes to.
+pub async fn count_prompt(st: &AppState, req: GenRequest) -> Result<usize, ApiError> {
+    let loaded = st.wait_loaded().await?;
+    Ok(tokenize_blocking(&loaded, req.prompt, req.prompt_param).await?.0.len())
+}
+
 /// Tokenizes, checks against the context and queues a generation job.
 pub async fn submit(st: &AppState, id: &str, req: GenRequest) -> Result<Submitted, ApiError> {
     let loaded = st.wait_loaded().await?;
@@ -319,13 +334,8 @@ pub async fn submit(st: &AppState, id: &str, req: GenRequest) -> Result<Submitte
             return Err(ApiError::invalid(req.max_tokens_param, format!("{m} exceeds the model's context of {max_ctx} tokens")));
         }
     }
-    let codec = loaded.codec.clone();
-    let vocab = loaded.vocab;
     let param = req.prompt_param;
-    let spec = req.prompt;
-    let (tokens, boundary) = tokio::task::spawn_blocking(move || tokenize(&codec, &spec, param, vocab))
-        .await
-        .map_err(|e| ApiError::internal(format!("tokenization failed: {e}")))??;
+    let (tokens, boundary) = tokenize_blocking(&loaded, req.prompt, param).await?;
     if tokens.is_empty() {
         return Err(ApiError::invalid(param, "the prompt is empty (it encodes to no tokens)"));
     }

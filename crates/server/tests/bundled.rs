@@ -44,7 +44,7 @@ async fn answers_through_every_endpoint() {
     assert_eq!(r["stop_reason"], "end_turn");
     let r = post(a, "/v1/completions", r#"{"model":"bundled","temperature":0,"prompt":"<|im_start|>user\n999+1=<|im_end|>\n<|im_start|>assistant\n"}"#).await.json();
     assert_eq!(r["choices"][0]["text"], "1000", "{r}");
-    let r = post(a, "/v1/chat/completions", &format!(r#"{{"model":"bundled","temperature":0,"max_tokens":1,"messages":[{{"role":"user","content":"12+34="}}]}}"#)).await.json();
+    let r = post(a, "/v1/chat/completions", r#"{"model":"bundled","temperature":0,"max_tokens":1,"messages":[{"role":"user","content":"12+34="}]}"#).await.json();
     assert_eq!(r["choices"][0]["message"]["content"], "4");
     assert_eq!(r["choices"][0]["finish_reason"], "length");
     h.shutdown().await.unwrap();

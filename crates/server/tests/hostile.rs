@@ -124,6 +124,12 @@ async fn anthropic_validation_uses_its_error_shape() {
         assert_eq!(j["error"]["type"], "invalid_request_error", "{}", r.body);
         assert!(j["error"]["message"].as_str().unwrap().contains(needle), "{body}: {}", r.body);
     }
+    // count_tokens needs no max_tokens; "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n" = 2 + 19.
+    let r = post(a, "/v1/messages/count_tokens", r#"{"model":"fake","messages":[{"role":"user","content":"hi"}]}"#).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["input_tokens"], 21);
+    let r = post(a, "/v1/messages/count_tokens", r#"{"model":"fake","messages":[]}"#).await;
+    assert_eq!(r.status, 400);
     srv.stop().await;
 }
 
@@ -514,4 +520,20 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["choices"][0]["message"]["content"], "Hello, world! STOP here.");
     assert!(tokio::net::TcpStream::connect(a).await.is_err(), "still accepting after shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_while_waiting_for_a_whole_response_cancels_too() {
+    let spec = FakeSpec { eos: false, delay: Duration::from_millis(20), ..FakeSpec::default() };
+    let srv = start_fake(spec, config()).await;
+    let a = srv.addr;
+    let mut s = tokio::net::TcpStream::connect(a).await.unwrap();
+    s.write_all(&request_bytes("POST", "/v1/chat/completions", &chat_body("go", r#","max_tokens":200"#), &[])).await.unwrap();
+    assert!(eventually(5, || async { srv.counters.decoded.load(std::sync::atomic::Ordering::SeqCst) >= 3 }).await);
+    drop(s);
+    assert!(eventually(5, || async { metric(a, "moeflux_requests_cancelled_total").await == 1.0 }).await, "not cancelled");
+    let decoded = srv.counters.decoded.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(decoded < 50, "kept decoding after the client left: {decoded} steps");
+    healthy(a).await;
+    srv.stop().await;
 }
