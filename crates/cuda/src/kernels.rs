@@ -92,7 +92,7 @@ pub fn compile_cubin(file: &'static str, arch: &str) -> Result<Vec<u8>, CudaErro
     let cname = CString::new(file).expect("file names have no NUL");
     let prog = nvrtc::create_program(&csrc, Some(&cname)).map_err(|e| fail(format!("nvrtcCreateProgram: {e:?}")))?;
     // SAFETY: `prog` was just created and is destroyed exactly once below; csrc/cname outlive it.
-    let res = unsafe {
+    unsafe {
         let compiled = nvrtc::compile_program(prog, &compile_options(arch));
         let out = match compiled {
             Err(e) => {
@@ -111,8 +111,7 @@ pub fn compile_cubin(file: &'static str, arch: &str) -> Result<Vec<u8>, CudaErro
         };
         let _ = nvrtc::destroy_program(prog);
         out
-    };
-    res
+    }
 }
 
 /// Default cache directory: `$MOEFLUX_KERNEL_CACHE`, else `$XDG_CACHE_HOME/moeflux/kernels`,

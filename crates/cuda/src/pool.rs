@@ -135,7 +135,7 @@ impl CudaPool {
     }
 
     fn try_commit(&mut self, plan: &Plan) -> Result<(), CudaError> {
-        for (id, _) in &plan.slot_of {
+        for id in plan.slot_of.keys() {
             let e = self.entry(*id)?;
             if e.lifetime != Lifetime::Transient {
                 return Err(CudaError::Buffer { label: e.label.clone(), msg: "a plan aliases this non-transient buffer".into() });

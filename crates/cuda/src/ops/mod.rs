@@ -117,7 +117,7 @@ pub(crate) fn format_of(f: WeightFormat, op: &'static str) -> Result<(Fmt, u32, 
 /// Whether a matrix with data at `data` may take the 16-byte vector path (see gemv.cuh).
 pub(crate) fn vec_ok(fmt: Fmt, data: u64, cols: usize, group: u32) -> bool {
     let e = fmt.elems16();
-    data % 16 == 0 && cols % e == 0 && (!fmt.affine() || group as usize % e == 0)
+    data.is_multiple_of(16) && cols.is_multiple_of(e) && (!fmt.affine() || (group as usize).is_multiple_of(e))
 }
 
 pub(crate) fn u32_of(v: usize, what: &str, op: &'static str) -> Result<u32, CudaError> {

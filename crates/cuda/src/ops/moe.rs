@@ -27,6 +27,7 @@ const DOWN_SCALAR: [&str; 5] = ["moe_down_scalar_f32", "moe_down_scalar_f16", "m
 const GEMM_GATE_UP: [&str; 5] = ["moe_gemm_gate_up_f32", "moe_gemm_gate_up_f16", "moe_gemm_gate_up_bf16", "moe_gemm_gate_up_q4", "moe_gemm_gate_up_q8"];
 const GEMM_DOWN: [&str; 5] = ["moe_gemm_down_f32", "moe_gemm_down_f16", "moe_gemm_down_bf16", "moe_gemm_down_q4", "moe_gemm_down_q8"];
 
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn router_topk(
     enc: &mut Enc<'_>,
     logits: BufId<Act>,
