@@ -59,7 +59,7 @@ for line in sys.stdin:
     cp "$CARGO_TARGET_DIR/release/examples/kernel_bench" "$CARRY/bin/kernel_bench"
     if [ "${SKIP_BIN:-0}" != "1" ] && grep -q 'name = "moeflux"' crates/cli/Cargo.toml 2>/dev/null; then
         echo "== building the moeflux binary"
-        cargo build --release "${JOBS_ARG[@]}" -p moeflux-cli
+        cargo build --release "${JOBS_ARG[@]}" -p moeflux
         cp "$CARGO_TARGET_DIR/release/moeflux" "$CARRY/bin/moeflux"
     fi
     # Host debug info is not needed there (kernels carry -lineinfo); keeps the carry small.
@@ -173,12 +173,21 @@ run_check() { # name, timeout, log, command...
 run_check "models (CUDA vs CPU vs references)" 150 "$LOGS/models.log" "$BIN/models" --nocapture --test-threads=1
 MOEFLUX_TEST_DEVICE=cuda run_check "engine golden, MOEFLUX_TEST_DEVICE=cuda" 150 "$LOGS/golden_cuda.log" "$BIN/golden" --nocapture --test-threads=1
 
-# 3. kernel throughput (ratios to the bandwidth floor; details in the bench section below)
+# 3. end-to-end benchmarks (moeflux bench: decode vs the bandwidth floor, prefill) and a
+#    sanitizer pass over a real generation
+if [ -x "$BIN/moeflux" ]; then
+    run_check "bench qwen3-next-80b-a3b" 170 "$LOGS/bench_next80b.log" "$BIN/moeflux" bench --preset qwen3-next-80b-a3b --device cuda --prompt 512,4096 --gen 64 --context 0,4096,32768 --json "$OUT/bench_next80b.json"
+    run_check "bench qwen3-30b-a3b" 110 "$LOGS/bench_30b.log" "$BIN/moeflux" bench --preset qwen3-30b-a3b --device cuda --prompt 512,4096 --gen 64 --context 0,4096 --json "$OUT/bench_30b.json"
+    run_check "memcheck: generate (bundled model)" 90 "$LOGS/memcheck_generate.log" \
+        compute-sanitizer --tool memcheck --error-exitcode 99 "$BIN/moeflux" generate --chat --prompt "4821+377=" --device cuda
+fi
+
+# 4. kernel throughput (ratios to the bandwidth floor; details in the bench section below)
 if [ -x "$BIN/kernel_bench" ]; then
     run_check "kernel_bench" 60 "$LOGS/kernel_bench.log" "$BIN/kernel_bench"
 fi
 
-# 4. compute-sanitizer (gets what is left of the budget)
+# 5. compute-sanitizer (gets what is left of the budget)
 if command -v compute-sanitizer >/dev/null; then
     run_check "memcheck: parity (all tests)" 240 "$LOGS/memcheck.log" \
         compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 99 --print-limit 20 "$BIN/parity" --test-threads=1
@@ -198,6 +207,24 @@ fi
     printf '%s\n' "${ROWS[@]}"
     echo
     echo "Logs: logs.tar.gz (one log per check)"
+    for b in bench_next80b bench_30b; do
+        if [ -s "$LOGS/$b.log" ]; then
+            echo
+            echo "## $b"
+            echo
+            echo '```'
+            grep -E '^preset|^prefill|^decode|built in' "$LOGS/$b.log"
+            echo '```'
+        fi
+    done
+    if [ -s "$LOGS/memcheck_generate.log" ]; then
+        echo
+        echo "## generate under memcheck"
+        echo
+        echo '```'
+        tail -5 "$LOGS/memcheck_generate.log"
+        echo '```'
+    fi
     if [ -s "$LOGS/kernel_bench.log" ]; then
         echo
         echo "## kernel_bench"
