@@ -2,10 +2,14 @@
 //! chosen once at run time from the CPU's features, with the portable code of
 //! [`MatView::dot_row`]/[`MatView::row_f32`] as the fallback.
 //!
-//! Activations stay f32 (quantizing them to int8 the way llama.cpp does moves the
-//! golden mlx-lm logits by ~1e-1, and even 16-bit fixed point by ~1e-4), so the
-//! quantized kernels are exact f32 arithmetic on the integer codes:
-//! `sum_g s_g * sum_{j in g} q_j x_j + sum_g b_g * sum_{j in g} x_j`.
+//! Every affine kernel computes `sum_g s_g * sum_{j in g} q_j x_j + sum_g b_g * X_g`
+//! (`X_g` the f32 sum of the group's activations). Activations keep (nearly) f32
+//! precision: quantizing them to int8 the way llama.cpp does moves the golden mlx-lm
+//! logits by ~1e-1, 16-bit fixed point by ~1e-4, split-bf16 by ~1e-5. With AVX-512 VNNI
+//! each group of `x` becomes 24-bit fixed point (`x ~ d_g * V`, `|V| <= 127 * 2^16`,
+//! error at most `2^-24 max|x_g|`, below f32 rounding of the larger elements), stored as
+//! three signed bytes so `vpdpbusd` forms `sum q V` exactly in 32-bit integers
+//! ([`Kind::Q4I`]); elsewhere the codes are turned into floats ([`Kind::Q4`]).
 //!
 //! The caller first lays the activations out for the matrix's format ([`Layout`],
 //! [`prepare`]); one prepared buffer serves every matrix of the same format and width
@@ -32,18 +36,22 @@ pub enum Isa {
     Scalar,
     /// AVX-512 F/BW/VL with FMA and F16C.
     Avx512,
+    /// [`Isa::Avx512`] plus VNNI (`vpdpbusd`).
+    Avx512Vnni,
 }
 
 static ISA: OnceLock<Isa> = OnceLock::new();
 
 /// The instruction set in use (detected once; `MOEFLUX_CPU_KERNELS=scalar` forces the
-/// portable code).
+/// portable code, `=f32` the exact-f32 AVX-512 kernels only).
 pub fn isa() -> Isa {
     *ISA.get_or_init(|| {
-        if std::env::var("MOEFLUX_CPU_KERNELS").is_ok_and(|v| v == "scalar") {
-            return Isa::Scalar;
+        let det = detect();
+        match std::env::var("MOEFLUX_CPU_KERNELS").as_deref() {
+            Ok("scalar") => Isa::Scalar,
+            Ok("f32") if det == Isa::Avx512Vnni => Isa::Avx512,
+            _ => det,
         }
-        detect()
     })
 }
 
@@ -56,7 +64,11 @@ fn detect() -> Isa {
         && is_x86_feature_detected!("f16c")
         && is_x86_feature_detected!("avx2")
     {
-        Isa::Avx512
+        if is_x86_feature_detected!("avx512vnni") {
+            Isa::Avx512Vnni
+        } else {
+            Isa::Avx512
+        }
     } else {
         Isa::Scalar
     }
@@ -72,7 +84,10 @@ fn detect() -> Isa {
 enum Kind {
     /// `MatView::dot_row` / `row_f32` + `dot`.
     Scalar,
+    /// 4-bit codes as floats (`vpermps` table), f32 activations.
     Q4,
+    /// 4-bit codes against 24-bit fixed-point activations through `vpdpbusd`.
+    Q4I,
     Q8,
     Dense(DType),
 }
@@ -82,6 +97,11 @@ fn kind_for(isa: Isa, format: WeightFormat) -> Kind {
         return Kind::Scalar;
     }
     match format {
+        WeightFormat::Affine { bits: 4, group_size, scale_dtype }
+            if isa == Isa::Avx512Vnni && group_size >= 8 && group_size % 8 == 0 && matches!(scale_dtype, DType::F32 | DType::BF16 | DType::F16) =>
+        {
+            Kind::Q4I
+        }
         WeightFormat::Affine { bits: 4, group_size, scale_dtype }
             if group_size >= 8 && group_size % 8 == 0 && matches!(scale_dtype, DType::F32 | DType::BF16 | DType::F16) =>
         {
@@ -98,7 +118,8 @@ fn kind_for(isa: Isa, format: WeightFormat) -> Kind {
 }
 
 /// How `n` activation rows are laid out for one matrix format and width: `n` rows of
-/// `stride` floats, then (affine formats) `n` rows of `gstride` per-group sums.
+/// `stride` floats, then (affine formats) per token `gparts` runs of `gstride` floats:
+/// the per-group sums of `x`, and for [`Kind::Q4I`] the per-group fixed-point steps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layout {
     kind: Kind,
@@ -106,8 +127,12 @@ pub struct Layout {
     pub cols: usize,
     pub stride: usize,
     pub gstride: usize,
+    gparts: usize,
     group_size: usize,
 }
+
+/// Largest fixed-point activation magnitude: `127 * 2^16`, three signed bytes.
+const VMAX: f32 = 8_323_072.0;
 
 impl Layout {
     pub fn new(w: &MatView<'_>, n: usize) -> Self {
@@ -121,17 +146,19 @@ impl Layout {
             WeightFormat::Dense(_) => 0,
         };
         let groups = if group_size > 0 { cols / group_size } else { 0 };
-        let (stride, gstride) = match kind {
-            Kind::Scalar => (cols, groups),
-            // whole chunks / windows of 16 groups, zero padded
-            Kind::Q4 | Kind::Q8 | Kind::Dense(_) => (cols.div_ceil(128) * 128, groups.div_ceil(16) * 16),
+        // whole chunks / windows of 16 groups, zero padded
+        let (stride, gstride, gparts) = match kind {
+            Kind::Scalar => (cols, groups, 1),
+            Kind::Q4 | Kind::Q8 | Kind::Dense(_) => (cols.div_ceil(128) * 128, groups.div_ceil(16) * 16, 1),
+            // 3 bytes per element
+            Kind::Q4I => (cols.div_ceil(128) * 96, groups.div_ceil(16) * 16, 2),
         };
-        Layout { kind, n, cols, stride, gstride, group_size }
+        Layout { kind, n, cols, stride, gstride, gparts, group_size }
     }
 
     /// Floats [`prepare`] writes.
     pub fn len(&self) -> usize {
-        self.n * (self.stride + self.gstride)
+        self.n * (self.stride + self.gparts * self.gstride)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -143,8 +170,9 @@ impl Layout {
         buf[t * self.stride..].as_ptr()
     }
 
+    /// Group sums of token `t` (then, for `Q4I`, its fixed-point steps).
     fn xs(&self, buf: &[f32], t: usize) -> *const f32 {
-        buf[self.n * self.stride + t * self.gstride..].as_ptr()
+        buf[self.n * self.stride + t * self.gparts * self.gstride..].as_ptr()
     }
 }
 
@@ -157,22 +185,57 @@ pub fn prepare(x: &[f32], lay: &Layout, buf: &mut Vec<f32>) {
     for t in 0..n {
         let src = &x[t * cols..(t + 1) * cols];
         let dst = &mut xb[t * lay.stride..(t + 1) * lay.stride];
-        if lay.kind == Kind::Q4 {
-            // transpose each 128-element chunk: dst[16j + k] = src[8k + j]
-            for (c, d) in dst.chunks_exact_mut(128).enumerate() {
-                let s = &src[(c * 128).min(cols)..((c + 1) * 128).min(cols)];
-                for (e, v) in s.iter().enumerate() {
-                    d[16 * (e % 8) + e / 8] = *v;
+        let gp = &mut sb[t * lay.gparts * lay.gstride..(t + 1) * lay.gparts * lay.gstride];
+        match lay.kind {
+            Kind::Q4 => {
+                // transpose each 128-element chunk: dst[16j + k] = src[8k + j]
+                for (c, d) in dst.chunks_exact_mut(128).enumerate() {
+                    let s = &src[(c * 128).min(cols)..((c + 1) * 128).min(cols)];
+                    for (e, v) in s.iter().enumerate() {
+                        d[16 * (e % 8) + e / 8] = *v;
+                    }
                 }
             }
-        } else {
-            dst[..cols].copy_from_slice(src);
+            Kind::Q4I => {
+                prepare_q4i(src, bytemuck::cast_slice_mut(dst), &mut gp[lay.gstride..], lay.group_size);
+            }
+            _ => dst[..cols].copy_from_slice(src),
         }
         if lay.group_size > 0 {
-            let sums = &mut sb[t * lay.gstride..(t + 1) * lay.gstride];
-            for (s, c) in sums.iter_mut().zip(src.chunks_exact(lay.group_size)) {
+            for (s, c) in gp[..lay.gstride].iter_mut().zip(src.chunks_exact(lay.group_size)) {
                 *s = c.iter().sum();
             }
+        }
+    }
+}
+
+/// Fixed point for [`Kind::Q4I`]: per group `x ~ step * V` with `V` an integer of at
+/// most `127 * 2^16` in magnitude, written as three signed bytes `V = 2^16 v1 + 2^8 v2 + v3`.
+/// Per 128-element chunk, byte plane `k` (v1, v2, v3) takes 128 bytes: the even elements
+/// (low nibbles of the packed weights) then the odd ones.
+fn prepare_q4i(src: &[f32], dst: &mut [u8], steps: &mut [f32], gs: usize) {
+    for (g, xg) in src.chunks_exact(gs).enumerate() {
+        let m = xg.iter().fold(0f32, |m, v| m.max(v.abs()));
+        // a non-finite group poisons its result, as it would in f32
+        let (step, inv) = if !m.is_finite() || m.is_nan() {
+            (f32::NAN, 0.0)
+        } else if m == 0.0 {
+            (0.0, 0.0)
+        } else {
+            (m / VMAX, VMAX / m)
+        };
+        steps[g] = step;
+        for (i, &x) in xg.iter().enumerate() {
+            let e = g * gs + i;
+            let v = ((x * inv).round_ties_even() as i32).clamp(-(VMAX as i32), VMAX as i32);
+            let v3 = ((v + 128) & 255) - 128;
+            let v = (v - v3) >> 8;
+            let v2 = ((v + 128) & 255) - 128;
+            let v1 = (v - v2) >> 8;
+            let at = 384 * (e / 128) + 64 * (e % 2) + (e % 128) / 2;
+            dst[at] = v1 as i8 as u8;
+            dst[at + 128] = v2 as i8 as u8;
+            dst[at + 256] = v3 as i8 as u8;
         }
     }
 }
@@ -233,6 +296,7 @@ mod avx512 {
         unsafe {
             match lay.kind {
                 Kind::Q4 => rows_q4(w, lay, buf, r0, r1, out, ostride),
+                Kind::Q4I => rows_q4i(w, lay, buf, r0, r1, out, ostride),
                 Kind::Q8 => rows_q8(w, lay, buf, r0, r1, out, ostride),
                 Kind::Dense(dt) => rows_dense(w, dt, lay, buf, r0, r1, out, ostride),
                 Kind::Scalar => unreachable!(),
@@ -412,6 +476,96 @@ mod avx512 {
                 g0 += 16;
             }
             std::array::from_fn(|t| _mm512_reduce_add_ps(tot[t]))
+        }
+    }
+
+    // ---------------------------------------------------------------- 4-bit, VNNI
+
+    unsafe fn rows_q4i(w: &MatView<'_>, lay: &Layout, buf: &[f32], r0: usize, r1: usize, out: *mut f32, ostride: usize) {
+        let a = Aff::new(w);
+        let xs: Vec<*const f32> = (0..lay.n).map(|t| lay.x(buf, t)).collect();
+        let ss: Vec<*const f32> = (0..lay.n).map(|t| lay.xs(buf, t)).collect();
+        let wchunks = a.gs / 8;
+        let mut tab = vec![[0u32; 16]; wchunks];
+        for (co, t) in tab.iter_mut().enumerate() {
+            for (k, v) in t.iter_mut().enumerate() {
+                *v = ((co * 128 + 8 * k) / a.gs) as u32;
+            }
+        }
+        for r in r0..r1 {
+            unsafe { token_blocks!(6, lay.n, q4i_block, (&a, &tab, lay.gstride, r, &xs, &ss, out, ostride)) };
+        }
+    }
+
+    /// One row against `N` tokens. Per 64-byte chunk the low and high nibbles meet the
+    /// even and odd activations; the three byte planes go through `vpdpbusd` with a
+    /// shift of 8 between planes, which keeps `sum q V` exact (|lane| < 15 * 128 * 8 *
+    /// 65793 < 2^31).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c,avx2,avx512vnni")]
+    unsafe fn q4i_block<const N: usize>(
+        a: &Aff,
+        tab: &[[u32; 16]],
+        gstride: usize,
+        r: usize,
+        xs: &[*const f32],
+        ss: &[*const f32],
+        out: *mut f32,
+        ostride: usize,
+        t0: usize,
+    ) {
+        unsafe {
+            let x: [*const u8; N] = std::array::from_fn(|t| xs[t0 + t] as *const u8);
+            let sums: [*const f32; N] = std::array::from_fn(|t| ss[t0 + t]);
+            let steps: [*const f32; N] = std::array::from_fn(|t| ss[t0 + t].add(gstride));
+            let row = a.data.add(r * a.row_bytes);
+            let sp = a.scales.add(r * a.groups * a.sdt.size());
+            let bp = a.biases.add(r * a.groups * a.sdt.size());
+            let m0f = _mm512_set1_epi8(0x0f);
+            let nchunks = a.row_bytes.div_ceil(64);
+            let tail_dw = (a.row_bytes % 64) / 4;
+            let tail: __mmask16 = if tail_dw == 0 { 0xFFFF } else { mask16(tail_dw) };
+            let wchunks = tab.len();
+            let mut tot = [_mm512_setzero_ps(); N];
+            let mut c = 0;
+            let mut g0 = 0;
+            while g0 < a.groups {
+                let m = mask16(a.groups - g0);
+                let s16 = load16(sp, a.sdt, g0, m);
+                let b16 = load16(bp, a.sdt, g0, m);
+                let mut sd = [_mm512_setzero_ps(); N];
+                for t in 0..N {
+                    tot[t] = _mm512_fmadd_ps(b16, _mm512_loadu_ps(sums[t].add(g0)), tot[t]);
+                    sd[t] = _mm512_mul_ps(s16, _mm512_loadu_ps(steps[t].add(g0)));
+                }
+                let cend = (c + wchunks).min(nchunks);
+                let mut co = 0;
+                while c < cend {
+                    let p = row.add(64 * c);
+                    let wv = if c + 1 == nchunks { _mm512_maskz_loadu_epi32(tail, p as *const i32) } else { _mm512_loadu_si512(p as *const _) };
+                    let idx = _mm512_loadu_si512(tab[co].as_ptr() as *const _);
+                    let lo = _mm512_and_si512(wv, m0f);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(wv), m0f);
+                    for t in 0..N {
+                        let xb = x[t].add(384 * c);
+                        let ld = |o: usize| _mm512_loadu_si512(xb.add(o) as *const _);
+                        let mut acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, ld(0));
+                        acc = _mm512_dpbusd_epi32(acc, hi, ld(64));
+                        acc = _mm512_slli_epi32::<8>(acc);
+                        acc = _mm512_dpbusd_epi32(acc, lo, ld(128));
+                        acc = _mm512_dpbusd_epi32(acc, hi, ld(192));
+                        acc = _mm512_slli_epi32::<8>(acc);
+                        acc = _mm512_dpbusd_epi32(acc, lo, ld(256));
+                        acc = _mm512_dpbusd_epi32(acc, hi, ld(320));
+                        tot[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_permutexvar_ps(idx, sd[t]), tot[t]);
+                    }
+                    c += 1;
+                    co += 1;
+                }
+                g0 += 16;
+            }
+            for t in 0..N {
+                *out.add((t0 + t) * ostride + r) = _mm512_reduce_add_ps(tot[t]);
+            }
         }
     }
 
@@ -675,7 +829,10 @@ mod tests {
     #[test]
     fn kernels_match_reference() {
         let mut rng = Rng(0x9e3779b97f4a7c15);
-        let isas: Vec<Isa> = [Isa::Scalar, detect()].into_iter().collect();
+        let mut isas = vec![Isa::Scalar, detect()];
+        if detect() == Isa::Avx512Vnni {
+            isas.push(Isa::Avx512);
+        }
         for format in formats() {
             let gs = match format {
                 WeightFormat::Affine { group_size, .. } => group_size as usize,
@@ -701,9 +858,11 @@ mod tests {
                         .collect();
                     for &isa in &isas {
                         let got = run(isa, &w, &x, n);
+                        // fixed-point activations: error <= 2^-24 max|x_g| per element
+                        let tol = 2e-6;
                         for i in 0..n * rows {
                             let err = (got[i] as f64 - want[i]).abs() / scale[i].max(1e-30);
-                            assert!(err < 2e-6, "{format} cols {cols} n {n} {isa:?}: [{i}] got {} want {} (rel {err:.2e})", got[i], want[i]);
+                            assert!(err < tol, "{format} cols {cols} n {n} {isa:?}: [{i}] got {} want {} (rel {err:.2e})", got[i], want[i]);
                         }
                     }
                 }
@@ -763,23 +922,32 @@ mod bench {
         let q8 = WeightFormat::Affine { bits: 8, group_size: 64, scale_dtype: DType::BF16 };
         for (name, format, rows, cols) in [
             ("q4 l2", q4, 768, 2048),
+            ("q4 l3", q4, 8192, 2048),
             ("q4 dram", q4, 65536, 2048),
             ("q8 l2", q8, 512, 2048),
             ("bf16 l2", WeightFormat::Dense(DType::BF16), 256, 2048),
         ] {
+            if std::env::var("QDOT_BENCH").is_ok_and(|f| !name.contains(f.as_str())) {
+                continue;
+            }
             let (data, scales) = mat(rows, cols, format);
             let w = MatView { data: &data, scales: &scales, biases: &scales, rows, cols, format };
             let bytes = format.total_bytes(rows, cols) as f64;
-            for n in [1usize, 4, 6, 8] {
+            let ns: Vec<usize> = match std::env::var("QDOT_N") {
+                Ok(v) => vec![v.parse().unwrap()],
+                Err(_) => vec![1, 4, 6, 8],
+            };
+            for n in ns {
                 let x: Vec<f32> = (0..n * cols).map(|i| (i % 13) as f32 * 0.1).collect();
                 let lay = Layout::new(&w, n);
                 let mut buf = Vec::new();
                 prepare(&x, &lay, &mut buf);
                 let mut out = vec![0f32; n * rows];
-                let reps = (2e9 / bytes / n as f64).clamp(3.0, 2000.0) as usize;
-                let reps = reps.div_ceil(4);
+                // many short trials, best kept: the machine is shared
+                let reps = (1e6 / bytes).clamp(1.0, 100.0) as usize;
+                let trials = (3e8 / (bytes * reps as f64 * n as f64)).clamp(20.0, 300.0) as usize;
                 let mut best = f64::MAX;
-                for _ in 0..12 {
+                for _ in 0..trials {
                     let t = Instant::now();
                     for _ in 0..reps {
                         rows_serial(&w, &lay, &buf, &mut out);
