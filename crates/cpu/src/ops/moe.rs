@@ -8,6 +8,7 @@ use moeflux_core::ExpertWeights;
 use rayon::prelude::*;
 
 use super::matmul::matmul_serial;
+use super::qdot::{self, Layout};
 use super::rms_norm::silu;
 use super::weights::MatView;
 
@@ -36,6 +37,20 @@ pub trait ExpertViews: Sync {
     fn views(&self, e: &ExpertWeights) -> [MatView<'_>; 3];
 }
 
+/// Per-thread buffers of [`moe_experts`], reused across experts.
+#[derive(Default)]
+struct Scratch {
+    xs: Vec<f32>,
+    prep: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+}
+
+struct PairsOut(*mut f32);
+// SAFETY: each (token, slot) row is written by the one expert it was routed to.
+unsafe impl Sync for PairsOut {}
+unsafe impl Send for PairsOut {}
+
 #[allow(clippy::too_many_arguments)]
 pub fn moe_experts(
     x: &[f32],
@@ -55,35 +70,38 @@ pub fn moe_experts(
         buckets[e as usize].push(pair);
     }
     let active: Vec<(usize, &Vec<usize>)> = buckets.iter().enumerate().filter(|(_, b)| !b.is_empty()).collect();
-    let results: Vec<(Vec<usize>, Vec<f32>)> = active
-        .par_iter()
-        .map(|(e, pairs)| {
-            let [g, u, d] = views.views(&experts[*e]);
-            let m = pairs.len();
-            let mut xs = vec![0f32; m * hidden];
-            for (r, &p) in pairs.iter().enumerate() {
-                let t = p / k;
-                xs[r * hidden..(r + 1) * hidden].copy_from_slice(&x[t * hidden..(t + 1) * hidden]);
-            }
-            let mut scratch = Vec::new();
-            let mut gate = vec![0f32; m * inter];
-            let mut up = vec![0f32; m * inter];
-            matmul_serial(&xs, m, &g, &mut gate, &mut scratch);
-            matmul_serial(&xs, m, &u, &mut up, &mut scratch);
-            for (gv, uv) in gate.iter_mut().zip(&up) {
-                *gv = silu(*gv) * uv;
-            }
-            let mut y = vec![0f32; m * hidden];
-            matmul_serial(&gate, m, &d, &mut y, &mut scratch);
-            ((*pairs).clone(), y)
-        })
-        .collect();
     let mut per_pair = vec![0f32; n * k * hidden];
-    for (pairs, y) in &results {
-        for (r, &p) in pairs.iter().enumerate() {
-            per_pair[p * hidden..(p + 1) * hidden].copy_from_slice(&y[r * hidden..(r + 1) * hidden]);
+    let dst = PairsOut(per_pair.as_mut_ptr());
+    active.par_iter().for_each_init(Scratch::default, |s, (e, pairs)| {
+        let [g, u, d] = views.views(&experts[*e]);
+        let m = pairs.len();
+        s.xs.clear();
+        for &p in pairs.iter() {
+            let t = p / k;
+            s.xs.extend_from_slice(&x[t * hidden..(t + 1) * hidden]);
         }
-    }
+        // gate and up read the same activations: lay them out once
+        let lay = Layout::new(&g, m);
+        qdot::prepare(&s.xs, &lay, &mut s.prep);
+        s.gate.resize(m * inter, 0.0);
+        s.up.resize(m * inter, 0.0);
+        qdot::rows_serial(&g, &lay, &s.prep, &mut s.gate);
+        if Layout::new(&u, m) == lay {
+            qdot::rows_serial(&u, &lay, &s.prep, &mut s.up);
+        } else {
+            matmul_serial(&s.xs, m, &u, &mut s.up, &mut s.prep);
+        }
+        for (gv, uv) in s.gate.iter_mut().zip(&s.up) {
+            *gv = silu(*gv) * uv;
+        }
+        s.xs.resize(m * hidden, 0.0);
+        matmul_serial(&s.gate, m, &d, &mut s.xs, &mut s.prep);
+        let dst = &dst;
+        for (r, &p) in pairs.iter().enumerate() {
+            // SAFETY: `p < n * k`, and pair `p` belongs to this expert only.
+            unsafe { std::ptr::copy_nonoverlapping(s.xs[r * hidden..].as_ptr(), dst.0.add(p * hidden), hidden) };
+        }
+    });
     out[..n * hidden].fill(0.0);
     for t in 0..n {
         let o = &mut out[t * hidden..(t + 1) * hidden];
