@@ -11,22 +11,23 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-/// Failures of the server as a whole (reported to whoever started it).
+/// Failures of the server as a whole (reported to whoever started it). The underlying
+/// I/O error is the `source`, not repeated in the message (callers print the chain).
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("cannot bind {addr}: {source}")]
+    #[error("cannot bind {addr}")]
     Bind {
         addr: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot start the async runtime: {0}")]
+    #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
-    #[error("cannot start the engine thread: {0}")]
+    #[error("cannot start the engine thread")]
     Thread(#[source] std::io::Error),
     #[error("loading the model failed: {0}")]
     Load(String),
-    #[error("HTTP server failed: {0}")]
+    #[error("the HTTP server failed")]
     Http(#[source] std::io::Error),
 }
 

@@ -257,6 +257,9 @@ where
     let handle = start(listener, cfg, loader).await?;
     let addr = handle.local_addr();
     tracing::info!(%addr, model = %model_id, auth, "listening");
+    if !auth && !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "listening beyond this machine without an API key (set --api-key or MOEFLUX_API_KEY)");
+    }
     println!("moeflux serve: listening on http://{addr} (model '{model_id}')");
     let failed = tokio::select! {
         _ = stop => None,
