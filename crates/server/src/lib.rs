@@ -115,8 +115,10 @@ impl ServerHandle {
     /// Resolves only if loading fails, with the reason.
     pub async fn load_failure(&self) -> String {
         let mut rx = self.load.clone();
-        match rx.wait_for(|s| matches!(s, LoadState::Failed(_))).await.map(|s| s.clone()) {
+        let r = rx.wait_for(|s| matches!(s, LoadState::Failed(_))).await.map(|s| s.clone());
+        match r {
             Ok(LoadState::Failed(msg)) => msg,
+            _ if matches!(*rx.borrow(), LoadState::Loading) => "the engine thread ended while loading the model".into(),
             _ => std::future::pending().await,
         }
     }
@@ -176,7 +178,10 @@ where
         .name("moeflux-engine".into())
         .spawn(move || {
             let t = std::time::Instant::now();
-            match loader() {
+            // A panicking loader (a bug, or a model file that trips one) must still end
+            // in a reported failure rather than a server stuck at "loading".
+            let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(loader)).unwrap_or_else(|_| Err("loading the model panicked".into()));
+            match loaded {
                 Ok((model, codec)) => {
                     let codec = Arc::new(codec);
                     let loaded = Loaded { codec: codec.clone(), max_context: model.max_context(), vocab: model.vocab() };
