@@ -1,6 +1,7 @@
 //! CPU kernels, one module per op, each a safe function over slices so it doubles as the
 //! reference implementation other backends are tested against.
 
+pub mod amx;
 pub mod attention;
 pub mod conv1d;
 pub mod elementwise;

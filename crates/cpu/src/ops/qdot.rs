@@ -38,18 +38,21 @@ pub enum Isa {
     Avx512,
     /// [`Isa::Avx512`] plus VNNI (`vpdpbusd`).
     Avx512Vnni,
+    /// [`Isa::Avx512Vnni`] plus AMX-INT8 tiles (batches of tokens).
+    Amx,
 }
 
 static ISA: OnceLock<Isa> = OnceLock::new();
 
 /// The instruction set in use (detected once; `MOEFLUX_CPU_KERNELS=scalar` forces the
-/// portable code, `=f32` the exact-f32 AVX-512 kernels only).
+/// portable code, `=f32` the exact-f32 AVX-512 kernels only, `=vnni` no AMX).
 pub fn isa() -> Isa {
     *ISA.get_or_init(|| {
         let det = detect();
         match std::env::var("MOEFLUX_CPU_KERNELS").as_deref() {
             Ok("scalar") => Isa::Scalar,
-            Ok("f32") if det == Isa::Avx512Vnni => Isa::Avx512,
+            Ok("f32") if matches!(det, Isa::Avx512Vnni | Isa::Amx) => Isa::Avx512,
+            Ok("vnni") if det == Isa::Amx => Isa::Avx512Vnni,
             _ => det,
         }
     })
@@ -65,7 +68,7 @@ fn detect() -> Isa {
         && is_x86_feature_detected!("avx2")
     {
         if is_x86_feature_detected!("avx512vnni") {
-            Isa::Avx512Vnni
+            if super::amx::available() { Isa::Amx } else { Isa::Avx512Vnni }
         } else {
             Isa::Avx512
         }
@@ -88,6 +91,8 @@ enum Kind {
     Q4,
     /// 4-bit codes against 24-bit fixed-point activations through `vpdpbusd`.
     Q4I,
+    /// The same arithmetic through AMX tiles, for batches ([`super::amx`]).
+    Q4A,
     Q8,
     Dense(DType),
 }
@@ -98,7 +103,7 @@ fn kind_for(isa: Isa, format: WeightFormat) -> Kind {
     }
     match format {
         WeightFormat::Affine { bits: 4, group_size, scale_dtype }
-            if isa == Isa::Avx512Vnni && group_size >= 8 && group_size % 8 == 0 && matches!(scale_dtype, DType::F32 | DType::BF16 | DType::F16) =>
+            if matches!(isa, Isa::Avx512Vnni | Isa::Amx) && group_size >= 8 && group_size % 8 == 0 && matches!(scale_dtype, DType::F32 | DType::BF16 | DType::F16) =>
         {
             Kind::Q4I
         }
@@ -131,6 +136,9 @@ pub struct Layout {
     group_size: usize,
 }
 
+/// Smallest batch sent to the AMX kernel.
+const AMX_MIN_TOKENS: usize = 4;
+
 /// Largest fixed-point activation magnitude: `127 * 2^16`, three signed bytes.
 const VMAX: f32 = 8_323_072.0;
 
@@ -140,7 +148,12 @@ impl Layout {
     }
 
     fn with_isa(isa: Isa, format: WeightFormat, cols: usize, n: usize) -> Self {
-        let kind = kind_for(isa, format);
+        let mut kind = kind_for(isa, format);
+        // AMX pays off from four tokens on (its per-block cost of unpacking the codes
+        // and storing tiles is ~3 tokens' worth of VNNI work)
+        if kind == Kind::Q4I && isa == Isa::Amx && n >= AMX_MIN_TOKENS && matches!(format, WeightFormat::Affine { group_size, .. } if group_size % 64 == 0) {
+            kind = Kind::Q4A;
+        }
         let group_size = match format {
             WeightFormat::Affine { group_size, .. } => group_size as usize,
             WeightFormat::Dense(_) => 0,
@@ -152,6 +165,8 @@ impl Layout {
             Kind::Q4 | Kind::Q8 | Kind::Dense(_) => (cols.div_ceil(128) * 128, groups.div_ceil(16) * 16, 1),
             // 3 bytes per element
             Kind::Q4I => (cols.div_ceil(128) * 96, groups.div_ceil(16) * 16, 2),
+            // 3 planes of 64 bytes per 64 elements
+            Kind::Q4A => (cols.div_ceil(64) * 48, groups.div_ceil(16) * 16, 2),
         };
         Layout { kind, n, cols, stride, gstride, gparts, group_size }
     }
@@ -196,19 +211,20 @@ pub fn prepare(x: &[f32], lay: &Layout, buf: &mut Vec<f32>) {
                     }
                 }
             }
-            Kind::Q4I => {
+            Kind::Q4I | Kind::Q4A => {
                 let dst: &mut [u8] = bytemuck::cast_slice_mut(dst);
                 let steps = &mut gp[lay.gstride..];
+                let amx = lay.kind == Kind::Q4A;
                 #[cfg(target_arch = "x86_64")]
                 if lay.group_size % 16 == 0 {
-                    // SAFETY: Q4I is only chosen on AVX-512 (VNNI) machines; the slices
-                    // are the ones `prepare_q4i` fills.
-                    unsafe { avx512::prepare_q4i(src, dst, steps, lay.group_size) };
+                    // SAFETY: Q4I/Q4A are only chosen on AVX-512 (VNNI) machines; the
+                    // slices are the ones `prepare_q4i` fills.
+                    unsafe { avx512::prepare_q4i(src, dst, steps, lay.group_size, amx) };
                 } else {
-                    prepare_q4i(src, dst, steps, lay.group_size);
+                    prepare_q4i(src, dst, steps, lay.group_size, amx);
                 }
                 #[cfg(not(target_arch = "x86_64"))]
-                prepare_q4i(src, dst, steps, lay.group_size);
+                prepare_q4i(src, dst, steps, lay.group_size, amx);
             }
             _ => dst[..cols].copy_from_slice(src),
         }
@@ -223,8 +239,10 @@ pub fn prepare(x: &[f32], lay: &Layout, buf: &mut Vec<f32>) {
 /// Fixed point for [`Kind::Q4I`]: per group `x ~ step * V` with `V` an integer of at
 /// most `127 * 2^16` in magnitude, written as three signed bytes `V = 2^16 v1 + 2^8 v2 + v3`.
 /// Per 128-element chunk, byte plane `k` (v1, v2, v3) takes 128 bytes: the even elements
-/// (low nibbles of the packed weights) then the odd ones.
-fn prepare_q4i(src: &[f32], dst: &mut [u8], steps: &mut [f32], gs: usize) {
+/// (low nibbles of the packed weights) then the odd ones. With `amx`, the AMX order
+/// instead ([`super::amx`]): per 64-element block 3 planes of 64 bytes, each group of 8
+/// elements as `0 2 4 6 1 3 5 7`.
+fn prepare_q4i(src: &[f32], dst: &mut [u8], steps: &mut [f32], gs: usize, amx: bool) {
     for (g, xg) in src.chunks_exact(gs).enumerate() {
         let m = xg.iter().fold(0f32, |m, v| m.max(v.abs()));
         // a non-finite group poisons its result, as it would in f32
@@ -243,10 +261,15 @@ fn prepare_q4i(src: &[f32], dst: &mut [u8], steps: &mut [f32], gs: usize) {
             let v = (v - v3) >> 8;
             let v2 = ((v + 128) & 255) - 128;
             let v1 = (v - v2) >> 8;
-            let at = 384 * (e / 128) + 64 * (e % 2) + (e % 128) / 2;
+            let (at, plane) = if amx {
+                let p = e % 8;
+                (192 * (e / 64) + (e % 64) - p + 4 * (p % 2) + p / 2, 64)
+            } else {
+                (384 * (e / 128) + 64 * (e % 2) + (e % 128) / 2, 128)
+            };
             dst[at] = v1 as i8 as u8;
-            dst[at + 128] = v2 as i8 as u8;
-            dst[at + 256] = v3 as i8 as u8;
+            dst[at + plane] = v2 as i8 as u8;
+            dst[at + 2 * plane] = v3 as i8 as u8;
         }
     }
 }
@@ -308,6 +331,28 @@ mod avx512 {
             match lay.kind {
                 Kind::Q4 => rows_q4(w, lay, buf, r0, r1, out, ostride),
                 Kind::Q4I => rows_q4i(w, lay, buf, r0, r1, out, ostride),
+                Kind::Q4A => {
+                    let a = Aff::new(w);
+                    let m = crate::ops::amx::kernel::Mat {
+                        data: a.data,
+                        scales: a.scales,
+                        biases: a.biases,
+                        rows: w.rows,
+                        row_bytes: a.row_bytes,
+                        groups: a.groups,
+                        gs: a.gs,
+                        sdt: a.sdt,
+                    };
+                    let act = crate::ops::amx::kernel::Act {
+                        x: lay.x(buf, 0) as *const u8,
+                        xstride: lay.stride * 4,
+                        g: lay.xs(buf, 0),
+                        gtok: lay.gparts * lay.gstride,
+                        gstride: lay.gstride,
+                        n: lay.n,
+                    };
+                    crate::ops::amx::kernel::rows(&m, &act, r0, r1, out, ostride)
+                }
                 Kind::Q8 => rows_q8(w, lay, buf, r0, r1, out, ostride),
                 Kind::Dense(dt) => rows_dense(w, dt, lay, buf, r0, r1, out, ostride),
                 Kind::Scalar => unreachable!(),
@@ -527,10 +572,12 @@ mod avx512 {
 
     /// [`super::prepare_q4i`] 16 elements at a time (`gs % 16 == 0`); same results.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c,avx2")]
-    pub(super) unsafe fn prepare_q4i(src: &[f32], dst: &mut [u8], steps: &mut [f32], gs: usize) {
+    pub(super) unsafe fn prepare_q4i(src: &[f32], dst: &mut [u8], steps: &mut [f32], gs: usize, amx: bool) {
         unsafe {
             let groups = src.len() / gs;
-            assert!(dst.len() >= src.len().div_ceil(128) * 384 && steps.len() >= groups);
+            let need = if amx { src.len().div_ceil(64) * 192 } else { src.len().div_ceil(128) * 384 };
+            assert!(dst.len() >= need && steps.len() >= groups);
+            let amx_order = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
             let vmax = _mm512_set1_epi32(super::VMAX as i32);
             let vmin = _mm512_set1_epi32(-(super::VMAX as i32));
             let c128 = _mm512_set1_epi32(128);
@@ -571,6 +618,14 @@ mod avx512 {
                     let v = _mm512_srai_epi32::<8>(_mm512_sub_epi32(v, v3));
                     let v2 = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(v, c128), c255), c128);
                     let v1 = _mm512_srai_epi32::<8>(_mm512_sub_epi32(v, v2));
+                    if amx {
+                        let at = 192 * (e / 64) + e % 64;
+                        for (k, p) in [v1, v2, v3].into_iter().enumerate() {
+                            let b = _mm_shuffle_epi8(_mm512_cvtepi32_epi8(p), amx_order);
+                            _mm_storeu_si128(dst.as_mut_ptr().add(at + 64 * k) as *mut __m128i, b);
+                        }
+                        continue;
+                    }
                     let at = 384 * (e / 128) + (e % 128) / 2;
                     for (k, p) in [v1, v2, v3].into_iter().enumerate() {
                         let b = _mm_shuffle_epi8(_mm512_cvtepi32_epi8(p), deint);
@@ -936,8 +991,11 @@ mod tests {
     fn kernels_match_reference() {
         let mut rng = Rng(0x9e3779b97f4a7c15);
         let mut isas = vec![Isa::Scalar, detect()];
-        if detect() == Isa::Avx512Vnni {
+        if matches!(detect(), Isa::Avx512Vnni | Isa::Amx) {
             isas.push(Isa::Avx512);
+        }
+        if detect() == Isa::Amx {
+            isas.push(Isa::Avx512Vnni);
         }
         for format in formats() {
             let gs = match format {
@@ -948,10 +1006,10 @@ mod tests {
                 if cols % gs != 0 {
                     continue;
                 }
-                let rows = 7;
+                let rows = if cols == 1024 { 37 } else { 7 };
                 let m = Mat::new(&mut rng, rows, cols, format, 3);
                 let w = m.view();
-                for n in [1usize, 2, 5, 9] {
+                for n in [1usize, 2, 5, 9, 17] {
                     let x: Vec<f32> = (0..n * cols).map(|_| rng.f()).collect();
                     let want = reference(&w, &x, n);
                     let mut row = vec![0f32; cols];
@@ -980,7 +1038,7 @@ mod tests {
     /// zero groups and outliers included.
     #[test]
     fn prepare_q4i_matches() {
-        if detect() != Isa::Avx512Vnni {
+        if !matches!(detect(), Isa::Avx512Vnni | Isa::Amx) {
             return;
         }
         let mut rng = Rng(7);
@@ -993,9 +1051,11 @@ mod tests {
             let groups = cols / gs;
             let (mut d1, mut d2) = (vec![0u8; cols.div_ceil(128) * 384], vec![0u8; cols.div_ceil(128) * 384]);
             let (mut s1, mut s2) = (vec![0f32; groups], vec![0f32; groups]);
-            prepare_q4i(&x, &mut d1, &mut s1, gs);
-            unsafe { avx512::prepare_q4i(&x, &mut d2, &mut s2, gs) };
-            assert_eq!(d1, d2, "gs {gs}");
+            for amx in [false, true] {
+                prepare_q4i(&x, &mut d1, &mut s1, gs, amx);
+                unsafe { avx512::prepare_q4i(&x, &mut d2, &mut s2, gs, amx) };
+                assert_eq!(d1, d2, "gs {gs} amx {amx}");
+            }
             for (a, b) in s1.iter().zip(&s2) {
                 assert!(a == b || (a.is_nan() && b.is_nan()), "gs {gs}: {a} vs {b}");
             }
@@ -1018,9 +1078,11 @@ mod tests {
             let n = 11;
             let x: Vec<f32> = (0..n * cols).map(|_| rng.f()).collect();
             let all = run(detect(), &w, &x, n);
-            for t in 0..n {
-                let one = run(detect(), &w, &x[t * cols..(t + 1) * cols], 1);
-                assert_eq!(&all[t * 5..(t + 1) * 5], &one[..], "{format} token {t}");
+            // batched kernels against batched kernels (AMX serves AMX_MIN_TOKENS+)
+            let b = AMX_MIN_TOKENS;
+            for t in 0..n - b {
+                let part = run(detect(), &w, &x[t * cols..(t + b) * cols], b);
+                assert_eq!(&all[t * 5..(t + 1) * 5], &part[..5], "{format} token {t}");
             }
         }
     }
@@ -1080,6 +1142,9 @@ mod bench {
                 let reps = (1e6 / bytes).clamp(1.0, 100.0) as usize;
                 let trials = (3e8 / (bytes * reps as f64 * n as f64)).clamp(20.0, 300.0) as usize;
                 let mut best = f64::MAX;
+                if n == 1 {
+                    println!("{:?} {:?}", isa(), lay.kind);
+                }
                 for _ in 0..trials {
                     let t = Instant::now();
                     for _ in 0..reps {
