@@ -114,3 +114,107 @@ pub fn moe_experts(
         }
     }
 }
+
+/// Routed experts at qwen3-30b-a3b shapes (128 experts, top-8, 2048 -> 768), random
+/// routing: `cargo test --release -p moeflux-cpu moe_bench -- --ignored --nocapture`.
+#[cfg(test)]
+mod bench {
+    use std::time::Instant;
+
+    use moeflux_core::{BufId, DType, Matrix, RawBufId, Region, WeightFormat};
+
+    use super::*;
+
+    struct Store {
+        data: Vec<u8>,
+        scales: Vec<u8>,
+        per: [usize; 2],
+    }
+
+    const FMT: WeightFormat = WeightFormat::Affine { bits: 4, group_size: 64, scale_dtype: DType::BF16 };
+
+    impl ExpertViews for Store {
+        fn views(&self, e: &ExpertWeights) -> [MatView<'_>; 3] {
+            [&e.gate, &e.up, &e.down].map(|m| {
+                let i = m.data.offset;
+                MatView {
+                    data: &self.data[i * self.per[0]..(i + 1) * self.per[0]],
+                    scales: &self.scales[i * self.per[1]..(i + 1) * self.per[1]],
+                    biases: &self.scales[i * self.per[1]..(i + 1) * self.per[1]],
+                    rows: m.rows,
+                    cols: m.cols,
+                    format: m.format,
+                }
+            })
+        }
+    }
+
+    #[test]
+    #[ignore]
+    fn moe_bench() {
+        let experts: usize = std::env::var("MOE_EXPERTS").ok().and_then(|v| v.parse().ok()).unwrap_or(128);
+        let (k, hidden, inter) = (8usize, 2048usize, 768usize);
+        let per = [FMT.data_bytes(inter, hidden), FMT.scale_bytes(inter, hidden)];
+        let mats = 3 * experts;
+        let store = Store {
+            data: (0..mats * per[0]).map(|i| (i * 2654435761usize >> 9) as u8).collect(),
+            scales: (0..mats * per[1]).map(|i| if i % 2 == 1 { 0x3c } else { 0x10 }).collect(),
+            per,
+        };
+        let m = |i: usize, rows: usize, cols: usize| Matrix {
+            data: Region { buf: BufId::from_raw(RawBufId(0)), offset: i },
+            scales: None,
+            biases: None,
+            rows,
+            cols,
+            format: FMT,
+        };
+        let ew: Vec<ExpertWeights> =
+            (0..experts).map(|e| ExpertWeights { gate: m(3 * e, inter, hidden), up: m(3 * e + 1, inter, hidden), down: m(3 * e + 2, hidden, inter) }).collect();
+        let bytes_per_expert = 3 * FMT.total_bytes(inter, hidden);
+        let ns: Vec<usize> = match std::env::var("MOE_N") {
+            Ok(v) => v.split(',').map(|s| s.parse().unwrap()).collect(),
+            Err(_) => vec![1, 64],
+        };
+        for n in ns {
+            let x: Vec<f32> = (0..n * hidden).map(|i| ((i * 7919) % 201) as f32 / 100.0 - 1.0).collect();
+            let mut seed = 0x2545f4914f6cdd1du64;
+            let mut idx = vec![0u32; n * k];
+            for t in 0..n {
+                let mut j = 0;
+                while j < k {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    let e = (seed % experts as u64) as u32;
+                    if !idx[t * k..t * k + j].contains(&e) {
+                        idx[t * k + j] = e;
+                        j += 1;
+                    }
+                }
+            }
+            let active = {
+                let mut v = idx.clone();
+                v.sort();
+                v.dedup();
+                v.len()
+            };
+            let wts = vec![1.0 / k as f32; n * k];
+            let mut out = vec![0f32; n * hidden];
+            let mut best = f64::MAX;
+            let reps = if n == 1 { 50 } else { 5 };
+            for _ in 0..reps {
+                let t = Instant::now();
+                moe_experts(&x, &idx, &wts, &ew, &store, &mut out, n, k, hidden, inter);
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            let macs = (n * k * 3 * hidden * inter) as f64;
+            println!(
+                "moe n={n}: {:.2} ms  {active} experts  {:.1} GB/s  {:.1} GMAC/s",
+                best * 1e3,
+                (active * bytes_per_expert) as f64 / best / 1e9,
+                macs / best / 1e9
+            );
+        }
+    }
+}
