@@ -8,6 +8,14 @@
 //!   [`CudaBackend::new`] returns an error (never panics) when no driver or device is present.
 //! * Work is enqueued on one stream: `encode` launches, `submit` synchronises. Buffers are plain
 //!   device allocations ([`pool`]); weights are copied to the device once when registered.
+//! * `execute` replays a graph as a CUDA graph: the first execution of a prepared graph runs
+//!   eagerly (it gives pending buffers their storage and grows scratch), the second is captured
+//!   on the stream and instantiated, and every later one is a single `cuGraphLaunch` plus one
+//!   synchronisation. Inputs are uploaded into the same device buffers before each execution,
+//!   so a replay sees them. A captured graph is dropped and re-captured when any address it
+//!   baked in may have moved (the pool's or the scratch's generation changed, or the graph was
+//!   prepared again). Graphs with `Op::MoeExpertsStreamed` (a host round-trip) stay eager;
+//!   `MOEFLUX_CUDA_GRAPHS=0`, profiling and `MOEFLUX_CUDA_SYNC=1` disable capture.
 //! * Nothing leaves the device inside a graph: positions, routing indices and recurrent state
 //!   are read and written by kernels.
 
@@ -38,6 +46,9 @@ pub struct CudaOptions {
     /// Synchronise after every op so a device fault names the kernel that caused it (slow;
     /// for debugging).
     pub sync_each_op: bool,
+    /// Capture graphs on their second execution and replay them (CUDA graphs); off with
+    /// `MOEFLUX_CUDA_GRAPHS=0`.
+    pub graphs: bool,
 }
 
 impl CudaOptions {
@@ -48,6 +59,7 @@ impl CudaOptions {
             ordinal,
             kernel_cache: kernels::default_cache_dir(),
             sync_each_op: std::env::var("MOEFLUX_CUDA_SYNC").is_ok_and(|v| v == "1"),
+            graphs: std::env::var("MOEFLUX_CUDA_GRAPHS").map_or(true, |v| v != "0"),
         }
     }
 }
@@ -99,6 +111,41 @@ pub struct CudaBackend {
     recent: Vec<&'static str>,
     profiling: bool,
     profile: Vec<(&'static str, u64, f64)>,
+    graphs: bool,
+    /// Capture state of every graph executed so far (a handful: one per step shape).
+    captures: Vec<Capture>,
+}
+
+/// What `execute` knows about one graph. Keyed by the graph's address, name and node count;
+/// `prepare` forgets the entry, so a new graph at a reused address starts over.
+struct Capture {
+    addr: usize,
+    nodes: usize,
+    name: String,
+    /// (pool generation, scratch generation) the state below is valid for.
+    generation: (u64, u64),
+    state: CaptureState,
+    /// Kernels of the captured graph, in order (named when a replay fails).
+    kernels: Vec<&'static str>,
+}
+
+/// An instantiated CUDA graph. cudarc leaves it `!Send` because graph objects must not be used
+/// from two threads at once; the backend owns it exclusively (`Backend` is `Send`, not `Sync`)
+/// and every use binds the context to the calling thread first.
+struct SendGraph(cudarc::driver::CudaGraph);
+
+// SAFETY: see above: moved between threads only together with its (exclusive) owner, never
+// shared; CUDA graph handles are not tied to the thread that created them.
+unsafe impl Send for SendGraph {}
+
+enum CaptureState {
+    /// Not yet executed at this generation: run eagerly (materialises storage, grows scratch).
+    Fresh,
+    /// Executed eagerly once at this generation: capture on the next execution.
+    Warm,
+    Captured(SendGraph),
+    /// Cannot be captured (streamed experts, or capture failed): always eager.
+    Never,
 }
 
 impl CudaBackend {
@@ -148,6 +195,8 @@ impl CudaBackend {
             recent: Vec::new(),
             profiling: false,
             profile: Vec::new(),
+            graphs: opts.graphs,
+            captures: Vec::new(),
         })
     }
 
@@ -205,17 +254,74 @@ impl CudaBackend {
         Ok(best)
     }
 
+    /// Launches the captured graph of `captures[i]` and waits for it.
+    fn replay(&mut self, i: usize, graph: &Graph) -> Result<(), CoreError> {
+        let c = &self.captures[i];
+        let CaptureState::Captured(g) = &c.state else { unreachable!("replay of an uncaptured graph") };
+        self.recent.clear();
+        self.recent.extend_from_slice(&c.kernels);
+        if let Err(err) = g.0.launch() {
+            self.recent.clear();
+            return Err(CudaError::Launch { kernel: "cuGraphLaunch", err }.into());
+        }
+        Ok(self.sync(&graph.name)?)
+    }
+
     fn bind(&self) -> Result<(), CudaError> {
         self.ctx.bind_to_thread().map_err(CudaError::driver("binding the context to this thread"))
     }
 
     fn sync(&mut self, graph: &str) -> Result<(), CudaError> {
         let r = self.stream.synchronize();
-        let recent = std::mem::take(&mut self.recent);
-        r.map_err(|err| {
+        let r = r.map_err(|err| {
+            let recent = &self.recent;
             let tail: Vec<&str> = recent.iter().rev().take(8).rev().copied().collect();
             CudaError::Execution { graph: graph.to_string(), recent: format!("{} launched, last: {}", recent.len(), tail.join(", ")), err }
-        })
+        });
+        // Cleared, not taken: the vector keeps its capacity for the next step.
+        self.recent.clear();
+        r
+    }
+
+    /// (pool, scratch) generations: a captured graph is valid while these are unchanged.
+    fn generation(&self) -> (u64, u64) {
+        (self.pool.generation(), self.scratch.generation)
+    }
+
+    /// The default `execute`: every op launched from the host, one synchronisation.
+    fn execute_eager(&mut self, graph: &Graph) -> Result<(), CoreError> {
+        self.begin()?;
+        for i in 0..graph.nodes.len() {
+            self.encode(graph, i)?;
+        }
+        self.submit()
+    }
+
+    /// Captures `graph`'s launches on the stream and instantiates them. `None` when the capture
+    /// failed (an op did something that cannot be captured) or moved an address; nothing
+    /// captured has run, so the caller runs the graph eagerly.
+    fn capture(&mut self, graph: &Graph) -> Option<(cudarc::driver::CudaGraph, Vec<&'static str>)> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        let before = self.generation();
+        self.recent.clear();
+        self.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).ok()?;
+        let mut ok = true;
+        for i in 0..graph.nodes.len() {
+            if self.encode(graph, i).is_err() {
+                ok = false;
+                break;
+            }
+        }
+        // Always leave capture mode, even after a failed op.
+        let ended = self.stream.end_capture(CUgraphInstantiate_flags(0));
+        let kernels = std::mem::take(&mut self.recent);
+        if !ok || self.generation() != before {
+            return None;
+        }
+        match ended {
+            Ok(Some(g)) => Some((g, kernels)),
+            _ => None,
+        }
     }
 
     fn encode_one(&mut self, op: &Op) -> Result<(), CudaError> {
@@ -294,6 +400,59 @@ impl Backend for CudaBackend {
         Ok(self.sync("(submitted work)")?)
     }
 
+    /// Eager on a graph's first execution (per generation), captured as a CUDA graph on the
+    /// second, replayed (one launch, one synchronisation) from then on. See the crate docs.
+    fn execute(&mut self, graph: &Graph) -> Result<(), CoreError> {
+        if !self.graphs || self.profiling || self.sync_each_op {
+            return self.execute_eager(graph);
+        }
+        self.bind()?;
+        let addr = graph as *const Graph as usize;
+        let nodes = graph.nodes.len();
+        let now = self.generation();
+        let i = match self.captures.iter().position(|c| c.addr == addr && c.nodes == nodes && c.name == graph.name) {
+            Some(i) => i,
+            None => {
+                let streamed = graph.ops().any(|op| matches!(op, Op::MoeExpertsStreamed { .. }));
+                let state = if streamed || nodes == 0 { CaptureState::Never } else { CaptureState::Fresh };
+                self.captures.push(Capture { addr, nodes, name: graph.name.clone(), generation: now, state, kernels: Vec::new() });
+                self.captures.len() - 1
+            }
+        };
+        let c = &mut self.captures[i];
+        if c.generation != now && !matches!(c.state, CaptureState::Never) {
+            // An address it may have baked in moved: start over (nothing of it is in flight,
+            // every execution ends with a synchronisation).
+            c.state = CaptureState::Fresh;
+            c.generation = now;
+            c.kernels.clear();
+        }
+        match &c.state {
+            CaptureState::Never => self.execute_eager(graph),
+            CaptureState::Fresh => {
+                self.execute_eager(graph)?;
+                let now = self.generation();
+                let c = &mut self.captures[i];
+                c.state = CaptureState::Warm;
+                c.generation = now;
+                Ok(())
+            }
+            CaptureState::Warm => match self.capture(graph) {
+                Some((g, kernels)) => {
+                    let c = &mut self.captures[i];
+                    c.state = CaptureState::Captured(SendGraph(g));
+                    c.kernels = kernels;
+                    self.replay(i, graph)
+                }
+                None => {
+                    self.captures[i].state = CaptureState::Never;
+                    self.execute_eager(graph)
+                }
+            },
+            CaptureState::Captured(_) => self.replay(i, graph),
+        }
+    }
+
     /// Validates and plans like the default, then builds what the graph's ops will need
     /// (expert tables) so the first execution does not pay for it.
     fn prepare(&mut self, graph: &Graph) -> Result<(), CoreError> {
@@ -305,6 +464,9 @@ impl Backend for CudaBackend {
             _ => None,
         });
         self.pool.commit_plan(&plan)?;
+        // A graph prepared again (or a new one at a reused address) is captured afresh.
+        let addr = graph as *const Graph as usize;
+        self.captures.retain(|c| c.addr != addr);
         for op in graph.ops() {
             if let Op::MoeExperts { experts, .. } = op {
                 self.tables.ensure(&mut self.pool, &self.stream, experts)?;

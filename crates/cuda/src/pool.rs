@@ -83,11 +83,20 @@ pub struct CudaPool {
     stream: Arc<CudaStream>,
     entries: Vec<Entry>,
     physical: Vec<Option<DevMem>>,
+    /// Bumped whenever an existing buffer id may change address (a plan committed, transients
+    /// released, a pending transient given storage): captured CUDA graphs bake addresses in
+    /// and are re-captured when this moves.
+    generation: u64,
 }
 
 impl CudaPool {
     pub(crate) fn new(ctx: Arc<CudaContext>, stream: Arc<CudaStream>) -> Self {
-        CudaPool { ctx, stream, entries: Vec::new(), physical: Vec::new() }
+        CudaPool { ctx, stream, entries: Vec::new(), physical: Vec::new(), generation: 0 }
+    }
+
+    /// See the `generation` field.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
     }
 
     fn entry(&self, id: RawBufId) -> Result<&Entry, CudaError> {
@@ -109,6 +118,7 @@ impl CudaPool {
                 let (bytes, label) = (e.bytes, e.label.clone());
                 let p = self.new_physical(bytes, &label)?;
                 self.entries[id.0 as usize].storage = Storage::Own(p);
+                self.generation += 1;
                 Ok(self.physical[p].as_ref().map(|m| m.ptr).unwrap_or(0))
             }
             Storage::Released => Err(CudaError::Buffer { label: e.label.clone(), msg: "used after reset_transient released it".into() }),
@@ -142,6 +152,7 @@ impl CudaPool {
             }
         }
         self.sync()?;
+        self.generation += 1;
         let mut slots = Vec::with_capacity(plan.slot_bytes.len());
         for (s, &b) in plan.slot_bytes.iter().enumerate() {
             slots.push(self.new_physical(b, &format!("plan slot {s}"))?);
@@ -240,6 +251,7 @@ impl BufferPool for CudaPool {
     fn reset_transient(&mut self) {
         // Errors here would surface at the next use of the stream.
         let _ = self.sync();
+        self.generation += 1;
         for e in &mut self.entries {
             if e.lifetime != Lifetime::Persistent {
                 e.bytes = 0;

@@ -144,6 +144,8 @@ pub(crate) fn grid_y(v: usize, what: &str, op: &'static str) -> Result<u32, Cuda
 #[derive(Default)]
 pub(crate) struct Scratch {
     mem: Option<DevMem>,
+    /// Bumped when the block moves (captured CUDA graphs hold its address).
+    pub generation: u64,
 }
 
 impl Scratch {
@@ -153,6 +155,7 @@ impl Scratch {
         if self.mem.as_ref().is_none_or(|m| m.bytes < bytes) {
             enc_stream.synchronize().map_err(CudaError::driver("synchronising before growing scratch"))?;
             self.mem = None;
+            self.generation += 1;
             let grown = bytes.next_power_of_two().max(1 << 20);
             self.mem = Some(DevMem::zeroed(enc_stream.context(), enc_stream, grown, "moe scratch")?);
         }
