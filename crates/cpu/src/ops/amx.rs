@@ -110,12 +110,12 @@ pub(super) mod kernel {
         pub sdt: DType,
     }
 
-    /// Prepared activations (layout `Q4A`): token `t`'s planes at `x + t * xstride`
-    /// (bytes; per 64-element block 3 planes of 64 bytes), its group sums at
-    /// `g + t * gtok` and fixed-point steps `gstride` floats further.
+    /// Prepared activations (layout `Q4A`): the 64 bytes of token `t`, block `kb`, plane
+    /// `k` at `x + ((3 kb + k) n + t) * 64`, so a tile of consecutive tokens is 64-byte
+    /// rows; token `t`'s group sums at `g + t * gtok`, its fixed-point steps `gstride`
+    /// floats further.
     pub(in super::super) struct Act {
         pub x: *const u8,
-        pub xstride: usize,
         pub g: *const f32,
         pub gtok: usize,
         pub gstride: usize,
@@ -230,27 +230,26 @@ pub(super) mod kernel {
                         asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
                         cur_mt = mt;
                     }
-                    let xb = a.x.add(t0 * a.xstride);
                     let mut acc = [_mm512_setzero_ps(); 16];
                     for g in 0..m.groups {
                         asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", options(nostack, nomem));
                         for kk in 0..kpg {
                             let kb = g * kpg + kk;
-                            let xa = xb.add(kb * 192);
+                            let xa = a.x.add((3 * kb * a.n + t0) * 64);
+                            let plane = 64 * a.n;
                             asm!(
                                 "tileloadd tmm3, [{b} + {s64}*1]",
-                                "tileloadd tmm4, [{x} + {xs}*1]",
-                                "tileloadd tmm5, [{x1} + {xs}*1]",
-                                "tileloadd tmm6, [{x2} + {xs}*1]",
+                                "tileloadd tmm4, [{x} + {s64}*1]",
+                                "tileloadd tmm5, [{x1} + {s64}*1]",
+                                "tileloadd tmm6, [{x2} + {s64}*1]",
                                 "tdpbsud tmm0, tmm4, tmm3",
                                 "tdpbsud tmm1, tmm5, tmm3",
                                 "tdpbsud tmm2, tmm6, tmm3",
                                 b = in(reg) bb.add(kb * 1024),
                                 s64 = in(reg) 64usize,
                                 x = in(reg) xa,
-                                x1 = in(reg) xa.add(64),
-                                x2 = in(reg) xa.add(128),
-                                xs = in(reg) a.xstride,
+                                x1 = in(reg) xa.add(plane),
+                                x2 = in(reg) xa.add(2 * plane),
                                 options(nostack, readonly),
                             );
                         }

@@ -199,7 +199,8 @@ pub fn prepare(x: &[f32], lay: &Layout, buf: &mut Vec<f32>) {
     let (xb, sb) = buf.split_at_mut(n * lay.stride);
     for t in 0..n {
         let src = &x[t * cols..(t + 1) * cols];
-        let dst = &mut xb[t * lay.stride..(t + 1) * lay.stride];
+        // AMX tiles want the tokens of a block adjacent: that layout spans the region
+        let dst = if lay.kind == Kind::Q4A { &mut xb[..] } else { &mut xb[t * lay.stride..(t + 1) * lay.stride] };
         let gp = &mut sb[t * lay.gparts * lay.gstride..(t + 1) * lay.gparts * lay.gstride];
         match lay.kind {
             Kind::Q4 => {
@@ -214,7 +215,7 @@ pub fn prepare(x: &[f32], lay: &Layout, buf: &mut Vec<f32>) {
             Kind::Q4I | Kind::Q4A => {
                 let dst: &mut [u8] = bytemuck::cast_slice_mut(dst);
                 let steps = &mut gp[lay.gstride..];
-                let amx = lay.kind == Kind::Q4A;
+                let amx = (lay.kind == Kind::Q4A).then_some((t, n));
                 #[cfg(target_arch = "x86_64")]
                 if lay.group_size % 16 == 0 {
                     // SAFETY: Q4I/Q4A are only chosen on AVX-512 (VNNI) machines; the
@@ -239,10 +240,11 @@ pub fn prepare(x: &[f32], lay: &Layout, buf: &mut Vec<f32>) {
 /// Fixed point for [`Kind::Q4I`]: per group `x ~ step * V` with `V` an integer of at
 /// most `127 * 2^16` in magnitude, written as three signed bytes `V = 2^16 v1 + 2^8 v2 + v3`.
 /// Per 128-element chunk, byte plane `k` (v1, v2, v3) takes 128 bytes: the even elements
-/// (low nibbles of the packed weights) then the odd ones. With `amx`, the AMX order
-/// instead ([`super::amx`]): per 64-element block 3 planes of 64 bytes, each group of 8
-/// elements as `0 2 4 6 1 3 5 7`.
-fn prepare_q4i(src: &[f32], dst: &mut [u8], steps: &mut [f32], gs: usize, amx: bool) {
+/// (low nibbles of the packed weights) then the odd ones. With `amx = Some((t, n))`
+/// (token `t` of `n`), the AMX order instead ([`super::amx`]): per 64-element block
+/// and plane, the `n` tokens' 64 bytes one after the other, each group of 8 elements as
+/// `0 2 4 6 1 3 5 7`.
+fn prepare_q4i(src: &[f32], dst: &mut [u8], steps: &mut [f32], gs: usize, amx: Option<(usize, usize)>) {
     for (g, xg) in src.chunks_exact(gs).enumerate() {
         let m = xg.iter().fold(0f32, |m, v| m.max(v.abs()));
         // a non-finite group poisons its result, as it would in f32
@@ -261,9 +263,9 @@ fn prepare_q4i(src: &[f32], dst: &mut [u8], steps: &mut [f32], gs: usize, amx: b
             let v = (v - v3) >> 8;
             let v2 = ((v + 128) & 255) - 128;
             let v1 = (v - v2) >> 8;
-            let (at, plane) = if amx {
+            let (at, plane) = if let Some((t, n)) = amx {
                 let p = e % 8;
-                (192 * (e / 64) + (e % 64) - p + 4 * (p % 2) + p / 2, 64)
+                (((e / 64) * 3 * n + t) * 64 + (e % 64) - p + 4 * (p % 2) + p / 2, 64 * n)
             } else {
                 (384 * (e / 128) + 64 * (e % 2) + (e % 128) / 2, 128)
             };
@@ -345,7 +347,6 @@ mod avx512 {
                     };
                     let act = crate::ops::amx::kernel::Act {
                         x: lay.x(buf, 0) as *const u8,
-                        xstride: lay.stride * 4,
                         g: lay.xs(buf, 0),
                         gtok: lay.gparts * lay.gstride,
                         gstride: lay.gstride,
@@ -572,10 +573,13 @@ mod avx512 {
 
     /// [`super::prepare_q4i`] 16 elements at a time (`gs % 16 == 0`); same results.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c,avx2")]
-    pub(super) unsafe fn prepare_q4i(src: &[f32], dst: &mut [u8], steps: &mut [f32], gs: usize, amx: bool) {
+    pub(super) unsafe fn prepare_q4i(src: &[f32], dst: &mut [u8], steps: &mut [f32], gs: usize, amx: Option<(usize, usize)>) {
         unsafe {
             let groups = src.len() / gs;
-            let need = if amx { src.len().div_ceil(64) * 192 } else { src.len().div_ceil(128) * 384 };
+            let need = match amx {
+                Some((_, n)) => src.len().div_ceil(64) * 192 * n,
+                None => src.len().div_ceil(128) * 384,
+            };
             assert!(dst.len() >= need && steps.len() >= groups);
             let amx_order = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
             let vmax = _mm512_set1_epi32(super::VMAX as i32);
@@ -618,11 +622,11 @@ mod avx512 {
                     let v = _mm512_srai_epi32::<8>(_mm512_sub_epi32(v, v3));
                     let v2 = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(v, c128), c255), c128);
                     let v1 = _mm512_srai_epi32::<8>(_mm512_sub_epi32(v, v2));
-                    if amx {
-                        let at = 192 * (e / 64) + e % 64;
+                    if let Some((t, n)) = amx {
                         for (k, p) in [v1, v2, v3].into_iter().enumerate() {
+                            let at = (((e / 64) * 3 + k) * n + t) * 64 + e % 64;
                             let b = _mm_shuffle_epi8(_mm512_cvtepi32_epi8(p), amx_order);
-                            _mm_storeu_si128(dst.as_mut_ptr().add(at + 64 * k) as *mut __m128i, b);
+                            _mm_storeu_si128(dst.as_mut_ptr().add(at) as *mut __m128i, b);
                         }
                         continue;
                     }
@@ -1051,10 +1055,10 @@ mod tests {
             let groups = cols / gs;
             let (mut d1, mut d2) = (vec![0u8; cols.div_ceil(128) * 384], vec![0u8; cols.div_ceil(128) * 384]);
             let (mut s1, mut s2) = (vec![0f32; groups], vec![0f32; groups]);
-            for amx in [false, true] {
+            for amx in [None, Some((0, 1))] {
                 prepare_q4i(&x, &mut d1, &mut s1, gs, amx);
                 unsafe { avx512::prepare_q4i(&x, &mut d2, &mut s2, gs, amx) };
-                assert_eq!(d1, d2, "gs {gs} amx {amx}");
+                assert_eq!(d1, d2, "gs {gs} amx {amx:?}");
             }
             for (a, b) in s1.iter().zip(&s2) {
                 assert!(a == b || (a.is_nan() && b.is_nan()), "gs {gs}: {a} vs {b}");
@@ -1143,7 +1147,7 @@ mod bench {
                 let trials = (3e8 / (bytes * reps as f64 * n as f64)).clamp(20.0, 300.0) as usize;
                 let mut best = f64::MAX;
                 if n == 1 {
-                    println!("{:?} {:?}", isa(), lay.kind);
+                    println!("{:?} kernels", isa());
                 }
                 for _ in 0..trials {
                     let t = Instant::now();
