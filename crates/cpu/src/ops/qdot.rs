@@ -438,6 +438,14 @@ mod avx512 {
         }
     }
 
+    /// Rows handled per pass over the token blocks: their bytes stay in L1 while every
+    /// block of tokens goes by, and a block's activations stay there across the rows.
+    const ROW_CHUNK: usize = 8;
+
+    fn row_chunks(r0: usize, r1: usize) -> impl Iterator<Item = (usize, usize)> {
+        (r0..r1).step_by(ROW_CHUNK).map(move |r| (r, (r + ROW_CHUNK).min(r1)))
+    }
+
     /// Dispatches `f::<N>` over blocks of up to 6 (4-bit) or 4 tokens, each weight row
     /// being read once per block (from L1 after the first).
     macro_rules! token_blocks {
@@ -485,9 +493,8 @@ mod avx512 {
                 *v = ((co * 128 + 8 * k) / a.gs) as u32;
             }
         }
-        for r in r0..r1 {
-            a.prefetch_row(r, w.rows);
-            unsafe { token_blocks!(6, lay.n, q4_block, (&a, &tab, r, &xs, &ss, out, ostride)) };
+        for (ra, rb) in row_chunks(r0, r1) {
+            unsafe { token_blocks!(6, lay.n, q4_block, (&a, &tab, (ra, rb, w.rows), &xs, &ss, out, ostride)) };
         }
     }
 
@@ -495,7 +502,7 @@ mod avx512 {
     unsafe fn q4_block<const N: usize>(
         a: &Aff,
         tab: &[[u32; 16]],
-        r: usize,
+        (ra, rb, rows): (usize, usize, usize),
         xs: &[*const f32],
         ss: &[*const f32],
         out: *mut f32,
@@ -505,9 +512,12 @@ mod avx512 {
         unsafe {
             let x: [*const f32; N] = std::array::from_fn(|t| xs[t0 + t]);
             let xsum: [*const f32; N] = std::array::from_fn(|t| ss[t0 + t]);
-            let res = q4_row::<N>(a, tab, r, &x, &xsum);
-            for t in 0..N {
-                *out.add((t0 + t) * ostride + r) = res[t];
+            for r in ra..rb {
+                a.prefetch_row(r, rows);
+                let res = q4_row::<N>(a, tab, r, &x, &xsum);
+                for t in 0..N {
+                    *out.add((t0 + t) * ostride + r) = res[t];
+                }
             }
         }
     }
@@ -653,9 +663,8 @@ mod avx512 {
                 *v = ((co * 128 + 8 * k) / a.gs) as u32;
             }
         }
-        for r in r0..r1 {
-            a.prefetch_row(r, w.rows);
-            unsafe { token_blocks!(6, lay.n, q4i_block, (&a, &tab, lay.gstride, r, &xs, &ss, out, ostride)) };
+        for (ra, rb) in row_chunks(r0, r1) {
+            unsafe { token_blocks!(6, lay.n, q4i_block, (&a, &tab, lay.gstride, (ra, rb, w.rows), &xs, &ss, out, ostride)) };
         }
     }
 
@@ -668,7 +677,7 @@ mod avx512 {
         a: &Aff,
         tab: &[[u32; 16]],
         gstride: usize,
-        r: usize,
+        (ra, rb, rows): (usize, usize, usize),
         xs: &[*const f32],
         ss: &[*const f32],
         out: *mut f32,
@@ -679,54 +688,57 @@ mod avx512 {
             let x: [*const u8; N] = std::array::from_fn(|t| xs[t0 + t] as *const u8);
             let sums: [*const f32; N] = std::array::from_fn(|t| ss[t0 + t]);
             let steps: [*const f32; N] = std::array::from_fn(|t| ss[t0 + t].add(gstride));
-            let row = a.data.add(r * a.row_bytes);
-            let sp = a.scales.add(r * a.groups * a.sdt.size());
-            let bp = a.biases.add(r * a.groups * a.sdt.size());
-            let m0f = _mm512_set1_epi8(0x0f);
-            let nchunks = a.row_bytes.div_ceil(64);
-            let tail_dw = (a.row_bytes % 64) / 4;
-            let tail: __mmask16 = if tail_dw == 0 { 0xFFFF } else { mask16(tail_dw) };
-            let wchunks = tab.len();
-            let mut tot = [_mm512_setzero_ps(); N];
-            let mut c = 0;
-            let mut g0 = 0;
-            while g0 < a.groups {
-                let m = mask16(a.groups - g0);
-                let s16 = load16(sp, a.sdt, g0, m);
-                let b16 = load16(bp, a.sdt, g0, m);
-                let mut sd = [_mm512_setzero_ps(); N];
-                for t in 0..N {
-                    tot[t] = _mm512_fmadd_ps(b16, _mm512_loadu_ps(sums[t].add(g0)), tot[t]);
-                    sd[t] = _mm512_mul_ps(s16, _mm512_loadu_ps(steps[t].add(g0)));
-                }
-                let cend = (c + wchunks).min(nchunks);
-                let mut co = 0;
-                while c < cend {
-                    let p = row.add(64 * c);
-                    let wv = if c + 1 == nchunks { _mm512_maskz_loadu_epi32(tail, p as *const i32) } else { _mm512_loadu_si512(p as *const _) };
-                    let idx = _mm512_loadu_si512(tab[co].as_ptr() as *const _);
-                    let lo = _mm512_and_si512(wv, m0f);
-                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(wv), m0f);
+            for r in ra..rb {
+                a.prefetch_row(r, rows);
+                let row = a.data.add(r * a.row_bytes);
+                let sp = a.scales.add(r * a.groups * a.sdt.size());
+                let bp = a.biases.add(r * a.groups * a.sdt.size());
+                let m0f = _mm512_set1_epi8(0x0f);
+                let nchunks = a.row_bytes.div_ceil(64);
+                let tail_dw = (a.row_bytes % 64) / 4;
+                let tail: __mmask16 = if tail_dw == 0 { 0xFFFF } else { mask16(tail_dw) };
+                let wchunks = tab.len();
+                let mut tot = [_mm512_setzero_ps(); N];
+                let mut c = 0;
+                let mut g0 = 0;
+                while g0 < a.groups {
+                    let m = mask16(a.groups - g0);
+                    let s16 = load16(sp, a.sdt, g0, m);
+                    let b16 = load16(bp, a.sdt, g0, m);
+                    let mut sd = [_mm512_setzero_ps(); N];
                     for t in 0..N {
-                        let xb = x[t].add(384 * c);
-                        let ld = |o: usize| _mm512_loadu_si512(xb.add(o) as *const _);
-                        let mut acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, ld(0));
-                        acc = _mm512_dpbusd_epi32(acc, hi, ld(64));
-                        acc = _mm512_slli_epi32::<8>(acc);
-                        acc = _mm512_dpbusd_epi32(acc, lo, ld(128));
-                        acc = _mm512_dpbusd_epi32(acc, hi, ld(192));
-                        acc = _mm512_slli_epi32::<8>(acc);
-                        acc = _mm512_dpbusd_epi32(acc, lo, ld(256));
-                        acc = _mm512_dpbusd_epi32(acc, hi, ld(320));
-                        tot[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_permutexvar_ps(idx, sd[t]), tot[t]);
+                        tot[t] = _mm512_fmadd_ps(b16, _mm512_loadu_ps(sums[t].add(g0)), tot[t]);
+                        sd[t] = _mm512_mul_ps(s16, _mm512_loadu_ps(steps[t].add(g0)));
                     }
-                    c += 1;
-                    co += 1;
+                    let cend = (c + wchunks).min(nchunks);
+                    let mut co = 0;
+                    while c < cend {
+                        let p = row.add(64 * c);
+                        let wv = if c + 1 == nchunks { _mm512_maskz_loadu_epi32(tail, p as *const i32) } else { _mm512_loadu_si512(p as *const _) };
+                        let idx = _mm512_loadu_si512(tab[co].as_ptr() as *const _);
+                        let lo = _mm512_and_si512(wv, m0f);
+                        let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(wv), m0f);
+                        for t in 0..N {
+                            let xb = x[t].add(384 * c);
+                            let ld = |o: usize| _mm512_loadu_si512(xb.add(o) as *const _);
+                            let mut acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, ld(0));
+                            acc = _mm512_dpbusd_epi32(acc, hi, ld(64));
+                            acc = _mm512_slli_epi32::<8>(acc);
+                            acc = _mm512_dpbusd_epi32(acc, lo, ld(128));
+                            acc = _mm512_dpbusd_epi32(acc, hi, ld(192));
+                            acc = _mm512_slli_epi32::<8>(acc);
+                            acc = _mm512_dpbusd_epi32(acc, lo, ld(256));
+                            acc = _mm512_dpbusd_epi32(acc, hi, ld(320));
+                            tot[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_permutexvar_ps(idx, sd[t]), tot[t]);
+                        }
+                        c += 1;
+                        co += 1;
+                    }
+                    g0 += 16;
                 }
-                g0 += 16;
-            }
-            for t in 0..N {
-                *out.add((t0 + t) * ostride + r) = _mm512_reduce_add_ps(tot[t]);
+                for t in 0..N {
+                    *out.add((t0 + t) * ostride + r) = _mm512_reduce_add_ps(tot[t]);
+                }
             }
         }
     }
@@ -737,20 +749,30 @@ mod avx512 {
         let a = Aff::new(w);
         let xs: Vec<*const f32> = (0..lay.n).map(|t| lay.x(buf, t)).collect();
         let ss: Vec<*const f32> = (0..lay.n).map(|t| lay.xs(buf, t)).collect();
-        for r in r0..r1 {
-            a.prefetch_row(r, w.rows);
-            unsafe { token_blocks!(4, lay.n, q8_block, (&a, r, &xs, &ss, out, ostride)) };
+        for (ra, rb) in row_chunks(r0, r1) {
+            unsafe { token_blocks!(4, lay.n, q8_block, (&a, (ra, rb, w.rows), &xs, &ss, out, ostride)) };
         }
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c,avx2")]
-    unsafe fn q8_block<const N: usize>(a: &Aff, r: usize, xs: &[*const f32], ss: &[*const f32], out: *mut f32, ostride: usize, t0: usize) {
+    unsafe fn q8_block<const N: usize>(
+        a: &Aff,
+        (ra, rb, rows): (usize, usize, usize),
+        xs: &[*const f32],
+        ss: &[*const f32],
+        out: *mut f32,
+        ostride: usize,
+        t0: usize,
+    ) {
         unsafe {
             let x: [*const f32; N] = std::array::from_fn(|t| xs[t0 + t]);
             let xsum: [*const f32; N] = std::array::from_fn(|t| ss[t0 + t]);
-            let res = q8_row::<N>(a, r, &x, &xsum);
-            for t in 0..N {
-                *out.add((t0 + t) * ostride + r) = res[t];
+            for r in ra..rb {
+                a.prefetch_row(r, rows);
+                let res = q8_row::<N>(a, r, &x, &xsum);
+                for t in 0..N {
+                    *out.add((t0 + t) * ostride + r) = res[t];
+                }
             }
         }
     }
@@ -803,10 +825,8 @@ mod avx512 {
         assert!(w.data.len() >= w.rows * w.cols * dt.size());
         let xs: Vec<*const f32> = (0..lay.n).map(|t| lay.x(buf, t)).collect();
         let d = Dense { data: w.data.as_ptr(), cols: w.cols, dt };
-        let rb = w.cols * dt.size();
-        for r in r0..r1 {
-            prefetch(d.data, r * rb + PF_BYTES, (r + 1) * rb + PF_BYTES, w.rows * rb);
-            unsafe { token_blocks!(4, lay.n, dense_block, (&d, r, &xs, out, ostride)) };
+        for (ra, rb) in row_chunks(r0, r1) {
+            unsafe { token_blocks!(4, lay.n, dense_block, (&d, (ra, rb, w.rows), &xs, out, ostride)) };
         }
     }
 
@@ -817,16 +837,20 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c,avx2")]
-    unsafe fn dense_block<const N: usize>(d: &Dense, r: usize, xs: &[*const f32], out: *mut f32, ostride: usize, t0: usize) {
+    unsafe fn dense_block<const N: usize>(d: &Dense, (ra, rb, rows): (usize, usize, usize), xs: &[*const f32], out: *mut f32, ostride: usize, t0: usize) {
         unsafe {
             let x: [*const f32; N] = std::array::from_fn(|t| xs[t0 + t]);
-            let res = match d.dt {
-                DType::BF16 => dense_row::<N, 0>(d, r, &x),
-                DType::F16 => dense_row::<N, 1>(d, r, &x),
-                _ => dense_row::<N, 2>(d, r, &x),
-            };
-            for t in 0..N {
-                *out.add((t0 + t) * ostride + r) = res[t];
+            let bytes = d.cols * d.dt.size();
+            for r in ra..rb {
+                prefetch(d.data, r * bytes + PF_BYTES, (r + 1) * bytes + PF_BYTES, rows * bytes);
+                let res = match d.dt {
+                    DType::BF16 => dense_row::<N, 0>(d, r, &x),
+                    DType::F16 => dense_row::<N, 1>(d, r, &x),
+                    _ => dense_row::<N, 2>(d, r, &x),
+                };
+                for t in 0..N {
+                    *out.add((t0 + t) * ostride + r) = res[t];
+                }
             }
         }
     }
