@@ -34,6 +34,8 @@ use super::weights::{MatView, dot};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
     Scalar,
+    /// AVX2 with FMA and F16C (no AVX-512).
+    Avx2,
     /// AVX-512 F/BW/VL with FMA and F16C.
     Avx512,
     /// [`Isa::Avx512`] plus VNNI (`vpdpbusd`).
@@ -45,12 +47,14 @@ pub enum Isa {
 static ISA: OnceLock<Isa> = OnceLock::new();
 
 /// The instruction set in use (detected once; `MOEFLUX_CPU_KERNELS=scalar` forces the
-/// portable code, `=f32` the exact-f32 AVX-512 kernels only, `=vnni` no AMX).
+/// portable code, `=avx2` the AVX2 kernels, `=f32` the exact-f32 AVX-512 kernels only,
+/// `=vnni` no AMX).
 pub fn isa() -> Isa {
     *ISA.get_or_init(|| {
         let det = detect();
         match std::env::var("MOEFLUX_CPU_KERNELS").as_deref() {
             Ok("scalar") => Isa::Scalar,
+            Ok("avx2") if det != Isa::Scalar => Isa::Avx2,
             Ok("f32") if matches!(det, Isa::Avx512Vnni | Isa::Amx) => Isa::Avx512,
             Ok("vnni") if det == Isa::Amx => Isa::Avx512Vnni,
             _ => det,
@@ -72,6 +76,8 @@ fn detect() -> Isa {
         } else {
             Isa::Avx512
         }
+    } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+        Isa::Avx2
     } else {
         Isa::Scalar
     }
@@ -95,11 +101,25 @@ enum Kind {
     Q4A,
     Q8,
     Dense(DType),
+    /// AVX2 versions of `Q4` (64-element chunks), `Q8` and `Dense`.
+    Q4Y,
+    Q8Y,
+    DenseY(DType),
 }
 
 fn kind_for(isa: Isa, format: WeightFormat) -> Kind {
-    if isa == Isa::Scalar {
-        return Kind::Scalar;
+    let scales_ok = |dt: DType| matches!(dt, DType::F32 | DType::BF16 | DType::F16);
+    match (isa, format) {
+        (Isa::Scalar, _) => return Kind::Scalar,
+        (Isa::Avx2, WeightFormat::Affine { bits: 4, group_size, scale_dtype }) if group_size % 8 == 0 && group_size > 0 && scales_ok(scale_dtype) => {
+            return Kind::Q4Y;
+        }
+        (Isa::Avx2, WeightFormat::Affine { bits: 8, group_size, scale_dtype }) if group_size % 16 == 0 && group_size > 0 && scales_ok(scale_dtype) => {
+            return Kind::Q8Y;
+        }
+        (Isa::Avx2, WeightFormat::Dense(dt @ (DType::F32 | DType::BF16 | DType::F16))) => return Kind::DenseY(dt),
+        (Isa::Avx2, _) => return Kind::Scalar,
+        _ => {}
     }
     match format {
         WeightFormat::Affine { bits: 4, group_size, scale_dtype }
@@ -162,7 +182,7 @@ impl Layout {
         // whole chunks / windows of 16 groups, zero padded
         let (stride, gstride, gparts) = match kind {
             Kind::Scalar => (cols, groups, 1),
-            Kind::Q4 | Kind::Q8 | Kind::Dense(_) => (cols.div_ceil(128) * 128, groups.div_ceil(16) * 16, 1),
+            Kind::Q4 | Kind::Q8 | Kind::Dense(_) | Kind::Q4Y | Kind::Q8Y | Kind::DenseY(_) => (cols.div_ceil(128) * 128, groups.div_ceil(16) * 16, 1),
             // 3 bytes per element
             Kind::Q4I => (cols.div_ceil(128) * 96, groups.div_ceil(16) * 16, 2),
             // 3 planes of 64 bytes per 64 elements
@@ -209,6 +229,15 @@ pub fn prepare(x: &[f32], lay: &Layout, buf: &mut Vec<f32>) {
                     let s = &src[(c * 128).min(cols)..((c + 1) * 128).min(cols)];
                     for (e, v) in s.iter().enumerate() {
                         d[16 * (e % 8) + e / 8] = *v;
+                    }
+                }
+            }
+            Kind::Q4Y => {
+                // transpose each 64-element chunk: dst[8j + k] = src[8k + j]
+                for (c, d) in dst.chunks_exact_mut(64).enumerate() {
+                    let s = &src[(c * 64).min(cols)..((c + 1) * 64).min(cols)];
+                    for (e, v) in s.iter().enumerate() {
+                        d[8 * (e % 8) + e / 8] = *v;
                     }
                 }
             }
@@ -286,6 +315,8 @@ pub unsafe fn rows_raw(w: &MatView<'_>, lay: &Layout, buf: &[f32], r0: usize, r1
     match lay.kind {
         Kind::Scalar => unsafe { rows_scalar(w, lay, buf, r0, r1, out, ostride) },
         #[cfg(target_arch = "x86_64")]
+        Kind::Q4Y | Kind::Q8Y | Kind::DenseY(_) => unsafe { avx2::rows(w, lay, buf, r0, r1, out, ostride) },
+        #[cfg(target_arch = "x86_64")]
         _ => unsafe { avx512::rows(w, lay, buf, r0, r1, out, ostride) },
         #[cfg(not(target_arch = "x86_64"))]
         _ => unreachable!(),
@@ -319,6 +350,10 @@ unsafe fn rows_scalar(w: &MatView<'_>, lay: &Layout, buf: &[f32], r0: usize, r1:
         }
     }
 }
+
+#[cfg(target_arch = "x86_64")]
+#[path = "qdot_avx2.rs"]
+mod avx2;
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
@@ -356,7 +391,7 @@ mod avx512 {
                 }
                 Kind::Q8 => rows_q8(w, lay, buf, r0, r1, out, ostride),
                 Kind::Dense(dt) => rows_dense(w, dt, lay, buf, r0, r1, out, ostride),
-                Kind::Scalar => unreachable!(),
+                _ => unreachable!(),
             }
         }
     }
@@ -1024,6 +1059,9 @@ mod tests {
         }
         if detect() == Isa::Amx {
             isas.push(Isa::Avx512Vnni);
+        }
+        if detect() != Isa::Scalar {
+            isas.push(Isa::Avx2);
         }
         for format in formats() {
             let gs = match format {
