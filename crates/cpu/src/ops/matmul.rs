@@ -79,7 +79,7 @@ mod bench {
     fn matvec_vs_read() {
         let (rows, cols) = (151936usize, 2048usize);
         let format = WeightFormat::Affine { bits: 4, group_size: 64, scale_dtype: DType::BF16 };
-        let data: Vec<u8> = (0..format.data_bytes(rows, cols)).map(|i| (i * 2654435761usize >> 7) as u8).collect();
+        let data: Vec<u8> = (0..format.data_bytes(rows, cols)).map(|i| ((i * 2654435761usize) >> 7) as u8).collect();
         let scales: Vec<u8> = (0..format.scale_bytes(rows, cols)).map(|i| if i % 2 == 1 { 0x3c } else { 0 }).collect();
         let w = MatView { data: &data, scales: &scales, biases: &scales, rows, cols, format };
         let bytes = format.total_bytes(rows, cols) as f64;

@@ -157,7 +157,7 @@ mod bench {
         let per = [FMT.data_bytes(inter, hidden), FMT.scale_bytes(inter, hidden)];
         let mats = 3 * experts;
         let store = Store {
-            data: (0..mats * per[0]).map(|i| (i * 2654435761usize >> 9) as u8).collect(),
+            data: (0..mats * per[0]).map(|i| ((i * 2654435761usize) >> 9) as u8).collect(),
             scales: (0..mats * per[1]).map(|i| if i % 2 == 1 { 0x3c } else { 0x10 }).collect(),
             per,
         };

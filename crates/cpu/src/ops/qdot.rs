@@ -178,7 +178,7 @@ impl Layout {
             WeightFormat::Affine { group_size, .. } => group_size as usize,
             WeightFormat::Dense(_) => 0,
         };
-        let groups = if group_size > 0 { cols / group_size } else { 0 };
+        let groups = cols.checked_div(group_size).unwrap_or(0);
         // whole chunks / windows of 16 groups, zero padded
         let (stride, gstride, gparts) = match kind {
             Kind::Scalar => (cols, groups, 1),
@@ -246,7 +246,7 @@ pub fn prepare(x: &[f32], lay: &Layout, buf: &mut Vec<f32>) {
                 let steps = &mut gp[lay.gstride..];
                 let amx = (lay.kind == Kind::Q4A).then_some((t, n));
                 #[cfg(target_arch = "x86_64")]
-                if lay.group_size % 16 == 0 {
+                if lay.group_size.is_multiple_of(16) {
                     // SAFETY: Q4I/Q4A are only chosen on AVX-512 (VNNI) machines; the
                     // slices are the ones `prepare_q4i` fills.
                     unsafe { avx512::prepare_q4i(src, dst, steps, lay.group_size, amx) };
@@ -353,9 +353,11 @@ unsafe fn rows_scalar(w: &MatView<'_>, lay: &Layout, buf: &[f32], r0: usize, r1:
 
 #[cfg(target_arch = "x86_64")]
 #[path = "qdot_avx2.rs"]
+#[allow(clippy::needless_range_loop)]
 mod avx2;
 
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 mod avx512 {
     use std::arch::x86_64::*;
 
@@ -1162,7 +1164,7 @@ mod bench {
     use super::*;
 
     fn mat(rows: usize, cols: usize, format: WeightFormat) -> (Vec<u8>, Vec<u8>) {
-        let mut data: Vec<u8> = (0..format.data_bytes(rows, cols)).map(|i| (i * 2654435761usize >> 7) as u8).collect();
+        let mut data: Vec<u8> = (0..format.data_bytes(rows, cols)).map(|i| ((i * 2654435761usize) >> 7) as u8).collect();
         if let WeightFormat::Dense(_) = format {
             // normal floats only (denormals would measure microcode assists)
             for (i, b) in data.iter_mut().enumerate() {
