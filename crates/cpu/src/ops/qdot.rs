@@ -370,6 +370,7 @@ mod avx512 {
             match lay.kind {
                 Kind::Q4 => rows_q4(w, lay, buf, r0, r1, out, ostride),
                 Kind::Q4I => rows_q4i(w, lay, buf, r0, r1, out, ostride),
+                #[cfg(target_os = "linux")]
                 Kind::Q4A => {
                     let a = Aff::new(w);
                     let m = crate::ops::amx::kernel::Mat {
@@ -1104,6 +1105,7 @@ mod tests {
 
     /// The vectorized fixed-point layout is byte-identical to the portable one, NaNs,
     /// zero groups and outliers included.
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn prepare_q4i_matches() {
         if !matches!(detect(), Isa::Avx512Vnni | Isa::Amx) {
