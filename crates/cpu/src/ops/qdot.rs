@@ -446,9 +446,9 @@ mod avx512 {
 
     /// Bytes ahead of the row being computed that are prefetched into L1. Without it
     /// a decode matvec streams at ~70% of a plain read of the same bytes (the hardware
-    /// prefetchers lag behind three interleaved streams and the arithmetic); 2 KB ahead
-    /// brings it to ~90-100% (measured with `matmul::bench::matvec_vs_read`).
-    const PF_BYTES: usize = 2048;
+    /// prefetchers lag behind three interleaved streams and the arithmetic); 2-4 KB ahead
+    /// brings it to 80-90% (measured with `matmul::bench::matvec_vs_read`).
+    const PF_BYTES: usize = 4096;
 
     /// Prefetches the cache lines of `[base + from, base + to)` below `end`.
     #[inline(always)]
