@@ -13,9 +13,10 @@
 //!
 //! The caller first lays the activations out for the matrix's format ([`Layout`],
 //! [`prepare`]); one prepared buffer serves every matrix of the same format and width
-//! (the gate and up projections of an expert, say). Each (row, token) result is computed
-//! the same way whatever else is in the batch, so decode and prefill agree to rounding
-//! and batching experts differently cannot change a bit.
+//! (the gate and up projections of an expert, say). A kernel computes each (row, token)
+//! result the same way whatever else is in its batch; batches of 4+ tokens go to AMX
+//! tiles where available ([`super::amx`]), which sum the same exact integers in another
+//! f32 order, so decode and prefill agree to f32 rounding.
 //!
 //! AVX-512 layout for 4-bit rows: a 64-byte chunk holds 128 elements; as 16 dwords, lane
 //! `k` holds elements `8k..8k+8`, nibble `j` of the lane being element `8k+j`. The
