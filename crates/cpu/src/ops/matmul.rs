@@ -18,7 +18,8 @@ fn rows_per_task(rows: usize, n: usize) -> usize {
     let tasks = rayon::current_num_threads() * 8;
     // big batches: more, smaller tasks keep every thread busy
     let per = rows.div_ceil(tasks * if n > 8 { 2 } else { 1 });
-    per.max(MIN_ROWS_PER_TASK).next_multiple_of(4)
+    // whole 16-row blocks (the AMX tile width)
+    per.max(MIN_ROWS_PER_TASK).next_multiple_of(16)
 }
 
 struct OutPtr(*mut f32);
