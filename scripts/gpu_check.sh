@@ -178,6 +178,11 @@ MOEFLUX_TEST_DEVICE=cuda run_check "engine golden, MOEFLUX_TEST_DEVICE=cuda" 150
 if [ -x "$BIN/moeflux" ]; then
     run_check "bench qwen3-next-80b-a3b" 170 "$LOGS/bench_next80b.log" "$BIN/moeflux" bench --preset qwen3-next-80b-a3b --device cuda --prompt 512,4096 --gen 64 --context 0,4096,32768 --json "$OUT/bench_next80b.json"
     run_check "bench qwen3-30b-a3b" 110 "$LOGS/bench_30b.log" "$BIN/moeflux" bench --preset qwen3-30b-a3b --device cuda --prompt 512,4096 --gen 64 --context 0,4096 --json "$OUT/bench_30b.json"
+    if [ "${STORE_BENCH:-0}" = "1" ]; then
+        # Tiered store: experts in a packed directory on this machine's disk, host-RAM cache.
+        run_check "bench store qwen3-next-80b-a3b x8 layers" 200 "$LOGS/bench_store80.log" "$BIN/moeflux" bench --preset qwen3-next-80b-a3b --layers 8 --device cuda --store /tmp/moeflux-store80 --host-mem 4GiB --prompt 0 --gen 32 --json "$OUT/bench_store80.json"
+        run_check "bench store qwen3.5-397b-a17b x2 layers" 200 "$LOGS/bench_store397.log" "$BIN/moeflux" bench --preset qwen3.5-397b-a17b --layers 2 --device cuda --store /tmp/moeflux-store397 --host-mem 4GiB --prompt 0 --gen 32 --json "$OUT/bench_store397.json"
+    fi
     run_check "memcheck: generate (bundled model)" 90 "$LOGS/memcheck_generate.log" \
         compute-sanitizer --tool memcheck --error-exitcode 99 "$BIN/moeflux" generate --chat --prompt "4821+377=" --device cuda
 fi
@@ -207,13 +212,13 @@ fi
     printf '%s\n' "${ROWS[@]}"
     echo
     echo "Logs: logs.tar.gz (one log per check)"
-    for b in bench_next80b bench_30b; do
+    for b in bench_next80b bench_30b bench_store80 bench_store397; do
         if [ -s "$LOGS/$b.log" ]; then
             echo
             echo "## $b"
             echo
             echo '```'
-            grep -E '^preset|^prefill|^decode|built in' "$LOGS/$b.log"
+            grep -E '^preset|^prefill|^decode|built in|experts:|^error' "$LOGS/$b.log"
             echo '```'
         fi
     done
