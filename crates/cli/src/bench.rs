@@ -60,37 +60,70 @@ fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
-    let Some(cfg) = preset(&a.preset) else { bail!("unknown preset '{}' (known: {})", a.preset, PRESETS.join(", ")) };
+    let Some(cfg) = preset(&a.preset) else {
+        bail!(
+            "unknown preset '{}' (known: {})",
+            a.preset,
+            PRESETS.join(", ")
+        )
+    };
     let mut backend = open_backend(a.device)?;
     let name = backend.name();
     eprintln!("[{name}] measuring memory bandwidth ...");
     let bw = backend.measure_bandwidth().context("measuring bandwidth")?;
-    eprintln!("[{name}] building {} with random 4-bit weights{} ...", a.preset, a.layers.map(|l| format!(" ({l} layers)")).unwrap_or_default());
+    eprintln!(
+        "[{name}] building {} with random 4-bit weights{} ...",
+        a.preset,
+        a.layers
+            .map(|l| format!(" ({l} layers)"))
+            .unwrap_or_default()
+    );
     let t = Instant::now();
     let model = match &a.store {
-        None => Model::synthetic(&cfg, a.layers, backend.pool(), 0x5eed).context("building the synthetic model")?,
+        None => Model::synthetic(&cfg, a.layers, backend.pool(), 0x5eed)
+            .context("building the synthetic model")?,
         Some(dir) => {
             if !dir.join(moeflux_model::packed::MANIFEST).exists() {
                 let src = dir.with_extension("src-tmp");
                 moeflux_model::synthetic::write_checkpoint(&cfg, a.layers, 0x5eed, &src)?;
                 moeflux_model::packed::convert(&src, dir, 4, &mut |_, _, _| {})?;
-                std::fs::remove_dir_all(&src).with_context(|| format!("removing {}", src.display()))?;
+                std::fs::remove_dir_all(&src)
+                    .with_context(|| format!("removing {}", src.display()))?;
             }
-            let load = moeflux_model::LoadOptions { host_mem: a.host_mem };
-            Model::open_with(dir, backend.pool(), &load).with_context(|| format!("opening {}", dir.display()))?
+            let load = moeflux_model::LoadOptions {
+                host_mem: a.host_mem,
+            };
+            Model::open_with(dir, backend.pool(), &load)
+                .with_context(|| format!("opening {}", dir.display()))?
         }
     };
     let st = model.stats();
     let spec = model.spec.clone();
-    eprintln!("[{name}] built in {:.1}s: {:.2} GB of weights, {:.1} MB read per token", t.elapsed().as_secs_f64(), st.bytes_total as f64 / 1e9, st.bytes_active as f64 / 1e6);
+    eprintln!(
+        "[{name}] built in {:.1}s: {:.2} GB of weights, {:.1} MB read per token",
+        t.elapsed().as_secs_f64(),
+        st.bytes_total as f64 / 1e9,
+        st.bytes_active as f64 / 1e6
+    );
     let max_prompt = a.prompt.iter().copied().max().unwrap_or(0);
     let max_ctx = a.context.iter().copied().max().unwrap_or(0).max(max_prompt) + a.gen_tokens + 1;
-    let opts = SessionOptions { device: a.device, max_context: max_ctx, prefill_chunk: a.prefill_chunk, ..SessionOptions::default() };
+    let opts = SessionOptions {
+        device: a.device,
+        max_context: max_ctx,
+        prefill_chunk: a.prefill_chunk,
+        ..SessionOptions::default()
+    };
     let mut s = Session::with_model(backend, model, &opts)?;
     let vocab = spec.vocab;
 
     let mut rows = Vec::new();
-    println!("preset {}  layers {}  device {}  bandwidth {:.1} GB/s", a.preset, spec.layers.len(), name, bw / 1e9);
+    println!(
+        "preset {}  layers {}  device {}  bandwidth {:.1} GB/s",
+        a.preset,
+        spec.layers.len(),
+        name,
+        bw / 1e9
+    );
     for &p in &a.prompt {
         if p == 0 {
             continue;
@@ -106,8 +139,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
         rows.push(serde_json::json!({"kind": "prefill", "tokens": p, "tok_per_s": tps}));
     }
     let kv_row = spec.attn.kv_heads * spec.attn.head_dim * 4 * 2;
-    let full = spec.layers.iter().filter(|k| **k == LayerKind::FullAttention).count();
-    let lin_state = spec.linear.as_ref().map(|l| (l.v_heads * l.dk * l.dv + (l.conv_kernel - 1) * l.conv_dim()) * 4 * 2).unwrap_or(0);
+    let full = spec
+        .layers
+        .iter()
+        .filter(|k| **k == LayerKind::FullAttention)
+        .count();
+    let lin_state = spec
+        .linear
+        .as_ref()
+        .map(|l| (l.v_heads * l.dk * l.dv + (l.conv_kernel - 1) * l.conv_dim()) * 4 * 2)
+        .unwrap_or(0);
     let lins = spec.layers.len() - full;
     s.set_profiling(a.profile);
     for &c in &a.context {
@@ -119,7 +160,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let t = Instant::now();
         for _ in 0..a.gen_tokens {
             let logits = s.decode(tok)?;
-            tok = logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, v)| if *v > b.1 { (i, *v) } else { b }).0 as u32;
+            tok = logits
+                .iter()
+                .enumerate()
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |b, (i, v)| if *v > b.1 { (i, *v) } else { b },
+                )
+                .0 as u32;
         }
         let tps = a.gen_tokens as f64 / t.elapsed().as_secs_f64();
         let bytes = st.bytes_active + full * kv_row * (c + a.gen_tokens / 2) + lins * lin_state;
@@ -139,7 +187,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 100.0 * hits as f64 / (hits + misses).max(1) as f64,
                 disk / 1e6,
                 e.prefetched - b.prefetched,
-                100.0 * (e.prefetch_used - b.prefetch_used) as f64 / (e.prefetched - b.prefetched).max(1) as f64
+                100.0 * (e.prefetch_used - b.prefetch_used) as f64
+                    / (e.prefetched - b.prefetched).max(1) as f64
             );
             row["expert_hits"] = hits.into();
             row["expert_misses"] = misses.into();
@@ -153,7 +202,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let total: f64 = prof.iter().map(|r| r.2).sum();
         println!("{:<16} {:>8} {:>10} {:>6}", "op", "calls", "ms", "%");
         for (k, n, t) in prof {
-            println!("{k:<16} {n:>8} {:>10.2} {:>5.1}%", t * 1e3, 100.0 * t / total.max(1e-12));
+            println!(
+                "{k:<16} {n:>8} {:>10.2} {:>5.1}%",
+                t * 1e3,
+                100.0 * t / total.max(1e-12)
+            );
         }
     }
     if let Some(path) = &a.json {
@@ -161,7 +214,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "preset": a.preset, "layers": spec.layers.len(), "device": name, "bandwidth_bytes_per_s": bw,
             "weight_bytes": st.bytes_total, "active_bytes_per_token": st.bytes_active, "results": rows,
         });
-        std::fs::write(path, serde_json::to_string_pretty(&doc)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }

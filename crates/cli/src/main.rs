@@ -14,7 +14,11 @@ use moeflux_model::{LayerKind, LogitsRows};
 use moeflux_text::{ChatMessage, SamplingParams, StreamDecoder, TextCodec};
 
 #[derive(Parser)]
-#[command(name = "moeflux", version, about = "Run Mixture-of-Experts language models on CPU and CUDA")]
+#[command(
+    name = "moeflux",
+    version,
+    about = "Run Mixture-of-Experts language models on CPU and CUDA"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -64,7 +68,12 @@ impl RunArgs {
     }
     fn open(&self) -> Result<Session> {
         let dir = self.dir();
-        let opts = SessionOptions { device: self.device, max_context: self.max_context, prefill_chunk: self.prefill_chunk, host_mem: self.host_mem };
+        let opts = SessionOptions {
+            device: self.device,
+            max_context: self.max_context,
+            prefill_chunk: self.prefill_chunk,
+            host_mem: self.host_mem,
+        };
         if self.gpu_mem.is_some() && self.device == Device::Cpu {
             eprintln!("note: --gpu-mem has no effect on the CPU backend");
         }
@@ -142,22 +151,34 @@ struct ConvertArgs {
 
 fn cmd_convert(a: ConvertArgs) -> Result<()> {
     let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(indicatif::ProgressStyle::with_template("{msg:>8} [{bar:40}] {pos}/{len} ({eta})").expect("template").progress_chars("=> "));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg:>8} [{bar:40}] {pos}/{len} ({eta})")
+            .expect("template")
+            .progress_chars("=> "),
+    );
     let mut tick = |done: u64, total: u64, what: &str| {
         bar.set_length(total);
         bar.set_position(done);
         bar.set_message(what.to_string());
     };
-    let m = moeflux_model::packed::convert(&a.src, &a.dst, a.bits, &mut tick).with_context(|| format!("converting {}", a.src.display()))?;
+    let m = moeflux_model::packed::convert(&a.src, &a.dst, a.bits, &mut tick)
+        .with_context(|| format!("converting {}", a.src.display()))?;
     bar.finish_and_clear();
-    eprintln!("wrote {}: {} layers x {} experts, {} bytes per expert record", a.dst.display(), m.layers.len(), m.experts, m.record_bytes);
+    eprintln!(
+        "wrote {}: {} layers x {} experts, {} bytes per expert record",
+        a.dst.display(),
+        m.layers.len(),
+        m.experts,
+        m.record_bytes
+    );
     if a.verify {
         let bar = indicatif::ProgressBar::new(0);
         let mut tick = |done: u64, total: u64, _: &str| {
             bar.set_length(total);
             bar.set_position(done);
         };
-        moeflux_model::packed::verify(&a.dst, &mut tick).with_context(|| format!("verifying {}", a.dst.display()))?;
+        moeflux_model::packed::verify(&a.dst, &mut tick)
+            .with_context(|| format!("verifying {}", a.dst.display()))?;
         bar.finish_and_clear();
         eprintln!("verified: every checksum matches");
     }
@@ -176,7 +197,10 @@ fn parse_tokens(s: &str) -> Result<Vec<u32>> {
         .split(',')
         .map(str::trim)
         .filter(|t| !t.is_empty())
-        .map(|t| t.parse::<u32>().with_context(|| format!("--tokens: '{t}' is not a token id")))
+        .map(|t| {
+            t.parse::<u32>()
+                .with_context(|| format!("--tokens: '{t}' is not a token id"))
+        })
         .collect::<Result<_>>()?;
     if toks.is_empty() {
         bail!("--tokens: no token ids given");
@@ -196,38 +220,87 @@ fn cmd_logits(a: LogitsArgs) -> Result<()> {
     } else {
         s.prefill(&tokens, LogitsRows::All)?
     };
-    npy::write_f32(&a.out, &[tokens.len(), s.vocab()], &logits).with_context(|| format!("writing {}", a.out.display()))?;
-    eprintln!("wrote {} x {} logits to {} ({} backend)", tokens.len(), s.vocab(), a.out.display(), s.backend_name());
+    npy::write_f32(&a.out, &[tokens.len(), s.vocab()], &logits)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!(
+        "wrote {} x {} logits to {} ({} backend)",
+        tokens.len(),
+        s.vocab(),
+        a.out.display(),
+        s.backend_name()
+    );
     Ok(())
 }
 
 fn human(bytes: usize) -> String {
     let b = bytes as f64;
-    if b >= 1e9 { format!("{:.2} GB", b / 1e9) } else if b >= 1e6 { format!("{:.2} MB", b / 1e6) } else { format!("{:.1} KB", b / 1e3) }
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.2} MB", b / 1e6)
+    } else {
+        format!("{:.1} KB", b / 1e3)
+    }
 }
 
 fn count(p: usize) -> String {
     let x = p as f64;
-    if x >= 1e9 { format!("{:.2}B", x / 1e9) } else if x >= 1e6 { format!("{:.2}M", x / 1e6) } else { format!("{:.1}K", x / 1e3) }
+    if x >= 1e9 {
+        format!("{:.2}B", x / 1e9)
+    } else if x >= 1e6 {
+        format!("{:.2}M", x / 1e6)
+    } else {
+        format!("{:.1}K", x / 1e3)
+    }
 }
 
 fn cmd_info(a: InfoArgs) -> Result<()> {
     let dir = a.model.unwrap_or_else(bundled_model);
     // Resolving weights needs a pool; the CPU one borrows the maps and copies nothing.
     let mut backend = moeflux_engine::open_backend(Device::Cpu)?;
-    let model = moeflux_model::Model::open(&dir, backend.pool()).with_context(|| format!("opening model {}", dir.display()))?;
+    let model = moeflux_model::Model::open(&dir, backend.pool())
+        .with_context(|| format!("opening model {}", dir.display()))?;
     let s = &model.spec;
     let st = model.stats();
-    let lin = s.layers.iter().filter(|k| **k == LayerKind::LinearAttention).count();
+    let lin = s
+        .layers
+        .iter()
+        .filter(|k| **k == LayerKind::LinearAttention)
+        .count();
     println!("model:          {}", dir.display());
-    println!("architecture:   {} (model_type {})", s.arch.name(), s.model_type);
-    println!("layers:         {} ({} gated-deltanet linear attention, {} full attention)", s.layers.len(), lin, s.layers.len() - lin);
-    let kinds: String = s.layers.iter().map(|k| if *k == LayerKind::LinearAttention { 'L' } else { 'A' }).collect();
+    println!(
+        "architecture:   {} (model_type {})",
+        s.arch.name(),
+        s.model_type
+    );
+    println!(
+        "layers:         {} ({} gated-deltanet linear attention, {} full attention)",
+        s.layers.len(),
+        lin,
+        s.layers.len() - lin
+    );
+    let kinds: String = s
+        .layers
+        .iter()
+        .map(|k| {
+            if *k == LayerKind::LinearAttention {
+                'L'
+            } else {
+                'A'
+            }
+        })
+        .collect();
     println!("layer kinds:    {kinds}");
     println!("hidden:         {}   vocab: {}", s.hidden, s.vocab);
-    println!("attention:      {} heads / {} kv heads x {} (rotary {}), output gate: {}", s.attn.heads, s.attn.kv_heads, s.attn.head_dim, s.attn.rotary_dim, s.attn.output_gate);
+    println!(
+        "attention:      {} heads / {} kv heads x {} (rotary {}), output gate: {}",
+        s.attn.heads, s.attn.kv_heads, s.attn.head_dim, s.attn.rotary_dim, s.attn.output_gate
+    );
     if let Some(l) = &s.linear {
-        println!("linear attn:    {} key heads x {}, {} value heads x {}, conv {}", l.k_heads, l.dk, l.v_heads, l.dv, l.conv_kernel);
+        println!(
+            "linear attn:    {} key heads x {}, {} value heads x {}, conv {}",
+            l.k_heads, l.dk, l.v_heads, l.dv, l.conv_kernel
+        );
     }
     println!(
         "experts:        {} routed (top {}{}), inter {}, shared: {}",
@@ -235,22 +308,51 @@ fn cmd_info(a: InfoArgs) -> Result<()> {
         s.moe.top_k,
         if s.moe.renorm { ", renormalised" } else { "" },
         s.moe.inter,
-        s.moe.shared_inter.map(|x| format!("inter {x}")).unwrap_or_else(|| "none".into())
+        s.moe
+            .shared_inter
+            .map(|x| format!("inter {x}"))
+            .unwrap_or_else(|| "none".into())
     );
-    println!("parameters:     {} total, {} active per token, {} in routed experts", count(st.params_total), count(st.params_active), count(st.params_experts));
-    println!("bytes:          {} total, {} read per token, {} in routed experts", human(st.bytes_total), human(st.bytes_active), human(st.bytes_experts));
+    println!(
+        "parameters:     {} total, {} active per token, {} in routed experts",
+        count(st.params_total),
+        count(st.params_active),
+        count(st.params_experts)
+    );
+    println!(
+        "bytes:          {} total, {} read per token, {} in routed experts",
+        human(st.bytes_total),
+        human(st.bytes_active),
+        human(st.bytes_experts)
+    );
     match &s.quant {
-        Some(q) => println!("quantization:   MLX affine {}-bit, group {} ({} per-module overrides)", q.bits, q.group_size, q.overrides.len()),
-        None => println!("quantization:   none (weights {})", model.weights.embed.format),
+        Some(q) => println!(
+            "quantization:   MLX affine {}-bit, group {} ({} per-module overrides)",
+            q.bits,
+            q.group_size,
+            q.overrides.len()
+        ),
+        None => println!(
+            "quantization:   none (weights {})",
+            model.weights.embed.format
+        ),
     }
-    println!("max position:   {}   tied embeddings: {}", s.max_position, s.tie_embeddings);
+    println!(
+        "max position:   {}   tied embeddings: {}",
+        s.max_position, s.tie_embeddings
+    );
     Ok(())
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let dir = a.run.dir();
-    let text = TextCodec::from_dir(&dir).with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
-    let prompt_text = if a.chat { text.render_chat(&[ChatMessage::new("user", a.prompt.clone())], true)? } else { a.prompt.clone() };
+    let text = TextCodec::from_dir(&dir)
+        .with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
+    let prompt_text = if a.chat {
+        text.render_chat(&[ChatMessage::new("user", a.prompt.clone())], true)?
+    } else {
+        a.prompt.clone()
+    };
     let prompt = text.encode(&prompt_text, !a.chat)?;
     if prompt.is_empty() {
         bail!("the prompt encodes to no tokens");
@@ -272,7 +374,12 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let mut dec = StreamDecoder::new(true);
     let mut out = std::io::stdout().lock();
     let mut err: Option<anyhow::Error> = None;
-    let req = GenerateRequest { prompt: &prompt, max_new: a.n, params, stop_ids: &stops };
+    let req = GenerateRequest {
+        prompt: &prompt,
+        max_new: a.n,
+        params,
+        stop_ids: &stops,
+    };
     let stats = generate(&mut s, &req, &mut |id, _| match dec.push(&text, id) {
         Ok(piece) => {
             let _ = out.write_all(piece.as_bytes());
@@ -318,7 +425,11 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         let total: f64 = rows.iter().map(|r| r.2).sum();
         eprintln!("{:<16} {:>8} {:>10} {:>6}", "op", "calls", "ms", "%");
         for (k, c, t) in rows {
-            eprintln!("{k:<16} {c:>8} {:>10.2} {:>5.1}%", t * 1e3, 100.0 * t / total.max(1e-12));
+            eprintln!(
+                "{k:<16} {c:>8} {:>10.2} {:>5.1}%",
+                t * 1e3,
+                100.0 * t / total.max(1e-12)
+            );
         }
     }
     Ok(())
@@ -349,16 +460,31 @@ struct ServeArgs {
 
 fn cmd_serve(a: ServeArgs) -> Result<()> {
     let dir = a.run.dir();
-    let opts = SessionOptions { device: a.run.device, max_context: a.run.max_context, prefill_chunk: a.run.prefill_chunk, host_mem: a.run.host_mem };
+    let opts = SessionOptions {
+        device: a.run.device,
+        max_context: a.run.max_context,
+        prefill_chunk: a.run.prefill_chunk,
+        host_mem: a.run.host_mem,
+    };
     let cfg = moeflux_server::ServerConfig {
-        model_id: a.served_model_name.unwrap_or_else(|| moeflux_server::model_id(&dir)),
-        api_key: a.api_key.or_else(|| std::env::var("MOEFLUX_API_KEY").ok()).filter(|k| !k.is_empty()),
+        model_id: a
+            .served_model_name
+            .unwrap_or_else(|| moeflux_server::model_id(&dir)),
+        api_key: a
+            .api_key
+            .or_else(|| std::env::var("MOEFLUX_API_KEY").ok())
+            .filter(|k| !k.is_empty()),
         queue_capacity: a.queue_size,
         prefix_cache: a.prefix_cache,
         ..moeflux_server::ServerConfig::default()
     };
     moeflux_server::init_logging();
-    moeflux_server::run(&a.host, a.port, cfg, moeflux_server::session_loader(dir, opts))?;
+    moeflux_server::run(
+        &a.host,
+        a.port,
+        cfg,
+        moeflux_server::session_loader(dir, opts),
+    )?;
     Ok(())
 }
 

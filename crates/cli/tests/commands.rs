@@ -4,17 +4,34 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
 }
 
 fn moeflux(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_moeflux")).args(args).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(env!("CARGO_BIN_EXE_moeflux"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn ref_tokens(name: &str) -> String {
-    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture(name).join("ref.json")).unwrap()).unwrap();
-    j["tokens"].as_array().unwrap().iter().map(|v| v.to_string()).collect::<Vec<_>>().join(",")
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture(name).join("ref.json")).unwrap())
+            .unwrap();
+    j["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn read_npy(p: &Path) -> (Vec<usize>, Vec<f32>) {
@@ -29,7 +46,17 @@ fn logits_prefill_and_decode_match_the_reference() {
         let toks = ref_tokens(name);
         let (pre, dec) = (dir.path().join("p.npy"), dir.path().join("d.npy"));
         for (out, extra) in [(&pre, None), (&dec, Some("--decode"))] {
-            let mut args = vec!["logits", "--model", model.to_str().unwrap(), "--tokens", &toks, "--out", out.to_str().unwrap(), "--device", "cpu"];
+            let mut args = vec![
+                "logits",
+                "--model",
+                model.to_str().unwrap(),
+                "--tokens",
+                &toks,
+                "--out",
+                out.to_str().unwrap(),
+                "--device",
+                "cpu",
+            ];
             args.extend(extra);
             let (ok, _, err) = moeflux(&args);
             assert!(ok, "{name}: {err}");
@@ -40,19 +67,36 @@ fn logits_prefill_and_decode_match_the_reference() {
         assert_eq!(shape, vec![80, 384]);
         assert_eq!(shape, shape2);
         let max_ref = r.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let err = |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / max_ref;
-        assert!(err(&p, &r) < 2e-3, "{name}: prefill vs reference {}", err(&p, &r));
-        assert!(err(&d, &p) < 1e-4, "{name}: decode vs prefill {}", err(&d, &p));
+        let err = |a: &[f32], b: &[f32]| {
+            a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / max_ref
+        };
+        assert!(
+            err(&p, &r) < 2e-3,
+            "{name}: prefill vs reference {}",
+            err(&p, &r)
+        );
+        assert!(
+            err(&d, &p) < 1e-4,
+            "{name}: decode vs prefill {}",
+            err(&d, &p)
+        );
     }
 }
 
 #[test]
 fn info_reports_layout_and_counts() {
-    let (ok, out, err) = moeflux(&["info", "--model", fixture("qwen3_next_mlx4").join("model").to_str().unwrap()]);
+    let (ok, out, err) = moeflux(&[
+        "info",
+        "--model",
+        fixture("qwen3_next_mlx4").join("model").to_str().unwrap(),
+    ]);
     assert!(ok, "{err}");
     assert!(out.contains("architecture:   qwen3_next"), "{out}");
     assert!(out.contains("layer kinds:    LALA"), "{out}");
-    assert!(out.contains("MLX affine 4-bit, group 64 (8 per-module overrides)"), "{out}");
+    assert!(
+        out.contains("MLX affine 4-bit, group 64 (8 per-module overrides)"),
+        "{out}"
+    );
     assert!(out.contains("8 routed (top 2, renormalised)"), "{out}");
 }
 
@@ -60,26 +104,58 @@ fn info_reports_layout_and_counts() {
 fn bench_runs_on_a_small_preset() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("b.json");
-    let (ok, out, err) = moeflux(&["bench", "--preset", "qwen3-next-80b-a3b", "--layers", "1", "--device", "cpu", "--prompt", "4", "--gen", "2", "--json", json.to_str().unwrap()]);
+    let (ok, out, err) = moeflux(&[
+        "bench",
+        "--preset",
+        "qwen3-next-80b-a3b",
+        "--layers",
+        "1",
+        "--device",
+        "cpu",
+        "--prompt",
+        "4",
+        "--gen",
+        "2",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
     assert!(ok, "{err}");
     assert!(out.contains("decode") && out.contains("of floor"), "{out}");
-    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    let dec = j["results"].as_array().unwrap().iter().find(|r| r["kind"] == "decode").unwrap();
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let dec = j["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["kind"] == "decode")
+        .unwrap();
     assert!(dec["tok_per_s"].as_f64().unwrap() > 0.0);
-    assert!(dec["bytes_per_token"].as_u64().unwrap() > 100_000_000, "lm_head alone is >150 MB at this vocab");
+    assert!(
+        dec["bytes_per_token"].as_u64().unwrap() > 100_000_000,
+        "lm_head alone is >150 MB at this vocab"
+    );
 }
 
 #[test]
 fn bench_rejects_unknown_preset() {
     let (ok, _, err) = moeflux(&["bench", "--preset", "gpt-5"]);
-    assert!(!ok && err.contains("unknown preset 'gpt-5'") && err.contains("qwen3-30b-a3b"), "{err}");
+    assert!(
+        !ok && err.contains("unknown preset 'gpt-5'") && err.contains("qwen3-30b-a3b"),
+        "{err}"
+    );
 }
 
 #[test]
 fn bundled_model_adds_numbers() {
     // Without --model: the bundled model, as in the README's first command.
-    for (prompt, answer) in [("12+34=", "46"), ("4821+377=", "5198"), ("999+1=", "1000"), ("8888+2222=", "11110")] {
-        let (ok, out, err) = moeflux(&["generate", "--chat", "--prompt", prompt, "--device", "cpu"]);
+    for (prompt, answer) in [
+        ("12+34=", "46"),
+        ("4821+377=", "5198"),
+        ("999+1=", "1000"),
+        ("8888+2222=", "11110"),
+    ] {
+        let (ok, out, err) =
+            moeflux(&["generate", "--chat", "--prompt", prompt, "--device", "cpu"]);
         assert!(ok, "{err}");
         assert_eq!(out.trim(), answer, "{prompt}");
         assert!(err.contains("tok/s") && err.contains("(Stop)"), "{err}");
@@ -92,16 +168,38 @@ fn bundled_model_matches_transformers_token_for_token() {
     // of "12+34=" and its continuation "46<|im_end|>".
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/bundled");
     let text = moeflux_text::TextCodec::from_dir(&dir).unwrap();
-    let prompt = text.render_chat(&[moeflux_text::ChatMessage::new("user", "12+34=")], true).unwrap();
+    let prompt = text
+        .render_chat(&[moeflux_text::ChatMessage::new("user", "12+34=")], true)
+        .unwrap();
     let ids = text.encode(&prompt, false).unwrap();
-    assert_eq!(ids, vec![1, 91, 89, 75, 88, 4, 23, 24, 17, 25, 26, 35, 2, 4, 1, 71, 89, 89, 79, 89, 90, 71, 84, 90, 4]);
-    let mut s = moeflux_engine::Session::open(&dir, &moeflux_engine::SessionOptions { device: moeflux_engine::Device::Cpu, ..Default::default() }).unwrap();
+    assert_eq!(
+        ids,
+        vec![
+            1, 91, 89, 75, 88, 4, 23, 24, 17, 25, 26, 35, 2, 4, 1, 71, 89, 89, 79, 89, 90, 71, 84,
+            90, 4
+        ]
+    );
+    let mut s = moeflux_engine::Session::open(
+        &dir,
+        &moeflux_engine::SessionOptions {
+            device: moeflux_engine::Device::Cpu,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let mut logits = s.prefill(&ids, moeflux_model::LogitsRows::Last).unwrap();
     // HF top logit at step 0: id 26 with 9.8868
     assert!((logits[26] - 9.8868).abs() < 1e-3, "{}", logits[26]);
     let mut out = Vec::new();
     for _ in 0..3 {
-        let t = logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, v)| if *v > b.1 { (i, *v) } else { b }).0 as u32;
+        let t = logits
+            .iter()
+            .enumerate()
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |b, (i, v)| if *v > b.1 { (i, *v) } else { b },
+            )
+            .0 as u32;
         out.push(t);
         logits = s.decode(t).unwrap();
     }

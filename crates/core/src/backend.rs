@@ -47,10 +47,25 @@ impl WeightBytes {
 }
 
 pub trait BufferPool {
-    fn alloc_raw(&mut self, bytes: usize, label: &str, lifetime: Lifetime) -> Result<RawBufId, CoreError>;
+    fn alloc_raw(
+        &mut self,
+        bytes: usize,
+        label: &str,
+        lifetime: Lifetime,
+    ) -> Result<RawBufId, CoreError>;
     fn register_weights(&mut self, bytes: WeightBytes, label: &str) -> Result<RawBufId, CoreError>;
-    fn upload_raw(&mut self, id: RawBufId, byte_offset: usize, data: &[u8]) -> Result<(), CoreError>;
-    fn download_raw(&mut self, id: RawBufId, byte_offset: usize, out: &mut [u8]) -> Result<(), CoreError>;
+    fn upload_raw(
+        &mut self,
+        id: RawBufId,
+        byte_offset: usize,
+        data: &[u8],
+    ) -> Result<(), CoreError>;
+    fn download_raw(
+        &mut self,
+        id: RawBufId,
+        byte_offset: usize,
+        out: &mut [u8],
+    ) -> Result<(), CoreError>;
     /// Zero the whole buffer (resets recurrent state, for example).
     fn zero(&mut self, id: RawBufId) -> Result<(), CoreError>;
     /// Byte size and label.
@@ -64,23 +79,45 @@ pub trait BufferPool {
     fn allocated_bytes(&self) -> usize;
 }
 
-fn check_range(pool: &(impl BufferPool + ?Sized), id: RawBufId, off: usize, len: usize, what: &'static str) -> Result<(), CoreError> {
+fn check_range(
+    pool: &(impl BufferPool + ?Sized),
+    id: RawBufId,
+    off: usize,
+    len: usize,
+    what: &'static str,
+) -> Result<(), CoreError> {
     let (cap, label, _) = pool.info(id).ok_or(CoreError::UnknownBuffer(id))?;
     if off + len > cap {
-        return Err(CoreError::SizeMismatch { label, id, capacity: cap, requested: off + len, what });
+        return Err(CoreError::SizeMismatch {
+            label,
+            id,
+            capacity: cap,
+            requested: off + len,
+            what,
+        });
     }
     Ok(())
 }
 
 /// Typed conveniences over any pool.
 pub trait PoolExt: BufferPool {
-    fn alloc<R: Role>(&mut self, bytes: usize, label: &str, lifetime: Lifetime) -> Result<BufId<R>, CoreError> {
+    fn alloc<R: Role>(
+        &mut self,
+        bytes: usize,
+        label: &str,
+        lifetime: Lifetime,
+    ) -> Result<BufId<R>, CoreError> {
         Ok(BufId::from_raw(self.alloc_raw(bytes, label, lifetime)?))
     }
     fn upload<R: Role>(&mut self, id: BufId<R>, data: &[u8]) -> Result<(), CoreError> {
         self.upload_at(id, 0, data)
     }
-    fn upload_at<R: Role>(&mut self, id: BufId<R>, byte_offset: usize, data: &[u8]) -> Result<(), CoreError> {
+    fn upload_at<R: Role>(
+        &mut self,
+        id: BufId<R>,
+        byte_offset: usize,
+        data: &[u8],
+    ) -> Result<(), CoreError> {
         check_range(self, id.raw(), byte_offset, data.len(), "uploaded")?;
         self.upload_raw(id.raw(), byte_offset, data)
     }
@@ -159,7 +196,10 @@ pub trait Backend: Send {
     /// Memory read bandwidth of the device in bytes/s, measured now (benchmarks divide
     /// bytes moved per token by this to get the floor).
     fn measure_bandwidth(&mut self) -> Result<f64, CoreError> {
-        Err(CoreError::Backend { backend: self.name(), msg: "bandwidth measurement not implemented".into() })
+        Err(CoreError::Backend {
+            backend: self.name(),
+            msg: "bandwidth measurement not implemented".into(),
+        })
     }
 
     fn set_profiling(&mut self, _on: bool) {}

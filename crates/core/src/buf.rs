@@ -56,7 +56,10 @@ pub struct BufId<R: Role> {
 
 impl<R: Role> BufId<R> {
     pub fn from_raw(raw: RawBufId) -> Self {
-        BufId { raw, _role: PhantomData }
+        BufId {
+            raw,
+            _role: PhantomData,
+        }
     }
     pub fn raw(self) -> RawBufId {
         self.raw

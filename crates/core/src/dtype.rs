@@ -50,7 +50,11 @@ pub enum WeightFormat {
     /// element = scale * q + bias with `bits`-bit unsigned q packed little-endian into
     /// u32 words (element j of a word sits at bits `bits*j`). Scales and biases are
     /// `[rows, cols / group_size]` of `scale_dtype`.
-    Affine { bits: u8, group_size: u32, scale_dtype: DType },
+    Affine {
+        bits: u8,
+        group_size: u32,
+        scale_dtype: DType,
+    },
 }
 
 impl WeightFormat {
@@ -66,9 +70,11 @@ impl WeightFormat {
     pub fn scale_bytes(self, rows: usize, cols: usize) -> usize {
         match self {
             WeightFormat::Dense(_) => 0,
-            WeightFormat::Affine { group_size, scale_dtype, .. } => {
-                rows * (cols / group_size as usize) * scale_dtype.size()
-            }
+            WeightFormat::Affine {
+                group_size,
+                scale_dtype,
+                ..
+            } => rows * (cols / group_size as usize) * scale_dtype.size(),
         }
     }
 
@@ -82,7 +88,11 @@ impl fmt::Display for WeightFormat {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             WeightFormat::Dense(dt) => write!(f, "{dt}"),
-            WeightFormat::Affine { bits, group_size, scale_dtype } => {
+            WeightFormat::Affine {
+                bits,
+                group_size,
+                scale_dtype,
+            } => {
                 write!(f, "q{bits}/g{group_size} ({scale_dtype} scales)")
             }
         }

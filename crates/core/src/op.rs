@@ -71,7 +71,11 @@ pub trait ExpertProvider: Send + Sync + std::fmt::Debug {
     /// How many records may be held at once (the cache budget), at least 1.
     fn max_in_flight(&self) -> usize;
     /// The record of `expert` in `layer`, from cache or storage.
-    fn fetch(&self, layer: usize, expert: usize) -> Result<Arc<dyn AsRef<[u8]> + Send + Sync>, crate::CoreError>;
+    fn fetch(
+        &self,
+        layer: usize,
+        expert: usize,
+    ) -> Result<Arc<dyn AsRef<[u8]> + Send + Sync>, crate::CoreError>;
     /// Called once a layer's experts for the current step are known: lets the provider
     /// record the set and start fetching what the next layer is likely to need.
     fn layer_routed(&self, _layer: usize, _experts: &[usize]) {}
@@ -93,10 +97,23 @@ pub struct ColPart {
 #[derive(Clone, Debug)]
 pub enum Op {
     /// `out[i] = table[tokens[i]]` (dequantized to f32).
-    Embed { table: Matrix, tokens: BufId<Tokens>, out: BufId<Act>, n: usize },
+    Embed {
+        table: Matrix,
+        tokens: BufId<Tokens>,
+        out: BufId<Act>,
+        n: usize,
+    },
     /// `out = x / rms(x) * (weight + offset)` over `rows` rows of `dim` (per-head norms use
     /// `rows = n * heads`). `offset` is 1 for checkpoints that store `w - 1`.
-    RmsNorm { x: BufId<Act>, weight: Vector, out: BufId<Act>, rows: usize, dim: usize, eps: f32, offset: f32 },
+    RmsNorm {
+        x: BufId<Act>,
+        weight: Vector,
+        out: BufId<Act>,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+        offset: f32,
+    },
     /// `out = x / rms(x) * (weight + offset) * silu(gate)`, rows of `dim`.
     GatedRmsNorm {
         x: BufId<Act>,
@@ -109,21 +126,62 @@ pub enum Op {
         offset: f32,
     },
     /// `out[n, w.rows] = x[n, w.cols] @ w^T`.
-    Matmul { x: BufId<Act>, w: Matrix, out: BufId<Act>, n: usize },
+    Matmul {
+        x: BufId<Act>,
+        w: Matrix,
+        out: BufId<Act>,
+        n: usize,
+    },
     /// `out[0..rows] = x[start..start + rows]` for rows of `width` floats.
-    CopyRows { x: BufId<Act>, out: BufId<Act>, start: usize, rows: usize, width: usize },
+    CopyRows {
+        x: BufId<Act>,
+        out: BufId<Act>,
+        start: usize,
+        rows: usize,
+        width: usize,
+    },
     /// `out = a + b` elementwise over `len` floats (`out` may alias `a` or `b`).
-    Add { a: BufId<Act>, b: BufId<Act>, out: BufId<Act>, len: usize },
+    Add {
+        a: BufId<Act>,
+        b: BufId<Act>,
+        out: BufId<Act>,
+        len: usize,
+    },
     /// `out = silu(gate) * up` over `len` floats.
-    SwiGlu { gate: BufId<Act>, up: BufId<Act>, out: BufId<Act>, len: usize },
+    SwiGlu {
+        gate: BufId<Act>,
+        up: BufId<Act>,
+        out: BufId<Act>,
+        len: usize,
+    },
     /// `out[i, j] = x[i, j] * sigmoid(gate[i, j * gate_width / width])`: `gate_width` is
     /// `width` (elementwise gate) or 1 (one scalar gate per row).
-    SigmoidGate { x: BufId<Act>, gate: BufId<Act>, out: BufId<Act>, n: usize, width: usize, gate_width: usize },
+    SigmoidGate {
+        x: BufId<Act>,
+        gate: BufId<Act>,
+        out: BufId<Act>,
+        n: usize,
+        width: usize,
+        gate_width: usize,
+    },
     /// Splits each row of `x` (`groups` repetitions of the parts' widths, in order) into
     /// the parts' outputs. Covers head-interleaved projections and plain column splits.
-    ScatterCols { x: BufId<Act>, n: usize, groups: usize, parts: Vec<ColPart> },
+    ScatterCols {
+        x: BufId<Act>,
+        n: usize,
+        groups: usize,
+        parts: Vec<ColPart>,
+    },
     /// NeoX-style rotary embedding on the first `rotary_dim` dims of each head, in place.
-    Rope { x: BufId<Act>, pos: BufId<Pos>, n: usize, heads: usize, head_dim: usize, rotary_dim: usize, theta: f32 },
+    Rope {
+        x: BufId<Act>,
+        pos: BufId<Pos>,
+        n: usize,
+        heads: usize,
+        head_dim: usize,
+        rotary_dim: usize,
+        theta: f32,
+    },
     /// Writes `k`, `v` rows `[n, kv_dim]` into the caches at rows `pos[i]`.
     KvAppend {
         k: BufId<Act>,
@@ -152,7 +210,15 @@ pub enum Op {
     },
     /// Depthwise causal conv1d over time followed by SiLU; `state` holds the previous
     /// `kernel - 1` input rows and is updated. `weight` is `[channels, kernel]`.
-    Conv1dSilu { x: BufId<Act>, state: BufId<State>, weight: Vector, out: BufId<Act>, n: usize, channels: usize, kernel: usize },
+    Conv1dSilu {
+        x: BufId<Act>,
+        state: BufId<State>,
+        weight: Vector,
+        out: BufId<Act>,
+        n: usize,
+        channels: usize,
+        kernel: usize,
+    },
     /// Gated delta rule (Gated DeltaNet core). `qkv` rows are `[q (k_heads*dk) | k | v
     /// (v_heads*dv)]`; `a`, `b` rows are `[v_heads]`. Inside: l2-norm of q and k, q scaled
     /// by `dk^-0.5`, `beta = sigmoid(b)`, `g = -exp(a_log) * softplus(a + dt_bias)`; value
@@ -173,7 +239,15 @@ pub enum Op {
     },
     /// Softmax over `experts` router logits, top-`k` (ties: lower index), optionally
     /// renormalised to sum 1. Writes `idx[n, k]` and `weights[n, k]`.
-    RouterTopK { logits: BufId<Act>, idx: BufId<Idx>, weights: BufId<Act>, n: usize, experts: usize, k: usize, renorm: bool },
+    RouterTopK {
+        logits: BufId<Act>,
+        idx: BufId<Idx>,
+        weights: BufId<Act>,
+        n: usize,
+        experts: usize,
+        k: usize,
+        renorm: bool,
+    },
     /// [`Op::MoeExperts`] with the experts fetched through a provider (tiered storage).
     MoeExpertsStreamed {
         x: BufId<Act>,
@@ -211,7 +285,11 @@ fn mat_access(m: &Matrix, f: &mut dyn FnMut(RawBufId, Access, usize)) {
 }
 
 fn vec_access(v: &Vector, f: &mut dyn FnMut(RawBufId, Access, usize)) {
-    f(v.data.buf.raw(), Access::Read, v.data.offset + v.len * v.dtype.size());
+    f(
+        v.data.buf.raw(),
+        Access::Read,
+        v.data.offset + v.len * v.dtype.size(),
+    );
 }
 
 const F: usize = 4;
@@ -245,17 +323,37 @@ impl Op {
     pub fn for_each_access(&self, f: &mut dyn FnMut(RawBufId, Access, usize)) {
         use Access::{Read, ReadWrite, Write};
         match self {
-            Op::Embed { table, tokens, out, n } => {
+            Op::Embed {
+                table,
+                tokens,
+                out,
+                n,
+            } => {
                 mat_access(table, f);
                 f(tokens.raw(), Read, n * 4);
                 f(out.raw(), Write, n * table.cols * F);
             }
-            Op::RmsNorm { x, weight, out, rows, dim, .. } => {
+            Op::RmsNorm {
+                x,
+                weight,
+                out,
+                rows,
+                dim,
+                ..
+            } => {
                 f(x.raw(), Read, rows * dim * F);
                 vec_access(weight, f);
                 f(out.raw(), Write, rows * dim * F);
             }
-            Op::GatedRmsNorm { x, gate, weight, out, rows, dim, .. } => {
+            Op::GatedRmsNorm {
+                x,
+                gate,
+                weight,
+                out,
+                rows,
+                dim,
+                ..
+            } => {
                 f(x.raw(), Read, rows * dim * F);
                 f(gate.raw(), Read, rows * dim * F);
                 vec_access(weight, f);
@@ -266,7 +364,13 @@ impl Op {
                 mat_access(w, f);
                 f(out.raw(), Write, n * w.rows * F);
             }
-            Op::CopyRows { x, out, start, rows, width } => {
+            Op::CopyRows {
+                x,
+                out,
+                start,
+                rows,
+                width,
+            } => {
                 f(x.raw(), Read, (start + rows) * width * F);
                 f(out.raw(), Write, rows * width * F);
             }
@@ -280,43 +384,104 @@ impl Op {
                 f(up.raw(), Read, len * F);
                 f(out.raw(), Write, len * F);
             }
-            Op::SigmoidGate { x, gate, out, n, width, gate_width } => {
+            Op::SigmoidGate {
+                x,
+                gate,
+                out,
+                n,
+                width,
+                gate_width,
+            } => {
                 f(x.raw(), Read, n * width * F);
                 f(gate.raw(), Read, n * gate_width * F);
                 f(out.raw(), Write, n * width * F);
             }
-            Op::ScatterCols { x, n, groups, parts } => {
+            Op::ScatterCols {
+                x,
+                n,
+                groups,
+                parts,
+            } => {
                 let row: usize = parts.iter().map(|p| p.width).sum::<usize>() * groups;
                 f(x.raw(), Read, n * row * F);
                 for p in parts {
                     f(p.out.raw(), Write, n * p.out_width * F);
                 }
             }
-            Op::Rope { x, pos, n, heads, head_dim, .. } => {
+            Op::Rope {
+                x,
+                pos,
+                n,
+                heads,
+                head_dim,
+                ..
+            } => {
                 f(pos.raw(), Read, n * 4);
                 f(x.raw(), ReadWrite, n * heads * head_dim * F);
             }
-            Op::KvAppend { k, v, pos, k_cache, v_cache, n, kv_dim, max_ctx } => {
+            Op::KvAppend {
+                k,
+                v,
+                pos,
+                k_cache,
+                v_cache,
+                n,
+                kv_dim,
+                max_ctx,
+            } => {
                 f(k.raw(), Read, n * kv_dim * F);
                 f(v.raw(), Read, n * kv_dim * F);
                 f(pos.raw(), Read, n * 4);
                 f(k_cache.raw(), ReadWrite, max_ctx * kv_dim * F);
                 f(v_cache.raw(), ReadWrite, max_ctx * kv_dim * F);
             }
-            Op::Attention { q, pos, k_cache, v_cache, out, n, heads, kv_heads, head_dim, max_ctx, .. } => {
+            Op::Attention {
+                q,
+                pos,
+                k_cache,
+                v_cache,
+                out,
+                n,
+                heads,
+                kv_heads,
+                head_dim,
+                max_ctx,
+                ..
+            } => {
                 f(q.raw(), Read, n * heads * head_dim * F);
                 f(pos.raw(), Read, n * 4);
                 f(k_cache.raw(), Read, max_ctx * kv_heads * head_dim * F);
                 f(v_cache.raw(), Read, max_ctx * kv_heads * head_dim * F);
                 f(out.raw(), Write, n * heads * head_dim * F);
             }
-            Op::Conv1dSilu { x, state, weight, out, n, channels, kernel } => {
+            Op::Conv1dSilu {
+                x,
+                state,
+                weight,
+                out,
+                n,
+                channels,
+                kernel,
+            } => {
                 f(x.raw(), Read, n * channels * F);
                 vec_access(weight, f);
                 f(state.raw(), ReadWrite, (kernel - 1) * channels * F);
                 f(out.raw(), Write, n * channels * F);
             }
-            Op::GatedDelta { qkv, a, b, a_log, dt_bias, state, out, n, k_heads, v_heads, dk, dv } => {
+            Op::GatedDelta {
+                qkv,
+                a,
+                b,
+                a_log,
+                dt_bias,
+                state,
+                out,
+                n,
+                k_heads,
+                v_heads,
+                dk,
+                dv,
+            } => {
                 f(qkv.raw(), Read, n * (2 * k_heads * dk + v_heads * dv) * F);
                 f(a.raw(), Read, n * v_heads * F);
                 f(b.raw(), Read, n * v_heads * F);
@@ -325,18 +490,45 @@ impl Op {
                 f(state.raw(), ReadWrite, v_heads * dk * dv * F);
                 f(out.raw(), Write, n * v_heads * dv * F);
             }
-            Op::RouterTopK { logits, idx, weights, n, experts, k, .. } => {
+            Op::RouterTopK {
+                logits,
+                idx,
+                weights,
+                n,
+                experts,
+                k,
+                ..
+            } => {
                 f(logits.raw(), Read, n * experts * F);
                 f(idx.raw(), Write, n * k * 4);
                 f(weights.raw(), Write, n * k * F);
             }
-            Op::MoeExpertsStreamed { x, idx, weights, out, n, k, hidden, .. } => {
+            Op::MoeExpertsStreamed {
+                x,
+                idx,
+                weights,
+                out,
+                n,
+                k,
+                hidden,
+                ..
+            } => {
                 f(x.raw(), Read, n * hidden * F);
                 f(idx.raw(), Read, n * k * 4);
                 f(weights.raw(), Read, n * k * F);
                 f(out.raw(), Write, n * hidden * F);
             }
-            Op::MoeExperts { x, idx, weights, experts, out, n, k, hidden, .. } => {
+            Op::MoeExperts {
+                x,
+                idx,
+                weights,
+                experts,
+                out,
+                n,
+                k,
+                hidden,
+                ..
+            } => {
                 f(x.raw(), Read, n * hidden * F);
                 f(idx.raw(), Read, n * k * 4);
                 f(weights.raw(), Read, n * k * F);
@@ -353,12 +545,20 @@ impl Op {
     /// Shape checks that do not need the pool (divisibility, consistent dims).
     pub fn check_shapes(&self) -> Result<(), String> {
         let mat_ok = |m: &Matrix, what: &str| -> Result<(), String> {
-            if let WeightFormat::Affine { bits, group_size, .. } = m.format {
+            if let WeightFormat::Affine {
+                bits, group_size, ..
+            } = m.format
+            {
                 if !matches!(bits, 4 | 8) {
-                    return Err(format!("{what}: {bits}-bit affine weights are not supported (4 or 8)"));
+                    return Err(format!(
+                        "{what}: {bits}-bit affine weights are not supported (4 or 8)"
+                    ));
                 }
                 if group_size == 0 || m.cols % group_size as usize != 0 {
-                    return Err(format!("{what}: {} inputs not a multiple of group size {group_size}", m.cols));
+                    return Err(format!(
+                        "{what}: {} inputs not a multiple of group size {group_size}",
+                        m.cols
+                    ));
                 }
                 if m.scales.is_none() || m.biases.is_none() {
                     return Err(format!("{what}: quantized matrix without scales/biases"));
@@ -371,11 +571,16 @@ impl Op {
             Op::Matmul { w, .. } => mat_ok(w, "matmul weight"),
             Op::RmsNorm { weight, dim, .. } | Op::GatedRmsNorm { weight, dim, .. } => {
                 if weight.len != *dim {
-                    return Err(format!("norm weight has {} elements, rows have {dim}", weight.len));
+                    return Err(format!(
+                        "norm weight has {} elements, rows have {dim}",
+                        weight.len
+                    ));
                 }
                 Ok(())
             }
-            Op::SigmoidGate { width, gate_width, .. } => {
+            Op::SigmoidGate {
+                width, gate_width, ..
+            } => {
                 if *gate_width != 1 && gate_width != width {
                     return Err(format!("gate width {gate_width} is neither 1 nor {width}"));
                 }
@@ -384,32 +589,61 @@ impl Op {
             Op::ScatterCols { parts, groups, .. } => {
                 for p in parts {
                     if p.out_offset + groups * p.width > p.out_width {
-                        return Err(format!("part of width {}x{groups} at {} overflows row {}", p.width, p.out_offset, p.out_width));
+                        return Err(format!(
+                            "part of width {}x{groups} at {} overflows row {}",
+                            p.width, p.out_offset, p.out_width
+                        ));
                     }
                 }
                 Ok(())
             }
-            Op::Rope { head_dim, rotary_dim, .. } => {
+            Op::Rope {
+                head_dim,
+                rotary_dim,
+                ..
+            } => {
                 if rotary_dim > head_dim || rotary_dim % 2 != 0 {
-                    return Err(format!("rotary dim {rotary_dim} invalid for head dim {head_dim}"));
+                    return Err(format!(
+                        "rotary dim {rotary_dim} invalid for head dim {head_dim}"
+                    ));
                 }
                 Ok(())
             }
-            Op::Attention { heads, kv_heads, .. } => {
+            Op::Attention {
+                heads, kv_heads, ..
+            } => {
                 if *kv_heads == 0 || heads % kv_heads != 0 {
-                    return Err(format!("{heads} heads not a multiple of {kv_heads} kv heads"));
+                    return Err(format!(
+                        "{heads} heads not a multiple of {kv_heads} kv heads"
+                    ));
                 }
                 Ok(())
             }
-            Op::Conv1dSilu { weight, channels, kernel, .. } => {
+            Op::Conv1dSilu {
+                weight,
+                channels,
+                kernel,
+                ..
+            } => {
                 if *kernel < 1 || weight.len != channels * kernel {
-                    return Err(format!("conv weight has {} elements, expected {channels}x{kernel}", weight.len));
+                    return Err(format!(
+                        "conv weight has {} elements, expected {channels}x{kernel}",
+                        weight.len
+                    ));
                 }
                 Ok(())
             }
-            Op::GatedDelta { k_heads, v_heads, a_log, dt_bias, .. } => {
+            Op::GatedDelta {
+                k_heads,
+                v_heads,
+                a_log,
+                dt_bias,
+                ..
+            } => {
                 if *k_heads == 0 || v_heads % k_heads != 0 {
-                    return Err(format!("{v_heads} value heads not a multiple of {k_heads} key heads"));
+                    return Err(format!(
+                        "{v_heads} value heads not a multiple of {k_heads} key heads"
+                    ));
                 }
                 if a_log.len != *v_heads || dt_bias.len != *v_heads {
                     return Err("A_log / dt_bias length differs from value heads".into());
@@ -422,18 +656,43 @@ impl Op {
                 }
                 Ok(())
             }
-            Op::MoeExpertsStreamed { store, hidden, inter, .. } => {
+            Op::MoeExpertsStreamed {
+                store,
+                hidden,
+                inter,
+                ..
+            } => {
                 let e = store.layout();
-                let need = [&e.gate, &e.up, &e.down].iter().map(|m| m.data.offset.max(m.scales.map_or(0, |s| s.offset)).max(m.biases.map_or(0, |b| b.offset))).max().unwrap_or(0);
-                if e.gate.rows != *inter || e.gate.cols != *hidden || e.down.rows != *hidden || e.down.cols != *inter {
-                    return Err(format!("streamed expert layout does not match hidden {hidden} / inter {inter}"));
+                let need = [&e.gate, &e.up, &e.down]
+                    .iter()
+                    .map(|m| {
+                        m.data
+                            .offset
+                            .max(m.scales.map_or(0, |s| s.offset))
+                            .max(m.biases.map_or(0, |b| b.offset))
+                    })
+                    .max()
+                    .unwrap_or(0);
+                if e.gate.rows != *inter
+                    || e.gate.cols != *hidden
+                    || e.down.rows != *hidden
+                    || e.down.cols != *inter
+                {
+                    return Err(format!(
+                        "streamed expert layout does not match hidden {hidden} / inter {inter}"
+                    ));
                 }
                 if need >= store.record_bytes() {
                     return Err("streamed expert layout points past its record".into());
                 }
                 Ok(())
             }
-            Op::MoeExperts { experts, hidden, inter, .. } => {
+            Op::MoeExperts {
+                experts,
+                hidden,
+                inter,
+                ..
+            } => {
                 for (i, e) in experts.iter().enumerate() {
                     let ok = e.gate.rows == *inter
                         && e.gate.cols == *hidden
@@ -442,7 +701,9 @@ impl Op {
                         && e.down.rows == *hidden
                         && e.down.cols == *inter;
                     if !ok {
-                        return Err(format!("expert {i} matrices do not match hidden {hidden} / inter {inter}"));
+                        return Err(format!(
+                            "expert {i} matrices do not match hidden {hidden} / inter {inter}"
+                        ));
                     }
                     mat_ok(&e.gate, "expert gate")?;
                     mat_ok(&e.up, "expert up")?;
@@ -450,7 +711,9 @@ impl Op {
                 }
                 Ok(())
             }
-            Op::Add { .. } | Op::SwiGlu { .. } | Op::KvAppend { .. } | Op::CopyRows { .. } => Ok(()),
+            Op::Add { .. } | Op::SwiGlu { .. } | Op::KvAppend { .. } | Op::CopyRows { .. } => {
+                Ok(())
+            }
         }
     }
 }
@@ -472,7 +735,10 @@ pub struct Graph {
 
 impl Graph {
     pub fn new(name: impl Into<String>) -> Self {
-        Graph { name: name.into(), nodes: Vec::new() }
+        Graph {
+            name: name.into(),
+            nodes: Vec::new(),
+        }
     }
 
     pub fn push(&mut self, layer: Option<usize>, role: &'static str, op: Op) {
@@ -485,11 +751,21 @@ impl Graph {
 
     /// Checks every op's shapes and that every buffer it touches is large enough.
     /// `size_of` returns the byte size of a buffer, or `None` if the pool does not know it.
-    pub fn validate(&self, size_of: &dyn Fn(RawBufId) -> Option<(usize, String)>) -> Result<(), crate::CoreError> {
+    pub fn validate(
+        &self,
+        size_of: &dyn Fn(RawBufId) -> Option<(usize, String)>,
+    ) -> Result<(), crate::CoreError> {
         for (name, op) in &self.nodes {
             let bad = |msg: String| crate::CoreError::BadOp {
                 graph: self.name.clone(),
-                op: format!("{} ({}{})", op.kind(), name.role, name.layer.map(|l| format!(", layer {l}")).unwrap_or_default()),
+                op: format!(
+                    "{} ({}{})",
+                    op.kind(),
+                    name.role,
+                    name.layer
+                        .map(|l| format!(", layer {l}"))
+                        .unwrap_or_default()
+                ),
                 msg,
             };
             op.check_shapes().map_err(bad)?;
@@ -501,7 +777,9 @@ impl Graph {
                 match size_of(id) {
                     None => err = Some(format!("unknown buffer {id:?}")),
                     Some((have, label)) if have < need => {
-                        err = Some(format!("buffer '{label}' has {have} bytes, op needs {need}"))
+                        err = Some(format!(
+                            "buffer '{label}' has {have} bytes, op needs {need}"
+                        ))
                     }
                     Some(_) => {}
                 }

@@ -64,7 +64,10 @@ impl Plan {
                 .min_by_key(|&s| (plan.slot_bytes[s], s));
             let slot = match best_fit {
                 Some(s) => s,
-                None => match (0..plan.slot_bytes.len()).filter(|&s| free(s)).max_by_key(|&s| (plan.slot_bytes[s], usize::MAX - s)) {
+                None => match (0..plan.slot_bytes.len())
+                    .filter(|&s| free(s))
+                    .max_by_key(|&s| (plan.slot_bytes[s], usize::MAX - s))
+                {
                     Some(s) => {
                         plan.slot_bytes[s] = need;
                         s
@@ -104,7 +107,16 @@ mod tests {
         // a0 -> a1 -> a2 ... each op reads i, writes i+1
         let mut g = Graph::new("chain");
         for i in 0..n {
-            g.push(None, "add", Op::Add { a: act(i), b: act(i), out: act(i + 1), len: 4 });
+            g.push(
+                None,
+                "add",
+                Op::Add {
+                    a: act(i),
+                    b: act(i),
+                    out: act(i + 1),
+                    len: 4,
+                },
+            );
         }
         g
     }
@@ -123,7 +135,13 @@ mod tests {
     #[test]
     fn persistent_never_planned_and_deterministic() {
         let g = chain(5);
-        let aliasable = |id: RawBufId| if id.0 == 3 { None } else { Some(8 * (id.0 as usize + 1)) };
+        let aliasable = |id: RawBufId| {
+            if id.0 == 3 {
+                None
+            } else {
+                Some(8 * (id.0 as usize + 1))
+            }
+        };
         let p1 = Plan::build(&g, &aliasable);
         let p2 = Plan::build(&g, &aliasable);
         assert_eq!(p1, p2);

@@ -10,7 +10,10 @@ pub mod ops;
 use std::time::Instant;
 
 use moeflux_core::backend::OpProfile;
-use moeflux_core::{Backend, BufferPool, CoreError, ExpertWeights, Graph, Lifetime, Matrix, Op, Plan, RawBufId, Vector, WeightBytes};
+use moeflux_core::{
+    Backend, BufferPool, CoreError, ExpertWeights, Graph, Lifetime, Matrix, Op, Plan, RawBufId,
+    Vector, WeightBytes,
+};
 
 use ops::weights::{MatView, floats};
 
@@ -36,7 +39,9 @@ pub struct CpuPool {
 
 impl CpuPool {
     fn entry(&self, id: RawBufId) -> Result<&Entry, CoreError> {
-        self.entries.get(id.0 as usize).ok_or(CoreError::UnknownBuffer(id))
+        self.entries
+            .get(id.0 as usize)
+            .ok_or(CoreError::UnknownBuffer(id))
     }
 
     fn bytes_ptr(&self, id: RawBufId) -> (*const u8, usize) {
@@ -57,22 +62,40 @@ impl CpuPool {
 }
 
 impl BufferPool for CpuPool {
-    fn alloc_raw(&mut self, bytes: usize, label: &str, lifetime: Lifetime) -> Result<RawBufId, CoreError> {
+    fn alloc_raw(
+        &mut self,
+        bytes: usize,
+        label: &str,
+        lifetime: Lifetime,
+    ) -> Result<RawBufId, CoreError> {
         let p = self.new_physical(bytes);
-        self.entries.push(Entry { label: label.to_string(), bytes, lifetime, storage: Storage::Own(p) });
+        self.entries.push(Entry {
+            label: label.to_string(),
+            bytes,
+            lifetime,
+            storage: Storage::Own(p),
+        });
         Ok(RawBufId(self.entries.len() as u32 - 1))
     }
 
     fn register_weights(&mut self, bytes: WeightBytes, label: &str) -> Result<RawBufId, CoreError> {
         let len = bytes.range.len();
-        self.entries.push(Entry { label: label.to_string(), bytes: len, lifetime: Lifetime::Persistent, storage: Storage::Weights(bytes) });
+        self.entries.push(Entry {
+            label: label.to_string(),
+            bytes: len,
+            lifetime: Lifetime::Persistent,
+            storage: Storage::Weights(bytes),
+        });
         Ok(RawBufId(self.entries.len() as u32 - 1))
     }
 
     fn upload_raw(&mut self, id: RawBufId, off: usize, data: &[u8]) -> Result<(), CoreError> {
         let e = self.entry(id)?;
         let Storage::Own(p) = e.storage else {
-            return Err(CoreError::Backend { backend: "cpu", msg: format!("buffer '{}' holds weights and is read-only", e.label) });
+            return Err(CoreError::Backend {
+                backend: "cpu",
+                msg: format!("buffer '{}' holds weights and is read-only", e.label),
+            });
         };
         let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut self.physical[p]);
         dst[off..off + data.len()].copy_from_slice(data);
@@ -98,7 +121,9 @@ impl BufferPool for CpuPool {
     }
 
     fn info(&self, id: RawBufId) -> Option<(usize, String, Lifetime)> {
-        self.entries.get(id.0 as usize).map(|e| (e.bytes, e.label.clone(), e.lifetime))
+        self.entries
+            .get(id.0 as usize)
+            .map(|e| (e.bytes, e.label.clone(), e.lifetime))
     }
 
     fn commit_plan(&mut self, plan: &Plan) -> Result<(), CoreError> {
@@ -107,9 +132,15 @@ impl BufferPool for CpuPool {
             self.new_physical(b);
         }
         for (id, slot) in &plan.slot_of {
-            let e = self.entries.get_mut(id.0 as usize).ok_or(CoreError::UnknownBuffer(*id))?;
+            let e = self
+                .entries
+                .get_mut(id.0 as usize)
+                .ok_or(CoreError::UnknownBuffer(*id))?;
             if e.lifetime != Lifetime::Transient {
-                return Err(CoreError::Backend { backend: "cpu", msg: format!("plan aliases non-transient buffer '{}'", e.label) });
+                return Err(CoreError::Backend {
+                    backend: "cpu",
+                    msg: format!("plan aliases non-transient buffer '{}'", e.label),
+                });
             }
             e.storage = Storage::Own(base + slot);
         }
@@ -182,7 +213,11 @@ impl Default for CpuBackend {
 
 impl CpuBackend {
     pub fn new() -> Self {
-        CpuBackend { pool: CpuPool::default(), profiling: false, profile: Vec::new() }
+        CpuBackend {
+            pool: CpuPool::default(),
+            profiling: false,
+            profile: Vec::new(),
+        }
     }
 
     // The accessors below hand out slices of pool storage for one op. Soundness rests on
@@ -199,7 +234,10 @@ impl CpuBackend {
     #[allow(clippy::mut_from_ref)]
     fn f32s_mut(&self, id: RawBufId, len: usize) -> &mut [f32] {
         let (p, bytes) = self.pool.bytes_ptr(id);
-        assert!(matches!(self.pool.entries[id.0 as usize].storage, Storage::Own(_)), "write to weights");
+        assert!(
+            matches!(self.pool.entries[id.0 as usize].storage, Storage::Own(_)),
+            "write to weights"
+        );
         debug_assert!(len * 4 <= bytes);
         // SAFETY: see above.
         unsafe { std::slice::from_raw_parts_mut(p as *mut f32, len) }
@@ -222,7 +260,10 @@ impl CpuBackend {
     }
 
     pub fn mat(&self, m: &Matrix) -> MatView<'_> {
-        let region = |r: Option<moeflux_core::Region>| r.map(|r| self.weight_bytes(r.buf.raw(), r.offset)).unwrap_or(&[]);
+        let region = |r: Option<moeflux_core::Region>| {
+            r.map(|r| self.weight_bytes(r.buf.raw(), r.offset))
+                .unwrap_or(&[])
+        };
         MatView {
             data: self.weight_bytes(m.data.buf.raw(), m.data.offset),
             scales: region(m.scales),
@@ -234,37 +275,101 @@ impl CpuBackend {
     }
 
     fn vector(&self, v: &Vector) -> std::borrow::Cow<'_, [f32]> {
-        floats(self.weight_bytes(v.data.buf.raw(), v.data.offset), v.dtype, v.len)
+        floats(
+            self.weight_bytes(v.data.buf.raw(), v.data.offset),
+            v.dtype,
+            v.len,
+        )
     }
 
     fn run(&self, op: &Op) -> Result<(), CoreError> {
         use ops::*;
         match op {
-            Op::Embed { table, tokens, out, n } => {
-                embed::embed(&self.mat(table), self.u32s(tokens.raw(), *n), self.f32s_mut(out.raw(), n * table.cols));
+            Op::Embed {
+                table,
+                tokens,
+                out,
+                n,
+            } => {
+                embed::embed(
+                    &self.mat(table),
+                    self.u32s(tokens.raw(), *n),
+                    self.f32s_mut(out.raw(), n * table.cols),
+                );
             }
-            Op::RmsNorm { x, weight, out, rows, dim, eps, offset } => {
+            Op::RmsNorm {
+                x,
+                weight,
+                out,
+                rows,
+                dim,
+                eps,
+                offset,
+            } => {
                 let w = self.vector(weight);
                 let len = rows * dim;
                 if x == out {
                     let tmp = self.f32s(x.raw(), len).to_vec();
-                    rms_norm::rms_norm(&tmp, &w, self.f32s_mut(out.raw(), len), *dim, *eps, *offset);
+                    rms_norm::rms_norm(
+                        &tmp,
+                        &w,
+                        self.f32s_mut(out.raw(), len),
+                        *dim,
+                        *eps,
+                        *offset,
+                    );
                 } else {
-                    rms_norm::rms_norm(self.f32s(x.raw(), len), &w, self.f32s_mut(out.raw(), len), *dim, *eps, *offset);
+                    rms_norm::rms_norm(
+                        self.f32s(x.raw(), len),
+                        &w,
+                        self.f32s_mut(out.raw(), len),
+                        *dim,
+                        *eps,
+                        *offset,
+                    );
                 }
             }
-            Op::GatedRmsNorm { x, gate, weight, out, rows, dim, eps, offset } => {
+            Op::GatedRmsNorm {
+                x,
+                gate,
+                weight,
+                out,
+                rows,
+                dim,
+                eps,
+                offset,
+            } => {
                 let w = self.vector(weight);
                 let len = rows * dim;
                 let xs = self.f32s(x.raw(), len).to_vec();
-                rms_norm::gated_rms_norm(&xs, self.f32s(gate.raw(), len), &w, self.f32s_mut(out.raw(), len), *dim, *eps, *offset);
+                rms_norm::gated_rms_norm(
+                    &xs,
+                    self.f32s(gate.raw(), len),
+                    &w,
+                    self.f32s_mut(out.raw(), len),
+                    *dim,
+                    *eps,
+                    *offset,
+                );
             }
             Op::Matmul { x, w, out, n } => {
-                matmul::matmul(self.f32s(x.raw(), n * w.cols), *n, &self.mat(w), self.f32s_mut(out.raw(), n * w.rows));
+                matmul::matmul(
+                    self.f32s(x.raw(), n * w.cols),
+                    *n,
+                    &self.mat(w),
+                    self.f32s_mut(out.raw(), n * w.rows),
+                );
             }
-            Op::CopyRows { x, out, start, rows, width } => {
+            Op::CopyRows {
+                x,
+                out,
+                start,
+                rows,
+                width,
+            } => {
                 let src = &self.f32s(x.raw(), (start + rows) * width)[start * width..];
-                self.f32s_mut(out.raw(), rows * width).copy_from_slice(&src[..rows * width]);
+                self.f32s_mut(out.raw(), rows * width)
+                    .copy_from_slice(&src[..rows * width]);
             }
             Op::Add { a, b, out, len } => {
                 if out == a {
@@ -272,7 +377,11 @@ impl CpuBackend {
                 } else if out == b {
                     elementwise::add_into(self.f32s_mut(out.raw(), *len), self.f32s(a.raw(), *len));
                 } else {
-                    elementwise::add(self.f32s(a.raw(), *len), self.f32s(b.raw(), *len), self.f32s_mut(out.raw(), *len));
+                    elementwise::add(
+                        self.f32s(a.raw(), *len),
+                        self.f32s(b.raw(), *len),
+                        self.f32s_mut(out.raw(), *len),
+                    );
                 }
             }
             Op::SwiGlu { gate, up, out, len } => {
@@ -280,25 +389,70 @@ impl CpuBackend {
                 let u = self.f32s(up.raw(), *len).to_vec();
                 elementwise::swiglu(&g, &u, self.f32s_mut(out.raw(), *len));
             }
-            Op::SigmoidGate { x, gate, out, n, width, gate_width } => {
+            Op::SigmoidGate {
+                x,
+                gate,
+                out,
+                n,
+                width,
+                gate_width,
+            } => {
                 let o = self.f32s_mut(out.raw(), n * width);
                 let g = self.f32s(gate.raw(), n * gate_width);
                 if x == out {
                     elementwise::sigmoid_gate(None, g, o, *width, *gate_width);
                 } else {
-                    elementwise::sigmoid_gate(Some(self.f32s(x.raw(), n * width)), g, o, *width, *gate_width);
+                    elementwise::sigmoid_gate(
+                        Some(self.f32s(x.raw(), n * width)),
+                        g,
+                        o,
+                        *width,
+                        *gate_width,
+                    );
                 }
             }
-            Op::ScatterCols { x, n, groups, parts } => {
+            Op::ScatterCols {
+                x,
+                n,
+                groups,
+                parts,
+            } => {
                 let row: usize = parts.iter().map(|p| p.width).sum::<usize>() * groups;
                 let src = self.f32s(x.raw(), n * row);
-                let mut outs: Vec<&mut [f32]> = parts.iter().map(|p| self.f32s_mut(p.out.raw(), n * p.out_width)).collect();
+                let mut outs: Vec<&mut [f32]> = parts
+                    .iter()
+                    .map(|p| self.f32s_mut(p.out.raw(), n * p.out_width))
+                    .collect();
                 elementwise::scatter_cols(src, *n, *groups, parts, &mut outs);
             }
-            Op::Rope { x, pos, n, heads, head_dim, rotary_dim, theta } => {
-                rope::rope(self.f32s_mut(x.raw(), n * heads * head_dim), self.u32s(pos.raw(), *n), *heads, *head_dim, *rotary_dim, *theta);
+            Op::Rope {
+                x,
+                pos,
+                n,
+                heads,
+                head_dim,
+                rotary_dim,
+                theta,
+            } => {
+                rope::rope(
+                    self.f32s_mut(x.raw(), n * heads * head_dim),
+                    self.u32s(pos.raw(), *n),
+                    *heads,
+                    *head_dim,
+                    *rotary_dim,
+                    *theta,
+                );
             }
-            Op::KvAppend { k, v, pos, k_cache, v_cache, n, kv_dim, max_ctx } => {
+            Op::KvAppend {
+                k,
+                v,
+                pos,
+                k_cache,
+                v_cache,
+                n,
+                kv_dim,
+                max_ctx,
+            } => {
                 attention::kv_append(
                     self.f32s(k.raw(), n * kv_dim),
                     self.f32s(v.raw(), n * kv_dim),
@@ -308,7 +462,19 @@ impl CpuBackend {
                     *kv_dim,
                 );
             }
-            Op::Attention { q, pos, k_cache, v_cache, out, n, heads, kv_heads, head_dim, scale, max_ctx } => {
+            Op::Attention {
+                q,
+                pos,
+                k_cache,
+                v_cache,
+                out,
+                n,
+                heads,
+                kv_heads,
+                head_dim,
+                scale,
+                max_ctx,
+            } => {
                 let kv = max_ctx * kv_heads * head_dim;
                 attention::attention(
                     self.f32s(q.raw(), n * heads * head_dim),
@@ -316,10 +482,23 @@ impl CpuBackend {
                     self.f32s(k_cache.raw(), kv),
                     self.f32s(v_cache.raw(), kv),
                     self.f32s_mut(out.raw(), n * heads * head_dim),
-                    &attention::AttnShape { heads: *heads, kv_heads: *kv_heads, head_dim: *head_dim, scale: *scale },
+                    &attention::AttnShape {
+                        heads: *heads,
+                        kv_heads: *kv_heads,
+                        head_dim: *head_dim,
+                        scale: *scale,
+                    },
                 );
             }
-            Op::Conv1dSilu { x, state, weight, out, n, channels, kernel } => {
+            Op::Conv1dSilu {
+                x,
+                state,
+                weight,
+                out,
+                n,
+                channels,
+                kernel,
+            } => {
                 let w = self.vector(weight);
                 conv1d::conv1d_silu(
                     self.f32s(x.raw(), n * channels),
@@ -331,9 +510,31 @@ impl CpuBackend {
                     *kernel,
                 );
             }
-            Op::GatedDelta { qkv, a, b, a_log, dt_bias, state, out, n, k_heads, v_heads, dk, dv } => {
-                let s = gated_delta::DeltaShape { k_heads: *k_heads, v_heads: *v_heads, dk: *dk, dv: *dv };
-                let run = if *n > 1 { gated_delta::gated_delta_chunked } else { gated_delta::gated_delta };
+            Op::GatedDelta {
+                qkv,
+                a,
+                b,
+                a_log,
+                dt_bias,
+                state,
+                out,
+                n,
+                k_heads,
+                v_heads,
+                dk,
+                dv,
+            } => {
+                let s = gated_delta::DeltaShape {
+                    k_heads: *k_heads,
+                    v_heads: *v_heads,
+                    dk: *dk,
+                    dv: *dv,
+                };
+                let run = if *n > 1 {
+                    gated_delta::gated_delta_chunked
+                } else {
+                    gated_delta::gated_delta
+                };
                 run(
                     self.f32s(qkv.raw(), n * (2 * k_heads * dk + v_heads * dv)),
                     self.f32s(a.raw(), n * v_heads),
@@ -346,7 +547,15 @@ impl CpuBackend {
                     &s,
                 );
             }
-            Op::RouterTopK { logits, idx, weights, n, experts, k, renorm } => {
+            Op::RouterTopK {
+                logits,
+                idx,
+                weights,
+                n,
+                experts,
+                k,
+                renorm,
+            } => {
                 moe::router_topk(
                     self.f32s(logits.raw(), n * experts),
                     self.u32s_mut(idx.raw(), n * k),
@@ -356,7 +565,18 @@ impl CpuBackend {
                     *renorm,
                 );
             }
-            Op::MoeExpertsStreamed { x, idx, weights, store, layer, out, n, k, hidden, inter } => {
+            Op::MoeExpertsStreamed {
+                x,
+                idx,
+                weights,
+                store,
+                layer,
+                out,
+                n,
+                k,
+                hidden,
+                inter,
+            } => {
                 moe_streamed::moe_experts_streamed(
                     self.f32s(x.raw(), n * hidden),
                     self.u32s(idx.raw(), n * k),
@@ -370,7 +590,17 @@ impl CpuBackend {
                     *inter,
                 )?;
             }
-            Op::MoeExperts { x, idx, weights, experts, out, n, k, hidden, inter } => {
+            Op::MoeExperts {
+                x,
+                idx,
+                weights,
+                experts,
+                out,
+                n,
+                k,
+                hidden,
+                inter,
+            } => {
                 moe::moe_experts(
                     self.f32s(x.raw(), n * hidden),
                     self.u32s(idx.raw(), n * k),
@@ -394,7 +624,6 @@ impl ops::moe::ExpertViews for CpuBackend {
         [self.mat(&e.gate), self.mat(&e.up), self.mat(&e.down)]
     }
 }
-
 
 impl Backend for CpuBackend {
     fn name(&self) -> &'static str {
@@ -464,6 +693,8 @@ impl Backend for CpuBackend {
         self.profile.clear();
     }
     fn profile(&self) -> OpProfile {
-        OpProfile { rows: self.profile.clone() }
+        OpProfile {
+            rows: self.profile.clone(),
+        }
     }
 }

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use moeflux_core::{
-    Act, Backend, BufId, Cache, DType, ExpertWeights, Graph, Idx, Lifetime, Matrix, Op, PoolExt, Pos, Region, State, Vector, Weight,
-    WeightBytes, WeightFormat,
+    Act, Backend, BufId, Cache, DType, ExpertWeights, Graph, Idx, Lifetime, Matrix, Op, PoolExt,
+    Pos, Region, State, Vector, Weight, WeightBytes, WeightFormat,
 };
 use moeflux_cuda::CudaBackend;
 
@@ -41,7 +41,9 @@ impl Rng {
         let f = |r: &mut Rng| ((r.next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.05;
         match dt {
             DType::F32 => (0..n).flat_map(|_| f(self).to_le_bytes()).collect(),
-            DType::BF16 => (0..n).flat_map(|_| ((f(self).to_bits() >> 16) as u16).to_le_bytes()).collect(),
+            DType::BF16 => (0..n)
+                .flat_map(|_| ((f(self).to_bits() >> 16) as u16).to_le_bytes())
+                .collect(),
             _ => unreachable!(),
         }
     }
@@ -49,11 +51,21 @@ impl Rng {
 
 fn weights(b: &mut dyn Backend, bytes: Vec<u8>) -> BufId<Weight> {
     let len = bytes.len();
-    BufId::from_raw(b.pool().register_weights(WeightBytes::new(Arc::new(bytes), 0..len), "bench").unwrap())
+    BufId::from_raw(
+        b.pool()
+            .register_weights(WeightBytes::new(Arc::new(bytes), 0..len), "bench")
+            .unwrap(),
+    )
 }
 
 /// A `[rows, cols]` matrix in its own weight buffer; returns it and its byte size.
-fn matrix(b: &mut dyn Backend, rng: &mut Rng, fmt: WeightFormat, rows: usize, cols: usize) -> Matrix {
+fn matrix(
+    b: &mut dyn Backend,
+    rng: &mut Rng,
+    fmt: WeightFormat,
+    rows: usize,
+    cols: usize,
+) -> Matrix {
     let db = fmt.data_bytes(rows, cols);
     let sb = fmt.scale_bytes(rows, cols);
     let mut buf = match fmt {
@@ -61,7 +73,12 @@ fn matrix(b: &mut dyn Backend, rng: &mut Rng, fmt: WeightFormat, rows: usize, co
         WeightFormat::Affine { .. } => rng.bytes(db),
     };
     let (mut scales, mut biases) = (None, None);
-    if let WeightFormat::Affine { scale_dtype, group_size, .. } = fmt {
+    if let WeightFormat::Affine {
+        scale_dtype,
+        group_size,
+        ..
+    } = fmt
+    {
         let ng = rows * cols / group_size as usize;
         let s = buf.len();
         buf.extend(rng.floats(ng, scale_dtype));
@@ -73,12 +90,24 @@ fn matrix(b: &mut dyn Backend, rng: &mut Rng, fmt: WeightFormat, rows: usize, co
     }
     let id = weights(b, buf);
     let r = |o: usize| Region { buf: id, offset: o };
-    Matrix { data: r(0), scales: scales.map(r), biases: biases.map(r), rows, cols, format: fmt }
+    Matrix {
+        data: r(0),
+        scales: scales.map(r),
+        biases: biases.map(r),
+        rows,
+        cols,
+        format: fmt,
+    }
 }
 
 fn act(b: &mut dyn Backend, floats: usize) -> BufId<Act> {
-    let id: BufId<Act> = b.pool().alloc(floats * 4, "act", Lifetime::External).unwrap();
-    let v: Vec<f32> = (0..floats).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+    let id: BufId<Act> = b
+        .pool()
+        .alloc(floats * 4, "act", Lifetime::External)
+        .unwrap();
+    let v: Vec<f32> = (0..floats)
+        .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+        .collect();
     b.pool().upload_f32(id, &v).unwrap();
     id
 }
@@ -122,18 +151,39 @@ fn main() {
     println!("device: {}", gpu.device_description());
     let b: &mut dyn Backend = &mut gpu;
     let bw = b.measure_bandwidth().expect("bandwidth probe");
-    println!("measured read bandwidth: {:.2} TB/s (floor below uses 3.0 TB/s)", bw / 1e12);
+    println!(
+        "measured read bandwidth: {:.2} TB/s (floor below uses 3.0 TB/s)",
+        bw / 1e12
+    );
     let mut rng = Rng(0x1234_5678_9abc_def1);
-    let q4 = WeightFormat::Affine { bits: 4, group_size: 64, scale_dtype: DType::BF16 };
-    let q8 = WeightFormat::Affine { bits: 8, group_size: 64, scale_dtype: DType::BF16 };
+    let q4 = WeightFormat::Affine {
+        bits: 4,
+        group_size: 64,
+        scale_dtype: DType::BF16,
+    };
+    let q8 = WeightFormat::Affine {
+        bits: 8,
+        group_size: 64,
+        scale_dtype: DType::BF16,
+    };
 
     println!("\n| case | us/op | MB moved | GB/s | time / floor (3 TB/s) |");
     println!("| --- | --- | --- | --- | --- |");
     for (name, fmt, rows, cols) in [
         ("matvec q4 g64 16384x4096", q4, 16384, 4096),
         ("matvec q8 g64 8192x4096", q8, 8192, 4096),
-        ("matvec bf16 8192x4096", WeightFormat::Dense(DType::BF16), 8192, 4096),
-        ("matvec f32 4096x4096", WeightFormat::Dense(DType::F32), 4096, 4096),
+        (
+            "matvec bf16 8192x4096",
+            WeightFormat::Dense(DType::BF16),
+            8192,
+            4096,
+        ),
+        (
+            "matvec f32 4096x4096",
+            WeightFormat::Dense(DType::F32),
+            4096,
+            4096,
+        ),
         ("matvec q4 g64 151936x2048 (lm_head)", q4, 151936, 2048),
     ] {
         let w = matrix(b, &mut rng, fmt, rows, cols);
@@ -157,19 +207,41 @@ fn main() {
         let experts: Arc<[ExpertWeights]> = ws.into();
         for n in [1usize, 64] {
             let x = act(b, n * hidden);
-            let idx: BufId<Idx> = b.pool().alloc(n * k * 4, "idx", Lifetime::External).unwrap();
-            let ids: Vec<u32> = (0..n * k).map(|i| ((i / k) * 37 + (i % k) * 16) as u32 % e as u32).collect();
+            let idx: BufId<Idx> = b
+                .pool()
+                .alloc(n * k * 4, "idx", Lifetime::External)
+                .unwrap();
+            let ids: Vec<u32> = (0..n * k)
+                .map(|i| ((i / k) * 37 + (i % k) * 16) as u32 % e as u32)
+                .collect();
             b.pool().upload_u32(idx, &ids).unwrap();
             let wts = act(b, n * k);
             let out = act(b, n * hidden);
-            let s = time(b, Op::MoeExperts { x, idx, weights: wts, experts: experts.clone(), out, n, k, hidden, inter });
+            let s = time(
+                b,
+                Op::MoeExperts {
+                    x,
+                    idx,
+                    weights: wts,
+                    experts: experts.clone(),
+                    out,
+                    n,
+                    k,
+                    hidden,
+                    inter,
+                },
+            );
             let distinct = {
                 let mut d = ids.clone();
                 d.sort();
                 d.dedup();
                 d.len()
             };
-            report_bytes(&format!("moe q4 E{e} top{k} {hidden}/{inter} n={n} ({distinct} experts hit)"), s, distinct * per_expert);
+            report_bytes(
+                &format!("moe q4 E{e} top{k} {hidden}/{inter} n={n} ({distinct} experts hit)"),
+                s,
+                distinct * per_expert,
+            );
         }
     }
 
@@ -180,10 +252,35 @@ fn main() {
         let out = act(b, heads * hd);
         let pos: BufId<Pos> = b.pool().alloc(4, "pos", Lifetime::External).unwrap();
         b.pool().upload_u32(pos, &[ctx as u32 - 1]).unwrap();
-        let kc: BufId<Cache> = b.pool().alloc(ctx * kvh * hd * 4, "k", Lifetime::Persistent).unwrap();
-        let vc: BufId<Cache> = b.pool().alloc(ctx * kvh * hd * 4, "v", Lifetime::Persistent).unwrap();
-        let s = time(b, Op::Attention { q, pos, k_cache: kc, v_cache: vc, out, n: 1, heads, kv_heads: kvh, head_dim: hd, scale: 0.088, max_ctx: ctx });
-        report_bytes("attention decode h32 kv4 hd128 ctx 4096", s, 2 * ctx * kvh * hd * 4);
+        let kc: BufId<Cache> = b
+            .pool()
+            .alloc(ctx * kvh * hd * 4, "k", Lifetime::Persistent)
+            .unwrap();
+        let vc: BufId<Cache> = b
+            .pool()
+            .alloc(ctx * kvh * hd * 4, "v", Lifetime::Persistent)
+            .unwrap();
+        let s = time(
+            b,
+            Op::Attention {
+                q,
+                pos,
+                k_cache: kc,
+                v_cache: vc,
+                out,
+                n: 1,
+                heads,
+                kv_heads: kvh,
+                head_dim: hd,
+                scale: 0.088,
+                max_ctx: ctx,
+            },
+        );
+        report_bytes(
+            "attention decode h32 kv4 hd128 ctx 4096",
+            s,
+            2 * ctx * kvh * hd * 4,
+        );
     }
 
     // Gated delta decode: 32 value heads, 16 key heads, 128 x 128 state per head.
@@ -193,12 +290,46 @@ fn main() {
         let a = act(b, vh);
         let bb = act(b, vh);
         let vb = weights(b, rng.floats(2 * vh, DType::F32));
-        let a_log = Vector { data: Region { buf: vb, offset: 0 }, len: vh, dtype: DType::F32 };
-        let dt_bias = Vector { data: Region { buf: vb, offset: vh * 4 }, len: vh, dtype: DType::F32 };
-        let state: BufId<State> = b.pool().alloc(vh * dk * dv * 4, "state", Lifetime::Persistent).unwrap();
+        let a_log = Vector {
+            data: Region { buf: vb, offset: 0 },
+            len: vh,
+            dtype: DType::F32,
+        };
+        let dt_bias = Vector {
+            data: Region {
+                buf: vb,
+                offset: vh * 4,
+            },
+            len: vh,
+            dtype: DType::F32,
+        };
+        let state: BufId<State> = b
+            .pool()
+            .alloc(vh * dk * dv * 4, "state", Lifetime::Persistent)
+            .unwrap();
         let out = act(b, vh * dv);
-        let s = time(b, Op::GatedDelta { qkv, a, b: bb, a_log, dt_bias, state, out, n: 1, k_heads: kh, v_heads: vh, dk, dv });
-        report_bytes("gated delta decode vh32 kh16 128x128", s, 2 * vh * dk * dv * 4);
+        let s = time(
+            b,
+            Op::GatedDelta {
+                qkv,
+                a,
+                b: bb,
+                a_log,
+                dt_bias,
+                state,
+                out,
+                n: 1,
+                k_heads: kh,
+                v_heads: vh,
+                dk,
+                dv,
+            },
+        );
+        report_bytes(
+            "gated delta decode vh32 kh16 128x128",
+            s,
+            2 * vh * dk * dv * 4,
+        );
     }
 
     // Prefill GEMM: 256 tokens through a q4 [4096, 4096] matrix.
@@ -209,7 +340,11 @@ fn main() {
         let out = act(b, n * rows);
         let s = time(b, Op::Matmul { x, w, out, n });
         let flops = 2.0 * (n * rows * cols) as f64;
-        println!("\nprefill gemm q4 4096x4096, n=256: {:.1} us, {:.1} TFLOP/s (f32 SIMT tiles; bf16 tensor-core peak ~790)", s * 1e6, flops / s / 1e12);
+        println!(
+            "\nprefill gemm q4 4096x4096, n=256: {:.1} us, {:.1} TFLOP/s (f32 SIMT tiles; bf16 tensor-core peak ~790)",
+            s * 1e6,
+            flops / s / 1e12
+        );
     }
     let (compiled, cached) = gpu.kernel_stats();
     println!("\nkernel modules: {compiled} compiled by NVRTC, {cached} loaded from the disk cache");

@@ -11,19 +11,44 @@ pub enum CudaError {
     #[error("CUDA driver call failed ({what}): {err}")]
     Driver { what: String, err: DriverError },
     #[error("NVRTC failed to compile kernels/{file} for {arch}:\n{log}")]
-    Compile { file: &'static str, arch: String, log: String },
+    Compile {
+        file: &'static str,
+        arch: String,
+        log: String,
+    },
     #[error("loading the compiled module of kernels/{file}: {err}")]
-    ModuleLoad { file: &'static str, err: DriverError },
+    ModuleLoad {
+        file: &'static str,
+        err: DriverError,
+    },
     #[error("kernel '{name}' not found in kernels/{file}: {err}")]
-    MissingKernel { file: &'static str, name: &'static str, err: DriverError },
+    MissingKernel {
+        file: &'static str,
+        name: &'static str,
+        err: DriverError,
+    },
     #[error("launching kernel '{kernel}': {err}")]
-    Launch { kernel: &'static str, err: DriverError },
+    Launch {
+        kernel: &'static str,
+        err: DriverError,
+    },
     #[error("graph '{graph}' failed on the device ({err}); kernels since the last sync: {recent}")]
-    Execution { graph: String, recent: String, err: DriverError },
+    Execution {
+        graph: String,
+        recent: String,
+        err: DriverError,
+    },
     #[error("op {op}: {msg}")]
     Unsupported { op: &'static str, msg: String },
-    #[error("out of device memory allocating '{label}' ({bytes} bytes; {free} of {total} bytes free)")]
-    OutOfMemory { label: String, bytes: usize, free: usize, total: usize },
+    #[error(
+        "out of device memory allocating '{label}' ({bytes} bytes; {free} of {total} bytes free)"
+    )]
+    OutOfMemory {
+        label: String,
+        bytes: usize,
+        free: usize,
+        total: usize,
+    },
     #[error("buffer '{label}': {msg}")]
     Buffer { label: String, msg: String },
 }
@@ -38,10 +63,20 @@ impl CudaError {
 impl From<CudaError> for CoreError {
     fn from(e: CudaError) -> CoreError {
         match e {
-            CudaError::OutOfMemory { label, bytes, free, total } => {
-                CoreError::OutOfMemory { label, bytes, msg: format!("{free} of {total} bytes of device memory free") }
-            }
-            other => CoreError::Backend { backend: "cuda", msg: other.to_string() },
+            CudaError::OutOfMemory {
+                label,
+                bytes,
+                free,
+                total,
+            } => CoreError::OutOfMemory {
+                label,
+                bytes,
+                msg: format!("{free} of {total} bytes of device memory free"),
+            },
+            other => CoreError::Backend {
+                backend: "cuda",
+                msg: other.to_string(),
+            },
         }
     }
 }

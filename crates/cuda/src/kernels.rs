@@ -32,8 +32,10 @@ pub const FILES: &[(&str, &str)] = &[
     ("rope.cu", include_str!("../kernels/rope.cu")),
 ];
 
-const HEADERS: &[(&str, &str)] =
-    &[("common.cuh", include_str!("../kernels/common.cuh")), ("gemv.cuh", include_str!("../kernels/gemv.cuh"))];
+const HEADERS: &[(&str, &str)] = &[
+    ("common.cuh", include_str!("../kernels/common.cuh")),
+    ("gemv.cuh", include_str!("../kernels/gemv.cuh")),
+];
 
 /// The source of `file` with our headers pasted in place of their `#include` lines.
 pub fn expanded_source(file: &str) -> Option<String> {
@@ -41,10 +43,14 @@ pub fn expanded_source(file: &str) -> Option<String> {
     let mut out = String::with_capacity(src.len() + 16 * 1024);
     for line in src.lines() {
         let t = line.trim();
-        let header = t.strip_prefix("#include \"").and_then(|r| r.strip_suffix('"'));
+        let header = t
+            .strip_prefix("#include \"")
+            .and_then(|r| r.strip_suffix('"'));
         match header.and_then(|h| HEADERS.iter().find(|(n, _)| *n == h)) {
             Some((name, text)) => {
-                out.push_str(&format!("// ---- begin {name}\n{text}\n// ---- end {name}\n"));
+                out.push_str(&format!(
+                    "// ---- begin {name}\n{text}\n// ---- end {name}\n"
+                ));
             }
             None => {
                 out.push_str(line);
@@ -57,7 +63,11 @@ pub fn expanded_source(file: &str) -> Option<String> {
 
 /// NVRTC options for an arch such as `sm_90`.
 pub fn compile_options(arch: &str) -> Vec<String> {
-    vec![format!("--gpu-architecture={arch}"), "--std=c++17".into(), "-lineinfo".into()]
+    vec![
+        format!("--gpu-architecture={arch}"),
+        "--std=c++17".into(),
+        "-lineinfo".into(),
+    ]
 }
 
 /// `(major, minor)` of the NVRTC library found at run time.
@@ -68,7 +78,9 @@ pub fn nvrtc_version() -> Result<(i32, i32), String> {
     }
     let (mut major, mut minor): (c_int, c_int) = (0, 0);
     // SAFETY: plain out-parameters.
-    unsafe { nvrtc_sys::nvrtcVersion(&mut major, &mut minor) }.result().map_err(|e| format!("nvrtcVersion: {e:?}"))?;
+    unsafe { nvrtc_sys::nvrtcVersion(&mut major, &mut minor) }
+        .result()
+        .map_err(|e| format!("nvrtcVersion: {e:?}"))?;
     Ok((major, minor))
 }
 
@@ -86,27 +98,37 @@ fn fnv64(parts: &[&[u8]]) -> u64 {
 
 /// Compiles kernels/`file` to a CUBIN for `arch`. Needs libnvrtc but no GPU.
 pub fn compile_cubin(file: &'static str, arch: &str) -> Result<Vec<u8>, CudaError> {
-    let fail = |log: String| CudaError::Compile { file, arch: arch.to_string(), log };
+    let fail = |log: String| CudaError::Compile {
+        file,
+        arch: arch.to_string(),
+        log,
+    };
     let src = expanded_source(file).ok_or_else(|| fail("no such kernel file".into()))?;
     let csrc = CString::new(src).map_err(|_| fail("source contains a NUL byte".into()))?;
     let cname = CString::new(file).expect("file names have no NUL");
-    let prog = nvrtc::create_program(&csrc, Some(&cname)).map_err(|e| fail(format!("nvrtcCreateProgram: {e:?}")))?;
+    let prog = nvrtc::create_program(&csrc, Some(&cname))
+        .map_err(|e| fail(format!("nvrtcCreateProgram: {e:?}")))?;
     // SAFETY: `prog` was just created and is destroyed exactly once below; csrc/cname outlive it.
     unsafe {
         let compiled = nvrtc::compile_program(prog, &compile_options(arch));
         let out = match compiled {
             Err(e) => {
-                let log = nvrtc::get_program_log(prog).map(|l| CStr::from_ptr(l.as_ptr()).to_string_lossy().into_owned()).unwrap_or_default();
+                let log = nvrtc::get_program_log(prog)
+                    .map(|l| CStr::from_ptr(l.as_ptr()).to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 Err(fail(format!("{e:?}\n{log}")))
             }
             Ok(()) => {
                 let mut size = 0usize;
                 let mut bin = Vec::new();
-                let r = nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size).result().and_then(|_| {
-                    bin = vec![0u8; size];
-                    nvrtc_sys::nvrtcGetCUBIN(prog, bin.as_mut_ptr() as *mut c_char).result()
-                });
-                r.map(|_| bin).map_err(|e| fail(format!("nvrtcGetCUBIN: {e:?}")))
+                let r = nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size)
+                    .result()
+                    .and_then(|_| {
+                        bin = vec![0u8; size];
+                        nvrtc_sys::nvrtcGetCUBIN(prog, bin.as_mut_ptr() as *mut c_char).result()
+                    });
+                r.map(|_| bin)
+                    .map_err(|e| fail(format!("nvrtcGetCUBIN: {e:?}")))
             }
         };
         let _ = nvrtc::destroy_program(prog);
@@ -140,15 +162,34 @@ pub(crate) struct Kernels {
 }
 
 impl Kernels {
-    pub fn new(ctx: Arc<CudaContext>, arch: String, nvrtc: (i32, i32), cache_dir: Option<PathBuf>) -> Self {
-        Kernels { ctx, arch, nvrtc, cache_dir, modules: HashMap::new(), funcs: HashMap::new(), smem: HashMap::new(), stats: (0, 0) }
+    pub fn new(
+        ctx: Arc<CudaContext>,
+        arch: String,
+        nvrtc: (i32, i32),
+        cache_dir: Option<PathBuf>,
+    ) -> Self {
+        Kernels {
+            ctx,
+            arch,
+            nvrtc,
+            cache_dir,
+            modules: HashMap::new(),
+            funcs: HashMap::new(),
+            smem: HashMap::new(),
+            stats: (0, 0),
+        }
     }
 
     fn cache_path(&self, file: &str, src: &str) -> Option<PathBuf> {
         let dir = self.cache_dir.as_ref()?;
         let opts = compile_options(&self.arch).join(" ");
         let ver = format!("nvrtc {}.{}", self.nvrtc.0, self.nvrtc.1);
-        let key = fnv64(&[src.as_bytes(), opts.as_bytes(), self.arch.as_bytes(), ver.as_bytes()]);
+        let key = fnv64(&[
+            src.as_bytes(),
+            opts.as_bytes(),
+            self.arch.as_bytes(),
+            ver.as_bytes(),
+        ]);
         let stem = file.trim_end_matches(".cu");
         Some(dir.join(format!("{stem}-{}-{key:016x}.cubin", self.arch)))
     }
@@ -164,7 +205,11 @@ impl Kernels {
         if std::fs::create_dir_all(dir).is_err() {
             return;
         }
-        let tmp = dir.join(format!(".{}.{}.tmp", path.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
+        let tmp = dir.join(format!(
+            ".{}.{}.tmp",
+            path.file_name().unwrap_or_default().to_string_lossy(),
+            std::process::id()
+        ));
         if std::fs::write(&tmp, bin).is_ok() && std::fs::rename(&tmp, path).is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
@@ -174,7 +219,11 @@ impl Kernels {
         if let Some(m) = self.modules.get(file) {
             return Ok(m.clone());
         }
-        let src = expanded_source(file).ok_or_else(|| CudaError::Compile { file, arch: self.arch.clone(), log: "unknown kernel file".into() })?;
+        let src = expanded_source(file).ok_or_else(|| CudaError::Compile {
+            file,
+            arch: self.arch.clone(),
+            log: "unknown kernel file".into(),
+        })?;
         let path = self.cache_path(file, &src);
         let module = match path.as_deref().and_then(|p| self.load_cached(p)) {
             Some(m) => {
@@ -187,7 +236,9 @@ impl Kernels {
                 if let Some(p) = &path {
                     Self::store(p, &bin);
                 }
-                self.ctx.load_module(Ptx::from_binary(bin)).map_err(|err| CudaError::ModuleLoad { file, err })?
+                self.ctx
+                    .load_module(Ptx::from_binary(bin))
+                    .map_err(|err| CudaError::ModuleLoad { file, err })?
             }
         };
         self.modules.insert(file, module.clone());
@@ -195,23 +246,37 @@ impl Kernels {
     }
 
     /// Function `name` of kernels/`file`.
-    pub fn get(&mut self, file: &'static str, name: &'static str) -> Result<CudaFunction, CudaError> {
+    pub fn get(
+        &mut self,
+        file: &'static str,
+        name: &'static str,
+    ) -> Result<CudaFunction, CudaError> {
         if let Some(f) = self.funcs.get(name) {
             return Ok(f.clone());
         }
         let m = self.module(file)?;
-        let f = m.load_function(name).map_err(|err| CudaError::MissingKernel { file, name, err })?;
+        let f = m
+            .load_function(name)
+            .map_err(|err| CudaError::MissingKernel { file, name, err })?;
         self.funcs.insert(name, f.clone());
         Ok(f)
     }
 
     /// Allows `name` to use `bytes` of dynamic shared memory (needed above 48 KiB).
-    pub fn allow_smem(&mut self, name: &'static str, f: &CudaFunction, bytes: usize) -> Result<(), CudaError> {
+    pub fn allow_smem(
+        &mut self,
+        name: &'static str,
+        f: &CudaFunction,
+        bytes: usize,
+    ) -> Result<(), CudaError> {
         if bytes <= 48 * 1024 || self.smem.get(name).is_some_and(|&b| b >= bytes) {
             return Ok(());
         }
-        f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
-            .map_err(|err| CudaError::Launch { kernel: name, err })?;
+        f.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )
+        .map_err(|err| CudaError::Launch { kernel: name, err })?;
         self.smem.insert(name, bytes);
         Ok(())
     }

@@ -74,7 +74,9 @@ fn probe() -> Result<usize, String> {
         cudarc::driver::result::init().map_err(|e| format!("cuInit failed: {e}"))?;
         CudaContext::device_count().map_err(|e| format!("cuDeviceGetCount failed: {e}"))
     })
-    .map_err(|_| "the CUDA driver library is missing a required entry point (driver too old?)".to_string())??;
+    .map_err(|_| {
+        "the CUDA driver library is missing a required entry point (driver too old?)".to_string()
+    })??;
     if count <= 0 {
         return Err("the driver reports no CUDA devices".into());
     }
@@ -162,23 +164,42 @@ impl CudaBackend {
     fn open(opts: CudaOptions) -> Result<Self, CudaError> {
         let count = probe().map_err(CudaError::NoDevice)?;
         if opts.ordinal >= count {
-            return Err(CudaError::NoDevice(format!("device {} requested, {count} present", opts.ordinal)));
+            return Err(CudaError::NoDevice(format!(
+                "device {} requested, {count} present",
+                opts.ordinal
+            )));
         }
         let nvrtc = kernels::nvrtc_version().map_err(CudaError::NoDevice)?;
         let ctx = std::panic::catch_unwind(|| CudaContext::new(opts.ordinal))
-            .map_err(|_| CudaError::NoDevice("creating the CUDA context panicked (driver too old for CUDA 13 bindings?)".into()))?
-            .map_err(CudaError::driver(format!("creating a context on device {}", opts.ordinal)))?;
-        let stream = ctx.new_stream().map_err(CudaError::driver("creating a stream"))?;
-        let (major, minor) = ctx.compute_capability().map_err(CudaError::driver("querying the compute capability"))?;
+            .map_err(|_| {
+                CudaError::NoDevice(
+                    "creating the CUDA context panicked (driver too old for CUDA 13 bindings?)"
+                        .into(),
+                )
+            })?
+            .map_err(CudaError::driver(format!(
+                "creating a context on device {}",
+                opts.ordinal
+            )))?;
+        let stream = ctx
+            .new_stream()
+            .map_err(CudaError::driver("creating a stream"))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(CudaError::driver("querying the compute capability"))?;
         let arch = format!("sm_{major}{minor}");
-        let smem_optin = ctx
-            .attribute(CUdevice_attribute_enum::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        let smem_optin =
+            ctx.attribute(
+                CUdevice_attribute_enum::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
             .map_err(CudaError::driver("querying shared memory"))? as usize;
         let sm_count = ctx
             .attribute(CUdevice_attribute_enum::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(CudaError::driver("querying the multiprocessor count"))? as usize;
+            .map_err(CudaError::driver("querying the multiprocessor count"))?
+            as usize;
         let device_name = ctx.name().unwrap_or_else(|_| "unknown".into());
-        let kernels = kernels::Kernels::new(ctx.clone(), arch.clone(), nvrtc, opts.kernel_cache.clone());
+        let kernels =
+            kernels::Kernels::new(ctx.clone(), arch.clone(), nvrtc, opts.kernel_cache.clone());
         Ok(CudaBackend {
             pool: CudaPool::new(ctx.clone(), stream.clone()),
             ctx,
@@ -219,19 +240,34 @@ impl CudaBackend {
     /// (free, total) device memory in bytes.
     pub fn mem_info(&self) -> Result<(usize, usize), CoreError> {
         self.bind()?;
-        Ok(self.ctx.mem_get_info().map_err(CudaError::driver("cuMemGetInfo"))?)
+        Ok(self
+            .ctx
+            .mem_get_info()
+            .map_err(CudaError::driver("cuMemGetInfo"))?)
     }
 
     fn read_bandwidth(&mut self) -> Result<f64, CudaError> {
         self.bind()?;
-        let (free, _) = self.ctx.mem_get_info().map_err(CudaError::driver("cuMemGetInfo"))?;
+        let (free, _) = self
+            .ctx
+            .mem_get_info()
+            .map_err(CudaError::driver("cuMemGetInfo"))?;
         let bytes = (1usize << 30).min(free / 4) / 16 * 16;
         let blocks = (self.sm_count * 8) as u32;
         let src = pool::DevMem::zeroed(&self.ctx, &self.stream, bytes, "bandwidth probe")?;
-        let out = pool::DevMem::zeroed(&self.ctx, &self.stream, blocks as usize * 4, "bandwidth probe sums")?;
+        let out = pool::DevMem::zeroed(
+            &self.ctx,
+            &self.stream,
+            blocks as usize * 4,
+            "bandwidth probe sums",
+        )?;
         let f = self.kernels.get("bandwidth.cu", "read_sum_f32")?;
         let (x, n4, o) = (src.ptr, (bytes / 16) as u64, out.ptr);
-        let cfg = cudarc::driver::LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         const LAUNCHES: usize = 4;
         let mut best = 0f64;
         for run in 0..6 {
@@ -243,7 +279,10 @@ impl CudaBackend {
                 cudarc::driver::PushKernelArg::arg(&mut b, &o);
                 // SAFETY: read_sum_f32(const float4*, u64, float*); src holds n4 float4s
                 // (16-byte aligned device allocation), out `blocks` floats.
-                unsafe { b.launch(cfg) }.map_err(|err| CudaError::Launch { kernel: "read_sum_f32", err })?;
+                unsafe { b.launch(cfg) }.map_err(|err| CudaError::Launch {
+                    kernel: "read_sum_f32",
+                    err,
+                })?;
             }
             self.sync("bandwidth probe")?;
             let dt = t.elapsed().as_secs_f64();
@@ -257,18 +296,26 @@ impl CudaBackend {
     /// Launches the captured graph of `captures[i]` and waits for it.
     fn replay(&mut self, i: usize, graph: &Graph) -> Result<(), CoreError> {
         let c = &self.captures[i];
-        let CaptureState::Captured(g) = &c.state else { unreachable!("replay of an uncaptured graph") };
+        let CaptureState::Captured(g) = &c.state else {
+            unreachable!("replay of an uncaptured graph")
+        };
         self.recent.clear();
         self.recent.extend_from_slice(&c.kernels);
         if let Err(err) = g.0.launch() {
             self.recent.clear();
-            return Err(CudaError::Launch { kernel: "cuGraphLaunch", err }.into());
+            return Err(CudaError::Launch {
+                kernel: "cuGraphLaunch",
+                err,
+            }
+            .into());
         }
         Ok(self.sync(&graph.name)?)
     }
 
     fn bind(&self) -> Result<(), CudaError> {
-        self.ctx.bind_to_thread().map_err(CudaError::driver("binding the context to this thread"))
+        self.ctx
+            .bind_to_thread()
+            .map_err(CudaError::driver("binding the context to this thread"))
     }
 
     fn sync(&mut self, graph: &str) -> Result<(), CudaError> {
@@ -276,7 +323,11 @@ impl CudaBackend {
         let r = r.map_err(|err| {
             let recent = &self.recent;
             let tail: Vec<&str> = recent.iter().rev().take(8).rev().copied().collect();
-            CudaError::Execution { graph: graph.to_string(), recent: format!("{} launched, last: {}", recent.len(), tail.join(", ")), err }
+            CudaError::Execution {
+                graph: graph.to_string(),
+                recent: format!("{} launched, last: {}", recent.len(), tail.join(", ")),
+                err,
+            }
         });
         // Cleared, not taken: the vector keeps its capacity for the next step.
         self.recent.clear();
@@ -304,7 +355,9 @@ impl CudaBackend {
         use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
         let before = self.generation();
         self.recent.clear();
-        self.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).ok()?;
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .ok()?;
         let mut ok = true;
         for i in 0..graph.nodes.len() {
             if self.encode(graph, i).is_err() {
@@ -369,7 +422,14 @@ impl Backend for CudaBackend {
         let (name, op) = &graph.nodes[index];
         let at = |e: CudaError| CoreError::BadOp {
             graph: graph.name.clone(),
-            op: format!("{} ({}{})", op.kind(), name.role, name.layer.map(|l| format!(", layer {l}")).unwrap_or_default()),
+            op: format!(
+                "{} ({}{})",
+                op.kind(),
+                name.role,
+                name.layer
+                    .map(|l| format!(", layer {l}"))
+                    .unwrap_or_default()
+            ),
             msg: e.to_string(),
         };
         let t0 = self.profiling.then(Instant::now);
@@ -410,12 +470,29 @@ impl Backend for CudaBackend {
         let addr = graph as *const Graph as usize;
         let nodes = graph.nodes.len();
         let now = self.generation();
-        let i = match self.captures.iter().position(|c| c.addr == addr && c.nodes == nodes && c.name == graph.name) {
+        let i = match self
+            .captures
+            .iter()
+            .position(|c| c.addr == addr && c.nodes == nodes && c.name == graph.name)
+        {
             Some(i) => i,
             None => {
-                let streamed = graph.ops().any(|op| matches!(op, Op::MoeExpertsStreamed { .. }));
-                let state = if streamed || nodes == 0 { CaptureState::Never } else { CaptureState::Fresh };
-                self.captures.push(Capture { addr, nodes, name: graph.name.clone(), generation: now, state, kernels: Vec::new() });
+                let streamed = graph
+                    .ops()
+                    .any(|op| matches!(op, Op::MoeExpertsStreamed { .. }));
+                let state = if streamed || nodes == 0 {
+                    CaptureState::Never
+                } else {
+                    CaptureState::Fresh
+                };
+                self.captures.push(Capture {
+                    addr,
+                    nodes,
+                    name: graph.name.clone(),
+                    generation: now,
+                    state,
+                    kernels: Vec::new(),
+                });
                 self.captures.len() - 1
             }
         };
@@ -486,7 +563,9 @@ impl Backend for CudaBackend {
     }
 
     fn profile(&self) -> OpProfile {
-        OpProfile { rows: self.profile.clone() }
+        OpProfile {
+            rows: self.profile.clone(),
+        }
     }
 }
 
@@ -511,7 +590,11 @@ mod tests {
     #[test]
     fn includes_are_expanded() {
         let s = kernels::expanded_source("moe.cu").unwrap();
-        assert!(s.contains("struct WMat") && s.contains("gemm_tile") && !s.contains("#include \"common.cuh\""));
+        assert!(
+            s.contains("struct WMat")
+                && s.contains("gemm_tile")
+                && !s.contains("#include \"common.cuh\"")
+        );
     }
 
     #[test]

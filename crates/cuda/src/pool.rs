@@ -28,23 +28,47 @@ pub(crate) struct DevMem {
 
 impl DevMem {
     /// Zeroed device memory (enqueued on `stream`).
-    pub fn zeroed(ctx: &Arc<CudaContext>, stream: &CudaStream, bytes: usize, label: &str) -> Result<DevMem, CudaError> {
+    pub fn zeroed(
+        ctx: &Arc<CudaContext>,
+        stream: &CudaStream,
+        bytes: usize,
+        label: &str,
+    ) -> Result<DevMem, CudaError> {
         if bytes == 0 {
-            return Ok(DevMem { ptr: 0, bytes: 0, ctx: ctx.clone() });
+            return Ok(DevMem {
+                ptr: 0,
+                bytes: 0,
+                ctx: ctx.clone(),
+            });
         }
-        ctx.bind_to_thread().map_err(CudaError::driver("binding the context"))?;
+        ctx.bind_to_thread()
+            .map_err(CudaError::driver("binding the context"))?;
         // SAFETY: plain allocation; the pointer is owned by the returned DevMem and freed once.
         let ptr = match unsafe { drv::malloc_sync(bytes) } {
             Ok(p) => p,
             Err(e) if e.0 == cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY => {
                 let (free, total) = drv::mem_get_info().unwrap_or((0, 0));
-                return Err(CudaError::OutOfMemory { label: label.to_string(), bytes, free, total });
+                return Err(CudaError::OutOfMemory {
+                    label: label.to_string(),
+                    bytes,
+                    free,
+                    total,
+                });
             }
-            Err(e) => return Err(CudaError::driver(format!("cuMemAlloc of {bytes} bytes for '{label}'"))(e)),
+            Err(e) => {
+                return Err(CudaError::driver(format!(
+                    "cuMemAlloc of {bytes} bytes for '{label}'"
+                ))(e));
+            }
         };
-        let mem = DevMem { ptr, bytes, ctx: ctx.clone() };
+        let mem = DevMem {
+            ptr,
+            bytes,
+            ctx: ctx.clone(),
+        };
         // SAFETY: ptr..ptr+bytes was just allocated.
-        unsafe { drv::memset_d8_async(ptr, 0, bytes, stream.cu_stream()) }.map_err(CudaError::driver(format!("zeroing '{label}'")))?;
+        unsafe { drv::memset_d8_async(ptr, 0, bytes, stream.cu_stream()) }
+            .map_err(CudaError::driver(format!("zeroing '{label}'")))?;
         Ok(mem)
     }
 }
@@ -91,7 +115,13 @@ pub struct CudaPool {
 
 impl CudaPool {
     pub(crate) fn new(ctx: Arc<CudaContext>, stream: Arc<CudaStream>) -> Self {
-        CudaPool { ctx, stream, entries: Vec::new(), physical: Vec::new(), generation: 0 }
+        CudaPool {
+            ctx,
+            stream,
+            entries: Vec::new(),
+            physical: Vec::new(),
+            generation: 0,
+        }
     }
 
     /// See the `generation` field.
@@ -100,7 +130,12 @@ impl CudaPool {
     }
 
     fn entry(&self, id: RawBufId) -> Result<&Entry, CudaError> {
-        self.entries.get(id.0 as usize).ok_or_else(|| CudaError::Buffer { label: format!("{id:?}"), msg: "unknown buffer id".into() })
+        self.entries
+            .get(id.0 as usize)
+            .ok_or_else(|| CudaError::Buffer {
+                label: format!("{id:?}"),
+                msg: "unknown buffer id".into(),
+            })
     }
 
     fn new_physical(&mut self, bytes: usize, label: &str) -> Result<usize, CudaError> {
@@ -121,12 +156,17 @@ impl CudaPool {
                 self.generation += 1;
                 Ok(self.physical[p].as_ref().map(|m| m.ptr).unwrap_or(0))
             }
-            Storage::Released => Err(CudaError::Buffer { label: e.label.clone(), msg: "used after reset_transient released it".into() }),
+            Storage::Released => Err(CudaError::Buffer {
+                label: e.label.clone(),
+                msg: "used after reset_transient released it".into(),
+            }),
         }
     }
 
     fn sync(&self) -> Result<(), CudaError> {
-        self.stream.synchronize().map_err(CudaError::driver("synchronising the stream"))
+        self.stream
+            .synchronize()
+            .map_err(CudaError::driver("synchronising the stream"))
     }
 
     /// Drops physical storage no entry points at any more.
@@ -148,7 +188,10 @@ impl CudaPool {
         for id in plan.slot_of.keys() {
             let e = self.entry(*id)?;
             if e.lifetime != Lifetime::Transient {
-                return Err(CudaError::Buffer { label: e.label.clone(), msg: "a plan aliases this non-transient buffer".into() });
+                return Err(CudaError::Buffer {
+                    label: e.label.clone(),
+                    msg: "a plan aliases this non-transient buffer".into(),
+                });
             }
         }
         self.sync()?;
@@ -166,9 +209,24 @@ impl CudaPool {
 }
 
 impl BufferPool for CudaPool {
-    fn alloc_raw(&mut self, bytes: usize, label: &str, lifetime: Lifetime) -> Result<RawBufId, CoreError> {
-        let storage = if lifetime == Lifetime::Transient { Storage::Pending } else { Storage::Own(self.new_physical(bytes, label)?) };
-        self.entries.push(Entry { label: label.to_string(), bytes, lifetime, storage, weights: false });
+    fn alloc_raw(
+        &mut self,
+        bytes: usize,
+        label: &str,
+        lifetime: Lifetime,
+    ) -> Result<RawBufId, CoreError> {
+        let storage = if lifetime == Lifetime::Transient {
+            Storage::Pending
+        } else {
+            Storage::Own(self.new_physical(bytes, label)?)
+        };
+        self.entries.push(Entry {
+            label: label.to_string(),
+            bytes,
+            lifetime,
+            storage,
+            weights: false,
+        });
         Ok(RawBufId(self.entries.len() as u32 - 1))
     }
 
@@ -183,17 +241,33 @@ impl BufferPool for CudaPool {
                 .map_err(CudaError::driver(format!("uploading weights '{label}'")))?;
             self.sync()?;
         }
-        self.entries.push(Entry { label: label.to_string(), bytes: host.len(), lifetime: Lifetime::Persistent, storage: Storage::Own(p), weights: true });
+        self.entries.push(Entry {
+            label: label.to_string(),
+            bytes: host.len(),
+            lifetime: Lifetime::Persistent,
+            storage: Storage::Own(p),
+            weights: true,
+        });
         Ok(RawBufId(self.entries.len() as u32 - 1))
     }
 
     fn upload_raw(&mut self, id: RawBufId, off: usize, data: &[u8]) -> Result<(), CoreError> {
         let e = self.entry(id)?;
         if e.weights {
-            return Err(CudaError::Buffer { label: e.label.clone(), msg: "holds weights and is read-only".into() }.into());
+            return Err(CudaError::Buffer {
+                label: e.label.clone(),
+                msg: "holds weights and is read-only".into(),
+            }
+            .into());
         }
         if off + data.len() > e.bytes {
-            return Err(CoreError::SizeMismatch { label: e.label.clone(), id, capacity: e.bytes, requested: off + data.len(), what: "uploaded" });
+            return Err(CoreError::SizeMismatch {
+                label: e.label.clone(),
+                id,
+                capacity: e.bytes,
+                requested: off + data.len(),
+                what: "uploaded",
+            });
         }
         if data.is_empty() {
             return Ok(());
@@ -211,7 +285,13 @@ impl BufferPool for CudaPool {
     fn download_raw(&mut self, id: RawBufId, off: usize, out: &mut [u8]) -> Result<(), CoreError> {
         let e = self.entry(id)?;
         if off + out.len() > e.bytes {
-            return Err(CoreError::SizeMismatch { label: e.label.clone(), id, capacity: e.bytes, requested: off + out.len(), what: "downloaded" });
+            return Err(CoreError::SizeMismatch {
+                label: e.label.clone(),
+                id,
+                capacity: e.bytes,
+                requested: off + out.len(),
+                what: "downloaded",
+            });
         }
         if out.is_empty() {
             return Ok(());
@@ -228,7 +308,11 @@ impl BufferPool for CudaPool {
     fn zero(&mut self, id: RawBufId) -> Result<(), CoreError> {
         let e = self.entry(id)?;
         if e.weights {
-            return Err(CudaError::Buffer { label: e.label.clone(), msg: "holds weights and is read-only".into() }.into());
+            return Err(CudaError::Buffer {
+                label: e.label.clone(),
+                msg: "holds weights and is read-only".into(),
+            }
+            .into());
         }
         let (bytes, label) = (e.bytes, e.label.clone());
         if bytes == 0 {
@@ -236,12 +320,15 @@ impl BufferPool for CudaPool {
         }
         let ptr = self.ptr(id)?;
         // SAFETY: ptr holds `bytes` bytes.
-        unsafe { drv::memset_d8_async(ptr, 0, bytes, self.stream.cu_stream()) }.map_err(CudaError::driver(format!("zeroing '{label}'")))?;
+        unsafe { drv::memset_d8_async(ptr, 0, bytes, self.stream.cu_stream()) }
+            .map_err(CudaError::driver(format!("zeroing '{label}'")))?;
         Ok(())
     }
 
     fn info(&self, id: RawBufId) -> Option<(usize, String, Lifetime)> {
-        self.entries.get(id.0 as usize).map(|e| (e.bytes, e.label.clone(), e.lifetime))
+        self.entries
+            .get(id.0 as usize)
+            .map(|e| (e.bytes, e.label.clone(), e.lifetime))
     }
 
     fn commit_plan(&mut self, plan: &Plan) -> Result<(), CoreError> {

@@ -25,16 +25,40 @@ fn fixture(name: &str) -> PathBuf {
 /// `.npy` float32 reader (shape, data), enough for the fixtures' logits.
 fn read_npy_f32(path: &Path) -> (Vec<usize>, Vec<f32>) {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert_eq!(&bytes[..6], b"\x93NUMPY", "{}: not a .npy file", path.display());
+    assert_eq!(
+        &bytes[..6],
+        b"\x93NUMPY",
+        "{}: not a .npy file",
+        path.display()
+    );
     let (hlen, hstart) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        _ => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
+        _ => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
     };
     let header = std::str::from_utf8(&bytes[hstart..hstart + hlen]).unwrap();
-    assert!(header.contains("'<f4'") && header.contains("'fortran_order': False"), "{header}");
-    let shape_s = header.split("'shape':").nth(1).and_then(|s| s.split('(').nth(1)).and_then(|s| s.split(')').next()).unwrap();
-    let shape: Vec<usize> = shape_s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| s.parse().unwrap()).collect();
-    let data: Vec<f32> = bytes[hstart + hlen..].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    assert!(
+        header.contains("'<f4'") && header.contains("'fortran_order': False"),
+        "{header}"
+    );
+    let shape_s = header
+        .split("'shape':")
+        .nth(1)
+        .and_then(|s| s.split('(').nth(1))
+        .and_then(|s| s.split(')').next())
+        .unwrap();
+    let shape: Vec<usize> = shape_s
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let data: Vec<f32> = bytes[hstart + hlen..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
     assert_eq!(data.len(), shape.iter().product::<usize>());
     (shape, data)
 }
@@ -43,7 +67,9 @@ fn read_npy_f32(path: &Path) -> (Vec<usize>, Vec<f32>) {
 fn ref_ids(name: &str, key: &str) -> Vec<u32> {
     let text = std::fs::read_to_string(fixture(name).join("ref.json")).unwrap();
     // "key": [1, 2, 3] -- a tiny scan instead of a JSON dependency
-    let at = text.find(&format!("\"{key}\"")).unwrap_or_else(|| panic!("{key} in ref.json"));
+    let at = text
+        .find(&format!("\"{key}\""))
+        .unwrap_or_else(|| panic!("{key} in ref.json"));
     let rest = &text[at..];
     let list = &rest[rest.find('[').unwrap() + 1..rest.find(']').unwrap()];
     list.split(',').map(|s| s.trim().parse().unwrap()).collect()
@@ -59,9 +85,16 @@ struct Runner {
 
 impl Runner {
     fn open(mut backend: Box<dyn Backend>, name: &str) -> Runner {
-        let model = Model::open(&fixture(name).join("model"), backend.pool()).unwrap_or_else(|e| panic!("{name} on {}: {e}", backend.name()));
+        let model = Model::open(&fixture(name).join("model"), backend.pool())
+            .unwrap_or_else(|e| panic!("{name} on {}: {e}", backend.name()));
         let state = model.alloc_state(backend.pool(), 128).unwrap();
-        Runner { backend, model, state, graphs: Vec::new(), pos: 0 }
+        Runner {
+            backend,
+            model,
+            state,
+            graphs: Vec::new(),
+            pos: 0,
+        }
     }
 
     fn step(&mut self, tokens: &[u32], rows: LogitsRows) -> Vec<f32> {
@@ -69,7 +102,10 @@ impl Runner {
         let gi = match self.graphs.iter().position(|(k, _)| *k == (n, rows)) {
             Some(i) => i,
             None => {
-                let g = self.model.build_step(self.backend.pool(), &self.state, n, rows).unwrap();
+                let g = self
+                    .model
+                    .build_step(self.backend.pool(), &self.state, n, rows)
+                    .unwrap();
                 self.backend.prepare(&g.graph).unwrap();
                 self.graphs.push(((n, rows), g));
                 self.graphs.len() - 1
@@ -80,9 +116,14 @@ impl Runner {
         let pool = self.backend.pool();
         pool.upload_u32(g.tokens, tokens).unwrap();
         pool.upload_u32(g.pos, &positions).unwrap();
-        self.backend.execute(&g.graph).unwrap_or_else(|e| panic!("{}: {e}", self.backend.name()));
+        self.backend
+            .execute(&g.graph)
+            .unwrap_or_else(|e| panic!("{}: {e}", self.backend.name()));
         let mut out = vec![0f32; g.logits_rows * self.model.spec.vocab];
-        self.backend.pool().download_f32(g.logits, &mut out).unwrap();
+        self.backend
+            .pool()
+            .download_f32(g.logits, &mut out)
+            .unwrap();
         self.pos += n;
         out
     }
@@ -92,7 +133,11 @@ impl Runner {
         let mut out = Vec::new();
         let mut rest = tokens;
         while !rest.is_empty() {
-            let w = if rest.len() >= 16 { 16 } else { 1 << (usize::BITS - 1 - rest.len().leading_zeros()) };
+            let w = if rest.len() >= 16 {
+                16
+            } else {
+                1 << (usize::BITS - 1 - rest.len().leading_zeros())
+            };
             out.extend(self.step(&rest[..w], LogitsRows::All));
             rest = &rest[w..];
         }
@@ -100,7 +145,9 @@ impl Runner {
     }
 
     fn reset(&mut self) {
-        self.model.reset_state(self.backend.pool(), &self.state).unwrap();
+        self.model
+            .reset_state(self.backend.pool(), &self.state)
+            .unwrap();
         self.pos = 0;
     }
 }
@@ -118,15 +165,18 @@ fn argmax(v: &[f32]) -> u32 {
 fn check(name: &str, golden_tol: f32) {
     // MOEFLUX_PARITY_SELFTEST=1: a second CPU backend stands in for the device (checks this
     // harness on machines without a GPU).
-    let gpu: Box<dyn Backend> = if std::env::var("MOEFLUX_PARITY_SELFTEST").is_ok_and(|v| v == "1") {
-        Box::new(CpuBackend::new())
-    } else {
-        if let Some(why) = moeflux_cuda::unavailable_reason() {
-            eprintln!("skipping: no CUDA device ({why})");
-            return;
-        }
-        Box::new(CudaBackend::new(0).unwrap_or_else(|e| panic!("a device is present but the backend failed to open: {e}")))
-    };
+    let gpu: Box<dyn Backend> =
+        if std::env::var("MOEFLUX_PARITY_SELFTEST").is_ok_and(|v| v == "1") {
+            Box::new(CpuBackend::new())
+        } else {
+            if let Some(why) = moeflux_cuda::unavailable_reason() {
+                eprintln!("skipping: no CUDA device ({why})");
+                return;
+            }
+            Box::new(CudaBackend::new(0).unwrap_or_else(|e| {
+                panic!("a device is present but the backend failed to open: {e}")
+            }))
+        };
     let tokens = ref_ids(name, "tokens");
     let greedy_ref = ref_ids(name, "greedy");
     let (shape, golden) = read_npy_f32(&fixture(name).join("logits.npy"));
@@ -138,11 +188,21 @@ fn check(name: &str, golden_tol: f32) {
     let got = dev.prefill(&tokens);
     let vs_cpu = rel_err(&got, &want);
     let vs_ref = rel_err(&got, &golden);
-    eprintln!("{name}: prefill rel err vs cpu {vs_cpu:.2e}, vs reference {vs_ref:.2e} (cpu vs reference {:.2e})", rel_err(&want, &golden));
+    eprintln!(
+        "{name}: prefill rel err vs cpu {vs_cpu:.2e}, vs reference {vs_ref:.2e} (cpu vs reference {:.2e})",
+        rel_err(&want, &golden)
+    );
     for (p, (g, w)) in got.chunks(vocab).zip(want.chunks(vocab)).enumerate() {
-        assert!(rel_err(g, w) <= 1e-4, "{name}: position {p}: rel err vs cpu {}", rel_err(g, w));
+        assert!(
+            rel_err(g, w) <= 1e-4,
+            "{name}: position {p}: rel err vs cpu {}",
+            rel_err(g, w)
+        );
     }
-    assert!(vs_ref <= golden_tol, "{name}: rel err vs reference {vs_ref} > {golden_tol}");
+    assert!(
+        vs_ref <= golden_tol,
+        "{name}: rel err vs reference {vs_ref} > {golden_tol}"
+    );
 
     // Decode one token at a time from a reset state: same logits as the prefill.
     dev.reset();

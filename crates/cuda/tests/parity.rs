@@ -13,8 +13,9 @@ use std::sync::Arc;
 
 use half::{bf16, f16};
 use moeflux_core::{
-    Act, Backend, BufId, Cache, ColPart, CoreError, DType, ExpertProvider, ExpertWeights, Graph, Idx, Lifetime, Matrix, Op, PoolExt,
-    Pos, RawBufId, Region, Role, State, Tokens, Vector, Weight, WeightBytes, WeightFormat,
+    Act, Backend, BufId, Cache, ColPart, CoreError, DType, ExpertProvider, ExpertWeights, Graph,
+    Idx, Lifetime, Matrix, Op, PoolExt, Pos, RawBufId, Region, Role, State, Tokens, Vector, Weight,
+    WeightBytes, WeightFormat,
 };
 use moeflux_cpu::CpuBackend;
 use moeflux_cuda::CudaBackend;
@@ -99,7 +100,12 @@ impl Setup<'_> {
     }
     /// Downloads `id` after the run and compares it.
     fn watch<R: Role>(&mut self, id: BufId<R>, len: usize, label: &str, kind: Kind) {
-        self.outs.push(Out { label: label.into(), id: id.raw(), len, kind });
+        self.outs.push(Out {
+            label: label.into(),
+            id: id.raw(),
+            len,
+            kind,
+        });
     }
     /// A poisoned output buffer of `len` elements.
     fn output_as<R: Role>(&mut self, len: usize, label: &str, kind: Kind) -> BufId<R> {
@@ -130,18 +136,34 @@ impl Setup<'_> {
 type Build<'f> = &'f dyn Fn(&mut Setup);
 
 fn run(b: &mut dyn Backend, seed: u64, build: Build) -> Vec<(String, Kind, Vec<u32>)> {
-    let mut s = Setup { b, g: Graph::new("parity"), uploads: Vec::new(), outs: Vec::new(), rng: Rng::new(seed) };
+    let mut s = Setup {
+        b,
+        g: Graph::new("parity"),
+        uploads: Vec::new(),
+        outs: Vec::new(),
+        rng: Rng::new(seed),
+    };
     build(&mut s);
-    let Setup { b, g, uploads, outs, .. } = s;
-    b.prepare(&g).unwrap_or_else(|e| panic!("{} prepare: {e}", b.name()));
+    let Setup {
+        b,
+        g,
+        uploads,
+        outs,
+        ..
+    } = s;
+    b.prepare(&g)
+        .unwrap_or_else(|e| panic!("{} prepare: {e}", b.name()));
     for (id, bytes) in &uploads {
         b.pool().upload_raw(*id, 0, bytes).unwrap();
     }
-    b.execute(&g).unwrap_or_else(|e| panic!("{} execute: {e}", b.name()));
+    b.execute(&g)
+        .unwrap_or_else(|e| panic!("{} execute: {e}", b.name()));
     let mut res = Vec::new();
     for o in &outs {
         let mut v = vec![0u32; o.len];
-        b.pool().download_u32(BufId::<Act>::from_raw(o.id), &mut v).unwrap();
+        b.pool()
+            .download_u32(BufId::<Act>::from_raw(o.id), &mut v)
+            .unwrap();
         res.push((o.label.clone(), o.kind, v));
     }
     res
@@ -175,15 +197,26 @@ fn check(name: &str, seed: u64, tol: f32, build: Build) {
         match kind {
             Kind::U32 => {
                 if let Some(i) = (0..w.len()).find(|&i| w[i] != g[i]) {
-                    failures.push(format!("{name}/{label}: element {i}: cuda {} cpu {}", g[i], w[i]));
+                    failures.push(format!(
+                        "{name}/{label}: element {i}: cuda {} cpu {}",
+                        g[i], w[i]
+                    ));
                 } else {
                     eprintln!("{name}/{label}: exact");
                 }
             }
             Kind::F32 => {
-                let (w, g): (Vec<f32>, Vec<f32>) = (w.iter().map(|v| f32::from_bits(*v)).collect(), g.iter().map(|v| f32::from_bits(*v)).collect());
+                let (w, g): (Vec<f32>, Vec<f32>) = (
+                    w.iter().map(|v| f32::from_bits(*v)).collect(),
+                    g.iter().map(|v| f32::from_bits(*v)).collect(),
+                );
                 if let Some(i) = (0..w.len()).find(|&i| g[i].is_nan() != w[i].is_nan()) {
-                    failures.push(format!("{name}/{label}: element {i} of {}: cuda {} cpu {} (unwritten or NaN)", w.len(), g[i], w[i]));
+                    failures.push(format!(
+                        "{name}/{label}: element {i} of {}: cuda {} cpu {} (unwritten or NaN)",
+                        w.len(),
+                        g[i],
+                        w[i]
+                    ));
                     continue;
                 }
                 let maxref = w.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -195,8 +228,15 @@ fn check(name: &str, seed: u64, tol: f32, build: Build) {
                         at = i;
                     }
                 }
-                let rel = if maxref > 0.0 { maxdiff / maxref } else { maxdiff };
-                eprintln!("{name}/{label}: rel err {rel:.2e} (max |ref| {maxref:.3e}, {} elements)", w.len());
+                let rel = if maxref > 0.0 {
+                    maxdiff / maxref
+                } else {
+                    maxdiff
+                };
+                eprintln!(
+                    "{name}/{label}: rel err {rel:.2e} (max |ref| {maxref:.3e}, {} elements)",
+                    w.len()
+                );
                 if rel > tol || rel.is_nan() {
                     failures.push(format!("{name}/{label}: rel err {rel:.3e} > {tol:.1e} (element {at}: cuda {} cpu {})", g[at], w[at]));
                 }
@@ -230,8 +270,14 @@ const DENSE_AND_QUANT: [WFmt; 7] = [
 fn store_floats(v: &[f32], dt: DType) -> Vec<u8> {
     match dt {
         DType::F32 => f32_bytes(v),
-        DType::BF16 => v.iter().flat_map(|x| bf16::from_f32(*x).to_bits().to_le_bytes()).collect(),
-        DType::F16 => v.iter().flat_map(|x| f16::from_f32(*x).to_bits().to_le_bytes()).collect(),
+        DType::BF16 => v
+            .iter()
+            .flat_map(|x| bf16::from_f32(*x).to_bits().to_le_bytes())
+            .collect(),
+        DType::F16 => v
+            .iter()
+            .flat_map(|x| f16::from_f32(*x).to_bits().to_le_bytes())
+            .collect(),
         _ => unreachable!(),
     }
 }
@@ -247,9 +293,19 @@ fn place(buf: &mut Vec<u8>, bytes: &[u8], skew: usize) -> usize {
 /// Appends a random `[rows, cols]` matrix of format `f` to `buf`. `skew` misaligns the data
 /// (forcing the kernels' scalar path). Returns the matrix with regions in `buf` (buffer id
 /// filled in later by `set_buf`).
-fn gen_matrix(rng: &mut Rng, buf: &mut Vec<u8>, f: WFmt, rows: usize, cols: usize, skew: usize) -> Matrix {
+fn gen_matrix(
+    rng: &mut Rng,
+    buf: &mut Vec<u8>,
+    f: WFmt,
+    rows: usize,
+    cols: usize,
+    skew: usize,
+) -> Matrix {
     let scale = 1.0 / (cols as f32).sqrt();
-    let dummy = Region { buf: BufId::from_raw(RawBufId(u32::MAX)), offset: 0 };
+    let dummy = Region {
+        buf: BufId::from_raw(RawBufId(u32::MAX)),
+        offset: 0,
+    };
     let (format, data, scales, biases) = match f {
         WFmt::F32 | WFmt::F16 | WFmt::BF16 => {
             let dt = match f {
@@ -259,23 +315,54 @@ fn gen_matrix(rng: &mut Rng, buf: &mut Vec<u8>, f: WFmt, rows: usize, cols: usiz
             };
             let bytes = store_floats(&rng.vec(rows * cols, scale), dt);
             let skew = skew.min(if dt == DType::F32 { 4 } else { 2 }); // keep element alignment
-            (WeightFormat::Dense(dt), place(buf, &bytes, skew), None, None)
+            (
+                WeightFormat::Dense(dt),
+                place(buf, &bytes, skew),
+                None,
+                None,
+            )
         }
         WFmt::Q(bits, group, sdt) => {
             let bytes = rng.bytes(rows * cols * bits as usize / 8);
             let d = place(buf, &bytes, if skew > 0 { 4 } else { 0 });
             let ng = rows * (cols / group as usize);
             let qmax = ((1u32 << bits) - 1) as f32;
-            let sc: Vec<f32> = (0..ng).map(|_| (0.5 + 0.5 * rng.unit().abs()) * 2.0 * scale / qmax).collect();
+            let sc: Vec<f32> = (0..ng)
+                .map(|_| (0.5 + 0.5 * rng.unit().abs()) * 2.0 * scale / qmax)
+                .collect();
             let bi: Vec<f32> = (0..ng).map(|_| -scale + 0.2 * scale * rng.unit()).collect();
             // skewed scales sit off their element alignment (read byte-wise by the kernels)
-            let s = place(buf, &store_floats(&sc, sdt), if skew > 0 { if sdt == DType::F32 { 2 } else { 1 } } else { 0 });
+            let s = place(
+                buf,
+                &store_floats(&sc, sdt),
+                if skew > 0 {
+                    if sdt == DType::F32 { 2 } else { 1 }
+                } else {
+                    0
+                },
+            );
             let b = place(buf, &store_floats(&bi, sdt), 0);
-            (WeightFormat::Affine { bits, group_size: group, scale_dtype: sdt }, d, Some(s), Some(b))
+            (
+                WeightFormat::Affine {
+                    bits,
+                    group_size: group,
+                    scale_dtype: sdt,
+                },
+                d,
+                Some(s),
+                Some(b),
+            )
         }
     };
     let r = |o: usize| Region { offset: o, ..dummy };
-    Matrix { data: r(data), scales: scales.map(r), biases: biases.map(r), rows, cols, format }
+    Matrix {
+        data: r(data),
+        scales: scales.map(r),
+        biases: biases.map(r),
+        rows,
+        cols,
+        format,
+    }
 }
 
 fn set_buf(m: &mut Matrix, id: BufId<Weight>) {
@@ -291,9 +378,20 @@ fn set_buf(m: &mut Matrix, id: BufId<Weight>) {
 /// A stored vector of `data` in dtype `dt`.
 fn gen_vector(s: &mut Setup, data: &[f32], dt: DType, label: &str) -> Vector {
     let mut buf = Vec::new();
-    let off = place(&mut buf, &store_floats(data, dt), if dt == DType::F32 { 4 } else { 2 });
+    let off = place(
+        &mut buf,
+        &store_floats(data, dt),
+        if dt == DType::F32 { 4 } else { 2 },
+    );
     let id = s.weights(buf, label);
-    Vector { data: Region { buf: id, offset: off }, len: data.len(), dtype: dt }
+    Vector {
+        data: Region {
+            buf: id,
+            offset: off,
+        },
+        len: data.len(),
+        dtype: dt,
+    }
 }
 
 fn matrix(s: &mut Setup, f: WFmt, rows: usize, cols: usize, skew: usize) -> Matrix {
@@ -310,14 +408,24 @@ fn matrix(s: &mut Setup, f: WFmt, rows: usize, cols: usize, skew: usize) -> Matr
 fn embed() {
     for (i, f) in DENSE_AND_QUANT.into_iter().enumerate() {
         for skew in [0, 4] {
-            check(&format!("embed {f:?} skew {skew}"), 100 + i as u64, 1e-6, &|s| {
-                let (vocab, d, n) = (50, 1152, 7);
-                let table = matrix(s, f, vocab, d, skew);
-                let toks: Vec<u32> = (0..n).map(|_| s.rng.below(vocab) as u32).collect();
-                let tokens: BufId<Tokens> = s.input_u32(&toks, "tokens");
-                let out = s.output(n * d, "out");
-                s.op(Op::Embed { table, tokens, out, n });
-            });
+            check(
+                &format!("embed {f:?} skew {skew}"),
+                100 + i as u64,
+                1e-6,
+                &|s| {
+                    let (vocab, d, n) = (50, 1152, 7);
+                    let table = matrix(s, f, vocab, d, skew);
+                    let toks: Vec<u32> = (0..n).map(|_| s.rng.below(vocab) as u32).collect();
+                    let tokens: BufId<Tokens> = s.input_u32(&toks, "tokens");
+                    let out = s.output(n * d, "out");
+                    s.op(Op::Embed {
+                        table,
+                        tokens,
+                        out,
+                        n,
+                    });
+                },
+            );
         }
     }
 }
@@ -332,7 +440,15 @@ fn rms_norm() {
                 let w = s.rand(dim, 1.0);
                 let weight = gen_vector(s, &w, dt, "w");
                 let out = s.output(rows * dim, "out");
-                s.op(Op::RmsNorm { x, weight, out, rows, dim, eps: 1e-6, offset });
+                s.op(Op::RmsNorm {
+                    x,
+                    weight,
+                    out,
+                    rows,
+                    dim,
+                    eps: 1e-6,
+                    offset,
+                });
             });
         }
     }
@@ -343,7 +459,15 @@ fn rms_norm() {
         let w = s.rand(dim, 1.0);
         let weight = gen_vector(s, &w, DType::F32, "w");
         s.watch(x, rows * dim, "x (in place)", Kind::F32);
-        s.op(Op::RmsNorm { x, weight, out: x, rows, dim, eps: 1e-5, offset: 0.0 });
+        s.op(Op::RmsNorm {
+            x,
+            weight,
+            out: x,
+            rows,
+            dim,
+            eps: 1e-5,
+            offset: 0.0,
+        });
     });
 }
 
@@ -358,7 +482,16 @@ fn gated_rms_norm() {
             let w = s.rand(dim, 1.0);
             let weight = gen_vector(s, &w, dt, "w");
             let out = s.output(rows * dim, "out");
-            s.op(Op::GatedRmsNorm { x, gate, weight, out, rows, dim, eps: 1e-6, offset: 0.0 });
+            s.op(Op::GatedRmsNorm {
+                x,
+                gate,
+                weight,
+                out,
+                rows,
+                dim,
+                eps: 1e-6,
+                offset: 0.0,
+            });
         });
     }
 }
@@ -368,14 +501,19 @@ fn matmul() {
     for (i, f) in DENSE_AND_QUANT.into_iter().enumerate() {
         for skew in [0, 4] {
             for n in [1, 2, 3, 70] {
-                check(&format!("matmul {f:?} skew {skew} n {n}"), 200 + i as u64, 2e-5, &|s| {
-                    let (rows, cols) = (72, 1152);
-                    let w = matrix(s, f, rows, cols, skew);
-                    let x = s.rand(n * cols, 1.0);
-                    let x = s.input(&x, "x");
-                    let out = s.output(n * rows, "out");
-                    s.op(Op::Matmul { x, w, out, n });
-                });
+                check(
+                    &format!("matmul {f:?} skew {skew} n {n}"),
+                    200 + i as u64,
+                    2e-5,
+                    &|s| {
+                        let (rows, cols) = (72, 1152);
+                        let w = matrix(s, f, rows, cols, skew);
+                        let x = s.rand(n * cols, 1.0);
+                        let x = s.input(&x, "x");
+                        let out = s.output(n * rows, "out");
+                        s.op(Op::Matmul { x, w, out, n });
+                    },
+                );
             }
         }
     }
@@ -384,20 +522,35 @@ fn matmul() {
 #[test]
 fn matmul_odd_shapes() {
     // Tiny and ragged shapes: fewer columns than one warp step, rows not a multiple of 4.
-    for (f, rows, cols) in [(WFmt::F32, 5, 12), (WFmt::BF16, 33, 40), (WFmt::Q(4, 32, DType::BF16), 7, 64), (WFmt::Q(8, 32, DType::F32), 3, 96)] {
+    for (f, rows, cols) in [
+        (WFmt::F32, 5, 12),
+        (WFmt::BF16, 33, 40),
+        (WFmt::Q(4, 32, DType::BF16), 7, 64),
+        (WFmt::Q(8, 32, DType::F32), 3, 96),
+    ] {
         for n in [1, 5] {
-            check(&format!("matmul {f:?} {rows}x{cols} n {n}"), 300, 2e-5, &|s| {
-                let w = matrix(s, f, rows, cols, 0);
-                let x = s.rand(n * cols, 1.0);
-                let x = s.input(&x, "x");
-                let out = s.output(n * rows, "out");
-                s.op(Op::Matmul { x, w, out, n });
-            });
+            check(
+                &format!("matmul {f:?} {rows}x{cols} n {n}"),
+                300,
+                2e-5,
+                &|s| {
+                    let w = matrix(s, f, rows, cols, 0);
+                    let x = s.rand(n * cols, 1.0);
+                    let x = s.input(&x, "x");
+                    let out = s.output(n * rows, "out");
+                    s.op(Op::Matmul { x, w, out, n });
+                },
+            );
         }
     }
     // Tall matrices: the decode kernels switch to 2 and 4 rows per warp once that still gives
     // every SM two blocks (132 SMs: > 4224 rows for 2, > 8448 for 4).
-    for (f, rows) in [(WFmt::Q(4, 64, DType::BF16), 8500), (WFmt::BF16, 4300), (WFmt::Q(8, 32, DType::F16), 8500), (WFmt::F32, 4300)] {
+    for (f, rows) in [
+        (WFmt::Q(4, 64, DType::BF16), 8500),
+        (WFmt::BF16, 4300),
+        (WFmt::Q(8, 32, DType::F16), 8500),
+        (WFmt::F32, 4300),
+    ] {
         for n in [1, 2] {
             check(&format!("matmul {f:?} {rows}x256 n {n}"), 302, 2e-5, &|s| {
                 let cols = 256;
@@ -427,7 +580,13 @@ fn copy_rows() {
         let x = s.rand(rows_in * width, 1.0);
         let x = s.input(&x, "x");
         let out = s.output(3 * width, "out");
-        s.op(Op::CopyRows { x, out, start: 2, rows: 3, width });
+        s.op(Op::CopyRows {
+            x,
+            out,
+            start: 2,
+            rows: 3,
+            width,
+        });
     });
 }
 
@@ -476,7 +635,14 @@ fn sigmoid_gate() {
             let g = s.rand(n * gate_width, 4.0);
             let gate = s.input(&g, "gate");
             let out = s.output(n * width, "out");
-            s.op(Op::SigmoidGate { x, gate, out, n, width, gate_width });
+            s.op(Op::SigmoidGate {
+                x,
+                gate,
+                out,
+                n,
+                width,
+                gate_width,
+            });
         });
     }
     check("sigmoid_gate in place", 15, 1e-6, &|s| {
@@ -486,7 +652,14 @@ fn sigmoid_gate() {
         let g = s.rand(n, 4.0);
         let gate = s.input(&g, "gate");
         s.watch(x, n * width, "x (in place)", Kind::F32);
-        s.op(Op::SigmoidGate { x, gate, out: x, n, width, gate_width: 1 });
+        s.op(Op::SigmoidGate {
+            x,
+            gate,
+            out: x,
+            n,
+            width,
+            gate_width: 1,
+        });
     });
 }
 
@@ -502,26 +675,59 @@ fn scatter_cols() {
         let p1 = s.output(n * 40, "part1");
         let p2 = s.output(n * 16, "part2");
         let parts = vec![
-            ColPart { out: p0, width: 8, out_width: 32, out_offset: 0 },
-            ColPart { out: p1, width: 8, out_width: 40, out_offset: 8 },
-            ColPart { out: p2, width: 4, out_width: 16, out_offset: 0 },
+            ColPart {
+                out: p0,
+                width: 8,
+                out_width: 32,
+                out_offset: 0,
+            },
+            ColPart {
+                out: p1,
+                width: 8,
+                out_width: 40,
+                out_offset: 8,
+            },
+            ColPart {
+                out: p2,
+                width: 4,
+                out_width: 16,
+                out_offset: 0,
+            },
         ];
-        s.op(Op::ScatterCols { x, n, groups, parts });
+        s.op(Op::ScatterCols {
+            x,
+            n,
+            groups,
+            parts,
+        });
     });
 }
 
 #[test]
 fn rope() {
     for (head_dim, rotary_dim, theta) in [(32, 32, 1e4f32), (64, 16, 1e6), (128, 64, 5e6)] {
-        check(&format!("rope hd {head_dim} rd {rotary_dim}"), 17, 2e-6, &|s| {
-            let (n, heads) = (5, 3);
-            let positions: Vec<u32> = vec![0, 1, 517, 30000, 65535];
-            let pos: BufId<Pos> = s.input_u32(&positions, "pos");
-            let x = s.rand(n * heads * head_dim, 1.0);
-            let x = s.input(&x, "x");
-            s.watch(x, n * heads * head_dim, "x (in place)", Kind::F32);
-            s.op(Op::Rope { x, pos, n, heads, head_dim, rotary_dim, theta });
-        });
+        check(
+            &format!("rope hd {head_dim} rd {rotary_dim}"),
+            17,
+            2e-6,
+            &|s| {
+                let (n, heads) = (5, 3);
+                let positions: Vec<u32> = vec![0, 1, 517, 30000, 65535];
+                let pos: BufId<Pos> = s.input_u32(&positions, "pos");
+                let x = s.rand(n * heads * head_dim, 1.0);
+                let x = s.input(&x, "x");
+                s.watch(x, n * heads * head_dim, "x (in place)", Kind::F32);
+                s.op(Op::Rope {
+                    x,
+                    pos,
+                    n,
+                    heads,
+                    head_dim,
+                    rotary_dim,
+                    theta,
+                });
+            },
+        );
     }
 }
 
@@ -540,7 +746,16 @@ fn kv_append() {
         let v_cache: BufId<Cache> = s.input_as(&vc0, "v_cache", Lifetime::Persistent);
         s.watch(k_cache, max_ctx * kv_dim, "k_cache", Kind::F32);
         s.watch(v_cache, max_ctx * kv_dim, "v_cache", Kind::F32);
-        s.op(Op::KvAppend { k, v, pos, k_cache, v_cache, n, kv_dim, max_ctx });
+        s.op(Op::KvAppend {
+            k,
+            v,
+            pos,
+            k_cache,
+            v_cache,
+            n,
+            kv_dim,
+            max_ctx,
+        });
     });
 }
 
@@ -557,84 +772,161 @@ fn attention() {
         (4, 2, 32, vec![700, 701, 702, 703, 704]),
     ];
     for (heads, kv_heads, head_dim, positions) in cases {
-        check(&format!("attention h {heads} kv {kv_heads} hd {head_dim} pos {positions:?}"), 19, 1e-5, &|s| {
-            let n = positions.len();
-            let max_ctx = (*positions.iter().max().unwrap() as usize + 1).max(300);
-            let kv = max_ctx * kv_heads * head_dim;
-            let q = s.rand(n * heads * head_dim, 1.0);
-            let q = s.input(&q, "q");
-            let pos: BufId<Pos> = s.input_u32(&positions, "pos");
-            let kc = s.rand(kv, 1.0);
-            let k_cache: BufId<Cache> = s.input_as(&kc, "k_cache", Lifetime::Persistent);
-            let vc = s.rand(kv, 1.0);
-            let v_cache: BufId<Cache> = s.input_as(&vc, "v_cache", Lifetime::Persistent);
-            let out = s.output(n * heads * head_dim, "out");
-            let scale = 1.0 / (head_dim as f32).sqrt() * 2.0;
-            s.op(Op::Attention { q, pos, k_cache, v_cache, out, n, heads, kv_heads, head_dim, scale, max_ctx });
-        });
+        check(
+            &format!("attention h {heads} kv {kv_heads} hd {head_dim} pos {positions:?}"),
+            19,
+            1e-5,
+            &|s| {
+                let n = positions.len();
+                let max_ctx = (*positions.iter().max().unwrap() as usize + 1).max(300);
+                let kv = max_ctx * kv_heads * head_dim;
+                let q = s.rand(n * heads * head_dim, 1.0);
+                let q = s.input(&q, "q");
+                let pos: BufId<Pos> = s.input_u32(&positions, "pos");
+                let kc = s.rand(kv, 1.0);
+                let k_cache: BufId<Cache> = s.input_as(&kc, "k_cache", Lifetime::Persistent);
+                let vc = s.rand(kv, 1.0);
+                let v_cache: BufId<Cache> = s.input_as(&vc, "v_cache", Lifetime::Persistent);
+                let out = s.output(n * heads * head_dim, "out");
+                let scale = 1.0 / (head_dim as f32).sqrt() * 2.0;
+                s.op(Op::Attention {
+                    q,
+                    pos,
+                    k_cache,
+                    v_cache,
+                    out,
+                    n,
+                    heads,
+                    kv_heads,
+                    head_dim,
+                    scale,
+                    max_ctx,
+                });
+            },
+        );
     }
 }
 
 #[test]
 fn conv1d_silu() {
     for (n, dt, kernel) in [(1, DType::F32, 4), (7, DType::BF16, 4), (3, DType::F32, 2)] {
-        check(&format!("conv1d_silu n {n} k {kernel} {dt}"), 20, 1e-6, &|s| {
-            let channels = 300;
-            let x = s.rand(n * channels, 1.0);
-            let x = s.input(&x, "x");
-            let st = s.rand((kernel - 1) * channels, 1.0);
-            let state: BufId<State> = s.input_as(&st, "state", Lifetime::Persistent);
-            let w = s.rand(channels * kernel, 1.0);
-            let weight = gen_vector(s, &w, dt, "w");
-            let out = s.output(n * channels, "out");
-            s.watch(state, (kernel - 1) * channels, "state", Kind::F32);
-            s.op(Op::Conv1dSilu { x, state, weight, out, n, channels, kernel });
-        });
+        check(
+            &format!("conv1d_silu n {n} k {kernel} {dt}"),
+            20,
+            1e-6,
+            &|s| {
+                let channels = 300;
+                let x = s.rand(n * channels, 1.0);
+                let x = s.input(&x, "x");
+                let st = s.rand((kernel - 1) * channels, 1.0);
+                let state: BufId<State> = s.input_as(&st, "state", Lifetime::Persistent);
+                let w = s.rand(channels * kernel, 1.0);
+                let weight = gen_vector(s, &w, dt, "w");
+                let out = s.output(n * channels, "out");
+                s.watch(state, (kernel - 1) * channels, "state", Kind::F32);
+                s.op(Op::Conv1dSilu {
+                    x,
+                    state,
+                    weight,
+                    out,
+                    n,
+                    channels,
+                    kernel,
+                });
+            },
+        );
     }
 }
 
 #[test]
 fn gated_delta() {
     // (n, k_heads, v_heads, dk, dv, vector dtype)
-    for (n, k_heads, v_heads, dk, dv, dt) in
-        [(1, 2, 6, 32, 48, DType::F32), (6, 2, 6, 32, 48, DType::BF16), (3, 2, 4, 128, 128, DType::F32), (2, 1, 2, 200, 16, DType::F32)]
-    {
-        check(&format!("gated_delta n {n} kh {k_heads} vh {v_heads} dk {dk} dv {dv}"), 21, 5e-5, &|s| {
-            let row = 2 * k_heads * dk + v_heads * dv;
-            let qkv = s.rand(n * row, 1.0);
-            let qkv = s.input(&qkv, "qkv");
-            let a = s.rand(n * v_heads, 2.0);
-            let a = s.input(&a, "a");
-            let b = s.rand(n * v_heads, 2.0);
-            let b = s.input(&b, "b");
-            let al = s.rand(v_heads, 1.0);
-            let a_log = gen_vector(s, &al, dt, "A_log");
-            let db = s.rand(v_heads, 1.0);
-            let dt_bias = gen_vector(s, &db, dt, "dt_bias");
-            let st = s.rand(v_heads * dk * dv, 0.3);
-            let state: BufId<State> = s.input_as(&st, "state", Lifetime::Persistent);
-            let out = s.output(n * v_heads * dv, "out");
-            s.watch(state, v_heads * dk * dv, "state", Kind::F32);
-            s.op(Op::GatedDelta { qkv, a, b, a_log, dt_bias, state, out, n, k_heads, v_heads, dk, dv });
-        });
+    for (n, k_heads, v_heads, dk, dv, dt) in [
+        (1, 2, 6, 32, 48, DType::F32),
+        (6, 2, 6, 32, 48, DType::BF16),
+        (3, 2, 4, 128, 128, DType::F32),
+        (2, 1, 2, 200, 16, DType::F32),
+    ] {
+        check(
+            &format!("gated_delta n {n} kh {k_heads} vh {v_heads} dk {dk} dv {dv}"),
+            21,
+            5e-5,
+            &|s| {
+                let row = 2 * k_heads * dk + v_heads * dv;
+                let qkv = s.rand(n * row, 1.0);
+                let qkv = s.input(&qkv, "qkv");
+                let a = s.rand(n * v_heads, 2.0);
+                let a = s.input(&a, "a");
+                let b = s.rand(n * v_heads, 2.0);
+                let b = s.input(&b, "b");
+                let al = s.rand(v_heads, 1.0);
+                let a_log = gen_vector(s, &al, dt, "A_log");
+                let db = s.rand(v_heads, 1.0);
+                let dt_bias = gen_vector(s, &db, dt, "dt_bias");
+                let st = s.rand(v_heads * dk * dv, 0.3);
+                let state: BufId<State> = s.input_as(&st, "state", Lifetime::Persistent);
+                let out = s.output(n * v_heads * dv, "out");
+                s.watch(state, v_heads * dk * dv, "state", Kind::F32);
+                s.op(Op::GatedDelta {
+                    qkv,
+                    a,
+                    b,
+                    a_log,
+                    dt_bias,
+                    state,
+                    out,
+                    n,
+                    k_heads,
+                    v_heads,
+                    dk,
+                    dv,
+                });
+            },
+        );
     }
 }
 
 #[test]
 fn router_topk() {
-    for (n, experts, k, renorm) in [(9, 60, 4, true), (3, 128, 8, false), (2, 8, 2, true), (5, 512, 10, true)] {
-        check(&format!("router_topk n {n} e {experts} k {k}"), 22, 1e-6, &|s| {
-            let l = s.rand(n * experts, 3.0);
-            let logits = s.input(&l, "logits");
-            let idx: BufId<Idx> = s.output_as(n * k, "idx", Kind::U32);
-            let weights = s.output(n * k, "weights");
-            s.op(Op::RouterTopK { logits, idx, weights, n, experts, k, renorm });
-        });
+    for (n, experts, k, renorm) in [
+        (9, 60, 4, true),
+        (3, 128, 8, false),
+        (2, 8, 2, true),
+        (5, 512, 10, true),
+    ] {
+        check(
+            &format!("router_topk n {n} e {experts} k {k}"),
+            22,
+            1e-6,
+            &|s| {
+                let l = s.rand(n * experts, 3.0);
+                let logits = s.input(&l, "logits");
+                let idx: BufId<Idx> = s.output_as(n * k, "idx", Kind::U32);
+                let weights = s.output(n * k, "weights");
+                s.op(Op::RouterTopK {
+                    logits,
+                    idx,
+                    weights,
+                    n,
+                    experts,
+                    k,
+                    renorm,
+                });
+            },
+        );
     }
 }
 
 /// `e` experts of SwiGLU matrices in one weight buffer (formats per role), plus routing inputs.
-fn gen_experts(s: &mut Setup, e: usize, hidden: usize, inter: usize, gu: WFmt, dn: WFmt, skew: usize) -> Arc<[ExpertWeights]> {
+fn gen_experts(
+    s: &mut Setup,
+    e: usize,
+    hidden: usize,
+    inter: usize,
+    gu: WFmt,
+    dn: WFmt,
+    skew: usize,
+) -> Arc<[ExpertWeights]> {
     let mut buf = Vec::new();
     let mut ws = Vec::new();
     for _ in 0..e {
@@ -656,28 +948,50 @@ fn gen_experts(s: &mut Setup, e: usize, hidden: usize, inter: usize, gu: WFmt, d
 fn moe_experts() {
     let q4 = WFmt::Q(4, 32, DType::BF16);
     let q8 = WFmt::Q(8, 32, DType::F32);
-    let combos = [(WFmt::F32, WFmt::F32), (WFmt::BF16, WFmt::BF16), (q4, q4), (q8, q8), (q4, q8), (WFmt::F16, WFmt::F16)];
+    let combos = [
+        (WFmt::F32, WFmt::F32),
+        (WFmt::BF16, WFmt::BF16),
+        (q4, q4),
+        (q8, q8),
+        (q4, q8),
+        (WFmt::F16, WFmt::F16),
+    ];
     for (ci, (gu, dn)) in combos.into_iter().enumerate() {
         for skew in [0, 4] {
             for n in [1, 2, 5, 70] {
-                check(&format!("moe_experts {gu:?}/{dn:?} skew {skew} n {n}"), 400 + ci as u64, 2e-5, &|s| {
-                    let (e, k, hidden, inter) = (8, 2, 256, 96);
-                    let experts = gen_experts(s, e, hidden, inter, gu, dn, skew);
-                    let x = s.rand(n * hidden, 1.0);
-                    let x = s.input(&x, "x");
-                    // k distinct experts per token
-                    let mut ids = Vec::new();
-                    for _ in 0..n {
-                        let a = s.rng.below(e);
-                        let b = (a + 1 + s.rng.below(e - 1)) % e;
-                        ids.extend([a as u32, b as u32]);
-                    }
-                    let idx: BufId<Idx> = s.input_u32(&ids, "idx");
-                    let w = s.rand(n * k, 1.0);
-                    let weights = s.input(&w, "weights");
-                    let out = s.output(n * hidden, "out");
-                    s.op(Op::MoeExperts { x, idx, weights, experts, out, n, k, hidden, inter });
-                });
+                check(
+                    &format!("moe_experts {gu:?}/{dn:?} skew {skew} n {n}"),
+                    400 + ci as u64,
+                    2e-5,
+                    &|s| {
+                        let (e, k, hidden, inter) = (8, 2, 256, 96);
+                        let experts = gen_experts(s, e, hidden, inter, gu, dn, skew);
+                        let x = s.rand(n * hidden, 1.0);
+                        let x = s.input(&x, "x");
+                        // k distinct experts per token
+                        let mut ids = Vec::new();
+                        for _ in 0..n {
+                            let a = s.rng.below(e);
+                            let b = (a + 1 + s.rng.below(e - 1)) % e;
+                            ids.extend([a as u32, b as u32]);
+                        }
+                        let idx: BufId<Idx> = s.input_u32(&ids, "idx");
+                        let w = s.rand(n * k, 1.0);
+                        let weights = s.input(&w, "weights");
+                        let out = s.output(n * hidden, "out");
+                        s.op(Op::MoeExperts {
+                            x,
+                            idx,
+                            weights,
+                            experts,
+                            out,
+                            n,
+                            k,
+                            hidden,
+                            inter,
+                        });
+                    },
+                );
             }
         }
     }
@@ -701,13 +1015,26 @@ impl ExpertProvider for TestStore {
     fn max_in_flight(&self) -> usize {
         self.budget
     }
-    fn fetch(&self, _layer: usize, expert: usize) -> Result<Arc<dyn AsRef<[u8]> + Send + Sync>, CoreError> {
+    fn fetch(
+        &self,
+        _layer: usize,
+        expert: usize,
+    ) -> Result<Arc<dyn AsRef<[u8]> + Send + Sync>, CoreError> {
         Ok(self.records[expert].clone())
     }
 }
 
 #[allow(clippy::too_many_arguments)]
-fn gen_store(s: &mut Setup, e: usize, hidden: usize, inter: usize, gu: WFmt, dn: WFmt, skew: usize, budget: usize) -> Arc<dyn ExpertProvider> {
+fn gen_store(
+    s: &mut Setup,
+    e: usize,
+    hidden: usize,
+    inter: usize,
+    gu: WFmt,
+    dn: WFmt,
+    skew: usize,
+    budget: usize,
+) -> Arc<dyn ExpertProvider> {
     let mut records = Vec::new();
     let mut layout = None;
     for _ in 0..e {
@@ -719,33 +1046,58 @@ fn gen_store(s: &mut Setup, e: usize, hidden: usize, inter: usize, gu: WFmt, dn:
         layout.get_or_insert(ExpertWeights { gate, up, down });
         records.push(Arc::new(rec));
     }
-    Arc::new(TestStore { layout: layout.unwrap(), records, budget })
+    Arc::new(TestStore {
+        layout: layout.unwrap(),
+        records,
+        budget,
+    })
 }
 
 #[test]
 fn moe_experts_streamed() {
     let q4 = WFmt::Q(4, 32, DType::BF16);
     let q8 = WFmt::Q(8, 32, DType::F32);
-    for (ci, (gu, dn)) in [(q4, q4), (WFmt::BF16, WFmt::BF16), (q4, q8)].into_iter().enumerate() {
+    for (ci, (gu, dn)) in [(q4, q4), (WFmt::BF16, WFmt::BF16), (q4, q8)]
+        .into_iter()
+        .enumerate()
+    {
         for (skew, budget) in [(0, 3), (4, 100), (0, 1)] {
             for n in [1, 5, 70] {
-                check(&format!("moe_experts_streamed {gu:?}/{dn:?} skew {skew} budget {budget} n {n}"), 600 + ci as u64, 2e-5, &|s| {
-                    let (e, k, hidden, inter) = (8, 2, 256, 96);
-                    let store = gen_store(s, e, hidden, inter, gu, dn, skew, budget);
-                    let x = s.rand(n * hidden, 1.0);
-                    let x = s.input(&x, "x");
-                    let mut ids = Vec::new();
-                    for _ in 0..n {
-                        let a = s.rng.below(e);
-                        let b = (a + 1 + s.rng.below(e - 1)) % e;
-                        ids.extend([a as u32, b as u32]);
-                    }
-                    let idx: BufId<Idx> = s.input_u32(&ids, "idx");
-                    let w = s.rand(n * k, 1.0);
-                    let weights = s.input(&w, "weights");
-                    let out = s.output(n * hidden, "out");
-                    s.op(Op::MoeExpertsStreamed { x, idx, weights, store, layer: 3, out, n, k, hidden, inter });
-                });
+                check(
+                    &format!(
+                        "moe_experts_streamed {gu:?}/{dn:?} skew {skew} budget {budget} n {n}"
+                    ),
+                    600 + ci as u64,
+                    2e-5,
+                    &|s| {
+                        let (e, k, hidden, inter) = (8, 2, 256, 96);
+                        let store = gen_store(s, e, hidden, inter, gu, dn, skew, budget);
+                        let x = s.rand(n * hidden, 1.0);
+                        let x = s.input(&x, "x");
+                        let mut ids = Vec::new();
+                        for _ in 0..n {
+                            let a = s.rng.below(e);
+                            let b = (a + 1 + s.rng.below(e - 1)) % e;
+                            ids.extend([a as u32, b as u32]);
+                        }
+                        let idx: BufId<Idx> = s.input_u32(&ids, "idx");
+                        let w = s.rand(n * k, 1.0);
+                        let weights = s.input(&w, "weights");
+                        let out = s.output(n * hidden, "out");
+                        s.op(Op::MoeExpertsStreamed {
+                            x,
+                            idx,
+                            weights,
+                            store,
+                            layer: 3,
+                            out,
+                            n,
+                            k,
+                            hidden,
+                            inter,
+                        });
+                    },
+                );
             }
         }
     }
@@ -768,16 +1120,56 @@ fn moe_block_chain() {
             let mut cur = x;
             for layer in 0..2 {
                 let hn = s.transient(n * hidden, "hn");
-                s.op(Op::RmsNorm { x: cur, weight: norm, out: hn, rows: n, dim: hidden, eps: 1e-6, offset: 1.0 });
+                s.op(Op::RmsNorm {
+                    x: cur,
+                    weight: norm,
+                    out: hn,
+                    rows: n,
+                    dim: hidden,
+                    eps: 1e-6,
+                    offset: 1.0,
+                });
                 let logits = s.transient(n * e, "logits");
-                s.op(Op::Matmul { x: hn, w: router, out: logits, n });
+                s.op(Op::Matmul {
+                    x: hn,
+                    w: router,
+                    out: logits,
+                    n,
+                });
                 let idx: BufId<Idx> = s.alloc(n * k * 4, "idx", Lifetime::Transient);
                 let weights = s.transient(n * k, "route_w");
-                s.op(Op::RouterTopK { logits, idx, weights, n, experts: e, k, renorm: layer == 0 });
+                s.op(Op::RouterTopK {
+                    logits,
+                    idx,
+                    weights,
+                    n,
+                    experts: e,
+                    k,
+                    renorm: layer == 0,
+                });
                 let y = s.transient(n * hidden, "moe_out");
-                s.op(Op::MoeExperts { x: hn, idx, weights, experts: experts.clone(), out: y, n, k, hidden, inter });
-                let next = if layer == 1 { s.output(n * hidden, "out") } else { s.transient(n * hidden, "resid") };
-                s.op(Op::Add { a: cur, b: y, out: next, len: n * hidden });
+                s.op(Op::MoeExperts {
+                    x: hn,
+                    idx,
+                    weights,
+                    experts: experts.clone(),
+                    out: y,
+                    n,
+                    k,
+                    hidden,
+                    inter,
+                });
+                let next = if layer == 1 {
+                    s.output(n * hidden, "out")
+                } else {
+                    s.transient(n * hidden, "resid")
+                };
+                s.op(Op::Add {
+                    a: cur,
+                    b: y,
+                    out: next,
+                    len: n * hidden,
+                });
                 cur = next;
             }
         });
@@ -800,7 +1192,10 @@ fn pool_semantics() {
     let mut p = vec![0f32; 4];
     pool.download_f32(a, &mut p).unwrap();
     assert_eq!(p, [1.0, 2.0, 3.0, 0.0]);
-    assert!(pool.upload_f32(a, &[0.0; 17]).is_err(), "upload past the end must fail");
+    assert!(
+        pool.upload_f32(a, &[0.0; 17]).is_err(),
+        "upload past the end must fail"
+    );
     pool.upload_at(a, 8, &2.5f32.to_le_bytes()).unwrap();
     pool.download_f32(a, &mut p).unwrap();
     assert_eq!(p, [1.0, 2.0, 2.5, 0.0]);
@@ -814,11 +1209,16 @@ fn pool_semantics() {
     assert_eq!(q, [0.0; 8]);
     // weights: readable, not writable
     let bytes: Vec<u8> = (0..=255u8).collect();
-    let w = pool.register_weights(WeightBytes::new(Arc::new(bytes.clone()), 16..80), "w").unwrap();
+    let w = pool
+        .register_weights(WeightBytes::new(Arc::new(bytes.clone()), 16..80), "w")
+        .unwrap();
     let mut back = vec![0u8; 64];
     pool.download_raw(w, 0, &mut back).unwrap();
     assert_eq!(back, bytes[16..80]);
-    assert!(pool.upload_raw(w, 0, &[0]).is_err(), "weights are read-only");
+    assert!(
+        pool.upload_raw(w, 0, &[0]).is_err(),
+        "weights are read-only"
+    );
     assert_eq!(pool.info(w).unwrap().0, 64);
     // persistent survives reset_transient, others are released
     let keep: BufId<State> = pool.alloc(16, "keep", Lifetime::Persistent).unwrap();
@@ -833,8 +1233,13 @@ fn pool_semantics() {
     if !is_cuda {
         return;
     }
-    let huge = pool.alloc_raw(1 << 50, "huge", Lifetime::Persistent).unwrap_err();
-    assert!(matches!(huge, moeflux_core::CoreError::OutOfMemory { .. }), "{huge}");
+    let huge = pool
+        .alloc_raw(1 << 50, "huge", Lifetime::Persistent)
+        .unwrap_err();
+    assert!(
+        matches!(huge, moeflux_core::CoreError::OutOfMemory { .. }),
+        "{huge}"
+    );
     assert!(huge.to_string().contains("huge"), "{huge}");
 }
 
@@ -867,21 +1272,82 @@ fn replay_keeps_state() {
     let mut results: Vec<Vec<Vec<f32>>> = Vec::new();
     for b in [&mut cpu as &mut dyn Backend, gpu.as_mut()] {
         let pool = b.pool();
-        let x: BufId<Act> = pool.alloc(n * channels * 4, "x", Lifetime::External).unwrap();
-        let ab: BufId<Act> = pool.alloc(n * v_heads * 4, "ab", Lifetime::External).unwrap();
-        let conv_state: BufId<State> = pool.alloc((kernel - 1) * channels * 4, "conv", Lifetime::Persistent).unwrap();
-        let delta_state: BufId<State> = pool.alloc(v_heads * dk * dv * 4, "delta", Lifetime::Persistent).unwrap();
-        let out: BufId<Act> = pool.alloc(n * v_heads * dv * 4, "out", Lifetime::External).unwrap();
+        let x: BufId<Act> = pool
+            .alloc(n * channels * 4, "x", Lifetime::External)
+            .unwrap();
+        let ab: BufId<Act> = pool
+            .alloc(n * v_heads * 4, "ab", Lifetime::External)
+            .unwrap();
+        let conv_state: BufId<State> = pool
+            .alloc((kernel - 1) * channels * 4, "conv", Lifetime::Persistent)
+            .unwrap();
+        let delta_state: BufId<State> = pool
+            .alloc(v_heads * dk * dv * 4, "delta", Lifetime::Persistent)
+            .unwrap();
+        let out: BufId<Act> = pool
+            .alloc(n * v_heads * dv * 4, "out", Lifetime::External)
+            .unwrap();
         let wb = f32_bytes(&w);
-        let wid: BufId<Weight> = BufId::from_raw(pool.register_weights(WeightBytes::new(Arc::new(wb.clone()), 0..wb.len()), "w").unwrap());
+        let wid: BufId<Weight> = BufId::from_raw(
+            pool.register_weights(WeightBytes::new(Arc::new(wb.clone()), 0..wb.len()), "w")
+                .unwrap(),
+        );
         let pb = f32_bytes(&params);
-        let pid: BufId<Weight> = BufId::from_raw(pool.register_weights(WeightBytes::new(Arc::new(pb.clone()), 0..pb.len()), "p").unwrap());
-        let conv_out: BufId<Act> = pool.alloc(n * channels * 4, "conv_out", Lifetime::Transient).unwrap();
-        let weight = Vector { data: Region { buf: wid, offset: 0 }, len: channels * kernel, dtype: DType::F32 };
-        let pv = Vector { data: Region { buf: pid, offset: 0 }, len: v_heads, dtype: DType::F32 };
+        let pid: BufId<Weight> = BufId::from_raw(
+            pool.register_weights(WeightBytes::new(Arc::new(pb.clone()), 0..pb.len()), "p")
+                .unwrap(),
+        );
+        let conv_out: BufId<Act> = pool
+            .alloc(n * channels * 4, "conv_out", Lifetime::Transient)
+            .unwrap();
+        let weight = Vector {
+            data: Region {
+                buf: wid,
+                offset: 0,
+            },
+            len: channels * kernel,
+            dtype: DType::F32,
+        };
+        let pv = Vector {
+            data: Region {
+                buf: pid,
+                offset: 0,
+            },
+            len: v_heads,
+            dtype: DType::F32,
+        };
         let mut g = Graph::new("replay");
-        g.push(None, "conv", Op::Conv1dSilu { x, state: conv_state, weight, out: conv_out, n, channels, kernel });
-        g.push(None, "delta", Op::GatedDelta { qkv: conv_out, a: ab, b: ab, a_log: pv, dt_bias: pv, state: delta_state, out, n, k_heads, v_heads, dk, dv });
+        g.push(
+            None,
+            "conv",
+            Op::Conv1dSilu {
+                x,
+                state: conv_state,
+                weight,
+                out: conv_out,
+                n,
+                channels,
+                kernel,
+            },
+        );
+        g.push(
+            None,
+            "delta",
+            Op::GatedDelta {
+                qkv: conv_out,
+                a: ab,
+                b: ab,
+                a_log: pv,
+                dt_bias: pv,
+                state: delta_state,
+                out,
+                n,
+                k_heads,
+                v_heads,
+                dk,
+                dv,
+            },
+        );
         b.prepare(&g).unwrap();
         let mut runs = Vec::new();
         for step in 0..3 {
@@ -898,6 +1364,10 @@ fn replay_keeps_state() {
         let maxref = c.iter().fold(0f32, |m, v| m.max(v.abs()));
         let maxdiff = c.iter().zip(g).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         eprintln!("replay step {step}: rel err {:.2e}", maxdiff / maxref);
-        assert!(maxdiff <= 5e-5 * maxref, "step {step}: rel err {}", maxdiff / maxref);
+        assert!(
+            maxdiff <= 5e-5 * maxref,
+            "step {step}: rel err {}",
+            maxdiff / maxref
+        );
     }
 }

@@ -45,7 +45,11 @@ pub struct GenerateRequest<'a> {
 
 /// Runs one generation from the session's current position. `on_token(id, logits)`
 /// returns `false` to stop.
-pub fn generate(session: &mut Session, req: &GenerateRequest, on_token: &mut dyn FnMut(u32, &[f32]) -> bool) -> Result<GenStats, EngineError> {
+pub fn generate(
+    session: &mut Session,
+    req: &GenerateRequest,
+    on_token: &mut dyn FnMut(u32, &[f32]) -> bool,
+) -> Result<GenStats, EngineError> {
     let mut sampler = Sampler::new(req.params.clone())?;
     let t0 = Instant::now();
     let mut logits = session.prefill(req.prompt, LogitsRows::Last)?;
@@ -70,9 +74,18 @@ pub fn generate(session: &mut Session, req: &GenerateRequest, on_token: &mut dyn
             break;
         }
         if session.position() + 1 > session.max_context() {
-            return Err(EngineError::ContextExceeded { needed: session.position() + 1, max: session.max_context() });
+            return Err(EngineError::ContextExceeded {
+                needed: session.position() + 1,
+                max: session.max_context(),
+            });
         }
         logits = session.decode(id)?;
     }
-    Ok(GenStats { prompt_tokens: req.prompt.len(), generated, prefill_secs, decode_secs: t1.elapsed().as_secs_f64(), finish })
+    Ok(GenStats {
+        prompt_tokens: req.prompt.len(),
+        generated,
+        prefill_secs,
+        decode_secs: t1.elapsed().as_secs_f64(),
+        finish,
+    })
 }

@@ -22,10 +22,16 @@ pub enum EngineError {
     #[error(transparent)]
     Text(#[from] moeflux_text::TextError),
     #[error("token id {token} at position {index} is out of range (vocabulary size {vocab})")]
-    TokenOutOfRange { token: u32, index: usize, vocab: usize },
+    TokenOutOfRange {
+        token: u32,
+        index: usize,
+        vocab: usize,
+    },
     #[error("empty prompt: at least one token is needed")]
     EmptyPrompt,
-    #[error("context length exceeded: {needed} tokens needed, the session holds at most {max} (raise --max-context)")]
+    #[error(
+        "context length exceeded: {needed} tokens needed, the session holds at most {max} (raise --max-context)"
+    )]
     ContextExceeded { needed: usize, max: usize },
     #[error("device '{0}' is not available: {1}")]
     Device(String, String),
@@ -36,9 +42,13 @@ pub enum EngineError {
 /// Parses a human size: `512MiB`, `20GiB`, `1.5GB`, `4096` (bytes).
 pub fn parse_size(s: &str) -> Result<usize, String> {
     let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let v: f64 = num.parse().map_err(|_| format!("'{s}' is not a size (e.g. 512MiB, 20GiB)"))?;
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (e.g. 512MiB, 20GiB)"))?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kb" => 1e3,
@@ -49,7 +59,11 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         "gib" => 1024.0 * 1024.0 * 1024.0,
         "t" | "tb" => 1e12,
         "tib" => 1024f64.powi(4),
-        u => return Err(format!("'{s}': unknown unit '{u}' (B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")),
+        u => {
+            return Err(format!(
+                "'{s}': unknown unit '{u}' (B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
+            ));
+        }
     };
     Ok((v * mult) as usize)
 }
@@ -88,7 +102,12 @@ pub struct SessionOptions {
 
 impl Default for SessionOptions {
     fn default() -> Self {
-        SessionOptions { device: Device::Auto, max_context: 0, prefill_chunk: 256, host_mem: None }
+        SessionOptions {
+            device: Device::Auto,
+            max_context: 0,
+            prefill_chunk: 256,
+            host_mem: None,
+        }
     }
 }
 
@@ -96,7 +115,10 @@ impl Default for SessionOptions {
 pub fn open_backend(device: Device) -> Result<Box<dyn Backend>, EngineError> {
     match device {
         Device::Cpu => Ok(Box::new(moeflux_cpu::CpuBackend::new())),
-        Device::Cuda => Ok(Box::new(moeflux_cuda::CudaBackend::new(0).map_err(|e| EngineError::Device("cuda".into(), e.to_string()))?)),
+        Device::Cuda => Ok(Box::new(
+            moeflux_cuda::CudaBackend::new(0)
+                .map_err(|e| EngineError::Device("cuda".into(), e.to_string()))?,
+        )),
         Device::Auto => match moeflux_cuda::available() {
             true => open_backend(Device::Cuda),
             false => Ok(Box::new(moeflux_cpu::CpuBackend::new())),
@@ -132,17 +154,34 @@ pub struct Session {
 impl Session {
     pub fn open(dir: &Path, opts: &SessionOptions) -> Result<Self, EngineError> {
         let mut backend = open_backend(opts.device)?;
-        let load = moeflux_model::LoadOptions { host_mem: opts.host_mem };
+        let load = moeflux_model::LoadOptions {
+            host_mem: opts.host_mem,
+        };
         let model = Model::open_with(dir, backend.pool(), &load)?;
         Self::with_model(backend, model, opts)
     }
 
     /// A session over a model already resolved against `backend`'s pool.
-    pub fn with_model(mut backend: Box<dyn Backend>, model: Model, opts: &SessionOptions) -> Result<Self, EngineError> {
-        let max_ctx = if opts.max_context == 0 { model.spec.max_position.min(4096) } else { opts.max_context };
+    pub fn with_model(
+        mut backend: Box<dyn Backend>,
+        model: Model,
+        opts: &SessionOptions,
+    ) -> Result<Self, EngineError> {
+        let max_ctx = if opts.max_context == 0 {
+            model.spec.max_position.min(4096)
+        } else {
+            opts.max_context
+        };
         let state = model.alloc_state(backend.pool(), max_ctx)?;
         let chunk = 1usize << (usize::BITS - 1 - opts.prefill_chunk.max(1).leading_zeros());
-        Ok(Session { backend, model, state, graphs: Vec::new(), pos: 0, chunk })
+        Ok(Session {
+            backend,
+            model,
+            state,
+            graphs: Vec::new(),
+            pos: 0,
+            chunk,
+        })
     }
 
     /// Benchmarks only: jump to position `pos` without computing the tokens before it.
@@ -150,7 +189,10 @@ impl Session {
     /// (attention over `pos` rows) is the same as after a real prefill.
     pub fn seek(&mut self, pos: usize) -> Result<(), EngineError> {
         if pos > self.state.max_ctx {
-            return Err(EngineError::ContextExceeded { needed: pos, max: self.state.max_ctx });
+            return Err(EngineError::ContextExceeded {
+                needed: pos,
+                max: self.state.max_ctx,
+            });
         }
         self.pos = pos;
         Ok(())
@@ -203,7 +245,10 @@ impl Session {
                 LayerState::Linear(ls) => {
                     let pool = self.backend.pool_ref();
                     let size = |id: moeflux_core::RawBufId| pool.info(id).map(|i| i.0).unwrap_or(0);
-                    vec![(ls.conv.raw(), size(ls.conv.raw())), (ls.delta.raw(), size(ls.delta.raw()))]
+                    vec![
+                        (ls.conv.raw(), size(ls.conv.raw())),
+                        (ls.delta.raw(), size(ls.delta.raw())),
+                    ]
                 }
             };
             for (id, bytes) in ids {
@@ -244,11 +289,22 @@ impl Session {
             return Err(EngineError::EmptyPrompt);
         }
         let vocab = self.vocab();
-        if let Some((index, &token)) = tokens.iter().enumerate().find(|&(_, &t)| t as usize >= vocab) {
-            return Err(EngineError::TokenOutOfRange { token, index, vocab });
+        if let Some((index, &token)) = tokens
+            .iter()
+            .enumerate()
+            .find(|&(_, &t)| t as usize >= vocab)
+        {
+            return Err(EngineError::TokenOutOfRange {
+                token,
+                index,
+                vocab,
+            });
         }
         if self.pos + tokens.len() > self.state.max_ctx {
-            return Err(EngineError::ContextExceeded { needed: self.pos + tokens.len(), max: self.state.max_ctx });
+            return Err(EngineError::ContextExceeded {
+                needed: self.pos + tokens.len(),
+                max: self.state.max_ctx,
+            });
         }
         Ok(())
     }
@@ -257,13 +313,20 @@ impl Session {
         if let Some(i) = self.graphs.iter().position(|(k, _)| *k == (n, rows)) {
             return Ok(i);
         }
-        let g = self.model.build_step(self.backend.pool(), &self.state, n, rows)?;
+        let g = self
+            .model
+            .build_step(self.backend.pool(), &self.state, n, rows)?;
         self.backend.prepare(&g.graph)?;
         self.graphs.push(((n, rows), g));
         Ok(self.graphs.len() - 1)
     }
 
-    fn run_chunk(&mut self, tokens: &[u32], rows: LogitsRows, out: &mut Vec<f32>) -> Result<(), EngineError> {
+    fn run_chunk(
+        &mut self,
+        tokens: &[u32],
+        rows: LogitsRows,
+        out: &mut Vec<f32>,
+    ) -> Result<(), EngineError> {
         let n = tokens.len();
         let gi = self.graph_index(n, rows)?;
         let positions: Vec<u32> = (self.pos..self.pos + n).map(|p| p as u32).collect();
@@ -278,7 +341,9 @@ impl Session {
         let vocab = self.vocab();
         let start = out.len();
         out.resize(start + lrows * vocab, 0.0);
-        self.backend.pool().download_f32(logits, &mut out[start..])?;
+        self.backend
+            .pool()
+            .download_f32(logits, &mut out[start..])?;
         self.pos += n;
         Ok(())
     }
@@ -290,9 +355,17 @@ impl Session {
         let mut out = Vec::new();
         let mut rest = tokens;
         while !rest.is_empty() {
-            let width = if rest.len() >= self.chunk { self.chunk } else { 1usize << (usize::BITS - 1 - rest.len().leading_zeros()) };
+            let width = if rest.len() >= self.chunk {
+                self.chunk
+            } else {
+                1usize << (usize::BITS - 1 - rest.len().leading_zeros())
+            };
             let (now, later) = rest.split_at(width);
-            let chunk_rows = if rows == LogitsRows::Last && !later.is_empty() { LogitsRows::Last } else { rows };
+            let chunk_rows = if rows == LogitsRows::Last && !later.is_empty() {
+                LogitsRows::Last
+            } else {
+                rows
+            };
             if rows == LogitsRows::Last {
                 out.clear();
             }

@@ -7,7 +7,9 @@ use moeflux_engine::{Device, Session, SessionOptions, npy};
 use moeflux_model::LogitsRows;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
 }
 
 struct Ref {
@@ -19,10 +21,22 @@ struct Ref {
 
 fn load_ref(name: &str) -> Ref {
     let dir = fixture(name);
-    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("ref.json")).unwrap()).unwrap();
-    let ids = |k: &str| j[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect::<Vec<_>>();
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("ref.json")).unwrap()).unwrap();
+    let ids = |k: &str| {
+        j[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect::<Vec<_>>()
+    };
     let (shape, logits) = npy::read_f32(&dir.join("logits.npy")).unwrap();
-    Ref { tokens: ids("tokens"), greedy: ids("greedy"), logits, vocab: shape[1] }
+    Ref {
+        tokens: ids("tokens"),
+        greedy: ids("greedy"),
+        logits,
+        vocab: shape[1],
+    }
 }
 
 pub fn device() -> Device {
@@ -33,8 +47,14 @@ pub fn device() -> Device {
 }
 
 fn open(name: &str, chunk: usize) -> Session {
-    let opts = SessionOptions { device: device(), max_context: 256, prefill_chunk: chunk, ..SessionOptions::default() };
-    Session::open(&fixture(name).join("model"), &opts).unwrap_or_else(|e| panic!("open {name}: {e}"))
+    let opts = SessionOptions {
+        device: device(),
+        max_context: 256,
+        prefill_chunk: chunk,
+        ..SessionOptions::default()
+    };
+    Session::open(&fixture(name).join("model"), &opts)
+        .unwrap_or_else(|e| panic!("open {name}: {e}"))
 }
 
 /// max|a - b| / max|b| over all elements.
@@ -64,8 +84,16 @@ fn check(name: &str, tol: f32) {
     eprintln!("{name}: prefill rel err {e:.3e}");
     assert!(e <= tol, "{name}: prefill rel err {e} > {tol}");
     // Per position, too, so a bad position is named.
-    for (p, (g, w)) in got.chunks(r.vocab).zip(r.logits.chunks(r.vocab)).enumerate() {
-        assert!(rel_err(g, w) <= tol * 4.0, "{name}: position {p} rel err {}", rel_err(g, w));
+    for (p, (g, w)) in got
+        .chunks(r.vocab)
+        .zip(r.logits.chunks(r.vocab))
+        .enumerate()
+    {
+        assert!(
+            rel_err(g, w) <= tol * 4.0,
+            "{name}: position {p} rel err {}",
+            rel_err(g, w)
+        );
     }
 
     // Wide chunks: 80 tokens as 64 + 16, so the chunked delta rule spans chunk borders

@@ -16,7 +16,13 @@ pub struct Builder<'p> {
 
 impl<'p> Builder<'p> {
     pub fn new(pool: &'p mut dyn BufferPool, name: String, n: usize, pos: BufId<Pos>) -> Self {
-        Builder { pool, graph: Graph::new(name), n, pos, layer: None }
+        Builder {
+            pool,
+            graph: Graph::new(name),
+            n,
+            pos,
+            layer: None,
+        }
     }
 
     pub fn pool(&mut self) -> &mut dyn BufferPool {
@@ -37,7 +43,9 @@ impl<'p> Builder<'p> {
             Some(l) => format!("L{l}.{role}"),
             None => role.to_string(),
         };
-        Ok(self.pool.alloc::<Act>(self.n * width * 4, &label, Lifetime::Transient)?)
+        Ok(self
+            .pool
+            .alloc::<Act>(self.n * width * 4, &label, Lifetime::Transient)?)
     }
 
     pub fn push(&mut self, role: &'static str, op: Op) {
@@ -45,9 +53,22 @@ impl<'p> Builder<'p> {
     }
 
     /// `x @ w^T` into a fresh activation.
-    pub fn matmul(&mut self, x: BufId<Act>, w: &moeflux_core::Matrix, role: &'static str) -> Result<BufId<Act>, ModelError> {
+    pub fn matmul(
+        &mut self,
+        x: BufId<Act>,
+        w: &moeflux_core::Matrix,
+        role: &'static str,
+    ) -> Result<BufId<Act>, ModelError> {
         let out = self.act(w.rows, role)?;
-        self.push(role, Op::Matmul { x, w: *w, out, n: self.n });
+        self.push(
+            role,
+            Op::Matmul {
+                x,
+                w: *w,
+                out,
+                n: self.n,
+            },
+        );
         Ok(out)
     }
 }

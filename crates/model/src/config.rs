@@ -133,33 +133,50 @@ struct Fields<'a> {
 
 impl Fields<'_> {
     fn err(&self, field: &str, msg: impl Into<String>) -> ModelError {
-        ModelError::Config { path: self.path.to_path_buf(), field: field.into(), msg: msg.into() }
+        ModelError::Config {
+            path: self.path.to_path_buf(),
+            field: field.into(),
+            msg: msg.into(),
+        }
     }
     fn raw(&self, field: &str) -> Option<&Value> {
-        self.scopes.iter().find_map(|s| s.get(field)).filter(|v| !v.is_null())
+        self.scopes
+            .iter()
+            .find_map(|s| s.get(field))
+            .filter(|v| !v.is_null())
     }
     fn rope(&self, field: &str) -> Option<&Value> {
-        self.raw(field).or_else(|| self.raw("rope_parameters").and_then(|r| r.get(field))).or_else(|| self.raw("rope_scaling").and_then(|r| r.get(field)))
+        self.raw(field)
+            .or_else(|| self.raw("rope_parameters").and_then(|r| r.get(field)))
+            .or_else(|| self.raw("rope_scaling").and_then(|r| r.get(field)))
     }
     fn usize(&self, field: &str) -> Result<usize, ModelError> {
-        self.opt_usize(field)?.ok_or_else(|| self.err(field, "missing"))
+        self.opt_usize(field)?
+            .ok_or_else(|| self.err(field, "missing"))
     }
     fn opt_usize(&self, field: &str) -> Result<Option<usize>, ModelError> {
         match self.raw(field) {
             None => Ok(None),
-            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| self.err(field, format!("expected a non-negative integer, found {v}"))),
+            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
+                self.err(field, format!("expected a non-negative integer, found {v}"))
+            }),
         }
     }
     fn f32_or(&self, v: Option<&Value>, field: &str, default: f32) -> Result<f32, ModelError> {
         match v {
             None => Ok(default),
-            Some(v) => v.as_f64().map(|x| x as f32).ok_or_else(|| self.err(field, format!("expected a number, found {v}"))),
+            Some(v) => v
+                .as_f64()
+                .map(|x| x as f32)
+                .ok_or_else(|| self.err(field, format!("expected a number, found {v}"))),
         }
     }
     fn bool_or(&self, field: &str, default: bool) -> Result<bool, ModelError> {
         match self.raw(field) {
             None => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| self.err(field, format!("expected true/false, found {v}"))),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| self.err(field, format!("expected true/false, found {v}"))),
         }
     }
 }
@@ -174,19 +191,38 @@ fn positive(f: &Fields, field: &str, v: usize) -> Result<usize, ModelError> {
 impl ModelSpec {
     pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
         let path: PathBuf = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::Io { path: path.clone(), source: e })?;
-        let root: Value = serde_json::from_str(&text).map_err(|e| ModelError::Json { path: path.clone(), msg: e.to_string() })?;
+        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::Io {
+            path: path.clone(),
+            source: e,
+        })?;
+        let root: Value = serde_json::from_str(&text).map_err(|e| ModelError::Json {
+            path: path.clone(),
+            msg: e.to_string(),
+        })?;
         Self::from_json(&root, &path)
     }
 
     pub fn from_json(root: &Value, path: &Path) -> Result<Self, ModelError> {
-        let top_type = root.get("model_type").and_then(|v| v.as_str()).unwrap_or("").to_string();
+        let top_type = root
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string();
         let text = root.get("text_config").filter(|v| v.is_object());
         let arch = match top_type.as_str() {
             "qwen3_next" => Arch::Qwen3Next,
             "qwen3_5_moe" | "qwen3_5_moe_text" => Arch::Qwen35Moe,
             "qwen3_moe" => Arch::Qwen3Moe,
-            other => return Err(ModelError::UnknownArch { path: path.to_path_buf(), model_type: if other.is_empty() { "<missing model_type>".into() } else { other.into() } }),
+            other => {
+                return Err(ModelError::UnknownArch {
+                    path: path.to_path_buf(),
+                    model_type: if other.is_empty() {
+                        "<missing model_type>".into()
+                    } else {
+                        other.into()
+                    },
+                });
+            }
         };
         let mut scopes = Vec::new();
         if let Some(t) = text {
@@ -203,9 +239,16 @@ impl ModelSpec {
         let kv_heads = f.opt_usize("num_key_value_heads")?.unwrap_or(heads);
         let head_dim = f.opt_usize("head_dim")?.unwrap_or(hidden / heads);
         if kv_heads == 0 || heads % kv_heads != 0 {
-            return Err(f.err("num_key_value_heads", format!("{kv_heads} does not divide {heads} attention heads")));
+            return Err(f.err(
+                "num_key_value_heads",
+                format!("{kv_heads} does not divide {heads} attention heads"),
+            ));
         }
-        let partial = f.f32_or(f.rope("partial_rotary_factor"), "partial_rotary_factor", 1.0)?;
+        let partial = f.f32_or(
+            f.rope("partial_rotary_factor"),
+            "partial_rotary_factor",
+            1.0,
+        )?;
         let rotary_dim = ((head_dim as f32 * partial) as usize) & !1;
         let rope_theta = f.f32_or(f.rope("rope_theta"), "rope_theta", 10000.0)?;
 
@@ -213,7 +256,10 @@ impl ModelSpec {
             (Arch::Qwen3Moe, _) => vec![LayerKind::FullAttention; n_layers],
             (_, Some(Value::Array(types))) => {
                 if types.len() != n_layers {
-                    return Err(f.err("layer_types", format!("{} entries for {n_layers} layers", types.len())));
+                    return Err(f.err(
+                        "layer_types",
+                        format!("{} entries for {n_layers} layers", types.len()),
+                    ));
                 }
                 types
                     .iter()
@@ -225,22 +271,49 @@ impl ModelSpec {
                     .collect::<Result<_, _>>()?
             }
             _ => {
-                let interval = positive(&f, "full_attention_interval", f.opt_usize("full_attention_interval")?.unwrap_or(4))?;
-                (0..n_layers).map(|i| if (i + 1) % interval == 0 { LayerKind::FullAttention } else { LayerKind::LinearAttention }).collect()
+                let interval = positive(
+                    &f,
+                    "full_attention_interval",
+                    f.opt_usize("full_attention_interval")?.unwrap_or(4),
+                )?;
+                (0..n_layers)
+                    .map(|i| {
+                        if (i + 1) % interval == 0 {
+                            LayerKind::FullAttention
+                        } else {
+                            LayerKind::LinearAttention
+                        }
+                    })
+                    .collect()
             }
         };
         let linear = if layers.contains(&LayerKind::LinearAttention) {
             let k_heads = positive(&f, "linear_num_key_heads", f.usize("linear_num_key_heads")?)?;
-            let v_heads = positive(&f, "linear_num_value_heads", f.usize("linear_num_value_heads")?)?;
+            let v_heads = positive(
+                &f,
+                "linear_num_value_heads",
+                f.usize("linear_num_value_heads")?,
+            )?;
             if v_heads % k_heads != 0 {
-                return Err(f.err("linear_num_value_heads", format!("{v_heads} is not a multiple of {k_heads} key heads")));
+                return Err(f.err(
+                    "linear_num_value_heads",
+                    format!("{v_heads} is not a multiple of {k_heads} key heads"),
+                ));
             }
             Some(LinearSpec {
                 k_heads,
                 v_heads,
                 dk: positive(&f, "linear_key_head_dim", f.usize("linear_key_head_dim")?)?,
-                dv: positive(&f, "linear_value_head_dim", f.usize("linear_value_head_dim")?)?,
-                conv_kernel: positive(&f, "linear_conv_kernel_dim", f.opt_usize("linear_conv_kernel_dim")?.unwrap_or(4))?,
+                dv: positive(
+                    &f,
+                    "linear_value_head_dim",
+                    f.usize("linear_value_head_dim")?,
+                )?,
+                conv_kernel: positive(
+                    &f,
+                    "linear_conv_kernel_dim",
+                    f.opt_usize("linear_conv_kernel_dim")?.unwrap_or(4),
+                )?,
             })
         } else {
             None
@@ -249,39 +322,74 @@ impl ModelSpec {
         let experts = positive(&f, "num_experts", f.usize("num_experts")?)?;
         let top_k = f.usize("num_experts_per_tok")?;
         if top_k == 0 || top_k > experts {
-            return Err(f.err("num_experts_per_tok", format!("{top_k} must be in 1..={experts}")));
+            return Err(f.err(
+                "num_experts_per_tok",
+                format!("{top_k} must be in 1..={experts}"),
+            ));
         }
         let shared_inter = match arch {
             Arch::Qwen3Moe => None,
-            _ => f.opt_usize("shared_expert_intermediate_size")?.filter(|&s| s > 0),
+            _ => f
+                .opt_usize("shared_expert_intermediate_size")?
+                .filter(|&s| s > 0),
         };
         let moe = MoeSpec {
             experts,
             top_k,
-            inter: positive(&f, "moe_intermediate_size", f.usize("moe_intermediate_size")?)?,
+            inter: positive(
+                &f,
+                "moe_intermediate_size",
+                f.usize("moe_intermediate_size")?,
+            )?,
             shared_inter,
             renorm: f.bool_or("norm_topk_prob", arch != Arch::Qwen3Moe)?,
         };
         let step = f.opt_usize("decoder_sparse_step")?.unwrap_or(1).max(1);
         let dense_only: Vec<usize> = match f.raw("mlp_only_layers") {
-            Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_u64().map(|x| x as usize)).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_u64().map(|x| x as usize))
+                .collect(),
             _ => Vec::new(),
         };
         let mlp: Vec<MlpKind> = (0..n_layers)
-            .map(|i| if dense_only.contains(&i) || (i + 1) % step != 0 { MlpKind::Dense } else { MlpKind::Moe })
+            .map(|i| {
+                if dense_only.contains(&i) || (i + 1) % step != 0 {
+                    MlpKind::Dense
+                } else {
+                    MlpKind::Moe
+                }
+            })
             .collect();
-        let dense_inter = if mlp.contains(&MlpKind::Dense) { f.usize("intermediate_size")? } else { 0 };
+        let dense_inter = if mlp.contains(&MlpKind::Dense) {
+            f.usize("intermediate_size")?
+        } else {
+            0
+        };
 
-        let quant = match root.get("quantization").or_else(|| root.get("quantization_config")) {
+        let quant = match root
+            .get("quantization")
+            .or_else(|| root.get("quantization_config"))
+        {
             Some(q) if q.get("bits").is_some() => {
-                let bits = q["bits"].as_u64().ok_or_else(|| f.err("quantization.bits", "expected an integer"))? as u8;
+                let bits = q["bits"]
+                    .as_u64()
+                    .ok_or_else(|| f.err("quantization.bits", "expected an integer"))?
+                    as u8;
                 let group_size = q.get("group_size").and_then(|v| v.as_u64()).unwrap_or(64) as u32;
                 let mut overrides = BTreeMap::new();
                 for (k, v) in q.as_object().into_iter().flatten() {
                     match v {
                         Value::Object(o) => {
-                            let b = o.get("bits").and_then(|v| v.as_u64()).unwrap_or(bits as u64) as u8;
-                            let g = o.get("group_size").and_then(|v| v.as_u64()).unwrap_or(group_size as u64) as u32;
+                            let b = o
+                                .get("bits")
+                                .and_then(|v| v.as_u64())
+                                .unwrap_or(bits as u64) as u8;
+                            let g = o
+                                .get("group_size")
+                                .and_then(|v| v.as_u64())
+                                .unwrap_or(group_size as u64)
+                                as u32;
                             overrides.insert(k.clone(), Some((b, g)));
                         }
                         Value::Bool(false) => {
@@ -290,7 +398,11 @@ impl ModelSpec {
                         _ => {}
                     }
                 }
-                Some(QuantConfig { bits, group_size, overrides })
+                Some(QuantConfig {
+                    bits,
+                    group_size,
+                    overrides,
+                })
             }
             _ => None,
         };
@@ -299,7 +411,9 @@ impl ModelSpec {
         for s in &f.scopes {
             match s.get("eos_token_id") {
                 Some(Value::Number(n)) => eos_ids.extend(n.as_u64().map(|x| x as u32)),
-                Some(Value::Array(a)) => eos_ids.extend(a.iter().filter_map(|v| v.as_u64().map(|x| x as u32))),
+                Some(Value::Array(a)) => {
+                    eos_ids.extend(a.iter().filter_map(|v| v.as_u64().map(|x| x as u32)))
+                }
                 _ => {}
             }
         }
@@ -313,11 +427,25 @@ impl ModelSpec {
             eps,
             layers,
             mlp,
-            attn: AttnSpec { heads, kv_heads, head_dim, rotary_dim, rope_theta, output_gate: arch != Arch::Qwen3Moe },
+            attn: AttnSpec {
+                heads,
+                kv_heads,
+                head_dim,
+                rotary_dim,
+                rope_theta,
+                output_gate: arch != Arch::Qwen3Moe,
+            },
             linear,
             moe,
             dense_inter,
-            tie_embeddings: root.get("tie_word_embeddings").and_then(|v| v.as_bool()).or_else(|| text.and_then(|t| t.get("tie_word_embeddings")).and_then(|v| v.as_bool())).unwrap_or(false),
+            tie_embeddings: root
+                .get("tie_word_embeddings")
+                .and_then(|v| v.as_bool())
+                .or_else(|| {
+                    text.and_then(|t| t.get("tie_word_embeddings"))
+                        .and_then(|v| v.as_bool())
+                })
+                .unwrap_or(false),
             max_position: f.opt_usize("max_position_embeddings")?.unwrap_or(32768),
             quant,
             eos_ids,

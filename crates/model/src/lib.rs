@@ -96,11 +96,19 @@ impl Model {
 
     /// Opens a model directory; a packed directory (`moeflux convert`) streams its routed
     /// experts through an [`packed::ExpertStore`] bounded by `opts.host_mem`.
-    pub fn open_with(dir: &Path, pool: &mut dyn BufferPool, opts: &LoadOptions) -> Result<Self, ModelError> {
+    pub fn open_with(
+        dir: &Path,
+        pool: &mut dyn BufferPool,
+        opts: &LoadOptions,
+    ) -> Result<Self, ModelError> {
         let spec = ModelSpec::from_dir(dir)?;
         let source = WeightSource::open(dir)?;
         let store = if dir.join(packed::MANIFEST).exists() {
-            Some(packed::ExpertStore::open(dir, opts.host_mem, spec.moe.top_k)?)
+            Some(packed::ExpertStore::open(
+                dir,
+                opts.host_mem,
+                spec.moe.top_k,
+            )?)
         } else {
             None
         };
@@ -110,18 +118,33 @@ impl Model {
     }
 
     /// Resolves a model from already-parsed weights (files or in-memory buffers).
-    pub fn from_source(spec: ModelSpec, source: &WeightSource, pool: &mut dyn BufferPool, store: Option<std::sync::Arc<packed::ExpertStore>>) -> Result<Self, ModelError> {
+    pub fn from_source(
+        spec: ModelSpec,
+        source: &WeightSource,
+        pool: &mut dyn BufferPool,
+        store: Option<std::sync::Arc<packed::ExpertStore>>,
+    ) -> Result<Self, ModelError> {
         let ld = weights::Loader::new(source, spec.quant.as_ref(), pool)?;
         let weights = match spec.arch {
-            Arch::Qwen3Next | Arch::Qwen35Moe => arch::qwen3_next::load(&ld, &spec, store.as_ref())?,
+            Arch::Qwen3Next | Arch::Qwen35Moe => {
+                arch::qwen3_next::load(&ld, &spec, store.as_ref())?
+            }
             Arch::Qwen3Moe => arch::qwen3_moe::load(&ld, &spec, store.as_ref())?,
         };
-        Ok(Model { spec, dir: None, weights })
+        Ok(Model {
+            spec,
+            dir: None,
+            weights,
+        })
     }
 
     /// Allocates the KV caches and recurrent state for one sequence of up to `max_ctx`
     /// tokens (persistent, zeroed).
-    pub fn alloc_state(&self, pool: &mut dyn BufferPool, max_ctx: usize) -> Result<SeqState, ModelError> {
+    pub fn alloc_state(
+        &self,
+        pool: &mut dyn BufferPool,
+        max_ctx: usize,
+    ) -> Result<SeqState, ModelError> {
         let s = &self.spec;
         let mut layers = Vec::new();
         for (l, kind) in s.layers.iter().enumerate() {
@@ -137,8 +160,16 @@ impl Model {
                 LayerKind::LinearAttention => {
                     let ls = s.linear.as_ref().expect("linear spec");
                     LayerState::Linear(LinearState {
-                        conv: pool.alloc((ls.conv_kernel - 1) * ls.conv_dim() * 4, &format!("L{l}.conv_state"), Lifetime::Persistent)?,
-                        delta: pool.alloc(ls.v_heads * ls.dk * ls.dv * 4, &format!("L{l}.delta_state"), Lifetime::Persistent)?,
+                        conv: pool.alloc(
+                            (ls.conv_kernel - 1) * ls.conv_dim() * 4,
+                            &format!("L{l}.conv_state"),
+                            Lifetime::Persistent,
+                        )?,
+                        delta: pool.alloc(
+                            ls.v_heads * ls.dk * ls.dv * 4,
+                            &format!("L{l}.delta_state"),
+                            Lifetime::Persistent,
+                        )?,
                     })
                 }
             });
@@ -164,7 +195,13 @@ impl Model {
     }
 
     /// Emits the graph that runs `n` tokens through the model.
-    pub fn build_step(&self, pool: &mut dyn BufferPool, st: &SeqState, n: usize, rows: LogitsRows) -> Result<StepGraph, ModelError> {
+    pub fn build_step(
+        &self,
+        pool: &mut dyn BufferPool,
+        st: &SeqState,
+        n: usize,
+        rows: LogitsRows,
+    ) -> Result<StepGraph, ModelError> {
         let s = &self.spec;
         let w = &self.weights;
         let h = s.hidden;
@@ -174,41 +211,136 @@ impl Model {
             LogitsRows::All => n,
             LogitsRows::Last => 1,
         };
-        let logits: BufId<Act> = pool.alloc(logits_rows * s.vocab * 4, "logits", Lifetime::External)?;
+        let logits: BufId<Act> =
+            pool.alloc(logits_rows * s.vocab * 4, "logits", Lifetime::External)?;
         let mut b = Builder::new(pool, format!("{}-n{n}", s.arch.name()), n, pos);
         let x = b.act(h, "residual")?;
-        b.push("embed", Op::Embed { table: w.embed, tokens, out: x, n });
-        let attn_params = AttnParams { spec: &s.attn, eps: s.eps, norm_offset: w.norm_offset };
+        b.push(
+            "embed",
+            Op::Embed {
+                table: w.embed,
+                tokens,
+                out: x,
+                n,
+            },
+        );
+        let attn_params = AttnParams {
+            spec: &s.attn,
+            eps: s.eps,
+            norm_offset: w.norm_offset,
+        };
         for (l, lw) in w.layers.iter().enumerate() {
             b.set_layer(Some(l));
             let hn = b.act(h, "input_norm")?;
-            b.push("input_layernorm", Op::RmsNorm { x, weight: lw.input_norm, out: hn, rows: n, dim: h, eps: s.eps, offset: w.norm_offset });
+            b.push(
+                "input_layernorm",
+                Op::RmsNorm {
+                    x,
+                    weight: lw.input_norm,
+                    out: hn,
+                    rows: n,
+                    dim: h,
+                    eps: s.eps,
+                    offset: w.norm_offset,
+                },
+            );
             let mixed = match (&lw.mixer, &st.layers[l]) {
-                (Mixer::Attn(aw), LayerState::Kv(kv)) => blocks::attn::emit(&mut b, hn, aw, *kv, &attn_params)?,
-                (Mixer::Linear(lw2), LayerState::Linear(ls)) => blocks::linear_attn::emit(&mut b, hn, lw2, *ls, s.linear.as_ref().expect("linear spec"), s.eps)?,
+                (Mixer::Attn(aw), LayerState::Kv(kv)) => {
+                    blocks::attn::emit(&mut b, hn, aw, *kv, &attn_params)?
+                }
+                (Mixer::Linear(lw2), LayerState::Linear(ls)) => blocks::linear_attn::emit(
+                    &mut b,
+                    hn,
+                    lw2,
+                    *ls,
+                    s.linear.as_ref().expect("linear spec"),
+                    s.eps,
+                )?,
                 _ => unreachable!("state allocated from the same spec"),
             };
-            b.push("residual_add", Op::Add { a: x, b: mixed, out: x, len: n * h });
+            b.push(
+                "residual_add",
+                Op::Add {
+                    a: x,
+                    b: mixed,
+                    out: x,
+                    len: n * h,
+                },
+            );
             let hn2 = b.act(h, "post_norm")?;
-            b.push("post_attention_layernorm", Op::RmsNorm { x, weight: lw.post_norm, out: hn2, rows: n, dim: h, eps: s.eps, offset: w.norm_offset });
+            b.push(
+                "post_attention_layernorm",
+                Op::RmsNorm {
+                    x,
+                    weight: lw.post_norm,
+                    out: hn2,
+                    rows: n,
+                    dim: h,
+                    eps: s.eps,
+                    offset: w.norm_offset,
+                },
+            );
             let y = match &lw.ffn {
                 Ffn::Moe(mw) => blocks::moe::emit(&mut b, hn2, mw, &s.moe, h)?,
                 Ffn::Dense(mlp) => blocks::moe::emit_mlp(&mut b, hn2, mlp, "mlp")?,
             };
-            b.push("residual_add", Op::Add { a: x, b: y, out: x, len: n * h });
+            b.push(
+                "residual_add",
+                Op::Add {
+                    a: x,
+                    b: y,
+                    out: x,
+                    len: n * h,
+                },
+            );
         }
         b.set_layer(None);
         let last = if logits_rows < n {
             let t = b.act(h, "last_hidden")?;
-            b.push("take_last", Op::CopyRows { x, out: t, start: n - 1, rows: 1, width: h });
+            b.push(
+                "take_last",
+                Op::CopyRows {
+                    x,
+                    out: t,
+                    start: n - 1,
+                    rows: 1,
+                    width: h,
+                },
+            );
             t
         } else {
             x
         };
         let normed = b.act(h, "final_norm")?;
-        b.push("final_norm", Op::RmsNorm { x: last, weight: w.final_norm, out: normed, rows: logits_rows, dim: h, eps: s.eps, offset: w.norm_offset });
-        b.push("lm_head", Op::Matmul { x: normed, w: w.lm_head, out: logits, n: logits_rows });
-        Ok(StepGraph { graph: b.graph, n, tokens, pos, logits, logits_rows })
+        b.push(
+            "final_norm",
+            Op::RmsNorm {
+                x: last,
+                weight: w.final_norm,
+                out: normed,
+                rows: logits_rows,
+                dim: h,
+                eps: s.eps,
+                offset: w.norm_offset,
+            },
+        );
+        b.push(
+            "lm_head",
+            Op::Matmul {
+                x: normed,
+                w: w.lm_head,
+                out: logits,
+                n: logits_rows,
+            },
+        );
+        Ok(StepGraph {
+            graph: b.graph,
+            n,
+            tokens,
+            pos,
+            logits,
+            logits_rows,
+        })
     }
 
     /// Parameter and byte counts: total, active per token, experts.
@@ -235,11 +367,17 @@ impl Model {
         let k = self.spec.moe.top_k;
         for l in &w.layers {
             match &l.mixer {
-                Mixer::Attn(a) => [&a.q, &a.k, &a.v, &a.o].into_iter().for_each(|m| add(m, true, false)),
+                Mixer::Attn(a) => [&a.q, &a.k, &a.v, &a.o]
+                    .into_iter()
+                    .for_each(|m| add(m, true, false)),
                 Mixer::Linear(la) => {
                     match &la.in_proj {
-                        blocks::linear_attn::InProj::Fused { qkvz, ba } => [qkvz, ba].into_iter().for_each(|m| add(m, true, false)),
-                        blocks::linear_attn::InProj::Split { qkv, z, b, a } => [qkv, z, b, a].into_iter().for_each(|m| add(m, true, false)),
+                        blocks::linear_attn::InProj::Fused { qkvz, ba } => {
+                            [qkvz, ba].into_iter().for_each(|m| add(m, true, false))
+                        }
+                        blocks::linear_attn::InProj::Split { qkv, z, b, a } => {
+                            [qkv, z, b, a].into_iter().for_each(|m| add(m, true, false))
+                        }
                     }
                     add(&la.out, true, false);
                 }
@@ -249,7 +387,12 @@ impl Model {
                     add(&m.router, true, false);
                     let experts: Vec<moeflux_core::ExpertWeights> = match &m.experts {
                         arch::Experts::Resident(e) => e.to_vec(),
-                        arch::Experts::Streamed(s) => vec![moeflux_core::ExpertProvider::layout(s.as_ref()); s.manifest().experts],
+                        arch::Experts::Streamed(s) => {
+                            vec![
+                                moeflux_core::ExpertProvider::layout(s.as_ref());
+                                s.manifest().experts
+                            ]
+                        }
                     };
                     for (i, e) in experts.iter().enumerate() {
                         // active per token: k experts (count the first k as representative)
@@ -258,10 +401,14 @@ impl Model {
                         }
                     }
                     if let Some((mlp, g)) = &m.shared {
-                        [&mlp.gate, &mlp.up, &mlp.down, g].into_iter().for_each(|mm| add(mm, true, false));
+                        [&mlp.gate, &mlp.up, &mlp.down, g]
+                            .into_iter()
+                            .for_each(|mm| add(mm, true, false));
                     }
                 }
-                Ffn::Dense(mlp) => [&mlp.gate, &mlp.up, &mlp.down].into_iter().for_each(|mm| add(mm, true, false)),
+                Ffn::Dense(mlp) => [&mlp.gate, &mlp.up, &mlp.down]
+                    .into_iter()
+                    .for_each(|mm| add(mm, true, false)),
             }
         }
         st

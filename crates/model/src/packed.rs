@@ -19,7 +19,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use half::{bf16, f16};
-use moeflux_core::{BufId, CoreError, DType, ExpertProvider, ExpertWeights, Matrix, Region, WeightFormat};
+use moeflux_core::{
+    BufId, CoreError, DType, ExpertProvider, ExpertWeights, Matrix, Region, WeightFormat,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::arch::{self, Ffn};
@@ -39,7 +41,10 @@ fn group_for(cols: usize) -> Option<usize> {
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> ModelError + '_ {
-    move |e| ModelError::Io { path: path.to_path_buf(), source: e }
+    move |e| ModelError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    }
 }
 
 fn round_up(x: usize, a: usize) -> usize {
@@ -113,9 +118,18 @@ fn st_dtype(d: DType) -> &'static str {
 /// f32 values of a stored float tensor.
 fn to_f32(bytes: &[u8], dt: DType) -> Vec<f32> {
     match dt {
-        DType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        DType::BF16 => bytes.chunks_exact(2).map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect(),
-        DType::F16 => bytes.chunks_exact(2).map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect(),
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
         _ => unreachable!("float tensors only"),
     }
 }
@@ -124,16 +138,29 @@ fn to_f32(bytes: &[u8], dt: DType) -> Vec<f32> {
 /// the row: q = round((w - min) / scale), scale = (max - min) / (2^bits - 1), bias = min,
 /// with scale and bias rounded to bf16 first so dequantization reproduces the rounding.
 /// Returns (packed data, scales, biases) as bytes.
-pub fn quantize(w: &[f32], rows: usize, cols: usize, bits: u8, group: usize) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+pub fn quantize(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    bits: u8,
+    group: usize,
+) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
     let levels = ((1u32 << bits) - 1) as f32;
     let groups = cols / group;
     let mut data = Vec::with_capacity(rows * cols * bits as usize / 8);
-    let (mut scales, mut biases) = (Vec::with_capacity(rows * groups * 2), Vec::with_capacity(rows * groups * 2));
+    let (mut scales, mut biases) = (
+        Vec::with_capacity(rows * groups * 2),
+        Vec::with_capacity(rows * groups * 2),
+    );
     let mut q = vec![0u8; group];
     for r in 0..rows {
         for g in 0..groups {
             let v = &w[r * cols + g * group..r * cols + (g + 1) * group];
-            let (lo, hi) = v.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), x| (a.min(*x), b.max(*x)));
+            let (lo, hi) = v
+                .iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), x| {
+                    (a.min(*x), b.max(*x))
+                });
             let scale = bf16::from_f32(((hi - lo) / levels).max(1e-12));
             let bias = bf16::from_f32(lo);
             let (s, b) = (scale.to_f32(), bias.to_f32());
@@ -153,18 +180,61 @@ pub fn quantize(w: &[f32], rows: usize, cols: usize, bits: u8, group: usize) -> 
 }
 
 /// One matrix as packed bytes: copied verbatim when already quantized, quantized otherwise.
-fn pack_matrix(ld: &Loader, m: &Matrix, bits: u8) -> Result<(PartLayout, [Vec<u8>; 3]), ModelError> {
+fn pack_matrix(
+    ld: &Loader,
+    m: &Matrix,
+    bits: u8,
+) -> Result<(PartLayout, [Vec<u8>; 3]), ModelError> {
     match m.format {
-        WeightFormat::Affine { bits: b, group_size, scale_dtype } => {
-            let (db, sb) = (m.format.data_bytes(m.rows, m.cols), m.format.scale_bytes(m.rows, m.cols));
-            let bytes = [ld.bytes(m.data, db).to_vec(), ld.bytes(m.scales.expect("quantized"), sb).to_vec(), ld.bytes(m.biases.expect("quantized"), sb).to_vec()];
-            Ok((PartLayout { rows: m.rows, cols: m.cols, bits: b, group_size, scale_dtype: dtype_name(scale_dtype).into(), data: 0, scales: 0, biases: 0 }, bytes))
+        WeightFormat::Affine {
+            bits: b,
+            group_size,
+            scale_dtype,
+        } => {
+            let (db, sb) = (
+                m.format.data_bytes(m.rows, m.cols),
+                m.format.scale_bytes(m.rows, m.cols),
+            );
+            let bytes = [
+                ld.bytes(m.data, db).to_vec(),
+                ld.bytes(m.scales.expect("quantized"), sb).to_vec(),
+                ld.bytes(m.biases.expect("quantized"), sb).to_vec(),
+            ];
+            Ok((
+                PartLayout {
+                    rows: m.rows,
+                    cols: m.cols,
+                    bits: b,
+                    group_size,
+                    scale_dtype: dtype_name(scale_dtype).into(),
+                    data: 0,
+                    scales: 0,
+                    biases: 0,
+                },
+                bytes,
+            ))
         }
         WeightFormat::Dense(dt) => {
-            let group = group_for(m.cols).ok_or_else(|| ModelError::Config { path: ld.src.dir.clone(), field: "experts".into(), msg: format!("expert width {} is not a multiple of 32", m.cols) })?;
+            let group = group_for(m.cols).ok_or_else(|| ModelError::Config {
+                path: ld.src.dir.clone(),
+                field: "experts".into(),
+                msg: format!("expert width {} is not a multiple of 32", m.cols),
+            })?;
             let w = to_f32(ld.bytes(m.data, m.format.data_bytes(m.rows, m.cols)), dt);
             let (d, s, b) = quantize(&w, m.rows, m.cols, bits, group);
-            Ok((PartLayout { rows: m.rows, cols: m.cols, bits, group_size: group as u32, scale_dtype: "bf16".into(), data: 0, scales: 0, biases: 0 }, [d, s, b]))
+            Ok((
+                PartLayout {
+                    rows: m.rows,
+                    cols: m.cols,
+                    bits,
+                    group_size: group as u32,
+                    scale_dtype: "bf16".into(),
+                    data: 0,
+                    scales: 0,
+                    biases: 0,
+                },
+                [d, s, b],
+            ))
         }
     }
 }
@@ -199,12 +269,27 @@ fn is_router(name: &str) -> bool {
 }
 
 /// `moeflux convert`: writes the packed layout of `src` into `dst`.
-pub fn convert(src_dir: &Path, dst: &Path, bits: u8, progress: Progress) -> Result<Manifest, ModelError> {
+pub fn convert(
+    src_dir: &Path,
+    dst: &Path,
+    bits: u8,
+    progress: Progress,
+) -> Result<Manifest, ModelError> {
     if !matches!(bits, 4 | 8) {
-        return Err(ModelError::Config { path: dst.to_path_buf(), field: "--bits".into(), msg: format!("{bits} (use 4 or 8)") });
+        return Err(ModelError::Config {
+            path: dst.to_path_buf(),
+            field: "--bits".into(),
+            msg: format!("{bits} (use 4 or 8)"),
+        });
     }
     if dst.exists() {
-        return Err(ModelError::Io { path: dst.to_path_buf(), source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "output exists; remove it or pick another path") });
+        return Err(ModelError::Io {
+            path: dst.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "output exists; remove it or pick another path",
+            ),
+        });
     }
     let spec = ModelSpec::from_dir(src_dir)?;
     let src = WeightSource::open(src_dir)?;
@@ -214,12 +299,23 @@ pub fn convert(src_dir: &Path, dst: &Path, bits: u8, progress: Progress) -> Resu
         Arch::Qwen3Next | Arch::Qwen35Moe => arch::qwen3_next::load(&ld, &spec, None)?,
         Arch::Qwen3Moe => arch::qwen3_moe::load(&ld, &spec, None)?,
     };
-    let tmp = dst.with_file_name(format!(".{}.partial-{}", dst.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(), std::process::id()));
+    let tmp = dst.with_file_name(format!(
+        ".{}.partial-{}",
+        dst.file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(tmp.join("experts")).map_err(io_err(&tmp))?;
     let result = (|| {
         let quantize_dense = spec.quant.is_none();
-        let total_experts = weights.layers.iter().filter(|l| matches!(l.ffn, Ffn::Moe(_))).count() as u64 * spec.moe.experts as u64;
+        let total_experts = weights
+            .layers
+            .iter()
+            .filter(|l| matches!(l.ffn, Ffn::Moe(_)))
+            .count() as u64
+            * spec.moe.experts as u64;
         let total = src.tensors.len() as u64 + total_experts;
         let mut done = 0u64;
         // 1. experts, one record at a time
@@ -227,18 +323,28 @@ pub fn convert(src_dir: &Path, dst: &Path, bits: u8, progress: Progress) -> Resu
         let mut layers = Vec::new();
         for (l, lw) in weights.layers.iter().enumerate() {
             let Ffn::Moe(m) = &lw.ffn else { continue };
-            let arch::Experts::Resident(experts) = &m.experts else { unreachable!("loaded from safetensors") };
+            let arch::Experts::Resident(experts) = &m.experts else {
+                unreachable!("loaded from safetensors")
+            };
             let name = format!("experts/layer_{l:03}.bin");
             let path = tmp.join(&name);
             let mut f = BufWriter::new(File::create(&path).map_err(io_err(&path))?);
             let mut crcs = Vec::new();
             for e in experts.iter() {
-                let parts = vec![pack_matrix(&ld, &e.gate, bits)?, pack_matrix(&ld, &e.up, bits)?, pack_matrix(&ld, &e.down, bits)?];
+                let parts = vec![
+                    pack_matrix(&ld, &e.gate, bits)?,
+                    pack_matrix(&ld, &e.up, bits)?,
+                    pack_matrix(&ld, &e.down, bits)?,
+                ];
                 let (lay, rec) = build_record(parts);
                 match &layout {
                     None => layout = Some(lay),
                     Some(x) if *x != lay => {
-                        return Err(ModelError::Config { path: src_dir.to_path_buf(), field: "experts".into(), msg: format!("layer {l}: experts differ in storage format") });
+                        return Err(ModelError::Config {
+                            path: src_dir.to_path_buf(),
+                            field: "experts".into(),
+                            msg: format!("layer {l}: experts differ in storage format"),
+                        });
                     }
                     _ => {}
                 }
@@ -248,13 +354,27 @@ pub fn convert(src_dir: &Path, dst: &Path, bits: u8, progress: Progress) -> Resu
                 progress(done, total, "experts");
             }
             f.flush().map_err(io_err(&path))?;
-            layers.push(LayerFile { layer: l, file: name, crc32: crcs });
+            layers.push(LayerFile {
+                layer: l,
+                file: name,
+                crc32: crcs,
+            });
         }
-        let parts = layout.ok_or_else(|| ModelError::Config { path: src_dir.to_path_buf(), field: "num_experts".into(), msg: "model has no MoE layers to pack".into() })?;
+        let parts = layout.ok_or_else(|| ModelError::Config {
+            path: src_dir.to_path_buf(),
+            field: "num_experts".into(),
+            msg: "model has no MoE layers to pack".into(),
+        })?;
         let record_bytes = {
             let last = parts.last().expect("three parts");
-            let f = WeightFormat::Affine { bits: last.bits, group_size: last.group_size, scale_dtype: DType::BF16 };
-            let sb = f.scale_bytes(last.rows, last.cols) * dtype_parse(&last.scale_dtype).map_or(2, |d| d.size()) / 2;
+            let f = WeightFormat::Affine {
+                bits: last.bits,
+                group_size: last.group_size,
+                scale_dtype: DType::BF16,
+            };
+            let sb = f.scale_bytes(last.rows, last.cols)
+                * dtype_parse(&last.scale_dtype).map_or(2, |d| d.size())
+                / 2;
             round_up(last.biases + sb, RECORD_ALIGN)
         };
 
@@ -274,21 +394,56 @@ pub fn convert(src_dir: &Path, dst: &Path, bits: u8, progress: Progress) -> Resu
                 continue;
             }
             let module = name.strip_suffix(".weight");
-            let group = if t.shape.len() == 2 { group_for(t.shape[1]) } else { None };
-            let quant = quantize_dense && t.dtype.is_float() && module.is_some() && !name.contains("norm") && group.is_some();
+            let group = if t.shape.len() == 2 {
+                group_for(t.shape[1])
+            } else {
+                None
+            };
+            let quant = quantize_dense
+                && t.dtype.is_float()
+                && module.is_some()
+                && !name.contains("norm")
+                && group.is_some();
             if quant {
-                let (b, g) = (if is_router(name) { 8 } else { bits }, group.expect("checked"));
+                let (b, g) = (
+                    if is_router(name) { 8 } else { bits },
+                    group.expect("checked"),
+                );
                 if b != bits || g != GROUP {
-                    overrides.insert(module.unwrap().to_string(), serde_json::json!({"group_size": g, "bits": b}));
+                    overrides.insert(
+                        module.unwrap().to_string(),
+                        serde_json::json!({"group_size": g, "bits": b}),
+                    );
                 }
                 let (r, c) = (t.shape[0], t.shape[1]);
                 let m = module.unwrap();
-                entries.push(Entry { name: name.clone(), dtype: DType::U32, shape: vec![r, c * b as usize / 32], bytes: r * c * b as usize / 8, source: name.clone(), quant: true });
+                entries.push(Entry {
+                    name: name.clone(),
+                    dtype: DType::U32,
+                    shape: vec![r, c * b as usize / 32],
+                    bytes: r * c * b as usize / 8,
+                    source: name.clone(),
+                    quant: true,
+                });
                 for suffix in ["scales", "biases"] {
-                    entries.push(Entry { name: format!("{m}.{suffix}"), dtype: DType::BF16, shape: vec![r, c / g], bytes: r * (c / g) * 2, source: name.clone(), quant: true });
+                    entries.push(Entry {
+                        name: format!("{m}.{suffix}"),
+                        dtype: DType::BF16,
+                        shape: vec![r, c / g],
+                        bytes: r * (c / g) * 2,
+                        source: name.clone(),
+                        quant: true,
+                    });
                 }
             } else {
-                entries.push(Entry { name: name.clone(), dtype: t.dtype, shape: t.shape.clone(), bytes: t.bytes, source: name.clone(), quant: false });
+                entries.push(Entry {
+                    name: name.clone(),
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                    bytes: t.bytes,
+                    source: name.clone(),
+                    quant: false,
+                });
             }
         }
         let mut header = serde_json::Map::new();
@@ -314,7 +469,8 @@ pub fn convert(src_dir: &Path, dst: &Path, bits: u8, progress: Progress) -> Resu
         for e in &entries {
             let t = src.get(&e.source).expect("listed above");
             let file = &src.files[t.file];
-            let raw = &(*file.data).as_ref()[file.data_start + t.offset..file.data_start + t.offset + t.bytes];
+            let raw = &(*file.data).as_ref()
+                [file.data_start + t.offset..file.data_start + t.offset + t.bytes];
             if !e.quant {
                 put(&mut f, raw)?;
             } else {
@@ -325,7 +481,13 @@ pub fn convert(src_dir: &Path, dst: &Path, bits: u8, progress: Progress) -> Resu
                     cache = Some((e.source.clone(), [d, s, bi]));
                 }
                 let (_, parts) = cache.as_ref().expect("just set");
-                let which = if e.name.ends_with(".scales") { 1 } else if e.name.ends_with(".biases") { 2 } else { 0 };
+                let which = if e.name.ends_with(".scales") {
+                    1
+                } else if e.name.ends_with(".biases") {
+                    2
+                } else {
+                    0
+                };
                 put(&mut f, &parts[which])?;
             }
             if !e.name.ends_with(".scales") && !e.name.ends_with(".biases") {
@@ -338,7 +500,12 @@ pub fn convert(src_dir: &Path, dst: &Path, bits: u8, progress: Progress) -> Resu
 
         // 3. config, tokenizer files, manifest
         let cfg_path = src_dir.join("config.json");
-        let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).map_err(io_err(&cfg_path))?).map_err(|e| ModelError::Json { path: cfg_path.clone(), msg: e.to_string() })?;
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&cfg_path).map_err(io_err(&cfg_path))?)
+                .map_err(|e| ModelError::Json {
+                path: cfg_path.clone(),
+                msg: e.to_string(),
+            })?;
         if quantize_dense {
             let mut q = serde_json::json!({"group_size": GROUP, "bits": bits});
             for (k, v) in overrides {
@@ -346,15 +513,38 @@ pub fn convert(src_dir: &Path, dst: &Path, bits: u8, progress: Progress) -> Resu
             }
             cfg["quantization"] = q;
         }
-        std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(&cfg).expect("json")).map_err(io_err(&tmp))?;
-        for name in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json", "special_tokens_map.json"] {
+        std::fs::write(
+            tmp.join("config.json"),
+            serde_json::to_string_pretty(&cfg).expect("json"),
+        )
+        .map_err(io_err(&tmp))?;
+        for name in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "chat_template.jinja",
+            "generation_config.json",
+            "special_tokens_map.json",
+        ] {
             let p = src_dir.join(name);
             if p.exists() {
                 std::fs::copy(&p, tmp.join(name)).map_err(io_err(&p))?;
             }
         }
-        let manifest = Manifest { format: "moeflux-packed".into(), version: 1, experts: spec.moe.experts, record_bytes, parts, layers, dense_file: "dense.safetensors".into(), dense_crc32: crc.finalize() };
-        std::fs::write(tmp.join(MANIFEST), serde_json::to_string_pretty(&manifest).expect("json")).map_err(io_err(&tmp))?;
+        let manifest = Manifest {
+            format: "moeflux-packed".into(),
+            version: 1,
+            experts: spec.moe.experts,
+            record_bytes,
+            parts,
+            layers,
+            dense_file: "dense.safetensors".into(),
+            dense_crc32: crc.finalize(),
+        };
+        std::fs::write(
+            tmp.join(MANIFEST),
+            serde_json::to_string_pretty(&manifest).expect("json"),
+        )
+        .map_err(io_err(&tmp))?;
         Ok(manifest)
     })();
     match result {
@@ -376,7 +566,10 @@ pub fn verify(dir: &Path, progress: Progress) -> Result<(), ModelError> {
     let dense = dir.join(&m.dense_file);
     let bytes = std::fs::read(&dense).map_err(io_err(&dense))?;
     if crc32fast::hash(&bytes) != m.dense_crc32 {
-        return Err(ModelError::BadSafetensors { path: dense, msg: "checksum mismatch (file corrupted)".into() });
+        return Err(ModelError::BadSafetensors {
+            path: dense,
+            msg: "checksum mismatch (file corrupted)".into(),
+        });
     }
     let mut done = 1;
     progress(done, total, "verify");
@@ -387,7 +580,11 @@ pub fn verify(dir: &Path, progress: Progress) -> Result<(), ModelError> {
         for (e, want) in l.crc32.iter().enumerate() {
             read_record(&f, &path, e, &mut buf)?;
             if crc32fast::hash(&buf) != *want {
-                return Err(ModelError::CorruptExpert { path, layer: l.layer, expert: e });
+                return Err(ModelError::CorruptExpert {
+                    path,
+                    layer: l.layer,
+                    expert: e,
+                });
             }
             done += 1;
             progress(done, total, "verify");
@@ -397,13 +594,23 @@ pub fn verify(dir: &Path, progress: Progress) -> Result<(), ModelError> {
 }
 
 fn read_record(f: &File, path: &Path, e: usize, buf: &mut [u8]) -> Result<(), ModelError> {
-    f.read_exact_at(buf, (e * buf.len()) as u64).map_err(|err| ModelError::Io { path: path.to_path_buf(), source: std::io::Error::new(err.kind(), format!("expert record {e}: {err} (file truncated?)")) })
+    f.read_exact_at(buf, (e * buf.len()) as u64)
+        .map_err(|err| ModelError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                err.kind(),
+                format!("expert record {e}: {err} (file truncated?)"),
+            ),
+        })
 }
 
 pub fn read_manifest(dir: &Path) -> Result<Manifest, ModelError> {
     let path = dir.join(MANIFEST);
     let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-    serde_json::from_str(&text).map_err(|e| ModelError::Json { path, msg: e.to_string() })
+    serde_json::from_str(&text).map_err(|e| ModelError::Json {
+        path,
+        msg: e.to_string(),
+    })
 }
 
 /// Counters of an [`ExpertStore`].
@@ -446,14 +653,33 @@ struct Cache {
 
 impl Cache {
     /// Inserts a record, evicting by frequency-aware LRU while over `capacity`.
-    fn insert(&mut self, key: (usize, usize), data: Arc<Vec<u8>>, capacity: usize, prefetched: bool) {
+    fn insert(
+        &mut self,
+        key: (usize, usize),
+        data: Arc<Vec<u8>>,
+        capacity: usize,
+        prefetched: bool,
+    ) {
         let bonus = capacity as u64;
         while self.map.len() >= capacity {
-            let victim = self.map.iter().min_by_key(|(k, v)| (v.last_use + bonus * v.uses.min(8) as u64, **k)).map(|(k, _)| *k).expect("non-empty");
+            let victim = self
+                .map
+                .iter()
+                .min_by_key(|(k, v)| (v.last_use + bonus * v.uses.min(8) as u64, **k))
+                .map(|(k, _)| *k)
+                .expect("non-empty");
             self.map.remove(&victim);
         }
         let now = self.clock;
-        self.map.insert(key, Cached { data, last_use: now, uses: 0, prefetched });
+        self.map.insert(
+            key,
+            Cached {
+                data,
+                last_use: now,
+                uses: 0,
+                prefetched,
+            },
+        );
     }
 }
 
@@ -476,14 +702,23 @@ pub struct ExpertStore {
 
 impl std::fmt::Debug for ExpertStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ExpertStore({}, {} records cached at most)", self.dir.display(), self.capacity)
+        write!(
+            f,
+            "ExpertStore({}, {} records cached at most)",
+            self.dir.display(),
+            self.capacity
+        )
     }
 }
 
 impl ExpertStore {
     /// Opens the store with a RAM budget in bytes (`None`: everything may be cached).
     /// A budget below `min_records` records is refused, naming the minimum.
-    pub fn open(dir: &Path, budget: Option<usize>, min_records: usize) -> Result<Arc<Self>, ModelError> {
+    pub fn open(
+        dir: &Path,
+        budget: Option<usize>,
+        min_records: usize,
+    ) -> Result<Arc<Self>, ModelError> {
         let manifest = read_manifest(dir)?;
         let mut files = HashMap::new();
         for l in &manifest.layers {
@@ -491,7 +726,12 @@ impl ExpertStore {
             let f = File::open(&path).map_err(io_err(&path))?;
             let len = f.metadata().map_err(io_err(&path))?.len() as usize;
             if len < l.crc32.len() * manifest.record_bytes {
-                return Err(ModelError::Truncated { path, tensor: format!("expert record {}", len / manifest.record_bytes), end: l.crc32.len() * manifest.record_bytes, len });
+                return Err(ModelError::Truncated {
+                    path,
+                    tensor: format!("expert record {}", len / manifest.record_bytes),
+                    end: l.crc32.len() * manifest.record_bytes,
+                    len,
+                });
             }
             files.insert(l.layer, (path, f));
         }
@@ -501,7 +741,11 @@ impl ExpertStore {
             Some(b) => {
                 let c = b / manifest.record_bytes;
                 if c < min_records {
-                    return Err(ModelError::Budget { what: "--host-mem".into(), given: b, minimum: min_records * manifest.record_bytes });
+                    return Err(ModelError::Budget {
+                        what: "--host-mem".into(),
+                        given: b,
+                        minimum: min_records * manifest.record_bytes,
+                    });
                 }
                 c.min(total)
             }
@@ -512,7 +756,12 @@ impl ExpertStore {
             manifest,
             files,
             capacity,
-            cache: Mutex::new(Cache { map: HashMap::new(), clock: 0, stats: StoreStats::default(), last_set: HashMap::new() }),
+            cache: Mutex::new(Cache {
+                map: HashMap::new(),
+                clock: 0,
+                stats: StoreStats::default(),
+                last_set: HashMap::new(),
+            }),
             prefetch_tx: Mutex::new(None),
             layer_order,
             self_ref: me.clone(),
@@ -523,10 +772,18 @@ impl ExpertStore {
     /// thread; errors are left for the real fetch to report.
     fn prefetch_now(&self, layer: usize, experts: &[usize]) {
         for &e in experts {
-            if self.cache.lock().expect("store lock").map.contains_key(&(layer, e)) {
+            if self
+                .cache
+                .lock()
+                .expect("store lock")
+                .map
+                .contains_key(&(layer, e))
+            {
                 continue;
             }
-            let Ok(data) = self.load(layer, e) else { return };
+            let Ok(data) = self.load(layer, e) else {
+                return;
+            };
             let mut c = self.cache.lock().expect("store lock");
             if c.map.contains_key(&(layer, e)) {
                 continue;
@@ -546,15 +803,33 @@ impl ExpertStore {
     }
 
     fn load(&self, layer: usize, expert: usize) -> Result<Vec<u8>, ModelError> {
-        let (path, f) = self.files.get(&layer).ok_or_else(|| ModelError::MissingTensor { name: format!("experts of layer {layer}"), dir: self.dir.clone() })?;
-        let lf = self.manifest.layers.iter().find(|l| l.layer == layer).expect("file exists for layer");
+        let (path, f) = self
+            .files
+            .get(&layer)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: format!("experts of layer {layer}"),
+                dir: self.dir.clone(),
+            })?;
+        let lf = self
+            .manifest
+            .layers
+            .iter()
+            .find(|l| l.layer == layer)
+            .expect("file exists for layer");
         if expert >= lf.crc32.len() {
-            return Err(ModelError::MissingTensor { name: format!("expert {expert} of layer {layer}"), dir: self.dir.clone() });
+            return Err(ModelError::MissingTensor {
+                name: format!("expert {expert} of layer {layer}"),
+                dir: self.dir.clone(),
+            });
         }
         let mut buf = vec![0u8; self.manifest.record_bytes];
         read_record(f, path, expert, &mut buf)?;
         if crc32fast::hash(&buf) != lf.crc32[expert] {
-            return Err(ModelError::CorruptExpert { path: path.clone(), layer, expert });
+            return Err(ModelError::CorruptExpert {
+                path: path.clone(),
+                layer,
+                expert,
+            });
         }
         Ok(buf)
     }
@@ -564,19 +839,36 @@ fn part_matrix(p: &PartLayout) -> Matrix {
     let buf = BufId::from_raw(moeflux_core::RawBufId(u32::MAX));
     let scale_dtype = dtype_parse(&p.scale_dtype).unwrap_or(DType::BF16);
     Matrix {
-        data: Region { buf, offset: p.data },
-        scales: Some(Region { buf, offset: p.scales }),
-        biases: Some(Region { buf, offset: p.biases }),
+        data: Region {
+            buf,
+            offset: p.data,
+        },
+        scales: Some(Region {
+            buf,
+            offset: p.scales,
+        }),
+        biases: Some(Region {
+            buf,
+            offset: p.biases,
+        }),
         rows: p.rows,
         cols: p.cols,
-        format: WeightFormat::Affine { bits: p.bits, group_size: p.group_size, scale_dtype },
+        format: WeightFormat::Affine {
+            bits: p.bits,
+            group_size: p.group_size,
+            scale_dtype,
+        },
     }
 }
 
 impl ExpertProvider for ExpertStore {
     fn layout(&self) -> ExpertWeights {
         let p = &self.manifest.parts;
-        ExpertWeights { gate: part_matrix(&p[0]), up: part_matrix(&p[1]), down: part_matrix(&p[2]) }
+        ExpertWeights {
+            gate: part_matrix(&p[0]),
+            up: part_matrix(&p[1]),
+            down: part_matrix(&p[2]),
+        }
     }
 
     fn record_bytes(&self) -> usize {
@@ -587,7 +879,11 @@ impl ExpertProvider for ExpertStore {
         self.capacity
     }
 
-    fn fetch(&self, layer: usize, expert: usize) -> Result<Arc<dyn AsRef<[u8]> + Send + Sync>, CoreError> {
+    fn fetch(
+        &self,
+        layer: usize,
+        expert: usize,
+    ) -> Result<Arc<dyn AsRef<[u8]> + Send + Sync>, CoreError> {
         let key = (layer, expert);
         {
             let mut c = self.cache.lock().expect("store lock");
@@ -603,7 +899,10 @@ impl ExpertProvider for ExpertStore {
                 return Ok(data);
             }
         }
-        let data = Arc::new(self.load(layer, expert).map_err(|e| CoreError::Backend { backend: "expert-store", msg: e.to_string() })?);
+        let data = Arc::new(self.load(layer, expert).map_err(|e| CoreError::Backend {
+            backend: "expert-store",
+            msg: e.to_string(),
+        })?);
         let mut c = self.cache.lock().expect("store lock");
         c.stats.misses += 1;
         c.stats.bytes_read += data.len() as u64;
@@ -618,12 +917,18 @@ impl ExpertProvider for ExpertStore {
         let next = {
             let mut c = self.cache.lock().expect("store lock");
             c.last_set.insert(layer, experts.to_vec());
-            let pos = self.layer_order.iter().position(|l| *l == layer).unwrap_or(0);
+            let pos = self
+                .layer_order
+                .iter()
+                .position(|l| *l == layer)
+                .unwrap_or(0);
             let next_layer = self.layer_order[(pos + 1) % self.layer_order.len()];
             c.last_set.get(&next_layer).map(|s| (next_layer, s.clone()))
         };
         // Read-ahead only helps when the cache cannot hold every layer's set anyway.
-        let Some((next_layer, set)) = next else { return };
+        let Some((next_layer, set)) = next else {
+            return;
+        };
         if self.capacity >= self.manifest.experts * self.layer_order.len() {
             return;
         }
@@ -656,17 +961,39 @@ struct RegionPool {
 }
 
 impl moeflux_core::BufferPool for RegionPool {
-    fn alloc_raw(&mut self, _: usize, label: &str, _: moeflux_core::Lifetime) -> Result<moeflux_core::RawBufId, CoreError> {
-        Err(CoreError::Backend { backend: "converter", msg: format!("no device buffers ({label})") })
+    fn alloc_raw(
+        &mut self,
+        _: usize,
+        label: &str,
+        _: moeflux_core::Lifetime,
+    ) -> Result<moeflux_core::RawBufId, CoreError> {
+        Err(CoreError::Backend {
+            backend: "converter",
+            msg: format!("no device buffers ({label})"),
+        })
     }
-    fn register_weights(&mut self, _: moeflux_core::WeightBytes, _: &str) -> Result<moeflux_core::RawBufId, CoreError> {
+    fn register_weights(
+        &mut self,
+        _: moeflux_core::WeightBytes,
+        _: &str,
+    ) -> Result<moeflux_core::RawBufId, CoreError> {
         self.n += 1;
         Ok(moeflux_core::RawBufId(self.n - 1))
     }
-    fn upload_raw(&mut self, id: moeflux_core::RawBufId, _: usize, _: &[u8]) -> Result<(), CoreError> {
+    fn upload_raw(
+        &mut self,
+        id: moeflux_core::RawBufId,
+        _: usize,
+        _: &[u8],
+    ) -> Result<(), CoreError> {
         Err(CoreError::UnknownBuffer(id))
     }
-    fn download_raw(&mut self, id: moeflux_core::RawBufId, _: usize, _: &mut [u8]) -> Result<(), CoreError> {
+    fn download_raw(
+        &mut self,
+        id: moeflux_core::RawBufId,
+        _: usize,
+        _: &mut [u8],
+    ) -> Result<(), CoreError> {
         Err(CoreError::UnknownBuffer(id))
     }
     fn zero(&mut self, id: moeflux_core::RawBufId) -> Result<(), CoreError> {
@@ -691,19 +1018,30 @@ mod tests {
     #[test]
     fn quantize_roundtrip_error_is_within_half_a_step() {
         let (rows, cols) = (3, 128);
-        let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1.0 + (i / cols) as f32)).collect();
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1.0 + (i / cols) as f32))
+            .collect();
         for bits in [4u8, 8] {
             let (d, s, b) = quantize(&w, rows, cols, bits, 64);
             assert_eq!(d.len(), rows * cols * bits as usize / 8);
             for r in 0..rows {
                 for c in 0..cols {
                     let g = r * 2 + c / 64;
-                    let scale = bf16::from_bits(u16::from_le_bytes([s[2 * g], s[2 * g + 1]])).to_f32();
-                    let bias = bf16::from_bits(u16::from_le_bytes([b[2 * g], b[2 * g + 1]])).to_f32();
+                    let scale =
+                        bf16::from_bits(u16::from_le_bytes([s[2 * g], s[2 * g + 1]])).to_f32();
+                    let bias =
+                        bf16::from_bits(u16::from_le_bytes([b[2 * g], b[2 * g + 1]])).to_f32();
                     let i = r * cols + c;
-                    let q = if bits == 4 { (d[i / 2] >> (4 * (i % 2))) & 15 } else { d[i] };
+                    let q = if bits == 4 {
+                        (d[i / 2] >> (4 * (i % 2))) & 15
+                    } else {
+                        d[i]
+                    };
                     let err = (scale * q as f32 + bias - w[i]).abs();
-                    assert!(err <= scale * 0.5 + 1e-3 * scale.max(1e-3), "bits {bits} at ({r},{c}): err {err} step {scale}");
+                    assert!(
+                        err <= scale * 0.5 + 1e-3 * scale.max(1e-3),
+                        "bits {bits} at ({r},{c}): err {err} step {scale}"
+                    );
                 }
             }
         }
@@ -711,7 +1049,8 @@ mod tests {
 
     #[test]
     fn read_ahead_fetches_the_next_layers_previous_set() {
-        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/qwen3_next_mlx4/model");
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/qwen3_next_mlx4/model");
         let tmp = tempfile::tempdir().unwrap();
         let dst = tmp.path().join("p");
         convert(&fixture, &dst, 4, &mut |_, _, _| {}).unwrap();

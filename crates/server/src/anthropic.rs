@@ -32,13 +32,19 @@ fn text_blocks(v: &Value, path: &str) -> Result<String, ApiError> {
                 let bf = Fields::object(b, format!("{path}[{i}]"))?;
                 let ty = bf.require("type", bf.str("type")?)?;
                 if ty != "text" {
-                    return Err(ApiError::invalid(bf.path("type"), format!("content block type '{ty}' is not supported (text only)")));
+                    return Err(ApiError::invalid(
+                        bf.path("type"),
+                        format!("content block type '{ty}' is not supported (text only)"),
+                    ));
                 }
                 out.push_str(bf.require("text", bf.str("text")?)?);
             }
             Ok(out)
         }
-        _ => Err(ApiError::invalid(path, "must be a string or an array of text blocks")),
+        _ => Err(ApiError::invalid(
+            path,
+            "must be a string or an array of text blocks",
+        )),
     }
 }
 
@@ -52,10 +58,17 @@ fn parse(st: &Shared, v: &Value, count_only: bool) -> Result<MessagesRequest, Ap
     let f = Fields::root(v)?;
     st.check_model(&f)?;
     let max = f.int("max_tokens", 1, MAX_TOKENS_LIMIT)?;
-    let max = if count_only { max.unwrap_or(1) } else { f.require("max_tokens", max)? } as usize;
+    let max = if count_only {
+        max.unwrap_or(1)
+    } else {
+        f.require("max_tokens", max)?
+    } as usize;
     let list = f.require("messages", f.array("messages")?)?;
     if list.is_empty() {
-        return Err(ApiError::invalid("messages", "must contain at least one message"));
+        return Err(ApiError::invalid(
+            "messages",
+            "must contain at least one message",
+        ));
     }
     let mut messages = Vec::with_capacity(list.len() + 1);
     if let Some(sys) = f.get("system") {
@@ -68,14 +81,24 @@ fn parse(st: &Shared, v: &Value, count_only: bool) -> Result<MessagesRequest, Ap
         let mf = Fields::object(m, format!("messages[{i}]"))?;
         let role = mf.require("role", mf.str("role")?)?;
         if role != "user" && role != "assistant" {
-            return Err(ApiError::invalid(mf.path("role"), format!("unknown role '{role}' (user, assistant; the system prompt goes in the top-level 'system' field)")));
+            return Err(ApiError::invalid(
+                mf.path("role"),
+                format!(
+                    "unknown role '{role}' (user, assistant; the system prompt goes in the top-level 'system' field)"
+                ),
+            ));
         }
-        let content = text_blocks(mf.require("content", mf.get("content"))?, &mf.path("content"))?;
+        let content = text_blocks(
+            mf.require("content", mf.get("content"))?,
+            &mf.path("content"),
+        )?;
         messages.push(ChatMessage::new(role, content));
     }
     // A trailing assistant message is the start of the reply.
     let continue_with = match messages.last() {
-        Some(m) if m.role == "assistant" => messages.pop().map(|m| m.content.trim_end().to_string()),
+        Some(m) if m.role == "assistant" => {
+            messages.pop().map(|m| m.content.trim_end().to_string())
+        }
         _ => None,
     };
     if !messages.iter().any(|m| m.role == "user") {
@@ -99,11 +122,20 @@ fn parse(st: &Shared, v: &Value, count_only: bool) -> Result<MessagesRequest, Ap
     let stops = match f.get("stop_sequences") {
         None => Vec::new(),
         Some(Value::Array(_)) => f.strings("stop_sequences", 16)?,
-        Some(_) => return Err(ApiError::invalid("stop_sequences", "must be an array of strings")),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "stop_sequences",
+                "must be an array of strings",
+            ));
+        }
     };
     Ok(MessagesRequest {
         generation: GenRequest {
-            prompt: PromptSpec::Chat { messages, kwargs: Map::new(), continue_with },
+            prompt: PromptSpec::Chat {
+                messages,
+                kwargs: Map::new(),
+                continue_with,
+            },
             prompt_param: "messages",
             max_tokens: Some(max),
             max_tokens_param: "max_tokens",
@@ -119,7 +151,10 @@ fn parse(st: &Shared, v: &Value, count_only: bool) -> Result<MessagesRequest, Ap
 fn stop_reason(s: &Summary, stops: &[String]) -> (&'static str, Value) {
     match s.finish {
         Finish::Eos => ("end_turn", Value::Null),
-        Finish::StopString(i) => ("stop_sequence", stops.get(i).map(|x| json!(x)).unwrap_or(Value::Null)),
+        Finish::StopString(i) => (
+            "stop_sequence",
+            stops.get(i).map(|x| json!(x)).unwrap_or(Value::Null),
+        ),
         Finish::Length => ("max_tokens", Value::Null),
     }
 }
@@ -128,14 +163,24 @@ fn event(name: &str, data: Value) -> SseEvent {
     SseEvent::default().event(name).data(data.to_string())
 }
 
-pub async fn messages(State(st): State<Shared>, Extension(rid): Extension<RequestId>, headers: HeaderMap, body: Body) -> Response {
+pub async fn messages(
+    State(st): State<Shared>,
+    Extension(rid): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     match inner(st, rid, headers, body).await {
         Ok(r) => r,
         Err(e) => e.dialect(Dialect::Anthropic).into_response(),
     }
 }
 
-async fn inner(st: Shared, rid: RequestId, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn inner(
+    st: Shared,
+    rid: RequestId,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let v = http::read_json(&st, &headers, body).await?;
     let req = parse(&st, &v, false)?;
     let sub = http::submit(&st, &rid.0, req.generation).await?;
@@ -167,15 +212,24 @@ async fn inner(st: Shared, rid: RequestId, headers: HeaderMap, body: Body) -> Re
                     "usage": {"input_tokens": prompt_tokens, "output_tokens": 0},
                 }}),
             ),
-            event("content_block_start", json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})),
+            event(
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+            ),
             event("ping", json!({"type": "ping"})),
         ],
         Event::Text { text, .. } if text.is_empty() => vec![],
-        Event::Text { text, .. } => vec![event("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}))],
+        Event::Text { text, .. } => vec![event(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}),
+        )],
         Event::Done(s) => {
             let (reason, seq) = stop_reason(&s, &stops);
             vec![
-                event("content_block_stop", json!({"type": "content_block_stop", "index": 0})),
+                event(
+                    "content_block_stop",
+                    json!({"type": "content_block_stop", "index": 0}),
+                ),
                 event(
                     "message_delta",
                     json!({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": seq}, "usage": {"output_tokens": s.completion_tokens}}),
@@ -183,7 +237,12 @@ async fn inner(st: Shared, rid: RequestId, headers: HeaderMap, body: Body) -> Re
                 event("message_stop", json!({"type": "message_stop"})),
             ]
         }
-        Event::Failed(msg) => vec![event("error", ApiError::internal(format!("generation failed: {msg}")).dialect(Dialect::Anthropic).body())],
+        Event::Failed(msg) => vec![event(
+            "error",
+            ApiError::internal(format!("generation failed: {msg}"))
+                .dialect(Dialect::Anthropic)
+                .body(),
+        )],
     }))
 }
 

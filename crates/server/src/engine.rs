@@ -75,8 +75,14 @@ pub struct Summary {
 /// `Done` or `Failed`.
 #[derive(Clone, Debug)]
 pub enum Event {
-    Started { prompt_tokens: usize, cached_tokens: usize },
-    Text { text: String, logprobs: Vec<TokenLogprob> },
+    Started {
+        prompt_tokens: usize,
+        cached_tokens: usize,
+    },
+    Text {
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
     Done(Summary),
     Failed(String),
 }
@@ -101,7 +107,14 @@ struct QueueState {
 
 impl JobQueue {
     pub fn new(capacity: usize) -> Self {
-        JobQueue { state: Mutex::new(QueueState { jobs: VecDeque::new(), closed: false }), cv: Condvar::new(), capacity }
+        JobQueue {
+            state: Mutex::new(QueueState {
+                jobs: VecDeque::new(),
+                closed: false,
+            }),
+            cv: Condvar::new(),
+            capacity,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
@@ -186,7 +199,11 @@ impl<S> PrefixCache<S> {
         let mut best: Option<(usize, usize)> = None;
         for (i, e) in self.entries.iter().enumerate() {
             let n = e.tokens.len();
-            if n > min && n <= prompt.len() && prompt.starts_with(&e.tokens) && best.is_none_or(|(_, b)| n > b) {
+            if n > min
+                && n <= prompt.len()
+                && prompt.starts_with(&e.tokens)
+                && best.is_none_or(|(_, b)| n > b)
+            {
                 best = Some((i, n));
             }
         }
@@ -209,12 +226,23 @@ impl<S> PrefixCache<S> {
             return;
         }
         if self.entries.len() >= self.capacity {
-            if let Some(i) = self.entries.iter().enumerate().min_by_key(|(_, e)| e.last_used).map(|(i, _)| i) {
+            if let Some(i) = self
+                .entries
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, e)| e.last_used)
+                .map(|(i, _)| i)
+            {
                 self.entries.swap_remove(i);
             }
         }
         let last_used = self.tick();
-        self.entries.push(Entry { tokens, logits, snap, last_used });
+        self.entries.push(Entry {
+            tokens,
+            logits,
+            snap,
+            last_used,
+        });
     }
 }
 
@@ -244,24 +272,48 @@ enum Halt {
 }
 
 fn lse(logits: &[f32]) -> f64 {
-    let max = logits.iter().copied().filter(|x| !x.is_nan()).fold(f32::NEG_INFINITY, f32::max);
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|x| !x.is_nan())
+        .fold(f32::NEG_INFINITY, f32::max);
     if max == f32::NEG_INFINITY {
         return f64::NEG_INFINITY;
     }
     let max = if max.is_infinite() { f32::MAX } else { max } as f64;
-    let sum: f64 = logits.iter().filter(|x| !x.is_nan()).map(|&x| (x as f64 - max).exp()).sum();
+    let sum: f64 = logits
+        .iter()
+        .filter(|x| !x.is_nan())
+        .map(|&x| (x as f64 - max).exp())
+        .sum();
     max + sum.ln()
 }
 
 impl<M: InferenceModel> Engine<M> {
-    pub fn new(model: M, codec: Arc<TextCodec>, prefix_cache: usize, shared: Arc<EngineShared>) -> Self {
+    pub fn new(
+        model: M,
+        codec: Arc<TextCodec>,
+        prefix_cache: usize,
+        shared: Arc<EngineShared>,
+    ) -> Self {
         let mut stop_ids = codec.eos_ids().to_vec();
         for id in model.stop_ids() {
             if !stop_ids.contains(&id) {
                 stop_ids.push(id);
             }
         }
-        Engine { model, codec, stop_ids, live: None, cache: PrefixCache { entries: Vec::new(), capacity: prefix_cache, clock: 0 }, shared }
+        Engine {
+            model,
+            codec,
+            stop_ids,
+            live: None,
+            cache: PrefixCache {
+                entries: Vec::new(),
+                capacity: prefix_cache,
+                clock: 0,
+            },
+            shared,
+        }
     }
 
     /// Runs jobs until the queue is closed and empty.
@@ -277,7 +329,8 @@ impl<M: InferenceModel> Engine<M> {
             // A panic is a bug in the model code; keep serving, but forget the session
             // state (its caches may be half-written). The job's channel is dropped during
             // unwinding, so its handler answers 500.
-            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_job(job))).is_err() {
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_job(job))).is_err()
+            {
                 tracing::error!(request_id = %id, "generation panicked; session state reset");
                 self.live = None;
             }
@@ -293,7 +346,13 @@ impl<M: InferenceModel> Engine<M> {
     /// prompt tokens are already in place.
     fn resume(&mut self, prompt: &[u32]) -> Result<usize, String> {
         let live_len = match &self.live {
-            Some(l) if !l.tokens.is_empty() && l.tokens.len() <= prompt.len() && prompt.starts_with(&l.tokens) => l.tokens.len(),
+            Some(l)
+                if !l.tokens.is_empty()
+                    && l.tokens.len() <= prompt.len()
+                    && prompt.starts_with(&l.tokens) =>
+            {
+                l.tokens.len()
+            }
             _ => 0,
         };
         if let Some(i) = self.cache.longest(prompt, live_len) {
@@ -305,21 +364,33 @@ impl<M: InferenceModel> Engine<M> {
                 return Err(format!("restoring a prefix snapshot: {err}"));
             }
             self.shared.metrics.snapshots_restored.fetch_add(1, Relaxed);
-            self.live = Some(Live { tokens: e.tokens.clone(), logits: e.logits.clone() });
+            self.live = Some(Live {
+                tokens: e.tokens.clone(),
+                logits: e.logits.clone(),
+            });
             return Ok(e.tokens.len());
         }
         if live_len > 0 {
             return Ok(live_len);
         }
         self.live = None;
-        self.model.reset().map_err(|e| format!("resetting the session: {e}"))?;
-        self.live = Some(Live { tokens: Vec::new(), logits: Vec::new() });
+        self.model
+            .reset()
+            .map_err(|e| format!("resetting the session: {e}"))?;
+        self.live = Some(Live {
+            tokens: Vec::new(),
+            logits: Vec::new(),
+        });
         Ok(0)
     }
 
     /// Feeds `tokens` and updates the live sequence; on failure the live state is unknown.
     fn feed(&mut self, tokens: &[u32]) -> Result<(), String> {
-        let r = if tokens.len() == 1 { self.model.decode(tokens[0]) } else { self.model.prefill(tokens) };
+        let r = if tokens.len() == 1 {
+            self.model.decode(tokens[0])
+        } else {
+            self.model.prefill(tokens)
+        };
         match (r, self.live.as_mut()) {
             (Ok(logits), Some(live)) => {
                 live.tokens.extend_from_slice(tokens);
@@ -353,11 +424,18 @@ impl<M: InferenceModel> Engine<M> {
         let t0 = Instant::now();
         let m = self.shared.metrics.clone();
         let prompt_tokens = job.prompt.len();
-        let mut summary = Summary { finish: Finish::Length, prompt_tokens, cached_tokens: 0, completion_tokens: 0 };
+        let mut summary = Summary {
+            finish: Finish::Length,
+            prompt_tokens,
+            cached_tokens: 0,
+            completion_tokens: 0,
+        };
         let res = self.generate(&job, &mut summary);
         m.prompt_tokens.fetch_add(prompt_tokens as u64, Relaxed);
-        m.cached_tokens.fetch_add(summary.cached_tokens as u64, Relaxed);
-        m.generated_tokens.fetch_add(summary.completion_tokens as u64, Relaxed);
+        m.cached_tokens
+            .fetch_add(summary.cached_tokens as u64, Relaxed);
+        m.generated_tokens
+            .fetch_add(summary.completion_tokens as u64, Relaxed);
         let secs = t0.elapsed().as_secs_f64();
         match res {
             Ok(()) => {
@@ -383,19 +461,34 @@ impl<M: InferenceModel> Engine<M> {
         let max_ctx = self.model.max_context();
         let prompt = &job.prompt;
         if prompt.is_empty() || prompt.len() > max_ctx {
-            return Err(Halt::Failed(format!("prompt of {} tokens does not fit the context of {max_ctx}", prompt.len())));
+            return Err(Halt::Failed(format!(
+                "prompt of {} tokens does not fit the context of {max_ctx}",
+                prompt.len()
+            )));
         }
-        let mut sampler = Sampler::new(job.params.clone()).map_err(|e| Halt::Failed(e.to_string()))?;
+        let mut sampler =
+            Sampler::new(job.params.clone()).map_err(|e| Halt::Failed(e.to_string()))?;
 
         // Prefill: resume from the longest known prefix, then run the rest in segments
         // ending at message boundaries, snapshotting at each.
         let tp = Instant::now();
         let cached = self.resume(prompt).map_err(Halt::Failed)?;
         summary.cached_tokens = cached;
-        if job.events.send(Event::Started { prompt_tokens: prompt.len(), cached_tokens: cached }).is_err() {
+        if job
+            .events
+            .send(Event::Started {
+                prompt_tokens: prompt.len(),
+                cached_tokens: cached,
+            })
+            .is_err()
+        {
             return Err(Halt::Cancelled);
         }
-        let mut cuts: Vec<usize> = job.boundary.into_iter().filter(|&b| b > cached && b < prompt.len()).collect();
+        let mut cuts: Vec<usize> = job
+            .boundary
+            .into_iter()
+            .filter(|&b| b > cached && b < prompt.len())
+            .collect();
         cuts.push(prompt.len());
         let mut at = cached;
         for cut in cuts {
@@ -447,7 +540,9 @@ impl<M: InferenceModel> Engine<M> {
                 Err(e) => break Err(Halt::Failed(e.to_string())),
             };
             let step = stops.push(&piece);
-            if (!step.emit.is_empty() || step.matched.is_some()) && !self.send_text(job, step.emit, &mut pending_lp) {
+            if (!step.emit.is_empty() || step.matched.is_some())
+                && !self.send_text(job, step.emit, &mut pending_lp)
+            {
                 break Err(Halt::Cancelled);
             }
             if let Some(i) = step.matched {
@@ -478,7 +573,9 @@ impl<M: InferenceModel> Engine<M> {
         let finish = result?;
         summary.finish = finish;
         if !matches!(finish, Finish::StopString(_)) {
-            let tail = decoder.finish(self.codec.as_ref()).map_err(|e| Halt::Failed(e.to_string()))?;
+            let tail = decoder
+                .finish(self.codec.as_ref())
+                .map_err(|e| Halt::Failed(e.to_string()))?;
             let step = stops.push(&tail);
             let mut text = step.emit;
             if let Some(i) = step.matched {
@@ -486,7 +583,9 @@ impl<M: InferenceModel> Engine<M> {
             } else {
                 text.push_str(&stops.flush());
             }
-            if (!text.is_empty() || !pending_lp.is_empty()) && !self.send_text(job, text, &mut pending_lp) {
+            if (!text.is_empty() || !pending_lp.is_empty())
+                && !self.send_text(job, text, &mut pending_lp)
+            {
                 return Err(Halt::Cancelled);
             }
         }
@@ -494,15 +593,40 @@ impl<M: InferenceModel> Engine<M> {
     }
 
     fn send_text(&self, job: &Job, text: String, pending_lp: &mut Vec<TokenLogprob>) -> bool {
-        job.events.send(Event::Text { text, logprobs: std::mem::take(pending_lp) }).is_ok()
+        job.events
+            .send(Event::Text {
+                text,
+                logprobs: std::mem::take(pending_lp),
+            })
+            .is_ok()
     }
 
     fn token_logprob(&self, id: u32, logits: &[f32], k: usize) -> TokenLogprob {
         let z = lse(logits);
         let text = |t: u32| self.codec.decode(&[t], false).unwrap_or_default();
-        let lp = logits.get(id as usize).map(|&x| if x.is_nan() { f32::NEG_INFINITY } else { (x as f64 - z) as f32 }).unwrap_or(f32::NEG_INFINITY);
-        let top = if k > 0 { moeflux_text::top_logprobs(logits, k).into_iter().map(|(t, l)| (text(t), l)).collect() } else { Vec::new() };
-        TokenLogprob { token: text(id), logprob: lp, top }
+        let lp = logits
+            .get(id as usize)
+            .map(|&x| {
+                if x.is_nan() {
+                    f32::NEG_INFINITY
+                } else {
+                    (x as f64 - z) as f32
+                }
+            })
+            .unwrap_or(f32::NEG_INFINITY);
+        let top = if k > 0 {
+            moeflux_text::top_logprobs(logits, k)
+                .into_iter()
+                .map(|(t, l)| (text(t), l))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        TokenLogprob {
+            token: text(id),
+            logprob: lp,
+            top,
+        }
     }
 }
 
@@ -545,7 +669,11 @@ mod tests {
 
     #[test]
     fn prefix_cache_picks_longest_and_evicts_lru() {
-        let mut c: PrefixCache<u32> = PrefixCache { entries: Vec::new(), capacity: 2, clock: 0 };
+        let mut c: PrefixCache<u32> = PrefixCache {
+            entries: Vec::new(),
+            capacity: 2,
+            clock: 0,
+        };
         c.insert(vec![1, 2], vec![], 0);
         c.insert(vec![1, 2, 3], vec![], 1);
         let i = c.longest(&[1, 2, 3, 4], 0).unwrap();

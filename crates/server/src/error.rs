@@ -41,7 +41,11 @@ pub enum Dialect {
 impl Dialect {
     /// The dialect of a request path: Anthropic for the Messages API, OpenAI otherwise.
     pub fn of_path(path: &str) -> Self {
-        if path.starts_with("/v1/messages") { Dialect::Anthropic } else { Dialect::OpenAi }
+        if path.starts_with("/v1/messages") {
+            Dialect::Anthropic
+        } else {
+            Dialect::OpenAi
+        }
     }
 }
 
@@ -58,8 +62,19 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: Option<&'static str>, param: Option<String>, message: impl Into<String>) -> Self {
-        ApiError { status, code, param, message: message.into(), dialect: Dialect::OpenAi }
+    fn new(
+        status: StatusCode,
+        code: Option<&'static str>,
+        param: Option<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        ApiError {
+            status,
+            code,
+            param,
+            message: message.into(),
+            dialect: Dialect::OpenAi,
+        }
     }
 
     /// 400 naming `param`.
@@ -91,15 +106,30 @@ impl ApiError {
     }
 
     pub fn method_not_allowed() -> Self {
-        Self::new(StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed"), None, "method not allowed on this path")
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            Some("method_not_allowed"),
+            None,
+            "method not allowed on this path",
+        )
     }
 
     pub fn too_large(limit: usize) -> Self {
-        Self::new(StatusCode::PAYLOAD_TOO_LARGE, Some("request_too_large"), None, format!("request body exceeds the {limit}-byte limit"))
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Some("request_too_large"),
+            None,
+            format!("request body exceeds the {limit}-byte limit"),
+        )
     }
 
     pub fn body_timeout() -> Self {
-        Self::new(StatusCode::REQUEST_TIMEOUT, Some("request_timeout"), None, "the request body did not arrive in time")
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            Some("request_timeout"),
+            None,
+            "the request body did not arrive in time",
+        )
     }
 
     pub fn queue_full(capacity: usize) -> Self {
@@ -112,11 +142,21 @@ impl ApiError {
     }
 
     pub fn unavailable(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, Some("unavailable"), None, message)
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("unavailable"),
+            None,
+            message,
+        )
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, Some("internal_error"), None, message)
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Some("internal_error"),
+            None,
+            message,
+        )
     }
 
     pub fn dialect(mut self, d: Dialect) -> Self {
@@ -169,10 +209,12 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status, axum::Json(self.body())).into_response();
         if self.status == StatusCode::TOO_MANY_REQUESTS {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if self.status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         resp
     }
@@ -192,7 +234,9 @@ mod tests {
 
     #[test]
     fn anthropic_shape() {
-        let b = ApiError::invalid("max_tokens", "is required").dialect(Dialect::Anthropic).body();
+        let b = ApiError::invalid("max_tokens", "is required")
+            .dialect(Dialect::Anthropic)
+            .body();
         assert_eq!(b["type"], "error");
         assert_eq!(b["error"]["type"], "invalid_request_error");
         assert_eq!(b["error"]["message"], "max_tokens: is required");

@@ -31,8 +31,17 @@ impl<'a> Fields<'a> {
     /// The top-level body: must be an object.
     pub fn root(v: &'a Value) -> Result<Self, ApiError> {
         match v {
-            Value::Object(map) => Ok(Fields { map, path: String::new() }),
-            other => Err(ApiError::bad_request("invalid_body", format!("the request body must be a JSON object, not {}", type_name(other)))),
+            Value::Object(map) => Ok(Fields {
+                map,
+                path: String::new(),
+            }),
+            other => Err(ApiError::bad_request(
+                "invalid_body",
+                format!(
+                    "the request body must be a JSON object, not {}",
+                    type_name(other)
+                ),
+            )),
         }
     }
 
@@ -40,13 +49,20 @@ impl<'a> Fields<'a> {
     pub fn object(v: &'a Value, path: String) -> Result<Self, ApiError> {
         match v {
             Value::Object(map) => Ok(Fields { map, path }),
-            other => Err(ApiError::invalid(path.clone(), format!("must be an object, not {}", type_name(other)))),
+            other => Err(ApiError::invalid(
+                path.clone(),
+                format!("must be an object, not {}", type_name(other)),
+            )),
         }
     }
 
     /// Full path of field `k`.
     pub fn path(&self, k: &str) -> String {
-        if self.path.is_empty() { k.to_string() } else { format!("{}.{k}", self.path) }
+        if self.path.is_empty() {
+            k.to_string()
+        } else {
+            format!("{}.{k}", self.path)
+        }
     }
 
     /// The raw value of `k`; `None` when missing or null.
@@ -55,7 +71,10 @@ impl<'a> Fields<'a> {
     }
 
     fn wrong(&self, k: &str, want: &str, v: &Value) -> ApiError {
-        ApiError::invalid(self.path(k), format!("must be {want}, not {}", type_name(v)))
+        ApiError::invalid(
+            self.path(k),
+            format!("must be {want}, not {}", type_name(v)),
+        )
     }
 
     pub fn require<T>(&self, k: &str, v: Option<T>) -> Result<T, ApiError> {
@@ -93,7 +112,10 @@ impl<'a> Fields<'a> {
             Some(Value::Number(n)) => {
                 let x = n.as_f64().unwrap_or(f64::NAN);
                 if !(lo..=hi).contains(&x) {
-                    return Err(ApiError::invalid(self.path(k), format!("{x} is outside [{lo}, {hi}]")));
+                    return Err(ApiError::invalid(
+                        self.path(k),
+                        format!("{x} is outside [{lo}, {hi}]"),
+                    ));
                 }
                 Ok(Some(x as f32))
             }
@@ -112,10 +134,16 @@ impl<'a> Fields<'a> {
                 } else if let Some(f) = n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9e15) {
                     f as i64
                 } else {
-                    return Err(ApiError::invalid(self.path(k), format!("{n} is not an integer in [{lo}, {hi}]")));
+                    return Err(ApiError::invalid(
+                        self.path(k),
+                        format!("{n} is not an integer in [{lo}, {hi}]"),
+                    ));
                 };
                 if !(lo..=hi).contains(&x) {
-                    return Err(ApiError::invalid(self.path(k), format!("{x} is outside [{lo}, {hi}]")));
+                    return Err(ApiError::invalid(
+                        self.path(k),
+                        format!("{x} is outside [{lo}, {hi}]"),
+                    ));
                 }
                 Ok(Some(x))
             }
@@ -130,7 +158,10 @@ impl<'a> Fields<'a> {
             Some(Value::Number(n)) => match (n.as_u64(), n.as_i64()) {
                 (Some(u), _) => Ok(Some(u)),
                 (None, Some(i)) => Ok(Some(i as u64)),
-                _ => Err(ApiError::invalid(self.path(k), format!("{n} is not an integer"))),
+                _ => Err(ApiError::invalid(
+                    self.path(k),
+                    format!("{n} is not an integer"),
+                )),
             },
             Some(v) => Err(self.wrong(k, "an integer", v)),
         }
@@ -150,14 +181,23 @@ impl<'a> Fields<'a> {
             Some(v) => return Err(self.wrong(k, "a string or an array of strings", v)),
         };
         if list.len() > max {
-            return Err(ApiError::invalid(self.path(k), format!("at most {max} entries are allowed, got {}", list.len())));
+            return Err(ApiError::invalid(
+                self.path(k),
+                format!("at most {max} entries are allowed, got {}", list.len()),
+            ));
         }
         list.iter()
             .enumerate()
             .map(|(i, v)| match v {
                 Value::String(s) if !s.is_empty() => Ok(s.clone()),
-                Value::String(_) => Err(ApiError::invalid(format!("{}[{i}]", self.path(k)), "must not be empty")),
-                other => Err(ApiError::invalid(format!("{}[{i}]", self.path(k)), format!("must be a string, not {}", type_name(other)))),
+                Value::String(_) => Err(ApiError::invalid(
+                    format!("{}[{i}]", self.path(k)),
+                    "must not be empty",
+                )),
+                other => Err(ApiError::invalid(
+                    format!("{}[{i}]", self.path(k)),
+                    format!("must be a string, not {}", type_name(other)),
+                )),
             })
             .collect()
     }
@@ -172,18 +212,33 @@ mod tests {
     fn types_and_ranges_name_the_field() {
         let v = json!({"t": "hot", "n": 3.5, "i": -2, "s": ["a", ""], "z": null});
         let f = Fields::root(&v).unwrap();
-        assert_eq!(f.number("t", 0.0, 2.0).unwrap_err().param.as_deref(), Some("t"));
+        assert_eq!(
+            f.number("t", 0.0, 2.0).unwrap_err().param.as_deref(),
+            Some("t")
+        );
         assert!(f.number("n", 0.0, 2.0).is_err());
         assert_eq!(f.int("n", 0, 10).unwrap_err().param.as_deref(), Some("n"));
         assert!(f.int("i", 0, 10).is_err());
         assert_eq!(f.int("i", -5, 10).unwrap(), Some(-2));
-        assert_eq!(f.strings("s", 4).unwrap_err().param.as_deref(), Some("s[1]"));
+        assert_eq!(
+            f.strings("s", 4).unwrap_err().param.as_deref(),
+            Some("s[1]")
+        );
         assert_eq!(f.str("z").unwrap(), None);
-        assert_eq!(f.require("z", f.str("z").unwrap()).unwrap_err().param.as_deref(), Some("z"));
+        assert_eq!(
+            f.require("z", f.str("z").unwrap())
+                .unwrap_err()
+                .param
+                .as_deref(),
+            Some("z")
+        );
         assert!(Fields::root(&json!([1])).is_err());
         let inner = json!({"role": 1});
         let g = Fields::object(&inner, "messages[3]".into()).unwrap();
-        assert_eq!(g.str("role").unwrap_err().param.as_deref(), Some("messages[3].role"));
+        assert_eq!(
+            g.str("role").unwrap_err().param.as_deref(),
+            Some("messages[3].role")
+        );
     }
 
     #[test]

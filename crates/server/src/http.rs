@@ -57,17 +57,40 @@ pub type Shared = Arc<AppState>;
 pub struct RequestId(pub String);
 
 pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl AppState {
-    pub fn new(cfg: ServerConfig, engine: Arc<EngineShared>, metrics: Arc<Metrics>, load: watch::Receiver<LoadState>) -> Shared {
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos() ^ (d.as_secs() as u32)).unwrap_or(0);
-        Arc::new(AppState { cfg, engine, metrics, load, started: unix_now(), id_prefix: format!("{nanos:08x}"), next_id: AtomicU64::new(1) })
+    pub fn new(
+        cfg: ServerConfig,
+        engine: Arc<EngineShared>,
+        metrics: Arc<Metrics>,
+        load: watch::Receiver<LoadState>,
+    ) -> Shared {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() ^ (d.as_secs() as u32))
+            .unwrap_or(0);
+        Arc::new(AppState {
+            cfg,
+            engine,
+            metrics,
+            load,
+            started: unix_now(),
+            id_prefix: format!("{nanos:08x}"),
+            next_id: AtomicU64::new(1),
+        })
     }
 
     fn new_id(&self) -> String {
-        format!("{}{:06}", self.id_prefix, self.next_id.fetch_add(1, Relaxed))
+        format!(
+            "{}{:06}",
+            self.id_prefix,
+            self.next_id.fetch_add(1, Relaxed)
+        )
     }
 
     fn loaded(&self) -> Option<Arc<Loaded>> {
@@ -80,10 +103,15 @@ impl AppState {
     /// The loaded model, waiting for loading to finish.
     pub async fn wait_loaded(&self) -> Result<Arc<Loaded>, ApiError> {
         let mut rx = self.load.clone();
-        let s = rx.wait_for(|s| !matches!(s, LoadState::Loading)).await.map(|s| s.clone());
+        let s = rx
+            .wait_for(|s| !matches!(s, LoadState::Loading))
+            .await
+            .map(|s| s.clone());
         match s {
             Ok(LoadState::Ready(l)) => Ok(l),
-            Ok(LoadState::Failed(msg)) => Err(ApiError::unavailable(format!("the model failed to load: {msg}"))),
+            Ok(LoadState::Failed(msg)) => Err(ApiError::unavailable(format!(
+                "the model failed to load: {msg}"
+            ))),
             _ => Err(ApiError::unavailable("the engine is not running")),
         }
     }
@@ -91,7 +119,14 @@ impl AppState {
     pub fn check_model(&self, f: &crate::fields::Fields) -> Result<(), ApiError> {
         let m = f.require("model", f.str("model")?)?;
         if m != self.cfg.model_id {
-            return Err(ApiError::invalid("model", format!("unknown model '{m}'; this server serves '{}'", self.cfg.model_id)).with_code("model_not_found"));
+            return Err(ApiError::invalid(
+                "model",
+                format!(
+                    "unknown model '{m}'; this server serves '{}'",
+                    self.cfg.model_id
+                ),
+            )
+            .with_code("model_not_found"));
         }
         Ok(())
     }
@@ -106,7 +141,10 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/chat/completions", post(crate::openai::chat))
         .route("/v1/completions", post(crate::openai::completions))
         .route("/v1/messages", post(crate::anthropic::messages))
-        .route("/v1/messages/count_tokens", post(crate::anthropic::count_tokens))
+        .route(
+            "/v1/messages/count_tokens",
+            post(crate::anthropic::count_tokens),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), auth))
@@ -157,16 +195,21 @@ fn presented_key(h: &HeaderMap) -> Option<&str> {
             return Some(v[7..].trim());
         }
     }
-    h.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim)
+    h.get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
 }
 
 async fn auth(State(st): State<Shared>, req: Request, next: Next) -> Response {
     if let Some(key) = &st.cfg.api_key {
         let path = req.uri().path();
         if path.starts_with("/v1/") || path == "/v1" {
-            let ok = presented_key(req.headers()).is_some_and(|k| same(k.as_bytes(), key.as_bytes()));
+            let ok =
+                presented_key(req.headers()).is_some_and(|k| same(k.as_bytes(), key.as_bytes()));
             if !ok {
-                return ApiError::unauthorized().dialect(Dialect::of_path(path)).into_response();
+                return ApiError::unauthorized()
+                    .dialect(Dialect::of_path(path))
+                    .into_response();
             }
         }
     }
@@ -175,26 +218,48 @@ async fn auth(State(st): State<Shared>, req: Request, next: Next) -> Response {
 
 async fn not_found(req: Request) -> Response {
     let path = req.uri().path();
-    ApiError::not_found(format!("no route for {} {path}", req.method())).dialect(Dialect::of_path(path)).into_response()
+    ApiError::not_found(format!("no route for {} {path}", req.method()))
+        .dialect(Dialect::of_path(path))
+        .into_response()
 }
 
 async fn method_not_allowed(req: Request) -> Response {
-    ApiError::method_not_allowed().dialect(Dialect::of_path(req.uri().path())).into_response()
+    ApiError::method_not_allowed()
+        .dialect(Dialect::of_path(req.uri().path()))
+        .into_response()
 }
 
 async fn health(State(st): State<Shared>) -> Response {
     let (code, body) = match &*st.load.borrow() {
-        LoadState::Loading => (StatusCode::SERVICE_UNAVAILABLE, json!({"status": "loading"})),
-        LoadState::Ready(_) => (StatusCode::OK, json!({"status": "ready", "model": st.cfg.model_id})),
-        LoadState::Failed(msg) => (StatusCode::SERVICE_UNAVAILABLE, json!({"status": "failed", "error": msg})),
+        LoadState::Loading => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"status": "loading"}),
+        ),
+        LoadState::Ready(_) => (
+            StatusCode::OK,
+            json!({"status": "ready", "model": st.cfg.model_id}),
+        ),
+        LoadState::Failed(msg) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"status": "failed", "error": msg}),
+        ),
     };
     (code, axum::Json(body)).into_response()
 }
 
 async fn metrics(State(st): State<Shared>) -> Response {
     let ready = st.loaded().is_some();
-    let text = st.metrics.render(st.engine.queue.len(), st.engine.queue.capacity(), ready);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+    let text = st
+        .metrics
+        .render(st.engine.queue.len(), st.engine.queue.capacity(), ready);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
 }
 
 fn model_object(st: &AppState) -> Value {
@@ -209,9 +274,17 @@ async fn models(State(st): State<Shared>) -> Response {
     axum::Json(json!({"object": "list", "data": [model_object(&st)]})).into_response()
 }
 
-async fn model_get(State(st): State<Shared>, axum::extract::Path(id): axum::extract::Path<String>) -> Response {
+async fn model_get(
+    State(st): State<Shared>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
     if id != st.cfg.model_id {
-        return ApiError::not_found(format!("unknown model '{id}'; this server serves '{}'", st.cfg.model_id)).with_code("model_not_found").into_response();
+        return ApiError::not_found(format!(
+            "unknown model '{id}'; this server serves '{}'",
+            st.cfg.model_id
+        ))
+        .with_code("model_not_found")
+        .into_response();
     }
     axum::Json(model_object(&st)).into_response()
 }
@@ -219,7 +292,11 @@ async fn model_get(State(st): State<Shared>, axum::extract::Path(id): axum::extr
 /// Reads the whole body (bounded in size and time) and parses it as JSON.
 pub async fn read_json(st: &AppState, headers: &HeaderMap, body: Body) -> Result<Value, ApiError> {
     let limit = st.cfg.max_body_bytes;
-    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) {
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
         if len > limit as u64 {
             return Err(ApiError::too_large(limit));
         }
@@ -227,21 +304,43 @@ pub async fn read_json(st: &AppState, headers: &HeaderMap, body: Body) -> Result
     let limited = http_body_util::Limited::new(body, limit);
     let collected = match tokio::time::timeout(st.cfg.body_timeout, limited.collect()).await {
         Err(_) => return Err(ApiError::body_timeout()),
-        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => return Err(ApiError::too_large(limit)),
-        Ok(Err(e)) => return Err(ApiError::bad_request("invalid_body", format!("could not read the request body: {e}"))),
+        Ok(Err(e))
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            return Err(ApiError::too_large(limit));
+        }
+        Ok(Err(e)) => {
+            return Err(ApiError::bad_request(
+                "invalid_body",
+                format!("could not read the request body: {e}"),
+            ));
+        }
         Ok(Ok(c)) => c.to_bytes(),
     };
     if collected.is_empty() {
-        return Err(ApiError::bad_request("invalid_json", "the request body is empty; a JSON object is expected"));
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "the request body is empty; a JSON object is expected",
+        ));
     }
-    serde_json::from_slice(&collected).map_err(|e| ApiError::bad_request("invalid_json", format!("the request body is not valid JSON: {e}")))
+    serde_json::from_slice(&collected).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_json",
+            format!("the request body is not valid JSON: {e}"),
+        )
+    })
 }
 
 /// The prompt of a generation request, before tokenization.
 pub enum PromptSpec {
     /// Chat messages rendered with the model's template (plus a partial assistant reply
     /// to continue, for Anthropic's prefill).
-    Chat { messages: Vec<ChatMessage>, kwargs: serde_json::Map<String, Value>, continue_with: Option<String> },
+    Chat {
+        messages: Vec<ChatMessage>,
+        kwargs: serde_json::Map<String, Value>,
+        continue_with: Option<String>,
+    },
     /// Raw text, encoded with the tokenizer's special tokens (as `moeflux generate` does).
     Text(String),
     /// Token ids given by the client.
@@ -277,21 +376,44 @@ pub fn check_params(p: &SamplingParams) -> Result<(), ApiError> {
     })
 }
 
-fn tokenize(codec: &TextCodec, spec: &PromptSpec, param: &'static str, vocab: usize) -> Result<(Vec<u32>, Option<usize>), ApiError> {
-    let encode = |text: &str, special: bool| codec.encode(text, special).map_err(|e| ApiError::invalid(param, e.to_string()));
+fn tokenize(
+    codec: &TextCodec,
+    spec: &PromptSpec,
+    param: &'static str,
+    vocab: usize,
+) -> Result<(Vec<u32>, Option<usize>), ApiError> {
+    let encode = |text: &str, special: bool| {
+        codec
+            .encode(text, special)
+            .map_err(|e| ApiError::invalid(param, e.to_string()))
+    };
     match spec {
         PromptSpec::Text(t) => Ok((encode(t, true)?, None)),
         PromptSpec::Tokens(ids) => {
             if let Some((i, t)) = ids.iter().enumerate().find(|(_, t)| **t as usize >= vocab) {
-                return Err(ApiError::invalid(format!("{param}[{i}]"), format!("token id {t} is outside the vocabulary (size {vocab})")));
+                return Err(ApiError::invalid(
+                    format!("{param}[{i}]"),
+                    format!("token id {t} is outside the vocabulary (size {vocab})"),
+                ));
             }
             Ok((ids.clone(), None))
         }
-        PromptSpec::Chat { messages, kwargs, continue_with } => {
+        PromptSpec::Chat {
+            messages,
+            kwargs,
+            continue_with,
+        } => {
             if !codec.has_chat_template() {
-                return Err(ApiError::bad_request("no_chat_template", "this model has no chat template; use /v1/completions with a text prompt"));
+                return Err(ApiError::bad_request(
+                    "no_chat_template",
+                    "this model has no chat template; use /v1/completions with a text prompt",
+                ));
             }
-            let render = |msgs: &[ChatMessage], gen_prompt: bool| codec.render_chat_with(msgs, gen_prompt, kwargs).map_err(|e| ApiError::invalid(param, e.to_string()));
+            let render = |msgs: &[ChatMessage], gen_prompt: bool| {
+                codec
+                    .render_chat_with(msgs, gen_prompt, kwargs)
+                    .map_err(|e| ApiError::invalid(param, e.to_string()))
+            };
             let mut text = render(messages, true)?;
             if let Some(c) = continue_with {
                 text.push_str(c);
@@ -300,10 +422,13 @@ fn tokenize(codec: &TextCodec, spec: &PromptSpec, param: &'static str, vocab: us
             // Where the last message starts, if the rendering and the tokenization are both
             // prefix-stable there (they normally are: templates render message by message).
             let boundary = if messages.len() >= 2 {
-                render(&messages[..messages.len() - 1], false).ok().filter(|p| !p.is_empty() && text.starts_with(p.as_str())).and_then(|p| {
-                    let pt = codec.encode(&p, false).ok()?;
-                    (tokens.starts_with(&pt) && pt.len() < tokens.len()).then_some(pt.len())
-                })
+                render(&messages[..messages.len() - 1], false)
+                    .ok()
+                    .filter(|p| !p.is_empty() && text.starts_with(p.as_str()))
+                    .and_then(|p| {
+                        let pt = codec.encode(&p, false).ok()?;
+                        (tokens.starts_with(&pt) && pt.len() < tokens.len()).then_some(pt.len())
+                    })
             } else {
                 None
             };
@@ -313,16 +438,25 @@ fn tokenize(codec: &TextCodec, spec: &PromptSpec, param: &'static str, vocab: us
 }
 
 /// Renders and tokenizes a prompt off the async threads.
-async fn tokenize_blocking(loaded: &Loaded, spec: PromptSpec, param: &'static str) -> Result<(Vec<u32>, Option<usize>), ApiError> {
+async fn tokenize_blocking(
+    loaded: &Loaded,
+    spec: PromptSpec,
+    param: &'static str,
+) -> Result<(Vec<u32>, Option<usize>), ApiError> {
     let codec = loaded.codec.clone();
     let vocab = loaded.vocab;
-    tokio::task::spawn_blocking(move || tokenize(&codec, &spec, param, vocab)).await.map_err(|e| ApiError::internal(format!("tokenization failed: {e}")))?
+    tokio::task::spawn_blocking(move || tokenize(&codec, &spec, param, vocab))
+        .await
+        .map_err(|e| ApiError::internal(format!("tokenization failed: {e}")))?
 }
 
 /// The number of tokens `req`'s prompt encodes to.
 pub async fn count_prompt(st: &AppState, req: GenRequest) -> Result<usize, ApiError> {
     let loaded = st.wait_loaded().await?;
-    Ok(tokenize_blocking(&loaded, req.prompt, req.prompt_param).await?.0.len())
+    Ok(tokenize_blocking(&loaded, req.prompt, req.prompt_param)
+        .await?
+        .0
+        .len())
 }
 
 /// Tokenizes, checks against the context and queues a generation job.
@@ -331,13 +465,19 @@ pub async fn submit(st: &AppState, id: &str, req: GenRequest) -> Result<Submitte
     let max_ctx = loaded.max_context;
     if let Some(m) = req.max_tokens {
         if m > max_ctx {
-            return Err(ApiError::invalid(req.max_tokens_param, format!("{m} exceeds the model's context of {max_ctx} tokens")));
+            return Err(ApiError::invalid(
+                req.max_tokens_param,
+                format!("{m} exceeds the model's context of {max_ctx} tokens"),
+            ));
         }
     }
     let param = req.prompt_param;
     let (tokens, boundary) = tokenize_blocking(&loaded, req.prompt, param).await?;
     if tokens.is_empty() {
-        return Err(ApiError::invalid(param, "the prompt is empty (it encodes to no tokens)"));
+        return Err(ApiError::invalid(
+            param,
+            "the prompt is empty (it encodes to no tokens)",
+        ));
     }
     if tokens.len() >= max_ctx {
         return Err(ApiError::invalid(param, format!("the prompt is {} tokens; the model's context is {max_ctx} tokens (at least one must be left to generate)", tokens.len()))
@@ -359,7 +499,11 @@ pub async fn submit(st: &AppState, id: &str, req: GenRequest) -> Result<Submitte
         accepted: Instant::now(),
     };
     match st.engine.queue.push(job) {
-        Ok(()) => Ok(Submitted { events: rx, prompt_tokens, stops: req.stops }),
+        Ok(()) => Ok(Submitted {
+            events: rx,
+            prompt_tokens,
+            stops: req.stops,
+        }),
         Err(PushError::Full) => {
             st.metrics.rejected_queue_full.fetch_add(1, Relaxed);
             Err(ApiError::queue_full(st.engine.queue.capacity()))
@@ -381,15 +525,28 @@ pub async fn collect(mut events: mpsc::UnboundedReceiver<Event>) -> Result<Colle
     while let Some(ev) = events.recv().await {
         match ev {
             Event::Started { .. } => {}
-            Event::Text { text: t, logprobs: lp } => {
+            Event::Text {
+                text: t,
+                logprobs: lp,
+            } => {
                 text.push_str(&t);
                 logprobs.extend(lp);
             }
-            Event::Done(summary) => return Ok(Collected { text, logprobs, summary }),
-            Event::Failed(msg) => return Err(ApiError::internal(format!("generation failed: {msg}"))),
+            Event::Done(summary) => {
+                return Ok(Collected {
+                    text,
+                    logprobs,
+                    summary,
+                });
+            }
+            Event::Failed(msg) => {
+                return Err(ApiError::internal(format!("generation failed: {msg}")));
+            }
         }
     }
-    Err(ApiError::internal("the engine stopped before finishing this request"))
+    Err(ApiError::internal(
+        "the engine stopped before finishing this request",
+    ))
 }
 
 /// Server-sent events from engine events: `format` maps each engine event to zero or
@@ -402,11 +559,18 @@ where
     Sse::new(event_stream(events, format)).into_response()
 }
 
-fn event_stream<F>(events: mpsc::UnboundedReceiver<Event>, format: F) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send
+fn event_stream<F>(
+    events: mpsc::UnboundedReceiver<Event>,
+    format: F,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send
 where
     F: FnMut(Event) -> Vec<SseEvent> + Send + 'static,
 {
-    let state = (events, format, std::collections::VecDeque::<SseEvent>::new());
+    let state = (
+        events,
+        format,
+        std::collections::VecDeque::<SseEvent>::new(),
+    );
     futures_util::stream::unfold(state, |(mut rx, mut f, mut buf)| async move {
         loop {
             if let Some(e) = buf.pop_front() {

@@ -104,21 +104,31 @@ impl ServerHandle {
     /// Waits until the model is loaded; `Err` if loading failed.
     pub async fn wait_ready(&self) -> Result<(), ServerError> {
         let mut rx = self.load.clone();
-        let state = rx.wait_for(|s| !matches!(s, LoadState::Loading)).await.map(|s| s.clone());
+        let state = rx
+            .wait_for(|s| !matches!(s, LoadState::Loading))
+            .await
+            .map(|s| s.clone());
         match state {
             Ok(LoadState::Ready(_)) => Ok(()),
             Ok(LoadState::Failed(msg)) => Err(ServerError::Load(msg)),
-            _ => Err(ServerError::Load("the engine thread ended while loading".into())),
+            _ => Err(ServerError::Load(
+                "the engine thread ended while loading".into(),
+            )),
         }
     }
 
     /// Resolves only if loading fails, with the reason.
     pub async fn load_failure(&self) -> String {
         let mut rx = self.load.clone();
-        let r = rx.wait_for(|s| matches!(s, LoadState::Failed(_))).await.map(|s| s.clone());
+        let r = rx
+            .wait_for(|s| matches!(s, LoadState::Failed(_)))
+            .await
+            .map(|s| s.clone());
         match r {
             Ok(LoadState::Failed(msg)) => msg,
-            _ if matches!(*rx.borrow(), LoadState::Loading) => "the engine thread ended while loading the model".into(),
+            _ if matches!(*rx.borrow(), LoadState::Loading) => {
+                "the engine thread ended while loading the model".into()
+            }
             _ => std::future::pending().await,
         }
     }
@@ -147,7 +157,10 @@ impl ServerHandle {
         self.shared.queue.close();
         if let Some(t) = self.engine.take() {
             let join = tokio::task::spawn_blocking(move || t.join());
-            if tokio::time::timeout(ENGINE_JOIN_TIMEOUT, join).await.is_err() {
+            if tokio::time::timeout(ENGINE_JOIN_TIMEOUT, join)
+                .await
+                .is_err()
+            {
                 tracing::warn!("engine thread still busy (loading?); leaving it");
             }
         }
@@ -162,14 +175,25 @@ impl ServerHandle {
 
 /// Starts serving on `listener` and loads the model on the engine thread with `loader`;
 /// returns at once (the server answers `/health` with "loading" meanwhile).
-pub async fn start<M, F>(listener: TcpListener, cfg: ServerConfig, loader: F) -> Result<ServerHandle, ServerError>
+pub async fn start<M, F>(
+    listener: TcpListener,
+    cfg: ServerConfig,
+    loader: F,
+) -> Result<ServerHandle, ServerError>
 where
     M: InferenceModel + 'static,
     F: FnOnce() -> Result<(M, TextCodec), String> + Send + 'static,
 {
-    let addr = listener.local_addr().map_err(|e| ServerError::Bind { addr: "listener".into(), source: e })?;
+    let addr = listener.local_addr().map_err(|e| ServerError::Bind {
+        addr: "listener".into(),
+        source: e,
+    })?;
     let metrics = Arc::new(Metrics::default());
-    let shared = Arc::new(EngineShared { queue: JobQueue::new(cfg.queue_capacity), metrics: metrics.clone(), abort: AtomicBool::new(false) });
+    let shared = Arc::new(EngineShared {
+        queue: JobQueue::new(cfg.queue_capacity),
+        metrics: metrics.clone(),
+        abort: AtomicBool::new(false),
+    });
     let (load_tx, load_rx) = watch::channel(LoadState::Loading);
 
     let engine_shared = shared.clone();
@@ -198,7 +222,12 @@ where
         .map_err(ServerError::Thread)?;
 
     let grace = cfg.shutdown_grace;
-    let app = http::router(http::AppState::new(cfg, shared.clone(), metrics, load_rx.clone()));
+    let app = http::router(http::AppState::new(
+        cfg,
+        shared.clone(),
+        metrics,
+        load_rx.clone(),
+    ));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let http = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -207,7 +236,15 @@ where
             })
             .await
     });
-    Ok(ServerHandle { addr, stop_http: Some(stop_tx), http, engine: Some(engine), shared, load: load_rx, grace })
+    Ok(ServerHandle {
+        addr,
+        stop_http: Some(stop_tx),
+        http,
+        engine: Some(engine),
+        shared,
+        load: load_rx,
+        grace,
+    })
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -234,9 +271,14 @@ pub async fn shutdown_signal() {
 
 /// Logs to stderr as `tracing` events; `RUST_LOG` overrides the default `info` level.
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .try_init();
 }
 
 /// The blocking entry point of `moeflux serve`: binds `host:port`, serves until SIGINT or
@@ -247,16 +289,30 @@ where
     M: InferenceModel + 'static,
     F: FnOnce() -> Result<(M, TextCodec), String> + Send + 'static,
 {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(ServerError::Runtime)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(ServerError::Runtime)?;
     rt.block_on(serve_until(host, port, cfg, loader, shutdown_signal()))
 }
 
-async fn serve_until<M, F>(host: &str, port: u16, cfg: ServerConfig, loader: F, stop: impl Future<Output = ()>) -> Result<(), ServerError>
+async fn serve_until<M, F>(
+    host: &str,
+    port: u16,
+    cfg: ServerConfig,
+    loader: F,
+    stop: impl Future<Output = ()>,
+) -> Result<(), ServerError>
 where
     M: InferenceModel + 'static,
     F: FnOnce() -> Result<(M, TextCodec), String> + Send + 'static,
 {
-    let listener = TcpListener::bind((host, port)).await.map_err(|e| ServerError::Bind { addr: format!("{host}:{port}"), source: e })?;
+    let listener = TcpListener::bind((host, port))
+        .await
+        .map_err(|e| ServerError::Bind {
+            addr: format!("{host}:{port}"),
+            source: e,
+        })?;
     let model_id = cfg.model_id.clone();
     let auth = cfg.api_key.is_some();
     let handle = start(listener, cfg, loader).await?;

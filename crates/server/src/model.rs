@@ -63,16 +63,25 @@ impl InferenceModel for Session {
         Session::reset(self)
     }
     fn describe(&self) -> String {
-        format!("{} backend, context {}", self.backend_name(), Session::max_context(self))
+        format!(
+            "{} backend, context {}",
+            self.backend_name(),
+            Session::max_context(self)
+        )
     }
 }
 
 /// A loader for [`crate::start`] that opens a model directory as a [`Session`] plus its
 /// tokenizer (on the engine thread, so `/health` answers "loading" meanwhile).
-pub fn session_loader(dir: PathBuf, opts: SessionOptions) -> impl FnOnce() -> Result<(Session, TextCodec), String> + Send + 'static {
+pub fn session_loader(
+    dir: PathBuf,
+    opts: SessionOptions,
+) -> impl FnOnce() -> Result<(Session, TextCodec), String> + Send + 'static {
     move || {
-        let codec = TextCodec::from_dir(&dir).map_err(|e| format!("loading the tokenizer of {}: {e}", dir.display()))?;
-        let session = Session::open(&dir, &opts).map_err(|e| format!("opening model {}: {e}", dir.display()))?;
+        let codec = TextCodec::from_dir(&dir)
+            .map_err(|e| format!("loading the tokenizer of {}: {e}", dir.display()))?;
+        let session = Session::open(&dir, &opts)
+            .map_err(|e| format!("opening model {}: {e}", dir.display()))?;
         Ok((session, codec))
     }
 }
@@ -80,5 +89,9 @@ pub fn session_loader(dir: PathBuf, opts: SessionOptions) -> impl FnOnce() -> Re
 /// The id a model directory is served under: its directory name.
 pub fn model_id(dir: &Path) -> String {
     let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-    canonical.file_name().map(|n| n.to_string_lossy().into_owned()).filter(|n| !n.is_empty()).unwrap_or_else(|| "model".to_string())
+    canonical
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "model".to_string())
 }

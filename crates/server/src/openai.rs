@@ -19,7 +19,9 @@ use serde_json::{Map, Value, json};
 use crate::engine::{Event, Finish, Summary, TokenLogprob};
 use crate::error::ApiError;
 use crate::fields::Fields;
-use crate::http::{self, GenRequest, MAX_TOKENS_LIMIT, PromptSpec, RequestId, Shared, sse_json, unix_now};
+use crate::http::{
+    self, GenRequest, MAX_TOKENS_LIMIT, PromptSpec, RequestId, Shared, sse_json, unix_now,
+};
 
 /// Sampling fields shared by both endpoints.
 fn sampling(f: &Fields) -> Result<SamplingParams, ApiError> {
@@ -29,9 +31,14 @@ fn sampling(f: &Fields) -> Result<SamplingParams, ApiError> {
         return Err(ApiError::invalid("top_p", "must be greater than 0"));
     }
     let top_k = f.int("top_k", -1, 1 << 30)?.unwrap_or(0);
-    let rep = f.number("repetition_penalty", 0.0, 100.0)?.unwrap_or(d.repetition_penalty);
+    let rep = f
+        .number("repetition_penalty", 0.0, 100.0)?
+        .unwrap_or(d.repetition_penalty);
     if rep <= 0.0 {
-        return Err(ApiError::invalid("repetition_penalty", "must be greater than 0"));
+        return Err(ApiError::invalid(
+            "repetition_penalty",
+            "must be greater than 0",
+        ));
     }
     let p = SamplingParams {
         temperature: f.number("temperature", 0.0, 2.0)?.unwrap_or(d.temperature),
@@ -57,7 +64,10 @@ fn single_choice(f: &Fields) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn max_tokens(f: &Fields, keys: &[&'static str]) -> Result<(Option<usize>, &'static str), ApiError> {
+fn max_tokens(
+    f: &Fields,
+    keys: &[&'static str],
+) -> Result<(Option<usize>, &'static str), ApiError> {
     for k in keys {
         if let Some(m) = f.int(k, 1, MAX_TOKENS_LIMIT)? {
             return Ok((Some(m as usize), k));
@@ -70,7 +80,9 @@ fn stream_flags(f: &Fields) -> Result<(bool, bool), ApiError> {
     let stream = f.bool("stream")?.unwrap_or(false);
     let include_usage = match f.get("stream_options") {
         None => false,
-        Some(v) => Fields::object(v, "stream_options".into())?.bool("include_usage")?.unwrap_or(false),
+        Some(v) => Fields::object(v, "stream_options".into())?
+            .bool("include_usage")?
+            .unwrap_or(false),
     };
     Ok((stream, include_usage))
 }
@@ -86,20 +98,29 @@ fn text_of_content(v: Option<&Value>, path: &str, role: &str) -> Result<String, 
                 let pf = Fields::object(p, format!("{path}.content[{i}]"))?;
                 let ty = pf.require("type", pf.str("type")?)?;
                 if ty != "text" {
-                    return Err(ApiError::invalid(pf.path("type"), format!("content part type '{ty}' is not supported (text only)")));
+                    return Err(ApiError::invalid(
+                        pf.path("type"),
+                        format!("content part type '{ty}' is not supported (text only)"),
+                    ));
                 }
                 out.push_str(pf.require("text", pf.str("text")?)?);
             }
             Ok(out)
         }
-        Some(_) => Err(ApiError::invalid(format!("{path}.content"), "must be a string or an array of content parts")),
+        Some(_) => Err(ApiError::invalid(
+            format!("{path}.content"),
+            "must be a string or an array of content parts",
+        )),
     }
 }
 
 fn chat_messages(f: &Fields) -> Result<Vec<ChatMessage>, ApiError> {
     let list = f.require("messages", f.array("messages")?)?;
     if list.is_empty() {
-        return Err(ApiError::invalid("messages", "must contain at least one message"));
+        return Err(ApiError::invalid(
+            "messages",
+            "must contain at least one message",
+        ));
     }
     let mut out = Vec::with_capacity(list.len());
     for (i, m) in list.iter().enumerate() {
@@ -110,13 +131,33 @@ fn chat_messages(f: &Fields) -> Result<Vec<ChatMessage>, ApiError> {
             "system" | "developer" => "system",
             "user" => "user",
             "assistant" => "assistant",
-            "tool" | "function" => return Err(ApiError::invalid(mf.path("role"), format!("role '{role}' is not supported (this server does no tool calling)"))),
-            other => return Err(ApiError::invalid(mf.path("role"), format!("unknown role '{other}' (system, developer, user, assistant)"))),
+            "tool" | "function" => {
+                return Err(ApiError::invalid(
+                    mf.path("role"),
+                    format!("role '{role}' is not supported (this server does no tool calling)"),
+                ));
+            }
+            other => {
+                return Err(ApiError::invalid(
+                    mf.path("role"),
+                    format!("unknown role '{other}' (system, developer, user, assistant)"),
+                ));
+            }
         };
-        if mf.get("tool_calls").and_then(Value::as_array).is_some_and(|a| !a.is_empty()) {
-            return Err(ApiError::invalid(mf.path("tool_calls"), "tool calls are not supported"));
+        if mf
+            .get("tool_calls")
+            .and_then(Value::as_array)
+            .is_some_and(|a| !a.is_empty())
+        {
+            return Err(ApiError::invalid(
+                mf.path("tool_calls"),
+                "tool calls are not supported",
+            ));
         }
-        out.push(ChatMessage::new(role, text_of_content(mf.get("content"), &path, role)?));
+        out.push(ChatMessage::new(
+            role,
+            text_of_content(mf.get("content"), &path, role)?,
+        ));
     }
     Ok(out)
 }
@@ -188,7 +229,10 @@ fn parse_chat(st: &Shared, v: &Value) -> Result<ChatRequest, ApiError> {
         let rf = Fields::object(rf, "response_format".into())?;
         if let Some(t) = rf.str("type")? {
             if t != "text" {
-                return Err(ApiError::invalid("response_format.type", format!("'{t}' is not supported (text only)")));
+                return Err(ApiError::invalid(
+                    "response_format.type",
+                    format!("'{t}' is not supported (text only)"),
+                ));
             }
         }
     }
@@ -196,17 +240,29 @@ fn parse_chat(st: &Shared, v: &Value) -> Result<ChatRequest, ApiError> {
     let logprobs = f.bool("logprobs")?.unwrap_or(false);
     let top = f.int("top_logprobs", 0, 20)?;
     if top.is_some() && !logprobs {
-        return Err(ApiError::invalid("top_logprobs", "requires logprobs = true"));
+        return Err(ApiError::invalid(
+            "top_logprobs",
+            "requires logprobs = true",
+        ));
     }
     let kwargs = match f.get("chat_template_kwargs") {
         None => Map::new(),
         Some(Value::Object(m)) => m.clone(),
-        Some(_) => return Err(ApiError::invalid("chat_template_kwargs", "must be an object")),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "chat_template_kwargs",
+                "must be an object",
+            ));
+        }
     };
     let (stream, include_usage) = stream_flags(&f)?;
     Ok(ChatRequest {
         generation: GenRequest {
-            prompt: PromptSpec::Chat { messages, kwargs, continue_with: None },
+            prompt: PromptSpec::Chat {
+                messages,
+                kwargs,
+                continue_with: None,
+            },
             prompt_param: "messages",
             max_tokens: max,
             max_tokens_param: max_param,
@@ -220,14 +276,24 @@ fn parse_chat(st: &Shared, v: &Value) -> Result<ChatRequest, ApiError> {
     })
 }
 
-pub async fn chat(State(st): State<Shared>, Extension(rid): Extension<RequestId>, headers: HeaderMap, body: Body) -> Response {
+pub async fn chat(
+    State(st): State<Shared>,
+    Extension(rid): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     match chat_inner(st, rid, headers, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn chat_inner(st: Shared, rid: RequestId, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn chat_inner(
+    st: Shared,
+    rid: RequestId,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let v = http::read_json(&st, &headers, body).await?;
     let req = parse_chat(&st, &v)?;
     let want_lp = req.generation.logprobs.is_some();
@@ -237,7 +303,11 @@ async fn chat_inner(st: Shared, rid: RequestId, headers: HeaderMap, body: Body) 
     let created = unix_now();
     if !req.stream {
         let c = http::collect(sub.events).await?;
-        let logprobs = if want_lp { chat_logprobs(&c.logprobs) } else { Value::Null };
+        let logprobs = if want_lp {
+            chat_logprobs(&c.logprobs)
+        } else {
+            Value::Null
+        };
         return Ok(axum::Json(json!({
             "id": id,
             "object": "chat.completion",
@@ -262,20 +332,36 @@ async fn chat_inner(st: Shared, rid: RequestId, headers: HeaderMap, body: Body) 
         sse_json(&c)
     };
     Ok(http::sse(sub.events, move |ev| match ev {
-        Event::Started { .. } => vec![chunk(json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]), None)],
+        Event::Started { .. } => vec![chunk(
+            json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
+            None,
+        )],
         Event::Text { text, logprobs } => {
-            let lp = if logprobs.is_empty() { Value::Null } else { chat_logprobs(&logprobs) };
-            vec![chunk(json!([{"index": 0, "delta": {"content": text}, "logprobs": lp, "finish_reason": null}]), None)]
+            let lp = if logprobs.is_empty() {
+                Value::Null
+            } else {
+                chat_logprobs(&logprobs)
+            };
+            vec![chunk(
+                json!([{"index": 0, "delta": {"content": text}, "logprobs": lp, "finish_reason": null}]),
+                None,
+            )]
         }
         Event::Done(s) => {
-            let mut out = vec![chunk(json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish_reason(&s)}]), None)];
+            let mut out = vec![chunk(
+                json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish_reason(&s)}]),
+                None,
+            )];
             if include_usage {
                 out.push(chunk(json!([]), Some(usage(&s))));
             }
             out.push(SseEvent::default().data("[DONE]"));
             out
         }
-        Event::Failed(msg) => vec![sse_json(&ApiError::internal(format!("generation failed: {msg}")).body()), SseEvent::default().data("[DONE]")],
+        Event::Failed(msg) => vec![
+            sse_json(&ApiError::internal(format!("generation failed: {msg}")).body()),
+            SseEvent::default().data("[DONE]"),
+        ],
     }))
 }
 
@@ -291,20 +377,41 @@ fn completion_prompt(f: &Fields) -> Result<PromptSpec, ApiError> {
     let ids = |a: &Vec<Value>, path: &str| -> Result<Vec<u32>, ApiError> {
         a.iter()
             .enumerate()
-            .map(|(i, t)| t.as_u64().filter(|&x| x <= u32::MAX as u64).map(|x| x as u32).ok_or_else(|| ApiError::invalid(format!("{path}[{i}]"), "must be a token id (a non-negative integer)")))
+            .map(|(i, t)| {
+                t.as_u64()
+                    .filter(|&x| x <= u32::MAX as u64)
+                    .map(|x| x as u32)
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            format!("{path}[{i}]"),
+                            "must be a token id (a non-negative integer)",
+                        )
+                    })
+            })
             .collect()
     };
     match v {
         Value::String(s) => Ok(PromptSpec::Text(s.clone())),
         Value::Array(a) if a.is_empty() => Err(ApiError::invalid("prompt", "must not be empty")),
-        Value::Array(a) if a.iter().all(Value::is_number) => Ok(PromptSpec::Tokens(ids(a, "prompt")?)),
+        Value::Array(a) if a.iter().all(Value::is_number) => {
+            Ok(PromptSpec::Tokens(ids(a, "prompt")?))
+        }
         Value::Array(a) if a.len() == 1 => match &a[0] {
             Value::String(s) => Ok(PromptSpec::Text(s.clone())),
             Value::Array(inner) => Ok(PromptSpec::Tokens(ids(inner, "prompt[0]")?)),
-            _ => Err(ApiError::invalid("prompt[0]", "must be a string or an array of token ids")),
+            _ => Err(ApiError::invalid(
+                "prompt[0]",
+                "must be a string or an array of token ids",
+            )),
         },
-        Value::Array(_) => Err(ApiError::invalid("prompt", "only one prompt per request is supported")),
-        _ => Err(ApiError::invalid("prompt", "must be a string, an array of token ids, or a one-element array of either")),
+        Value::Array(_) => Err(ApiError::invalid(
+            "prompt",
+            "only one prompt per request is supported",
+        )),
+        _ => Err(ApiError::invalid(
+            "prompt",
+            "must be a string, an array of token ids, or a one-element array of either",
+        )),
     }
 }
 
@@ -315,7 +422,10 @@ fn parse_completion(st: &Shared, v: &Value) -> Result<CompletionRequest, ApiErro
     single_choice(&f)?;
     if let Some(b) = f.int("best_of", 1, i64::MAX)? {
         if b != 1 {
-            return Err(ApiError::invalid("best_of", "only best_of = 1 is supported"));
+            return Err(ApiError::invalid(
+                "best_of",
+                "only best_of = 1 is supported",
+            ));
         }
     }
     if f.bool("echo")?.unwrap_or(false) {
@@ -345,14 +455,24 @@ fn parse_completion(st: &Shared, v: &Value) -> Result<CompletionRequest, ApiErro
     })
 }
 
-pub async fn completions(State(st): State<Shared>, Extension(rid): Extension<RequestId>, headers: HeaderMap, body: Body) -> Response {
+pub async fn completions(
+    State(st): State<Shared>,
+    Extension(rid): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     match completions_inner(st, rid, headers, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn completions_inner(st: Shared, rid: RequestId, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn completions_inner(
+    st: Shared,
+    rid: RequestId,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let v = http::read_json(&st, &headers, body).await?;
     let req = parse_completion(&st, &v)?;
     let want_lp = req.generation.logprobs.is_some();
@@ -363,7 +483,11 @@ async fn completions_inner(st: Shared, rid: RequestId, headers: HeaderMap, body:
     let created = unix_now();
     if !req.stream {
         let c = http::collect(sub.events).await?;
-        let lp = if want_lp { completion_logprobs(&c.logprobs, with_top, 0) } else { Value::Null };
+        let lp = if want_lp {
+            completion_logprobs(&c.logprobs, with_top, 0)
+        } else {
+            Value::Null
+        };
         return Ok(axum::Json(json!({
             "id": id,
             "object": "text_completion",
@@ -386,18 +510,31 @@ async fn completions_inner(st: Shared, rid: RequestId, headers: HeaderMap, body:
     Ok(http::sse(sub.events, move |ev| match ev {
         Event::Started { .. } => vec![],
         Event::Text { text, logprobs } => {
-            let lp = if want_lp { completion_logprobs(&logprobs, with_top, offset) } else { Value::Null };
+            let lp = if want_lp {
+                completion_logprobs(&logprobs, with_top, offset)
+            } else {
+                Value::Null
+            };
             offset += text.len();
-            vec![chunk(json!([{"text": text, "index": 0, "logprobs": lp, "finish_reason": null}]), None)]
+            vec![chunk(
+                json!([{"text": text, "index": 0, "logprobs": lp, "finish_reason": null}]),
+                None,
+            )]
         }
         Event::Done(s) => {
-            let mut out = vec![chunk(json!([{"text": "", "index": 0, "logprobs": null, "finish_reason": finish_reason(&s)}]), None)];
+            let mut out = vec![chunk(
+                json!([{"text": "", "index": 0, "logprobs": null, "finish_reason": finish_reason(&s)}]),
+                None,
+            )];
             if include_usage {
                 out.push(chunk(json!([]), Some(usage(&s))));
             }
             out.push(SseEvent::default().data("[DONE]"));
             out
         }
-        Event::Failed(msg) => vec![sse_json(&ApiError::internal(format!("generation failed: {msg}")).body()), SseEvent::default().data("[DONE]")],
+        Event::Failed(msg) => vec![
+            sse_json(&ApiError::internal(format!("generation failed: {msg}")).body()),
+            SseEvent::default().data("[DONE]"),
+        ],
     }))
 }

@@ -26,7 +26,10 @@ pub struct StopMatcher {
 
 impl StopMatcher {
     pub fn new(stops: Vec<String>) -> Self {
-        StopMatcher { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), held: String::new() }
+        StopMatcher {
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            held: String::new(),
+        }
     }
 
     pub fn stops(&self) -> &[String] {
@@ -35,7 +38,10 @@ impl StopMatcher {
 
     pub fn push(&mut self, text: &str) -> Step {
         if self.stops.is_empty() {
-            return Step { emit: text.to_string(), matched: None };
+            return Step {
+                emit: text.to_string(),
+                matched: None,
+            };
         }
         self.held.push_str(text);
         // Earliest match wins; among matches at the same place, the longest.
@@ -54,13 +60,19 @@ impl StopMatcher {
         if let Some((at, i)) = best {
             let emit = self.held[..at].to_string();
             self.held.clear();
-            return Step { emit, matched: Some(i) };
+            return Step {
+                emit,
+                matched: Some(i),
+            };
         }
         let keep = self.partial_tail();
         let cut = self.held.len() - keep;
         let emit = self.held[..cut].to_string();
         self.held.drain(..cut);
-        Step { emit, matched: None }
+        Step {
+            emit,
+            matched: None,
+        }
     }
 
     /// Length of the longest tail of `held` that is a proper prefix of a stop string.
@@ -104,7 +116,10 @@ mod tests {
 
     #[test]
     fn matches_across_pieces() {
-        assert_eq!(run(&["END"], &["ab", "cE", "N", "Dxx"]), ("abc".into(), Some(0)));
+        assert_eq!(
+            run(&["END"], &["ab", "cE", "N", "Dxx"]),
+            ("abc".into(), Some(0))
+        );
         assert_eq!(run(&["\n\n"], &["a\n", "\n", "b"]), ("a".into(), Some(0)));
     }
 
@@ -137,6 +152,12 @@ mod tests {
     #[test]
     fn no_stops_passes_through() {
         let mut m = StopMatcher::new(vec![]);
-        assert_eq!(m.push("abc"), Step { emit: "abc".into(), matched: None });
+        assert_eq!(
+            m.push("abc"),
+            Step {
+                emit: "abc".into(),
+                matched: None
+            }
+        );
     }
 }

@@ -29,7 +29,10 @@ fn detect() -> bool {
     use std::arch::x86_64::{__cpuid, __cpuid_count};
     let (leaf7, leaf1) = (__cpuid_count(7, 0), __cpuid(1));
     // AMX-TILE (EDX 24), AMX-INT8 (EDX 25), OSXSAVE (ECX 27)
-    if leaf7.edx & (3 << 24) != 3 << 24 || leaf1.ecx & (1 << 27) == 0 || !std::is_x86_feature_detected!("avx512vnni") {
+    if leaf7.edx & (3 << 24) != 3 << 24
+        || leaf1.ecx & (1 << 27) == 0
+        || !std::is_x86_feature_detected!("avx512vnni")
+    {
         return false;
     }
     // SAFETY: OSXSAVE is set, so xgetbv is allowed.
@@ -130,7 +133,10 @@ pub(super) mod kernel {
     #[inline(always)]
     unsafe fn shuffle_round<const N: usize>(z: &mut [__m512i; N]) {
         unsafe {
-            let (lo, hi) = (_mm512_loadu_si512(LO.as_ptr() as *const _), _mm512_loadu_si512(HI.as_ptr() as *const _));
+            let (lo, hi) = (
+                _mm512_loadu_si512(LO.as_ptr() as *const _),
+                _mm512_loadu_si512(HI.as_ptr() as *const _),
+            );
             let mut n = [_mm512_setzero_si512(); N];
             for p in 0..N / 2 {
                 n[2 * p] = _mm512_permutex2var_epi32(z[p], lo, z[p + N / 2]);
@@ -146,7 +152,9 @@ pub(super) mod kernel {
         unsafe {
             match dt {
                 DType::F32 => _mm512_maskz_loadu_ps(m, p as *const f32),
-                DType::BF16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p as *const i16)))),
+                DType::BF16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                    _mm256_maskz_loadu_epi16(m, p as *const i16),
+                ))),
                 _ => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p as *const i16)),
             }
         }
@@ -158,7 +166,14 @@ pub(super) mod kernel {
     /// AMX must be [`super::available`]; pointers as documented on [`Mat`]/[`Act`];
     /// `out` valid for those writes and not touched by other threads there.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c,avx2")]
-    pub(in super::super) unsafe fn rows(m: &Mat, a: &Act, r0: usize, r1: usize, out: *mut f32, ostride: usize) {
+    pub(in super::super) unsafe fn rows(
+        m: &Mat,
+        a: &Act,
+        r0: usize,
+        r1: usize,
+        out: *mut f32,
+        ostride: usize,
+    ) {
         unsafe {
             let nkb = m.row_bytes / 32;
             let kpg = m.gs / 64;
@@ -173,7 +188,11 @@ pub(super) mod kernel {
             let mut rb0 = r0;
             while rb0 < r1 {
                 let nr = (r1 - rb0).min(16);
-                let rmask: __mmask16 = if nr == 16 { 0xffff } else { ((1u32 << nr) - 1) as __mmask16 };
+                let rmask: __mmask16 = if nr == 16 {
+                    0xffff
+                } else {
+                    ((1u32 << nr) - 1) as __mmask16
+                };
                 // codes of rows rb0.., one B tile per 64-element block
                 let next = rb0 + 16;
                 for kb in 0..nkb {
@@ -181,12 +200,17 @@ pub(super) mod kernel {
                     for (p, zp) in z.iter_mut().enumerate() {
                         let row = |r: usize| {
                             if r < nr {
-                                _mm256_loadu_si256(m.data.add((rb0 + r) * m.row_bytes + 32 * kb) as *const _)
+                                _mm256_loadu_si256(
+                                    m.data.add((rb0 + r) * m.row_bytes + 32 * kb) as *const _
+                                )
                             } else {
                                 _mm256_setzero_si256()
                             }
                         };
-                        *zp = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(row(2 * p)), row(2 * p + 1));
+                        *zp = _mm512_inserti64x4::<1>(
+                            _mm512_castsi256_si512(row(2 * p)),
+                            row(2 * p + 1),
+                        );
                     }
                     for _ in 0..4 {
                         shuffle_round(&mut z);
@@ -195,12 +219,17 @@ pub(super) mod kernel {
                     let dst = bb.add(kb * 1024);
                     for (j, zj) in z.iter().enumerate() {
                         _mm512_store_si512(dst.add(128 * j) as *mut _, _mm512_and_si512(*zj, m0f));
-                        _mm512_store_si512(dst.add(128 * j + 64) as *mut _, _mm512_and_si512(_mm512_srli_epi16::<4>(*zj), m0f));
+                        _mm512_store_si512(
+                            dst.add(128 * j + 64) as *mut _,
+                            _mm512_and_si512(_mm512_srli_epi16::<4>(*zj), m0f),
+                        );
                     }
                     // the next block's rows, one line in two blocks
                     if kb % 2 == 0 && next < m.rows {
                         for r in 0..(m.rows - next).min(16) {
-                            _mm_prefetch::<_MM_HINT_T0>(m.data.add((next + r) * m.row_bytes + 32 * kb) as *const i8);
+                            _mm_prefetch::<_MM_HINT_T0>(
+                                m.data.add((next + r) * m.row_bytes + 32 * kb) as *const i8,
+                            );
                         }
                     }
                 }
@@ -208,10 +237,18 @@ pub(super) mod kernel {
                 for (src, off) in [(m.scales, 0usize), (m.biases, 16usize)] {
                     let mut g0 = 0;
                     while g0 < m.groups {
-                        let gm: __mmask16 = if m.groups - g0 >= 16 { 0xffff } else { ((1u32 << (m.groups - g0)) - 1) as __mmask16 };
+                        let gm: __mmask16 = if m.groups - g0 >= 16 {
+                            0xffff
+                        } else {
+                            ((1u32 << (m.groups - g0)) - 1) as __mmask16
+                        };
                         let mut z = [_mm512_setzero_si512(); 16];
                         for (r, zr) in z.iter_mut().enumerate().take(nr) {
-                            *zr = _mm512_castps_si512(load16(src.add(((rb0 + r) * m.groups + g0) * ssz), m.sdt, gm));
+                            *zr = _mm512_castps_si512(load16(
+                                src.add(((rb0 + r) * m.groups + g0) * ssz),
+                                m.sdt,
+                                gm,
+                            ));
                         }
                         for _ in 0..4 {
                             shuffle_round(&mut z);
@@ -232,7 +269,12 @@ pub(super) mod kernel {
                     }
                     let mut acc = [_mm512_setzero_ps(); 16];
                     for g in 0..m.groups {
-                        asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", options(nostack, nomem));
+                        asm!(
+                            "tilezero tmm0",
+                            "tilezero tmm1",
+                            "tilezero tmm2",
+                            options(nostack, nomem)
+                        );
                         for kk in 0..kpg {
                             let kb = g * kpg + kk;
                             let xa = a.x.add((3 * kb * a.n + t0) * 64);
@@ -271,7 +313,11 @@ pub(super) mod kernel {
                             let c3 = _mm512_load_si512(cb.add(2048 + 64 * t) as *const _);
                             // plane 1 * 2^16 + plane 2 * 2^8 + plane 3; (c1 << 8) + c2 fits i32
                             let hi = _mm512_add_epi32(_mm512_slli_epi32::<8>(c1), c2);
-                            let f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_set1_ps(256.0), _mm512_cvtepi32_ps(c3));
+                            let f = _mm512_fmadd_ps(
+                                _mm512_cvtepi32_ps(hi),
+                                _mm512_set1_ps(256.0),
+                                _mm512_cvtepi32_ps(c3),
+                            );
                             let gp = a.g.add((t0 + t) * a.gtok);
                             let step = _mm512_set1_ps(*gp.add(a.gstride + g));
                             *acc = _mm512_fmadd_ps(f, _mm512_mul_ps(sv, step), *acc);

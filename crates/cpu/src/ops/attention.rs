@@ -8,7 +8,14 @@ use rayon::prelude::*;
 
 use super::weights::dot;
 
-pub fn kv_append(k: &[f32], v: &[f32], pos: &[u32], k_cache: &mut [f32], v_cache: &mut [f32], kv_dim: usize) {
+pub fn kv_append(
+    k: &[f32],
+    v: &[f32],
+    pos: &[u32],
+    k_cache: &mut [f32],
+    v_cache: &mut [f32],
+    kv_dim: usize,
+) {
     for (t, &p) in pos.iter().enumerate() {
         let p = p as usize;
         k_cache[p * kv_dim..(p + 1) * kv_dim].copy_from_slice(&k[t * kv_dim..(t + 1) * kv_dim]);
@@ -23,35 +30,45 @@ pub struct AttnShape {
     pub scale: f32,
 }
 
-pub fn attention(q: &[f32], pos: &[u32], k_cache: &[f32], v_cache: &[f32], out: &mut [f32], s: &AttnShape) {
+pub fn attention(
+    q: &[f32],
+    pos: &[u32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    out: &mut [f32],
+    s: &AttnShape,
+) {
     let hd = s.head_dim;
     let kv_dim = s.kv_heads * hd;
     let group = s.heads / s.kv_heads;
-    out.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, |scores: &mut Vec<f32>, (row, o)| {
-        let (t, h) = (row / s.heads, row % s.heads);
-        let kvh = h / group;
-        let qv = &q[row * hd..(row + 1) * hd];
-        let len = pos[t] as usize + 1;
-        scores.clear();
-        let mut max = f32::NEG_INFINITY;
-        for j in 0..len {
-            let kr = &k_cache[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd];
-            let sc = dot(qv, kr) * s.scale;
-            max = max.max(sc);
-            scores.push(sc);
-        }
-        let mut denom = 0f32;
-        for sc in scores.iter_mut() {
-            *sc = (*sc - max).exp();
-            denom += *sc;
-        }
-        o.fill(0.0);
-        for (j, w) in scores.iter().enumerate() {
-            let vr = &v_cache[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd];
-            let w = w / denom;
-            for (a, b) in o.iter_mut().zip(vr) {
-                *a += w * b;
+    out.par_chunks_mut(hd).enumerate().for_each_init(
+        Vec::new,
+        |scores: &mut Vec<f32>, (row, o)| {
+            let (t, h) = (row / s.heads, row % s.heads);
+            let kvh = h / group;
+            let qv = &q[row * hd..(row + 1) * hd];
+            let len = pos[t] as usize + 1;
+            scores.clear();
+            let mut max = f32::NEG_INFINITY;
+            for j in 0..len {
+                let kr = &k_cache[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd];
+                let sc = dot(qv, kr) * s.scale;
+                max = max.max(sc);
+                scores.push(sc);
             }
-        }
-    });
+            let mut denom = 0f32;
+            for sc in scores.iter_mut() {
+                *sc = (*sc - max).exp();
+                denom += *sc;
+            }
+            o.fill(0.0);
+            for (j, w) in scores.iter().enumerate() {
+                let vr = &v_cache[j * kv_dim + kvh * hd..j * kv_dim + (kvh + 1) * hd];
+                let w = w / denom;
+                for (a, b) in o.iter_mut().zip(vr) {
+                    *a += w * b;
+                }
+            }
+        },
+    );
 }

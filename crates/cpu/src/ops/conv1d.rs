@@ -6,11 +6,23 @@
 
 use super::rms_norm::silu;
 
-pub fn conv1d_silu(x: &[f32], state: &mut [f32], w: &[f32], out: &mut [f32], n: usize, channels: usize, kernel: usize) {
+pub fn conv1d_silu(
+    x: &[f32],
+    state: &mut [f32],
+    w: &[f32],
+    out: &mut [f32],
+    n: usize,
+    channels: usize,
+    kernel: usize,
+) {
     let hist = kernel - 1;
     // window = state rows followed by the batch rows
     let row = |i: usize, c: usize, state: &[f32]| -> f32 {
-        if i < hist { state[i * channels + c] } else { x[(i - hist) * channels + c] }
+        if i < hist {
+            state[i * channels + c]
+        } else {
+            x[(i - hist) * channels + c]
+        }
     };
     for t in 0..n {
         for c in 0..channels {
@@ -23,6 +35,9 @@ pub fn conv1d_silu(x: &[f32], state: &mut [f32], w: &[f32], out: &mut [f32], n: 
     }
     // new state: the last `hist` rows of the window
     let total = hist + n;
-    let new: Vec<f32> = (total - hist..total).flat_map(|i| (0..channels).map(move |c| (i, c))).map(|(i, c)| row(i, c, state)).collect();
+    let new: Vec<f32> = (total - hist..total)
+        .flat_map(|i| (0..channels).map(move |c| (i, c)))
+        .map(|(i, c)| row(i, c, state))
+        .collect();
     state[..hist * channels].copy_from_slice(&new);
 }

@@ -24,11 +24,21 @@ pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
 }
 
 /// `x` may be `out` itself (pass `None`).
-pub fn sigmoid_gate(x: Option<&[f32]>, gate: &[f32], out: &mut [f32], width: usize, gate_width: usize) {
+pub fn sigmoid_gate(
+    x: Option<&[f32]>,
+    gate: &[f32],
+    out: &mut [f32],
+    width: usize,
+    gate_width: usize,
+) {
     let rows = out.len() / width;
     for r in 0..rows {
         for j in 0..width {
-            let g = if gate_width == 1 { gate[r] } else { gate[r * width + j] };
+            let g = if gate_width == 1 {
+                gate[r]
+            } else {
+                gate[r * width + j]
+            };
             let v = match x {
                 Some(x) => x[r * width + j],
                 None => out[r * width + j],
@@ -39,7 +49,13 @@ pub fn sigmoid_gate(x: Option<&[f32]>, gate: &[f32], out: &mut [f32], width: usi
 }
 
 /// Splits each row of `x` into the parts (see `Op::ScatterCols`).
-pub fn scatter_cols(x: &[f32], n: usize, groups: usize, parts: &[ColPart], outs: &mut [&mut [f32]]) {
+pub fn scatter_cols(
+    x: &[f32],
+    n: usize,
+    groups: usize,
+    parts: &[ColPart],
+    outs: &mut [&mut [f32]],
+) {
     let row: usize = parts.iter().map(|p| p.width).sum::<usize>() * groups;
     for t in 0..n {
         let src = &x[t * row..(t + 1) * row];

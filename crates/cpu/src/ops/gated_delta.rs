@@ -45,13 +45,28 @@ struct HeadInputs {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn prepare(qkv: &[f32], a: &[f32], b: &[f32], a_log: &[f32], dt_bias: &[f32], h: usize, n: usize, s: &DeltaShape) -> HeadInputs {
+fn prepare(
+    qkv: &[f32],
+    a: &[f32],
+    b: &[f32],
+    a_log: &[f32],
+    dt_bias: &[f32],
+    h: usize,
+    n: usize,
+    s: &DeltaShape,
+) -> HeadInputs {
     let (dk, dv) = (s.dk, s.dv);
     let key_dim = s.k_heads * dk;
     let row = 2 * key_dim + s.v_heads * dv;
     let kh = h / (s.v_heads / s.k_heads);
     let scale = 1.0 / (dk as f32).sqrt();
-    let mut x = HeadInputs { q: vec![0.0; n * dk], k: vec![0.0; n * dk], v: vec![0.0; n * dv], beta: vec![0.0; n], g: vec![0.0; n] };
+    let mut x = HeadInputs {
+        q: vec![0.0; n * dk],
+        k: vec![0.0; n * dk],
+        v: vec![0.0; n * dv],
+        beta: vec![0.0; n],
+        g: vec![0.0; n],
+    };
     for t in 0..n {
         let r = &qkv[t * row..(t + 1) * row];
         let q = &mut x.q[t * dk..(t + 1) * dk];
@@ -61,7 +76,8 @@ fn prepare(qkv: &[f32], a: &[f32], b: &[f32], a_log: &[f32], dt_bias: &[f32], h:
         let k = &mut x.k[t * dk..(t + 1) * dk];
         k.copy_from_slice(&r[key_dim + kh * dk..key_dim + (kh + 1) * dk]);
         l2norm(k);
-        x.v[t * dv..(t + 1) * dv].copy_from_slice(&r[2 * key_dim + h * dv..2 * key_dim + (h + 1) * dv]);
+        x.v[t * dv..(t + 1) * dv]
+            .copy_from_slice(&r[2 * key_dim + h * dv..2 * key_dim + (h + 1) * dv]);
         x.beta[t] = sigmoid(b[t * s.v_heads + h]);
         x.g[t] = -a_log[h].exp() * softplus(a[t * s.v_heads + h] + dt_bias[h]);
     }
@@ -94,7 +110,9 @@ fn head_chunked(x: &HeadInputs, st: &mut [f32], res: &mut [f32], n: usize, dk: u
         let mut tm = vec![0f32; c * c];
         for i in 0..c {
             for j in 0..i {
-                tm[i * c + j] = -beta[i] * dotp(&k[i * dk..(i + 1) * dk], &k[j * dk..(j + 1) * dk]) * (gc[i] - gc[j]).exp();
+                tm[i * c + j] = -beta[i]
+                    * dotp(&k[i * dk..(i + 1) * dk], &k[j * dk..(j + 1) * dk])
+                    * (gc[i] - gc[j]).exp();
             }
         }
         for i in 1..c {
@@ -121,10 +139,16 @@ fn head_chunked(x: &HeadInputs, st: &mut [f32], res: &mut [f32], n: usize, dk: u
                 }
                 let bv = t * beta[j];
                 let bk = bv * gc[j].exp();
-                for (o, a) in u[i * dv..(i + 1) * dv].iter_mut().zip(&v[j * dv..(j + 1) * dv]) {
+                for (o, a) in u[i * dv..(i + 1) * dv]
+                    .iter_mut()
+                    .zip(&v[j * dv..(j + 1) * dv])
+                {
                     *o += bv * a;
                 }
-                for (o, a) in w[i * dk..(i + 1) * dk].iter_mut().zip(&k[j * dk..(j + 1) * dk]) {
+                for (o, a) in w[i * dk..(i + 1) * dk]
+                    .iter_mut()
+                    .zip(&k[j * dk..(j + 1) * dk])
+                {
                     *o += bk * a;
                 }
             }
@@ -149,7 +173,8 @@ fn head_chunked(x: &HeadInputs, st: &mut [f32], res: &mut [f32], n: usize, dk: u
                 }
             }
             for j in 0..=i {
-                let f = dotp(&q[i * dk..(i + 1) * dk], &k[j * dk..(j + 1) * dk]) * (gc[i] - gc[j]).exp();
+                let f = dotp(&q[i * dk..(i + 1) * dk], &k[j * dk..(j + 1) * dk])
+                    * (gc[i] - gc[j]).exp();
                 for (a, b) in out.iter_mut().zip(&vnew[j * dv..(j + 1) * dv]) {
                     *a += f * b;
                 }
@@ -163,7 +188,10 @@ fn head_chunked(x: &HeadInputs, st: &mut [f32], res: &mut [f32], n: usize, dk: u
             let f = (gl - gc[j]).exp();
             for (r, kr) in k[j * dk..(j + 1) * dk].iter().enumerate() {
                 let fk = f * kr;
-                for (a, b) in st[r * dv..(r + 1) * dv].iter_mut().zip(&vnew[j * dv..(j + 1) * dv]) {
+                for (a, b) in st[r * dv..(r + 1) * dv]
+                    .iter_mut()
+                    .zip(&vnew[j * dv..(j + 1) * dv])
+                {
                     *a += fk * b;
                 }
             }
@@ -174,7 +202,17 @@ fn head_chunked(x: &HeadInputs, st: &mut [f32], res: &mut [f32], n: usize, dk: u
 
 /// Chunked prefill form (see the module docs); same contract as [`gated_delta`].
 #[allow(clippy::too_many_arguments)]
-pub fn gated_delta_chunked(qkv: &[f32], a: &[f32], b: &[f32], a_log: &[f32], dt_bias: &[f32], state: &mut [f32], out: &mut [f32], n: usize, s: &DeltaShape) {
+pub fn gated_delta_chunked(
+    qkv: &[f32],
+    a: &[f32],
+    b: &[f32],
+    a_log: &[f32],
+    dt_bias: &[f32],
+    state: &mut [f32],
+    out: &mut [f32],
+    n: usize,
+    s: &DeltaShape,
+) {
     let (dk, dv) = (s.dk, s.dv);
     let per_head: Vec<Vec<f32>> = state
         .par_chunks_mut(dk * dv)
@@ -192,14 +230,25 @@ pub fn gated_delta_chunked(qkv: &[f32], a: &[f32], b: &[f32], a_log: &[f32], dt_
 fn scatter_heads(per_head: &[Vec<f32>], out: &mut [f32], n: usize, v_heads: usize, dv: usize) {
     for (h, res) in per_head.iter().enumerate() {
         for t in 0..n {
-            out[(t * v_heads + h) * dv..(t * v_heads + h + 1) * dv].copy_from_slice(&res[t * dv..(t + 1) * dv]);
+            out[(t * v_heads + h) * dv..(t * v_heads + h + 1) * dv]
+                .copy_from_slice(&res[t * dv..(t + 1) * dv]);
         }
     }
 }
 
 /// Token-by-token recurrence (the decode path).
 #[allow(clippy::too_many_arguments)]
-pub fn gated_delta(qkv: &[f32], a: &[f32], b: &[f32], a_log: &[f32], dt_bias: &[f32], state: &mut [f32], out: &mut [f32], n: usize, s: &DeltaShape) {
+pub fn gated_delta(
+    qkv: &[f32],
+    a: &[f32],
+    b: &[f32],
+    a_log: &[f32],
+    dt_bias: &[f32],
+    state: &mut [f32],
+    out: &mut [f32],
+    n: usize,
+    s: &DeltaShape,
+) {
     let (dk, dv) = (s.dk, s.dv);
     let key_dim = s.k_heads * dk;
     let row = 2 * key_dim + s.v_heads * dv;
@@ -269,7 +318,12 @@ mod tests {
 
     #[test]
     fn chunked_matches_recurrence() {
-        let s = DeltaShape { k_heads: 2, v_heads: 4, dk: 16, dv: 8 };
+        let s = DeltaShape {
+            k_heads: 2,
+            v_heads: 4,
+            dk: 16,
+            dv: 8,
+        };
         let n = CHUNK * 2 + 13; // two full chunks and a partial one
         let mut seed = 0x9e3779b97f4a7c15;
         let row = 2 * s.k_heads * s.dk + s.v_heads * s.dv;

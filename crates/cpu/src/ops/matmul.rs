@@ -58,7 +58,13 @@ pub fn matvec_serial(x: &[f32], w: &MatView<'_>, out: &mut [f32], scratch: &mut 
 
 /// Serial matmul over a small token batch (`n` rows of `x`); `scratch` holds the
 /// prepared activations.
-pub fn matmul_serial(x: &[f32], n: usize, w: &MatView<'_>, out: &mut [f32], scratch: &mut Vec<f32>) {
+pub fn matmul_serial(
+    x: &[f32],
+    n: usize,
+    w: &MatView<'_>,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
     let lay = Layout::new(w, n);
     qdot::prepare(&x[..n * w.cols], &lay, scratch);
     qdot::rows_serial(w, &lay, scratch, out);
@@ -79,10 +85,25 @@ mod bench {
     #[ignore]
     fn matvec_vs_read() {
         let (rows, cols) = (151936usize, 2048usize);
-        let format = WeightFormat::Affine { bits: 4, group_size: 64, scale_dtype: DType::BF16 };
-        let data: Vec<u8> = (0..format.data_bytes(rows, cols)).map(|i| ((i * 2654435761usize) >> 7) as u8).collect();
-        let scales: Vec<u8> = (0..format.scale_bytes(rows, cols)).map(|i| if i % 2 == 1 { 0x3c } else { 0 }).collect();
-        let w = MatView { data: &data, scales: &scales, biases: &scales, rows, cols, format };
+        let format = WeightFormat::Affine {
+            bits: 4,
+            group_size: 64,
+            scale_dtype: DType::BF16,
+        };
+        let data: Vec<u8> = (0..format.data_bytes(rows, cols))
+            .map(|i| ((i * 2654435761usize) >> 7) as u8)
+            .collect();
+        let scales: Vec<u8> = (0..format.scale_bytes(rows, cols))
+            .map(|i| if i % 2 == 1 { 0x3c } else { 0 })
+            .collect();
+        let w = MatView {
+            data: &data,
+            scales: &scales,
+            biases: &scales,
+            rows,
+            cols,
+            format,
+        };
         let bytes = format.total_bytes(rows, cols) as f64;
         let x: Vec<f32> = (0..cols).map(|i| (i % 13) as f32 * 0.1).collect();
         let mut out = vec![0f32; rows];
@@ -100,7 +121,9 @@ mod bench {
                             let mut acc = [0u64; 8];
                             for q in c.chunks_exact(64) {
                                 for j in 0..8 {
-                                    acc[j] = acc[j].wrapping_add(u64::from_le_bytes(q[8 * j..8 * j + 8].try_into().unwrap()));
+                                    acc[j] = acc[j].wrapping_add(u64::from_le_bytes(
+                                        q[8 * j..8 * j + 8].try_into().unwrap(),
+                                    ));
                                 }
                             }
                             acc.iter().fold(0u64, |a, b| a.wrapping_add(*b))
@@ -111,6 +134,9 @@ mod bench {
             std::hint::black_box(s);
             best_rd = best_rd.max(bytes / t.elapsed().as_secs_f64() / 1e9);
         }
-        println!("{rows}x{cols} q4: matvec {best_mv:.1} GB/s, plain read {best_rd:.1} GB/s ({:.0}%)", 100.0 * best_mv / best_rd);
+        println!(
+            "{rows}x{cols} q4: matvec {best_mv:.1} GB/s, plain read {best_rd:.1} GB/s ({:.0}%)",
+            100.0 * best_mv / best_rd
+        );
     }
 }

@@ -12,8 +12,19 @@ use super::qdot::{self, Layout};
 use super::rms_norm::silu;
 use super::weights::MatView;
 
-pub fn router_topk(logits: &[f32], idx: &mut [u32], weights: &mut [f32], experts: usize, k: usize, renorm: bool) {
-    for ((l, ix), w) in logits.chunks_exact(experts).zip(idx.chunks_exact_mut(k)).zip(weights.chunks_exact_mut(k)) {
+pub fn router_topk(
+    logits: &[f32],
+    idx: &mut [u32],
+    weights: &mut [f32],
+    experts: usize,
+    k: usize,
+    renorm: bool,
+) {
+    for ((l, ix), w) in logits
+        .chunks_exact(experts)
+        .zip(idx.chunks_exact_mut(k))
+        .zip(weights.chunks_exact_mut(k))
+    {
         let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let p: Vec<f32> = l.iter().map(|v| (v - max).exp()).collect();
         let sum: f32 = p.iter().sum();
@@ -69,39 +80,51 @@ pub fn moe_experts(
     for (pair, &e) in idx[..n * k].iter().enumerate() {
         buckets[e as usize].push(pair);
     }
-    let active: Vec<(usize, &Vec<usize>)> = buckets.iter().enumerate().filter(|(_, b)| !b.is_empty()).collect();
+    let active: Vec<(usize, &Vec<usize>)> = buckets
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| !b.is_empty())
+        .collect();
     let mut per_pair = vec![0f32; n * k * hidden];
     let dst = PairsOut(per_pair.as_mut_ptr());
-    active.par_iter().for_each_init(Scratch::default, |s, (e, pairs)| {
-        let [g, u, d] = views.views(&experts[*e]);
-        let m = pairs.len();
-        s.xs.clear();
-        for &p in pairs.iter() {
-            let t = p / k;
-            s.xs.extend_from_slice(&x[t * hidden..(t + 1) * hidden]);
-        }
-        // gate and up read the same activations: lay them out once
-        let lay = Layout::new(&g, m);
-        qdot::prepare(&s.xs, &lay, &mut s.prep);
-        s.gate.resize(m * inter, 0.0);
-        s.up.resize(m * inter, 0.0);
-        qdot::rows_serial(&g, &lay, &s.prep, &mut s.gate);
-        if Layout::new(&u, m) == lay {
-            qdot::rows_serial(&u, &lay, &s.prep, &mut s.up);
-        } else {
-            matmul_serial(&s.xs, m, &u, &mut s.up, &mut s.prep);
-        }
-        for (gv, uv) in s.gate.iter_mut().zip(&s.up) {
-            *gv = silu(*gv) * uv;
-        }
-        s.xs.resize(m * hidden, 0.0);
-        matmul_serial(&s.gate, m, &d, &mut s.xs, &mut s.prep);
-        let dst = &dst;
-        for (r, &p) in pairs.iter().enumerate() {
-            // SAFETY: `p < n * k`, and pair `p` belongs to this expert only.
-            unsafe { std::ptr::copy_nonoverlapping(s.xs[r * hidden..].as_ptr(), dst.0.add(p * hidden), hidden) };
-        }
-    });
+    active
+        .par_iter()
+        .for_each_init(Scratch::default, |s, (e, pairs)| {
+            let [g, u, d] = views.views(&experts[*e]);
+            let m = pairs.len();
+            s.xs.clear();
+            for &p in pairs.iter() {
+                let t = p / k;
+                s.xs.extend_from_slice(&x[t * hidden..(t + 1) * hidden]);
+            }
+            // gate and up read the same activations: lay them out once
+            let lay = Layout::new(&g, m);
+            qdot::prepare(&s.xs, &lay, &mut s.prep);
+            s.gate.resize(m * inter, 0.0);
+            s.up.resize(m * inter, 0.0);
+            qdot::rows_serial(&g, &lay, &s.prep, &mut s.gate);
+            if Layout::new(&u, m) == lay {
+                qdot::rows_serial(&u, &lay, &s.prep, &mut s.up);
+            } else {
+                matmul_serial(&s.xs, m, &u, &mut s.up, &mut s.prep);
+            }
+            for (gv, uv) in s.gate.iter_mut().zip(&s.up) {
+                *gv = silu(*gv) * uv;
+            }
+            s.xs.resize(m * hidden, 0.0);
+            matmul_serial(&s.gate, m, &d, &mut s.xs, &mut s.prep);
+            let dst = &dst;
+            for (r, &p) in pairs.iter().enumerate() {
+                // SAFETY: `p < n * k`, and pair `p` belongs to this expert only.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        s.xs[r * hidden..].as_ptr(),
+                        dst.0.add(p * hidden),
+                        hidden,
+                    )
+                };
+            }
+        });
     out[..n * hidden].fill(0.0);
     for t in 0..n {
         let o = &mut out[t * hidden..(t + 1) * hidden];
@@ -131,7 +154,11 @@ mod bench {
         per: [usize; 2],
     }
 
-    const FMT: WeightFormat = WeightFormat::Affine { bits: 4, group_size: 64, scale_dtype: DType::BF16 };
+    const FMT: WeightFormat = WeightFormat::Affine {
+        bits: 4,
+        group_size: 64,
+        scale_dtype: DType::BF16,
+    };
 
     impl ExpertViews for Store {
         fn views(&self, e: &ExpertWeights) -> [MatView<'_>; 3] {
@@ -152,32 +179,52 @@ mod bench {
     #[test]
     #[ignore]
     fn moe_bench() {
-        let experts: usize = std::env::var("MOE_EXPERTS").ok().and_then(|v| v.parse().ok()).unwrap_or(128);
+        let experts: usize = std::env::var("MOE_EXPERTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(128);
         let (k, hidden, inter) = (8usize, 2048usize, 768usize);
-        let per = [FMT.data_bytes(inter, hidden), FMT.scale_bytes(inter, hidden)];
+        let per = [
+            FMT.data_bytes(inter, hidden),
+            FMT.scale_bytes(inter, hidden),
+        ];
         let mats = 3 * experts;
         let store = Store {
-            data: (0..mats * per[0]).map(|i| ((i * 2654435761usize) >> 9) as u8).collect(),
-            scales: (0..mats * per[1]).map(|i| if i % 2 == 1 { 0x3c } else { 0x10 }).collect(),
+            data: (0..mats * per[0])
+                .map(|i| ((i * 2654435761usize) >> 9) as u8)
+                .collect(),
+            scales: (0..mats * per[1])
+                .map(|i| if i % 2 == 1 { 0x3c } else { 0x10 })
+                .collect(),
             per,
         };
         let m = |i: usize, rows: usize, cols: usize| Matrix {
-            data: Region { buf: BufId::from_raw(RawBufId(0)), offset: i },
+            data: Region {
+                buf: BufId::from_raw(RawBufId(0)),
+                offset: i,
+            },
             scales: None,
             biases: None,
             rows,
             cols,
             format: FMT,
         };
-        let ew: Vec<ExpertWeights> =
-            (0..experts).map(|e| ExpertWeights { gate: m(3 * e, inter, hidden), up: m(3 * e + 1, inter, hidden), down: m(3 * e + 2, hidden, inter) }).collect();
+        let ew: Vec<ExpertWeights> = (0..experts)
+            .map(|e| ExpertWeights {
+                gate: m(3 * e, inter, hidden),
+                up: m(3 * e + 1, inter, hidden),
+                down: m(3 * e + 2, hidden, inter),
+            })
+            .collect();
         let bytes_per_expert = 3 * FMT.total_bytes(inter, hidden);
         let ns: Vec<usize> = match std::env::var("MOE_N") {
             Ok(v) => v.split(',').map(|s| s.parse().unwrap()).collect(),
             Err(_) => vec![1, 64],
         };
         for n in ns {
-            let x: Vec<f32> = (0..n * hidden).map(|i| ((i * 7919) % 201) as f32 / 100.0 - 1.0).collect();
+            let x: Vec<f32> = (0..n * hidden)
+                .map(|i| ((i * 7919) % 201) as f32 / 100.0 - 1.0)
+                .collect();
             let mut seed = 0x2545f4914f6cdd1du64;
             let mut idx = vec![0u32; n * k];
             for t in 0..n {

@@ -41,7 +41,10 @@ pub fn moe_experts_streamed(
         buckets.entry(e).or_default().push(pair);
     }
     let active: Vec<(u32, Vec<usize>)> = buckets.into_iter().collect();
-    store.layer_routed(layer, &active.iter().map(|(e, _)| *e as usize).collect::<Vec<_>>());
+    store.layer_routed(
+        layer,
+        &active.iter().map(|(e, _)| *e as usize).collect::<Vec<_>>(),
+    );
     let mut per_pair = vec![0f32; n * k * hidden];
     for wave in active.chunks(store.max_in_flight().max(1)) {
         let results: Vec<Result<(&Vec<usize>, Vec<f32>), CoreError>> = wave
@@ -49,12 +52,17 @@ pub fn moe_experts_streamed(
             .map(|(e, pairs)| {
                 let rec = store.fetch(layer, *e as usize)?;
                 let rec: &[u8] = (*rec).as_ref();
-                let (g, u, d) = (view(rec, &layout.gate), view(rec, &layout.up), view(rec, &layout.down));
+                let (g, u, d) = (
+                    view(rec, &layout.gate),
+                    view(rec, &layout.up),
+                    view(rec, &layout.down),
+                );
                 let m = pairs.len();
                 let mut xs = vec![0f32; m * hidden];
                 for (r, &p) in pairs.iter().enumerate() {
                     let t = p / k;
-                    xs[r * hidden..(r + 1) * hidden].copy_from_slice(&x[t * hidden..(t + 1) * hidden]);
+                    xs[r * hidden..(r + 1) * hidden]
+                        .copy_from_slice(&x[t * hidden..(t + 1) * hidden]);
                 }
                 let mut scratch = Vec::new();
                 let (mut gate, mut up) = (vec![0f32; m * inter], vec![0f32; m * inter]);
@@ -71,7 +79,8 @@ pub fn moe_experts_streamed(
         for r in results {
             let (pairs, y) = r?;
             for (row, &p) in pairs.iter().enumerate() {
-                per_pair[p * hidden..(p + 1) * hidden].copy_from_slice(&y[row * hidden..(row + 1) * hidden]);
+                per_pair[p * hidden..(p + 1) * hidden]
+                    .copy_from_slice(&y[row * hidden..(row + 1) * hidden]);
             }
         }
     }
@@ -80,7 +89,10 @@ pub fn moe_experts_streamed(
         let o = &mut out[t * hidden..(t + 1) * hidden];
         for j in 0..k {
             let w = weights[t * k + j];
-            for (a, b) in o.iter_mut().zip(&per_pair[(t * k + j) * hidden..(t * k + j + 1) * hidden]) {
+            for (a, b) in o
+                .iter_mut()
+                .zip(&per_pair[(t * k + j) * hidden..(t * k + j + 1) * hidden])
+            {
                 *a += w * b;
             }
         }

@@ -73,11 +73,18 @@ fn detect() -> Isa {
         && is_x86_feature_detected!("avx2")
     {
         if is_x86_feature_detected!("avx512vnni") {
-            if super::amx::available() { Isa::Amx } else { Isa::Avx512Vnni }
+            if super::amx::available() {
+                Isa::Amx
+            } else {
+                Isa::Avx512Vnni
+            }
         } else {
             Isa::Avx512
         }
-    } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+    } else if is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+    {
         Isa::Avx2
     } else {
         Isa::Scalar
@@ -112,29 +119,61 @@ fn kind_for(isa: Isa, format: WeightFormat) -> Kind {
     let scales_ok = |dt: DType| matches!(dt, DType::F32 | DType::BF16 | DType::F16);
     match (isa, format) {
         (Isa::Scalar, _) => return Kind::Scalar,
-        (Isa::Avx2, WeightFormat::Affine { bits: 4, group_size, scale_dtype }) if group_size % 8 == 0 && group_size > 0 && scales_ok(scale_dtype) => {
+        (
+            Isa::Avx2,
+            WeightFormat::Affine {
+                bits: 4,
+                group_size,
+                scale_dtype,
+            },
+        ) if group_size % 8 == 0 && group_size > 0 && scales_ok(scale_dtype) => {
             return Kind::Q4Y;
         }
-        (Isa::Avx2, WeightFormat::Affine { bits: 8, group_size, scale_dtype }) if group_size % 16 == 0 && group_size > 0 && scales_ok(scale_dtype) => {
+        (
+            Isa::Avx2,
+            WeightFormat::Affine {
+                bits: 8,
+                group_size,
+                scale_dtype,
+            },
+        ) if group_size % 16 == 0 && group_size > 0 && scales_ok(scale_dtype) => {
             return Kind::Q8Y;
         }
-        (Isa::Avx2, WeightFormat::Dense(dt @ (DType::F32 | DType::BF16 | DType::F16))) => return Kind::DenseY(dt),
+        (Isa::Avx2, WeightFormat::Dense(dt @ (DType::F32 | DType::BF16 | DType::F16))) => {
+            return Kind::DenseY(dt);
+        }
         (Isa::Avx2, _) => return Kind::Scalar,
         _ => {}
     }
     match format {
-        WeightFormat::Affine { bits: 4, group_size, scale_dtype }
-            if matches!(isa, Isa::Avx512Vnni | Isa::Amx) && group_size >= 8 && group_size % 8 == 0 && matches!(scale_dtype, DType::F32 | DType::BF16 | DType::F16) =>
+        WeightFormat::Affine {
+            bits: 4,
+            group_size,
+            scale_dtype,
+        } if matches!(isa, Isa::Avx512Vnni | Isa::Amx)
+            && group_size >= 8
+            && group_size % 8 == 0
+            && matches!(scale_dtype, DType::F32 | DType::BF16 | DType::F16) =>
         {
             Kind::Q4I
         }
-        WeightFormat::Affine { bits: 4, group_size, scale_dtype }
-            if group_size >= 8 && group_size % 8 == 0 && matches!(scale_dtype, DType::F32 | DType::BF16 | DType::F16) =>
+        WeightFormat::Affine {
+            bits: 4,
+            group_size,
+            scale_dtype,
+        } if group_size >= 8
+            && group_size % 8 == 0
+            && matches!(scale_dtype, DType::F32 | DType::BF16 | DType::F16) =>
         {
             Kind::Q4
         }
-        WeightFormat::Affine { bits: 8, group_size, scale_dtype }
-            if group_size >= 32 && group_size % 32 == 0 && matches!(scale_dtype, DType::F32 | DType::BF16 | DType::F16) =>
+        WeightFormat::Affine {
+            bits: 8,
+            group_size,
+            scale_dtype,
+        } if group_size >= 32
+            && group_size % 32 == 0
+            && matches!(scale_dtype, DType::F32 | DType::BF16 | DType::F16) =>
         {
             Kind::Q8
         }
@@ -172,7 +211,11 @@ impl Layout {
         let mut kind = kind_for(isa, format);
         // AMX pays off from four tokens on (its per-block cost of unpacking the codes
         // and storing tiles is ~3 tokens' worth of VNNI work)
-        if kind == Kind::Q4I && isa == Isa::Amx && n >= AMX_MIN_TOKENS && matches!(format, WeightFormat::Affine { group_size, .. } if group_size % 64 == 0) {
+        if kind == Kind::Q4I
+            && isa == Isa::Amx
+            && n >= AMX_MIN_TOKENS
+            && matches!(format, WeightFormat::Affine { group_size, .. } if group_size % 64 == 0)
+        {
             kind = Kind::Q4A;
         }
         let group_size = match format {
@@ -183,13 +226,23 @@ impl Layout {
         // whole chunks / windows of 16 groups, zero padded
         let (stride, gstride, gparts) = match kind {
             Kind::Scalar => (cols, groups, 1),
-            Kind::Q4 | Kind::Q8 | Kind::Dense(_) | Kind::Q4Y | Kind::Q8Y | Kind::DenseY(_) => (cols.div_ceil(128) * 128, groups.div_ceil(16) * 16, 1),
+            Kind::Q4 | Kind::Q8 | Kind::Dense(_) | Kind::Q4Y | Kind::Q8Y | Kind::DenseY(_) => {
+                (cols.div_ceil(128) * 128, groups.div_ceil(16) * 16, 1)
+            }
             // 3 bytes per element
             Kind::Q4I => (cols.div_ceil(128) * 96, groups.div_ceil(16) * 16, 2),
             // 3 planes of 64 bytes per 64 elements
             Kind::Q4A => (cols.div_ceil(64) * 48, groups.div_ceil(16) * 16, 2),
         };
-        Layout { kind, n, cols, stride, gstride, gparts, group_size }
+        Layout {
+            kind,
+            n,
+            cols,
+            stride,
+            gstride,
+            gparts,
+            group_size,
+        }
     }
 
     /// Floats [`prepare`] writes.
@@ -221,7 +274,11 @@ pub fn prepare(x: &[f32], lay: &Layout, buf: &mut Vec<f32>) {
     for t in 0..n {
         let src = &x[t * cols..(t + 1) * cols];
         // AMX tiles want the tokens of a block adjacent: that layout spans the region
-        let dst = if lay.kind == Kind::Q4A { &mut xb[..] } else { &mut xb[t * lay.stride..(t + 1) * lay.stride] };
+        let dst = if lay.kind == Kind::Q4A {
+            &mut xb[..]
+        } else {
+            &mut xb[t * lay.stride..(t + 1) * lay.stride]
+        };
         let gp = &mut sb[t * lay.gparts * lay.gstride..(t + 1) * lay.gparts * lay.gstride];
         match lay.kind {
             Kind::Q4 => {
@@ -260,7 +317,10 @@ pub fn prepare(x: &[f32], lay: &Layout, buf: &mut Vec<f32>) {
             _ => dst[..cols].copy_from_slice(src),
         }
         if lay.group_size > 0 {
-            for (s, c) in gp[..lay.gstride].iter_mut().zip(src.chunks_exact(lay.group_size)) {
+            for (s, c) in gp[..lay.gstride]
+                .iter_mut()
+                .zip(src.chunks_exact(lay.group_size))
+            {
                 *s = c.iter().sum();
             }
         }
@@ -274,7 +334,13 @@ pub fn prepare(x: &[f32], lay: &Layout, buf: &mut Vec<f32>) {
 /// (token `t` of `n`), the AMX order instead ([`super::amx`]): per 64-element block
 /// and plane, the `n` tokens' 64 bytes one after the other, each group of 8 elements as
 /// `0 2 4 6 1 3 5 7`.
-fn prepare_q4i(src: &[f32], dst: &mut [u8], steps: &mut [f32], gs: usize, amx: Option<(usize, usize)>) {
+fn prepare_q4i(
+    src: &[f32],
+    dst: &mut [u8],
+    steps: &mut [f32],
+    gs: usize,
+    amx: Option<(usize, usize)>,
+) {
     for (g, xg) in src.chunks_exact(gs).enumerate() {
         let m = xg.iter().fold(0f32, |m, v| m.max(v.abs()));
         // a non-finite group poisons its result, as it would in f32
@@ -295,7 +361,10 @@ fn prepare_q4i(src: &[f32], dst: &mut [u8], steps: &mut [f32], gs: usize, amx: O
             let v1 = (v - v2) >> 8;
             let (at, plane) = if let Some((t, n)) = amx {
                 let p = e % 8;
-                (((e / 64) * 3 * n + t) * 64 + (e % 64) - p + 4 * (p % 2) + p / 2, 64 * n)
+                (
+                    ((e / 64) * 3 * n + t) * 64 + (e % 64) - p + 4 * (p % 2) + p / 2,
+                    64 * n,
+                )
             } else {
                 (384 * (e / 128) + 64 * (e % 2) + (e % 128) / 2, 128)
             };
@@ -311,12 +380,22 @@ fn prepare_q4i(src: &[f32], dst: &mut [u8], steps: &mut [f32], gs: usize, amx: O
 ///
 /// # Safety
 /// `out` must be valid for those writes and no other thread may touch those elements.
-pub unsafe fn rows_raw(w: &MatView<'_>, lay: &Layout, buf: &[f32], r0: usize, r1: usize, out: *mut f32, ostride: usize) {
+pub unsafe fn rows_raw(
+    w: &MatView<'_>,
+    lay: &Layout,
+    buf: &[f32],
+    r0: usize,
+    r1: usize,
+    out: *mut f32,
+    ostride: usize,
+) {
     assert!(r1 <= w.rows && buf.len() >= lay.len() && lay.cols == w.cols);
     match lay.kind {
         Kind::Scalar => unsafe { rows_scalar(w, lay, buf, r0, r1, out, ostride) },
         #[cfg(target_arch = "x86_64")]
-        Kind::Q4Y | Kind::Q8Y | Kind::DenseY(_) => unsafe { avx2::rows(w, lay, buf, r0, r1, out, ostride) },
+        Kind::Q4Y | Kind::Q8Y | Kind::DenseY(_) => unsafe {
+            avx2::rows(w, lay, buf, r0, r1, out, ostride)
+        },
         #[cfg(target_arch = "x86_64")]
         _ => unsafe { avx512::rows(w, lay, buf, r0, r1, out, ostride) },
         #[cfg(not(target_arch = "x86_64"))]
@@ -331,7 +410,15 @@ pub fn rows_serial(w: &MatView<'_>, lay: &Layout, buf: &[f32], out: &mut [f32]) 
     unsafe { rows_raw(w, lay, buf, 0, w.rows, out.as_mut_ptr(), w.rows) }
 }
 
-unsafe fn rows_scalar(w: &MatView<'_>, lay: &Layout, buf: &[f32], r0: usize, r1: usize, out: *mut f32, ostride: usize) {
+unsafe fn rows_scalar(
+    w: &MatView<'_>,
+    lay: &Layout,
+    buf: &[f32],
+    r0: usize,
+    r1: usize,
+    out: *mut f32,
+    ostride: usize,
+) {
     let n = lay.n;
     let cols = w.cols;
     let mut scratch = vec![0f32; cols];
@@ -366,7 +453,15 @@ mod avx512 {
 
     use super::{Kind, Layout, MatView};
 
-    pub(super) unsafe fn rows(w: &MatView<'_>, lay: &Layout, buf: &[f32], r0: usize, r1: usize, out: *mut f32, ostride: usize) {
+    pub(super) unsafe fn rows(
+        w: &MatView<'_>,
+        lay: &Layout,
+        buf: &[f32],
+        r0: usize,
+        r1: usize,
+        out: *mut f32,
+        ostride: usize,
+    ) {
         unsafe {
             match lay.kind {
                 Kind::Q4 => rows_q4(w, lay, buf, r0, r1, out, ostride),
@@ -414,14 +509,29 @@ mod avx512 {
 
     impl Aff {
         fn new(w: &MatView<'_>) -> Self {
-            let WeightFormat::Affine { bits, group_size, scale_dtype } = w.format else { unreachable!() };
+            let WeightFormat::Affine {
+                bits,
+                group_size,
+                scale_dtype,
+            } = w.format
+            else {
+                unreachable!()
+            };
             let gs = group_size as usize;
             let groups = w.cols / gs;
             let row_bytes = w.cols * bits as usize / 8;
             assert!(w.data.len() >= w.rows * row_bytes);
             assert!(w.scales.len() >= w.rows * groups * scale_dtype.size());
             assert!(w.biases.len() >= w.rows * groups * scale_dtype.size());
-            Aff { data: w.data.as_ptr(), scales: w.scales.as_ptr(), biases: w.biases.as_ptr(), row_bytes, groups, gs, sdt: scale_dtype }
+            Aff {
+                data: w.data.as_ptr(),
+                scales: w.scales.as_ptr(),
+                biases: w.biases.as_ptr(),
+                row_bytes,
+                groups,
+                gs,
+                sdt: scale_dtype,
+            }
         }
     }
 
@@ -442,7 +552,11 @@ mod avx512 {
 
     #[inline(always)]
     fn mask16(n: usize) -> __mmask16 {
-        if n >= 16 { 0xFFFF } else { ((1u32 << n) - 1) as __mmask16 }
+        if n >= 16 {
+            0xFFFF
+        } else {
+            ((1u32 << n) - 1) as __mmask16
+        }
     }
 
     /// Bytes ahead of the row being computed that are prefetched into L1. Without it
@@ -469,7 +583,12 @@ mod avx512 {
         #[inline(always)]
         fn prefetch_row(&self, r: usize, rows: usize) {
             let rb = self.row_bytes;
-            prefetch(self.data, r * rb + PF_BYTES, (r + 1) * rb + PF_BYTES, rows * rb);
+            prefetch(
+                self.data,
+                r * rb + PF_BYTES,
+                (r + 1) * rb + PF_BYTES,
+                rows * rb,
+            );
             let sb = self.groups * self.sdt.size();
             let ahead = r + PF_BYTES.div_ceil(rb);
             prefetch(self.scales, ahead * sb, (ahead + 1) * sb, rows * sb);
@@ -482,7 +601,9 @@ mod avx512 {
     const ROW_CHUNK: usize = 8;
 
     fn row_chunks(r0: usize, r1: usize) -> impl Iterator<Item = (usize, usize)> {
-        (r0..r1).step_by(ROW_CHUNK).map(move |r| (r, (r + ROW_CHUNK).min(r1)))
+        (r0..r1)
+            .step_by(ROW_CHUNK)
+            .map(move |r| (r, (r + ROW_CHUNK).min(r1)))
     }
 
     /// Dispatches `f::<N>` over blocks of up to 6 (4-bit) or 4 tokens, each weight row
@@ -520,7 +641,15 @@ mod avx512 {
 
     // ---------------------------------------------------------------- 4-bit
 
-    unsafe fn rows_q4(w: &MatView<'_>, lay: &Layout, buf: &[f32], r0: usize, r1: usize, out: *mut f32, ostride: usize) {
+    unsafe fn rows_q4(
+        w: &MatView<'_>,
+        lay: &Layout,
+        buf: &[f32],
+        r0: usize,
+        r1: usize,
+        out: *mut f32,
+        ostride: usize,
+    ) {
         let a = Aff::new(w);
         let xs: Vec<*const f32> = (0..lay.n).map(|t| lay.x(buf, t)).collect();
         let ss: Vec<*const f32> = (0..lay.n).map(|t| lay.xs(buf, t)).collect();
@@ -533,7 +662,14 @@ mod avx512 {
             }
         }
         for (ra, rb) in row_chunks(r0, r1) {
-            unsafe { token_blocks!(6, lay.n, q4_block, (&a, &tab, (ra, rb, w.rows), &xs, &ss, out, ostride)) };
+            unsafe {
+                token_blocks!(
+                    6,
+                    lay.n,
+                    q4_block,
+                    (&a, &tab, (ra, rb, w.rows), &xs, &ss, out, ostride)
+                )
+            };
         }
     }
 
@@ -562,15 +698,27 @@ mod avx512 {
     }
 
     #[inline(always)]
-    unsafe fn q4_row<const N: usize>(a: &Aff, tab: &[[u32; 16]], r: usize, x: &[*const f32; N], xsum: &[*const f32; N]) -> [f32; N] {
+    unsafe fn q4_row<const N: usize>(
+        a: &Aff,
+        tab: &[[u32; 16]],
+        r: usize,
+        x: &[*const f32; N],
+        xsum: &[*const f32; N],
+    ) -> [f32; N] {
         unsafe {
             let row = a.data.add(r * a.row_bytes);
             let sp = a.scales.add(r * a.groups * a.sdt.size());
             let bp = a.biases.add(r * a.groups * a.sdt.size());
-            let iota = _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.);
+            let iota = _mm512_setr_ps(
+                0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.,
+            );
             let nchunks = a.row_bytes.div_ceil(64);
             let tail_dw = (a.row_bytes % 64) / 4;
-            let tail: __mmask16 = if tail_dw == 0 { 0xFFFF } else { mask16(tail_dw) };
+            let tail: __mmask16 = if tail_dw == 0 {
+                0xFFFF
+            } else {
+                mask16(tail_dw)
+            };
             let wchunks = tab.len();
             let mut tot = [_mm512_setzero_ps(); N];
             let mut c = 0;
@@ -586,15 +734,26 @@ mod avx512 {
                 let mut co = 0;
                 while c < cend {
                     let p = row.add(64 * c);
-                    let wv = if c + 1 == nchunks { _mm512_maskz_loadu_epi32(tail, p as *const i32) } else { _mm512_loadu_si512(p as *const _) };
-                    let sv = _mm512_permutexvar_ps(_mm512_loadu_si512(tab[co].as_ptr() as *const _), s16);
+                    let wv = if c + 1 == nchunks {
+                        _mm512_maskz_loadu_epi32(tail, p as *const i32)
+                    } else {
+                        _mm512_loadu_si512(p as *const _)
+                    };
+                    let sv = _mm512_permutexvar_ps(
+                        _mm512_loadu_si512(tab[co].as_ptr() as *const _),
+                        s16,
+                    );
                     let mut a0 = [_mm512_setzero_ps(); N];
                     let mut a1 = [_mm512_setzero_ps(); N];
                     macro_rules! step {
                         ($j:literal, $acc:ident, $q:expr) => {{
                             let q = _mm512_permutexvar_ps($q, iota);
                             for t in 0..N {
-                                $acc[t] = _mm512_fmadd_ps(q, _mm512_loadu_ps(x[t].add(128 * c + 16 * $j)), $acc[t]);
+                                $acc[t] = _mm512_fmadd_ps(
+                                    q,
+                                    _mm512_loadu_ps(x[t].add(128 * c + 16 * $j)),
+                                    $acc[t],
+                                );
                             }
                         }};
                     }
@@ -622,7 +781,13 @@ mod avx512 {
 
     /// [`super::prepare_q4i`] 16 elements at a time (`gs % 16 == 0`); same results.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c,avx2")]
-    pub(super) unsafe fn prepare_q4i(src: &[f32], dst: &mut [u8], steps: &mut [f32], gs: usize, amx: Option<(usize, usize)>) {
+    pub(super) unsafe fn prepare_q4i(
+        src: &[f32],
+        dst: &mut [u8],
+        steps: &mut [f32],
+        gs: usize,
+        amx: Option<(usize, usize)>,
+    ) {
         unsafe {
             let groups = src.len() / gs;
             let need = match amx {
@@ -642,7 +807,13 @@ mod avx512 {
                 let xg = src.as_ptr().add(g * gs);
                 let mut m = _mm512_setzero_ps();
                 for i in (0..gs).step_by(16) {
-                    m = _mm512_max_ps(m, _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(_mm512_loadu_ps(xg.add(i))), absm)));
+                    m = _mm512_max_ps(
+                        m,
+                        _mm512_castsi512_ps(_mm512_and_si512(
+                            _mm512_castps_si512(_mm512_loadu_ps(xg.add(i))),
+                            absm,
+                        )),
+                    );
                 }
                 // NaN lanes: max_ps returns its second operand when one is NaN
                 let mut bad = false;
@@ -667,9 +838,11 @@ mod avx512 {
                     let xv = if inv == 0.0 { _mm512_setzero_ps() } else { xv };
                     let v = _mm512_cvtps_epi32(_mm512_mul_ps(xv, vinv));
                     let v = _mm512_max_epi32(_mm512_min_epi32(v, vmax), vmin);
-                    let v3 = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(v, c128), c255), c128);
+                    let v3 =
+                        _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(v, c128), c255), c128);
                     let v = _mm512_srai_epi32::<8>(_mm512_sub_epi32(v, v3));
-                    let v2 = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(v, c128), c255), c128);
+                    let v2 =
+                        _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(v, c128), c255), c128);
                     let v1 = _mm512_srai_epi32::<8>(_mm512_sub_epi32(v, v2));
                     if let Some((t, n)) = amx {
                         for (k, p) in [v1, v2, v3].into_iter().enumerate() {
@@ -691,7 +864,15 @@ mod avx512 {
         }
     }
 
-    unsafe fn rows_q4i(w: &MatView<'_>, lay: &Layout, buf: &[f32], r0: usize, r1: usize, out: *mut f32, ostride: usize) {
+    unsafe fn rows_q4i(
+        w: &MatView<'_>,
+        lay: &Layout,
+        buf: &[f32],
+        r0: usize,
+        r1: usize,
+        out: *mut f32,
+        ostride: usize,
+    ) {
         let a = Aff::new(w);
         let xs: Vec<*const f32> = (0..lay.n).map(|t| lay.x(buf, t)).collect();
         let ss: Vec<*const f32> = (0..lay.n).map(|t| lay.xs(buf, t)).collect();
@@ -703,7 +884,23 @@ mod avx512 {
             }
         }
         for (ra, rb) in row_chunks(r0, r1) {
-            unsafe { token_blocks!(6, lay.n, q4i_block, (&a, &tab, lay.gstride, (ra, rb, w.rows), &xs, &ss, out, ostride)) };
+            unsafe {
+                token_blocks!(
+                    6,
+                    lay.n,
+                    q4i_block,
+                    (
+                        &a,
+                        &tab,
+                        lay.gstride,
+                        (ra, rb, w.rows),
+                        &xs,
+                        &ss,
+                        out,
+                        ostride
+                    )
+                )
+            };
         }
     }
 
@@ -735,7 +932,11 @@ mod avx512 {
                 let m0f = _mm512_set1_epi8(0x0f);
                 let nchunks = a.row_bytes.div_ceil(64);
                 let tail_dw = (a.row_bytes % 64) / 4;
-                let tail: __mmask16 = if tail_dw == 0 { 0xFFFF } else { mask16(tail_dw) };
+                let tail: __mmask16 = if tail_dw == 0 {
+                    0xFFFF
+                } else {
+                    mask16(tail_dw)
+                };
                 let wchunks = tab.len();
                 let mut tot = [_mm512_setzero_ps(); N];
                 let mut c = 0;
@@ -753,7 +954,11 @@ mod avx512 {
                     let mut co = 0;
                     while c < cend {
                         let p = row.add(64 * c);
-                        let wv = if c + 1 == nchunks { _mm512_maskz_loadu_epi32(tail, p as *const i32) } else { _mm512_loadu_si512(p as *const _) };
+                        let wv = if c + 1 == nchunks {
+                            _mm512_maskz_loadu_epi32(tail, p as *const i32)
+                        } else {
+                            _mm512_loadu_si512(p as *const _)
+                        };
                         let idx = _mm512_loadu_si512(tab[co].as_ptr() as *const _);
                         let lo = _mm512_and_si512(wv, m0f);
                         let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(wv), m0f);
@@ -768,7 +973,11 @@ mod avx512 {
                             acc = _mm512_slli_epi32::<8>(acc);
                             acc = _mm512_dpbusd_epi32(acc, lo, ld(256));
                             acc = _mm512_dpbusd_epi32(acc, hi, ld(320));
-                            tot[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_permutexvar_ps(idx, sd[t]), tot[t]);
+                            tot[t] = _mm512_fmadd_ps(
+                                _mm512_cvtepi32_ps(acc),
+                                _mm512_permutexvar_ps(idx, sd[t]),
+                                tot[t],
+                            );
                         }
                         c += 1;
                         co += 1;
@@ -784,12 +993,27 @@ mod avx512 {
 
     // ---------------------------------------------------------------- 8-bit
 
-    unsafe fn rows_q8(w: &MatView<'_>, lay: &Layout, buf: &[f32], r0: usize, r1: usize, out: *mut f32, ostride: usize) {
+    unsafe fn rows_q8(
+        w: &MatView<'_>,
+        lay: &Layout,
+        buf: &[f32],
+        r0: usize,
+        r1: usize,
+        out: *mut f32,
+        ostride: usize,
+    ) {
         let a = Aff::new(w);
         let xs: Vec<*const f32> = (0..lay.n).map(|t| lay.x(buf, t)).collect();
         let ss: Vec<*const f32> = (0..lay.n).map(|t| lay.xs(buf, t)).collect();
         for (ra, rb) in row_chunks(r0, r1) {
-            unsafe { token_blocks!(4, lay.n, q8_block, (&a, (ra, rb, w.rows), &xs, &ss, out, ostride)) };
+            unsafe {
+                token_blocks!(
+                    4,
+                    lay.n,
+                    q8_block,
+                    (&a, (ra, rb, w.rows), &xs, &ss, out, ostride)
+                )
+            };
         }
     }
 
@@ -818,7 +1042,12 @@ mod avx512 {
 
     /// 8-bit rows: 32 elements (two vectors of 16, one group) per step.
     #[inline(always)]
-    unsafe fn q8_row<const N: usize>(a: &Aff, r: usize, x: &[*const f32; N], xsum: &[*const f32; N]) -> [f32; N] {
+    unsafe fn q8_row<const N: usize>(
+        a: &Aff,
+        r: usize,
+        x: &[*const f32; N],
+        xsum: &[*const f32; N],
+    ) -> [f32; N] {
         unsafe {
             let row = a.data.add(r * a.row_bytes);
             let sp = a.scales.add(r * a.groups * a.sdt.size());
@@ -840,8 +1069,12 @@ mod avx512 {
                     let mut a1 = [_mm512_setzero_ps(); N];
                     let mut e = e0;
                     while e < e0 + a.gs {
-                        let q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(row.add(e) as *const _)));
-                        let q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(row.add(e + 16) as *const _)));
+                        let q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                            row.add(e) as *const _,
+                        )));
+                        let q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                            row.add(e + 16) as *const _,
+                        )));
                         for t in 0..N {
                             a0[t] = _mm512_fmadd_ps(q0, _mm512_loadu_ps(x[t].add(e)), a0[t]);
                             a1[t] = _mm512_fmadd_ps(q1, _mm512_loadu_ps(x[t].add(e + 16)), a1[t]);
@@ -860,12 +1093,32 @@ mod avx512 {
 
     // ---------------------------------------------------------------- dense
 
-    unsafe fn rows_dense(w: &MatView<'_>, dt: DType, lay: &Layout, buf: &[f32], r0: usize, r1: usize, out: *mut f32, ostride: usize) {
+    unsafe fn rows_dense(
+        w: &MatView<'_>,
+        dt: DType,
+        lay: &Layout,
+        buf: &[f32],
+        r0: usize,
+        r1: usize,
+        out: *mut f32,
+        ostride: usize,
+    ) {
         assert!(w.data.len() >= w.rows * w.cols * dt.size());
         let xs: Vec<*const f32> = (0..lay.n).map(|t| lay.x(buf, t)).collect();
-        let d = Dense { data: w.data.as_ptr(), cols: w.cols, dt };
+        let d = Dense {
+            data: w.data.as_ptr(),
+            cols: w.cols,
+            dt,
+        };
         for (ra, rb) in row_chunks(r0, r1) {
-            unsafe { token_blocks!(4, lay.n, dense_block, (&d, (ra, rb, w.rows), &xs, out, ostride)) };
+            unsafe {
+                token_blocks!(
+                    4,
+                    lay.n,
+                    dense_block,
+                    (&d, (ra, rb, w.rows), &xs, out, ostride)
+                )
+            };
         }
     }
 
@@ -876,12 +1129,24 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c,avx2")]
-    unsafe fn dense_block<const N: usize>(d: &Dense, (ra, rb, rows): (usize, usize, usize), xs: &[*const f32], out: *mut f32, ostride: usize, t0: usize) {
+    unsafe fn dense_block<const N: usize>(
+        d: &Dense,
+        (ra, rb, rows): (usize, usize, usize),
+        xs: &[*const f32],
+        out: *mut f32,
+        ostride: usize,
+        t0: usize,
+    ) {
         unsafe {
             let x: [*const f32; N] = std::array::from_fn(|t| xs[t0 + t]);
             let bytes = d.cols * d.dt.size();
             for r in ra..rb {
-                prefetch(d.data, r * bytes + PF_BYTES, (r + 1) * bytes + PF_BYTES, rows * bytes);
+                prefetch(
+                    d.data,
+                    r * bytes + PF_BYTES,
+                    (r + 1) * bytes + PF_BYTES,
+                    rows * bytes,
+                );
                 let res = match d.dt {
                     DType::BF16 => dense_row::<N, 0>(d, r, &x),
                     DType::F16 => dense_row::<N, 1>(d, r, &x),
@@ -910,7 +1175,11 @@ mod avx512 {
     }
 
     #[inline(always)]
-    unsafe fn dense_row<const N: usize, const D: u8>(d: &Dense, r: usize, x: &[*const f32; N]) -> [f32; N] {
+    unsafe fn dense_row<const N: usize, const D: u8>(
+        d: &Dense,
+        r: usize,
+        x: &[*const f32; N],
+    ) -> [f32; N] {
         unsafe {
             let esz = if D == 2 { 4 } else { 2 };
             let row = d.data.add(r * d.cols * esz);
@@ -920,7 +1189,8 @@ mod avx512 {
                 for u in 0..4 {
                     let wv = dense16::<D>(row, i + 16 * u, 0xFFFF);
                     for t in 0..N {
-                        acc[t][u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x[t].add(i + 16 * u)), acc[t][u]);
+                        acc[t][u] =
+                            _mm512_fmadd_ps(wv, _mm512_loadu_ps(x[t].add(i + 16 * u)), acc[t][u]);
                     }
                 }
                 i += 64;
@@ -935,7 +1205,10 @@ mod avx512 {
                 u += 1;
             }
             std::array::from_fn(|t| {
-                let s = _mm512_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]), _mm512_add_ps(acc[t][2], acc[t][3]));
+                let s = _mm512_add_ps(
+                    _mm512_add_ps(acc[t][0], acc[t][1]),
+                    _mm512_add_ps(acc[t][2], acc[t][3]),
+                );
                 _mm512_reduce_add_ps(s)
             })
         }
@@ -989,7 +1262,11 @@ mod tests {
                         put(dt, rng.f(), &mut data);
                     }
                 }
-                WeightFormat::Affine { bits, group_size, scale_dtype } => {
+                WeightFormat::Affine {
+                    bits,
+                    group_size,
+                    scale_dtype,
+                } => {
                     for _ in 0..format.data_bytes(rows, cols) {
                         data.push(rng.next() as u8);
                     }
@@ -1000,7 +1277,15 @@ mod tests {
                     }
                 }
             }
-            Mat { data, scales, biases, rows, cols, format, skew }
+            Mat {
+                data,
+                scales,
+                biases,
+                rows,
+                cols,
+                format,
+                skew,
+            }
         }
 
         fn view(&self) -> MatView<'_> {
@@ -1022,7 +1307,11 @@ mod tests {
         for r in 0..w.rows {
             w.row_f32(r, &mut row);
             for t in 0..n {
-                out[t * w.rows + r] = row.iter().zip(&x[t * w.cols..(t + 1) * w.cols]).map(|(a, b)| *a as f64 * *b as f64).sum();
+                out[t * w.rows + r] = row
+                    .iter()
+                    .zip(&x[t * w.cols..(t + 1) * w.cols])
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum();
             }
         }
         out
@@ -1038,16 +1327,32 @@ mod tests {
     }
 
     fn formats() -> Vec<WeightFormat> {
-        let mut f = vec![WeightFormat::Dense(DType::F32), WeightFormat::Dense(DType::BF16), WeightFormat::Dense(DType::F16)];
+        let mut f = vec![
+            WeightFormat::Dense(DType::F32),
+            WeightFormat::Dense(DType::BF16),
+            WeightFormat::Dense(DType::F16),
+        ];
         for bits in [4u8, 8] {
             for group_size in [32u32, 64, 128] {
                 for scale_dtype in [DType::BF16, DType::F16, DType::F32] {
-                    f.push(WeightFormat::Affine { bits, group_size, scale_dtype });
+                    f.push(WeightFormat::Affine {
+                        bits,
+                        group_size,
+                        scale_dtype,
+                    });
                 }
             }
         }
-        f.push(WeightFormat::Affine { bits: 4, group_size: 8, scale_dtype: DType::BF16 });
-        f.push(WeightFormat::Affine { bits: 4, group_size: 24, scale_dtype: DType::F32 });
+        f.push(WeightFormat::Affine {
+            bits: 4,
+            group_size: 8,
+            scale_dtype: DType::BF16,
+        });
+        f.push(WeightFormat::Affine {
+            bits: 4,
+            group_size: 24,
+            scale_dtype: DType::F32,
+        });
         f
     }
 
@@ -1087,7 +1392,10 @@ mod tests {
                         .map(|i| {
                             let (t, r) = (i / rows, i % rows);
                             w.row_f32(r, &mut row);
-                            row.iter().zip(&x[t * cols..(t + 1) * cols]).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum::<f64>()
+                            row.iter()
+                                .zip(&x[t * cols..(t + 1) * cols])
+                                .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                                .sum::<f64>()
                         })
                         .collect();
                     for &isa in &isas {
@@ -1096,7 +1404,12 @@ mod tests {
                         let tol = 2e-6;
                         for i in 0..n * rows {
                             let err = (got[i] as f64 - want[i]).abs() / scale[i].max(1e-30);
-                            assert!(err < tol, "{format} cols {cols} n {n} {isa:?}: [{i}] got {} want {} (rel {err:.2e})", got[i], want[i]);
+                            assert!(
+                                err < tol,
+                                "{format} cols {cols} n {n} {isa:?}: [{i}] got {} want {} (rel {err:.2e})",
+                                got[i],
+                                want[i]
+                            );
                         }
                     }
                 }
@@ -1115,12 +1428,17 @@ mod tests {
         let mut rng = Rng(7);
         for gs in [16usize, 32, 64, 128] {
             let cols = 8 * gs.max(48);
-            let mut x: Vec<f32> = (0..cols).map(|i| rng.f() * if i % 37 == 0 { 1e3 } else { 1.0 }).collect();
+            let mut x: Vec<f32> = (0..cols)
+                .map(|i| rng.f() * if i % 37 == 0 { 1e3 } else { 1.0 })
+                .collect();
             x[..gs].fill(0.0);
             x[gs + 3] = f32::NAN;
             x[2 * gs + 5] = f32::INFINITY;
             let groups = cols / gs;
-            let (mut d1, mut d2) = (vec![0u8; cols.div_ceil(128) * 384], vec![0u8; cols.div_ceil(128) * 384]);
+            let (mut d1, mut d2) = (
+                vec![0u8; cols.div_ceil(128) * 384],
+                vec![0u8; cols.div_ceil(128) * 384],
+            );
             let (mut s1, mut s2) = (vec![0f32; groups], vec![0f32; groups]);
             for amx in [None, Some((0, 1))] {
                 prepare_q4i(&x, &mut d1, &mut s1, gs, amx);
@@ -1167,7 +1485,9 @@ mod bench {
     use super::*;
 
     fn mat(rows: usize, cols: usize, format: WeightFormat) -> (Vec<u8>, Vec<u8>) {
-        let mut data: Vec<u8> = (0..format.data_bytes(rows, cols)).map(|i| ((i * 2654435761usize) >> 7) as u8).collect();
+        let mut data: Vec<u8> = (0..format.data_bytes(rows, cols))
+            .map(|i| ((i * 2654435761usize) >> 7) as u8)
+            .collect();
         if let WeightFormat::Dense(_) = format {
             // normal floats only (denormals would measure microcode assists)
             for (i, b) in data.iter_mut().enumerate() {
@@ -1184,8 +1504,16 @@ mod bench {
     #[test]
     #[ignore]
     fn qdot_bench() {
-        let q4 = WeightFormat::Affine { bits: 4, group_size: 64, scale_dtype: DType::BF16 };
-        let q8 = WeightFormat::Affine { bits: 8, group_size: 64, scale_dtype: DType::BF16 };
+        let q4 = WeightFormat::Affine {
+            bits: 4,
+            group_size: 64,
+            scale_dtype: DType::BF16,
+        };
+        let q8 = WeightFormat::Affine {
+            bits: 8,
+            group_size: 64,
+            scale_dtype: DType::BF16,
+        };
         for (name, format, rows, cols) in [
             ("q4 l2", q4, 768, 2048),
             ("q4 l3", q4, 8192, 2048),
@@ -1197,7 +1525,14 @@ mod bench {
                 continue;
             }
             let (data, scales) = mat(rows, cols, format);
-            let w = MatView { data: &data, scales: &scales, biases: &scales, rows, cols, format };
+            let w = MatView {
+                data: &data,
+                scales: &scales,
+                biases: &scales,
+                rows,
+                cols,
+                format,
+            };
             let bytes = format.total_bytes(rows, cols) as f64;
             let ns: Vec<usize> = match std::env::var("QDOT_N") {
                 Ok(v) => vec![v.parse().unwrap()],

@@ -21,7 +21,15 @@ const ROW_CHUNK: usize = 8;
 
 /// # Safety
 /// AVX2, FMA and F16C must be available; as [`super::rows_raw`] otherwise.
-pub(super) unsafe fn rows(w: &MatView<'_>, lay: &Layout, buf: &[f32], r0: usize, r1: usize, out: *mut f32, ostride: usize) {
+pub(super) unsafe fn rows(
+    w: &MatView<'_>,
+    lay: &Layout,
+    buf: &[f32],
+    r0: usize,
+    r1: usize,
+    out: *mut f32,
+    ostride: usize,
+) {
     let xs: Vec<*const f32> = (0..lay.n).map(|t| lay.x(buf, t)).collect();
     let ss: Vec<*const f32> = (0..lay.n).map(|t| lay.xs(buf, t)).collect();
     let mut r = r0;
@@ -33,18 +41,90 @@ pub(super) unsafe fn rows(w: &MatView<'_>, lay: &Layout, buf: &[f32], r0: usize,
             // SAFETY: forwarded from the caller.
             unsafe {
                 match (lay.kind, nb) {
-                    (Kind::Q4Y, 1) => q4::<1>(w, &xs[t0..], &ss[t0..], r, re, out.add(t0 * ostride), ostride),
-                    (Kind::Q4Y, 2) => q4::<2>(w, &xs[t0..], &ss[t0..], r, re, out.add(t0 * ostride), ostride),
-                    (Kind::Q4Y, 3) => q4::<3>(w, &xs[t0..], &ss[t0..], r, re, out.add(t0 * ostride), ostride),
-                    (Kind::Q4Y, _) => q4::<4>(w, &xs[t0..], &ss[t0..], r, re, out.add(t0 * ostride), ostride),
-                    (Kind::Q8Y, 1) => q8::<1>(w, &xs[t0..], &ss[t0..], r, re, out.add(t0 * ostride), ostride),
-                    (Kind::Q8Y, 2) => q8::<2>(w, &xs[t0..], &ss[t0..], r, re, out.add(t0 * ostride), ostride),
-                    (Kind::Q8Y, 3) => q8::<3>(w, &xs[t0..], &ss[t0..], r, re, out.add(t0 * ostride), ostride),
-                    (Kind::Q8Y, _) => q8::<4>(w, &xs[t0..], &ss[t0..], r, re, out.add(t0 * ostride), ostride),
-                    (Kind::DenseY(_), 1) => dense::<1>(w, &xs[t0..], r, re, out.add(t0 * ostride), ostride),
-                    (Kind::DenseY(_), 2) => dense::<2>(w, &xs[t0..], r, re, out.add(t0 * ostride), ostride),
-                    (Kind::DenseY(_), 3) => dense::<3>(w, &xs[t0..], r, re, out.add(t0 * ostride), ostride),
-                    (Kind::DenseY(_), _) => dense::<4>(w, &xs[t0..], r, re, out.add(t0 * ostride), ostride),
+                    (Kind::Q4Y, 1) => q4::<1>(
+                        w,
+                        &xs[t0..],
+                        &ss[t0..],
+                        r,
+                        re,
+                        out.add(t0 * ostride),
+                        ostride,
+                    ),
+                    (Kind::Q4Y, 2) => q4::<2>(
+                        w,
+                        &xs[t0..],
+                        &ss[t0..],
+                        r,
+                        re,
+                        out.add(t0 * ostride),
+                        ostride,
+                    ),
+                    (Kind::Q4Y, 3) => q4::<3>(
+                        w,
+                        &xs[t0..],
+                        &ss[t0..],
+                        r,
+                        re,
+                        out.add(t0 * ostride),
+                        ostride,
+                    ),
+                    (Kind::Q4Y, _) => q4::<4>(
+                        w,
+                        &xs[t0..],
+                        &ss[t0..],
+                        r,
+                        re,
+                        out.add(t0 * ostride),
+                        ostride,
+                    ),
+                    (Kind::Q8Y, 1) => q8::<1>(
+                        w,
+                        &xs[t0..],
+                        &ss[t0..],
+                        r,
+                        re,
+                        out.add(t0 * ostride),
+                        ostride,
+                    ),
+                    (Kind::Q8Y, 2) => q8::<2>(
+                        w,
+                        &xs[t0..],
+                        &ss[t0..],
+                        r,
+                        re,
+                        out.add(t0 * ostride),
+                        ostride,
+                    ),
+                    (Kind::Q8Y, 3) => q8::<3>(
+                        w,
+                        &xs[t0..],
+                        &ss[t0..],
+                        r,
+                        re,
+                        out.add(t0 * ostride),
+                        ostride,
+                    ),
+                    (Kind::Q8Y, _) => q8::<4>(
+                        w,
+                        &xs[t0..],
+                        &ss[t0..],
+                        r,
+                        re,
+                        out.add(t0 * ostride),
+                        ostride,
+                    ),
+                    (Kind::DenseY(_), 1) => {
+                        dense::<1>(w, &xs[t0..], r, re, out.add(t0 * ostride), ostride)
+                    }
+                    (Kind::DenseY(_), 2) => {
+                        dense::<2>(w, &xs[t0..], r, re, out.add(t0 * ostride), ostride)
+                    }
+                    (Kind::DenseY(_), 3) => {
+                        dense::<3>(w, &xs[t0..], r, re, out.add(t0 * ostride), ostride)
+                    }
+                    (Kind::DenseY(_), _) => {
+                        dense::<4>(w, &xs[t0..], r, re, out.add(t0 * ostride), ostride)
+                    }
                     _ => unreachable!(),
                 }
             }
@@ -68,7 +148,9 @@ unsafe fn load8(p: *const u8, dt: DType, i: usize, n: usize) -> __m256 {
         };
         match dt {
             DType::F32 => _mm256_loadu_ps(src as *const f32),
-            DType::BF16 => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(src as *const _)))),
+            DType::BF16 => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
+                _mm_loadu_si128(src as *const _),
+            ))),
             _ => _mm256_cvtph_ps(_mm_loadu_si128(src as *const _)),
         }
     }
@@ -95,17 +177,43 @@ struct Geo {
 }
 
 fn geo(w: &MatView<'_>) -> Geo {
-    let WeightFormat::Affine { bits, group_size, scale_dtype } = w.format else { unreachable!() };
+    let WeightFormat::Affine {
+        bits,
+        group_size,
+        scale_dtype,
+    } = w.format
+    else {
+        unreachable!()
+    };
     let gs = group_size as usize;
     let groups = w.cols / gs;
     let row_bytes = w.cols * bits as usize / 8;
     assert!(w.data.len() >= w.rows * row_bytes);
-    assert!(w.scales.len() >= w.rows * groups * scale_dtype.size() && w.biases.len() >= w.rows * groups * scale_dtype.size());
-    Geo { data: w.data.as_ptr(), scales: w.scales.as_ptr(), biases: w.biases.as_ptr(), row_bytes, groups, gs, sdt: scale_dtype }
+    assert!(
+        w.scales.len() >= w.rows * groups * scale_dtype.size()
+            && w.biases.len() >= w.rows * groups * scale_dtype.size()
+    );
+    Geo {
+        data: w.data.as_ptr(),
+        scales: w.scales.as_ptr(),
+        biases: w.biases.as_ptr(),
+        row_bytes,
+        groups,
+        gs,
+        sdt: scale_dtype,
+    }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4<const N: usize>(w: &MatView<'_>, xs: &[*const f32], ss: &[*const f32], r0: usize, r1: usize, out: *mut f32, ostride: usize) {
+unsafe fn q4<const N: usize>(
+    w: &MatView<'_>,
+    xs: &[*const f32],
+    ss: &[*const f32],
+    r0: usize,
+    r1: usize,
+    out: *mut f32,
+    ostride: usize,
+) {
     unsafe {
         let g = geo(w);
         let x: [*const f32; N] = std::array::from_fn(|t| xs[t]);
@@ -150,9 +258,16 @@ unsafe fn q4<const N: usize>(w: &MatView<'_>, xs: &[*const f32], ss: &[*const f3
                     let mut a1 = [_mm256_setzero_ps(); N];
                     macro_rules! step {
                         ($j:literal, $acc:ident) => {{
-                            let q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32::<{ 4 * $j }>(wv), m0f));
+                            let q = _mm256_cvtepi32_ps(_mm256_and_si256(
+                                _mm256_srli_epi32::<{ 4 * $j }>(wv),
+                                m0f,
+                            ));
                             for t in 0..N {
-                                $acc[t] = _mm256_fmadd_ps(q, _mm256_loadu_ps(x[t].add(64 * c + 8 * $j)), $acc[t]);
+                                $acc[t] = _mm256_fmadd_ps(
+                                    q,
+                                    _mm256_loadu_ps(x[t].add(64 * c + 8 * $j)),
+                                    $acc[t],
+                                );
                             }
                         }};
                     }
@@ -180,7 +295,15 @@ unsafe fn q4<const N: usize>(w: &MatView<'_>, xs: &[*const f32], ss: &[*const f3
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q8<const N: usize>(w: &MatView<'_>, xs: &[*const f32], ss: &[*const f32], r0: usize, r1: usize, out: *mut f32, ostride: usize) {
+unsafe fn q8<const N: usize>(
+    w: &MatView<'_>,
+    xs: &[*const f32],
+    ss: &[*const f32],
+    r0: usize,
+    r1: usize,
+    out: *mut f32,
+    ostride: usize,
+) {
     unsafe {
         let g = geo(w);
         let x: [*const f32; N] = std::array::from_fn(|t| xs[t]);
@@ -204,8 +327,12 @@ unsafe fn q8<const N: usize>(w: &MatView<'_>, xs: &[*const f32], ss: &[*const f3
                     let mut a1 = [_mm256_setzero_ps(); N];
                     let mut e = e0;
                     while e < e0 + g.gs {
-                        let q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(row.add(e) as *const _)));
-                        let q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(row.add(e + 8) as *const _)));
+                        let q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                            row.add(e) as *const _,
+                        )));
+                        let q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                            row.add(e + 8) as *const _,
+                        )));
                         for t in 0..N {
                             a0[t] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(x[t].add(e)), a0[t]);
                             a1[t] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(x[t].add(e + 8)), a1[t]);
@@ -227,14 +354,25 @@ unsafe fn q8<const N: usize>(w: &MatView<'_>, xs: &[*const f32], ss: &[*const f3
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dense<const N: usize>(w: &MatView<'_>, xs: &[*const f32], r0: usize, r1: usize, out: *mut f32, ostride: usize) {
+unsafe fn dense<const N: usize>(
+    w: &MatView<'_>,
+    xs: &[*const f32],
+    r0: usize,
+    r1: usize,
+    out: *mut f32,
+    ostride: usize,
+) {
     unsafe {
-        let WeightFormat::Dense(dt) = w.format else { unreachable!() };
+        let WeightFormat::Dense(dt) = w.format else {
+            unreachable!()
+        };
         let esz = dt.size();
         assert!(w.data.len() >= w.rows * w.cols * esz);
         let x: [*const f32; N] = std::array::from_fn(|t| xs[t]);
         let ld = |p: *const u8| match dt {
-            DType::BF16 => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const _)))),
+            DType::BF16 => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
+                _mm_loadu_si128(p as *const _),
+            ))),
             DType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const _)),
             _ => _mm256_loadu_ps(p as *const f32),
         };

@@ -9,21 +9,34 @@ fn inv_rms(x: &[f32], eps: f32) -> f32 {
 }
 
 pub fn rms_norm(x: &[f32], w: &[f32], out: &mut [f32], dim: usize, eps: f32, offset: f32) {
-    out.par_chunks_mut(dim).zip(x.par_chunks(dim)).for_each(|(o, xr)| {
-        let r = inv_rms(xr, eps);
-        for ((o, v), g) in o.iter_mut().zip(xr).zip(w) {
-            *o = v * r * (g + offset);
-        }
-    });
+    out.par_chunks_mut(dim)
+        .zip(x.par_chunks(dim))
+        .for_each(|(o, xr)| {
+            let r = inv_rms(xr, eps);
+            for ((o, v), g) in o.iter_mut().zip(xr).zip(w) {
+                *o = v * r * (g + offset);
+            }
+        });
 }
 
-pub fn gated_rms_norm(x: &[f32], gate: &[f32], w: &[f32], out: &mut [f32], dim: usize, eps: f32, offset: f32) {
-    out.par_chunks_mut(dim).zip(x.par_chunks(dim)).zip(gate.par_chunks(dim)).for_each(|((o, xr), gr)| {
-        let r = inv_rms(xr, eps);
-        for (((o, v), g), z) in o.iter_mut().zip(xr).zip(w).zip(gr) {
-            *o = v * r * (g + offset) * silu(*z);
-        }
-    });
+pub fn gated_rms_norm(
+    x: &[f32],
+    gate: &[f32],
+    w: &[f32],
+    out: &mut [f32],
+    dim: usize,
+    eps: f32,
+    offset: f32,
+) {
+    out.par_chunks_mut(dim)
+        .zip(x.par_chunks(dim))
+        .zip(gate.par_chunks(dim))
+        .for_each(|((o, xr), gr)| {
+            let r = inv_rms(xr, eps);
+            for (((o, v), g), z) in o.iter_mut().zip(xr).zip(w).zip(gr) {
+                *o = v * r * (g + offset) * silu(*z);
+            }
+        });
 }
 
 #[inline]

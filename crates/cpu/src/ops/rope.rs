@@ -1,9 +1,18 @@
 //! Rotary position embedding, NeoX layout (pairs `i` and `i + rotary_dim / 2`), applied
 //! to the first `rotary_dim` dims of each head (partial rotary).
 
-pub fn rope(x: &mut [f32], pos: &[u32], heads: usize, head_dim: usize, rotary_dim: usize, theta: f32) {
+pub fn rope(
+    x: &mut [f32],
+    pos: &[u32],
+    heads: usize,
+    head_dim: usize,
+    rotary_dim: usize,
+    theta: f32,
+) {
     let half = rotary_dim / 2;
-    let inv: Vec<f64> = (0..half).map(|i| 1.0 / (theta as f64).powf(2.0 * i as f64 / rotary_dim as f64)).collect();
+    let inv: Vec<f64> = (0..half)
+        .map(|i| 1.0 / (theta as f64).powf(2.0 * i as f64 / rotary_dim as f64))
+        .collect();
     for (t, &p) in pos.iter().enumerate() {
         // Angles in f64 then rounded: positions in the tens of thousands lose precision
         // in f32 before the sin/cos.

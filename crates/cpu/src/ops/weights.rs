@@ -11,11 +11,28 @@ pub fn floats(bytes: &[u8], dtype: DType, len: usize) -> Cow<'_, [f32]> {
     match dtype {
         DType::F32 => match bytemuck::try_cast_slice::<u8, f32>(bytes) {
             Ok(s) => Cow::Borrowed(s),
-            Err(_) => Cow::Owned(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
+            Err(_) => Cow::Owned(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ),
         },
-        DType::BF16 => Cow::Owned(bytes.chunks_exact(2).map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect()),
-        DType::F16 => Cow::Owned(bytes.chunks_exact(2).map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect()),
-        DType::U32 | DType::I32 | DType::U8 => unreachable!("non-float vector; rejected when the model is loaded"),
+        DType::BF16 => Cow::Owned(
+            bytes
+                .chunks_exact(2)
+                .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                .collect(),
+        ),
+        DType::F16 => Cow::Owned(
+            bytes
+                .chunks_exact(2)
+                .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                .collect(),
+        ),
+        DType::U32 | DType::I32 | DType::U8 => {
+            unreachable!("non-float vector; rejected when the model is loaded")
+        }
     }
 }
 
@@ -37,7 +54,9 @@ fn scalar(bytes: &[u8], dtype: DType, i: usize) -> f32 {
             let b = &bytes[4 * i..4 * i + 4];
             f32::from_le_bytes([b[0], b[1], b[2], b[3]])
         }
-        DType::BF16 => bf16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])).to_f32(),
+        DType::BF16 => {
+            bf16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])).to_f32()
+        }
         DType::F16 => f16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])).to_f32(),
         _ => unreachable!("scale dtype checked at load"),
     }
@@ -90,7 +109,11 @@ impl<'a> MatView<'a> {
                 }
             }
             WeightFormat::Dense(dt) => unreachable!("dense {dt} matrix rejected at load"),
-            WeightFormat::Affine { bits, group_size, scale_dtype } => {
+            WeightFormat::Affine {
+                bits,
+                group_size,
+                scale_dtype,
+            } => {
                 let gs = group_size as usize;
                 let groups = self.cols / gs;
                 for g in 0..groups {
@@ -119,7 +142,11 @@ impl<'a> MatView<'a> {
     #[inline]
     pub fn dot_row(&self, r: usize, x: &[f32], xsum: &[f32], scratch: &mut [f32]) -> f32 {
         match self.format {
-            WeightFormat::Affine { bits, group_size, scale_dtype } => {
+            WeightFormat::Affine {
+                bits,
+                group_size,
+                scale_dtype,
+            } => {
                 let gs = group_size as usize;
                 let groups = self.cols / gs;
                 let rb = self.row_bytes();
@@ -170,7 +197,10 @@ impl<'a> MatView<'a> {
     /// Per-group sums of `x` needed by [`Self::dot_row`].
     pub fn group_sums(&self, x: &[f32]) -> Vec<f32> {
         match self.format {
-            WeightFormat::Affine { group_size, .. } => x[..self.cols].chunks_exact(group_size as usize).map(|c| c.iter().sum()).collect(),
+            WeightFormat::Affine { group_size, .. } => x[..self.cols]
+                .chunks_exact(group_size as usize)
+                .map(|c| c.iter().sum())
+                .collect(),
             WeightFormat::Dense(_) => Vec::new(),
         }
     }

@@ -32,12 +32,30 @@ pub(crate) fn kv_append(
     if n * kv_dim == 0 {
         return Ok(());
     }
-    let (kp, vp, pp, kc, vc) = (enc.buf(k.raw())?, enc.buf(v.raw())?, enc.buf(pos.raw())?, enc.buf(k_cache.raw())?, enc.buf(v_cache.raw())?);
-    let (n_, d, m) = (u32_of(n, "n", OP)?, u32_of(kv_dim, "kv_dim", OP)?, u32_of(max_ctx, "max_ctx", OP)?);
+    let (kp, vp, pp, kc, vc) = (
+        enc.buf(k.raw())?,
+        enc.buf(v.raw())?,
+        enc.buf(pos.raw())?,
+        enc.buf(k_cache.raw())?,
+        enc.buf(v_cache.raw())?,
+    );
+    let (n_, d, m) = (
+        u32_of(n, "n", OP)?,
+        u32_of(kv_dim, "kv_dim", OP)?,
+        u32_of(max_ctx, "max_ctx", OP)?,
+    );
     // SAFETY: kv_append_f32(const float*, const float*, const u32*, float*, float*, u32, u32,
     // u32); k/v hold n * kv_dim floats, caches max_ctx * kv_dim (Graph::validate); rows at
     // pos >= max_ctx are skipped by the kernel.
-    unsafe { launch!(enc, "attention.cu", "kv_append_f32", grid_1d(n * kv_dim), [kp, vp, pp, kc, vc, n_, d, m]) }
+    unsafe {
+        launch!(
+            enc,
+            "attention.cu",
+            "kv_append_f32",
+            grid_1d(n * kv_dim),
+            [kp, vp, pp, kc, vc, n_, d, m]
+        )
+    }
 }
 
 pub(crate) struct AttnShape {
@@ -63,34 +81,92 @@ pub(crate) fn attention(
         return Ok(());
     }
     if s.head_dim == 0 || s.head_dim > MAX_HEAD_DIM {
-        return Err(CudaError::Unsupported { op: OP, msg: format!("head_dim {} (the kernel takes 1..={MAX_HEAD_DIM})", s.head_dim) });
+        return Err(CudaError::Unsupported {
+            op: OP,
+            msg: format!(
+                "head_dim {} (the kernel takes 1..={MAX_HEAD_DIM})",
+                s.head_dim
+            ),
+        });
     }
     if s.max_ctx == 0 {
-        return Err(CudaError::Unsupported { op: OP, msg: "max_ctx is 0".into() });
+        return Err(CudaError::Unsupported {
+            op: OP,
+            msg: "max_ctx is 0".into(),
+        });
     }
-    let (qp, pp, kc, vc, op) = (enc.buf(q.raw())?, enc.buf(pos.raw())?, enc.buf(k_cache.raw())?, enc.buf(v_cache.raw())?, enc.buf(out.raw())?);
-    let (h, kvh, hd, scale, mc) =
-        (u32_of(s.heads, "heads", OP)?, u32_of(s.kv_heads, "kv_heads", OP)?, u32_of(s.head_dim, "head_dim", OP)?, s.scale, u32_of(s.max_ctx, "max_ctx", OP)?);
+    let (qp, pp, kc, vc, op) = (
+        enc.buf(q.raw())?,
+        enc.buf(pos.raw())?,
+        enc.buf(k_cache.raw())?,
+        enc.buf(v_cache.raw())?,
+        enc.buf(out.raw())?,
+    );
+    let (h, kvh, hd, scale, mc) = (
+        u32_of(s.heads, "heads", OP)?,
+        u32_of(s.kv_heads, "kv_heads", OP)?,
+        u32_of(s.head_dim, "head_dim", OP)?,
+        s.scale,
+        u32_of(s.max_ctx, "max_ctx", OP)?,
+    );
     let ty = grid_y(s.n, "tokens", OP)?;
     if s.n <= SPLIT_MAX_N {
         let splits = s.max_ctx.div_ceil(SPLIT_KEYS);
         let sp = grid_y(splits, "key splits", OP)?;
-        let part = enc.scratch.get(enc.stream, s.n * s.heads * splits * (s.head_dim + 2) * 4)?;
-        let cfg = LaunchConfig { grid_dim: (h, ty, sp), block_dim: (SPLIT_WARPS * 32, 1, 1), shared_mem_bytes: 0 };
+        let part = enc
+            .scratch
+            .get(enc.stream, s.n * s.heads * splits * (s.head_dim + 2) * 4)?;
+        let cfg = LaunchConfig {
+            grid_dim: (h, ty, sp),
+            block_dim: (SPLIT_WARPS * 32, 1, 1),
+            shared_mem_bytes: 0,
+        };
         // SAFETY: attention_split_f32(const float*, const u32*, const float*, const float*, float*,
         // u32, u32, u32, float, u32, u32); q holds n * heads * head_dim floats, caches max_ctx *
         // kv_heads * head_dim (Graph::validate); part (scratch) n * heads * splits * (head_dim + 2);
         // heads % kv_heads == 0 (check_shapes); keys are clamped to max_ctx in the kernel.
-        unsafe { launch!(enc, "attention.cu", "attention_split_f32", cfg, [qp, pp, kc, vc, part, h, kvh, hd, scale, mc, sp]) }?;
-        let cfg = LaunchConfig { grid_dim: (h, ty, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        unsafe {
+            launch!(
+                enc,
+                "attention.cu",
+                "attention_split_f32",
+                cfg,
+                [qp, pp, kc, vc, part, h, kvh, hd, scale, mc, sp]
+            )
+        }?;
+        let cfg = LaunchConfig {
+            grid_dim: (h, ty, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
         // SAFETY: attention_merge_f32(const float*, float*, u32, u32, u32); part as written above,
         // out n * heads * head_dim floats.
-        return unsafe { launch!(enc, "attention.cu", "attention_merge_f32", cfg, [part, op, h, hd, sp]) };
+        return unsafe {
+            launch!(
+                enc,
+                "attention.cu",
+                "attention_merge_f32",
+                cfg,
+                [part, op, h, hd, sp]
+            )
+        };
     }
-    let cfg = LaunchConfig { grid_dim: (h, ty, 1), block_dim: (WARPS * 32, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid_dim: (h, ty, 1),
+        block_dim: (WARPS * 32, 1, 1),
+        shared_mem_bytes: 0,
+    };
     // SAFETY: attention_f32(const float*, const u32*, const float*, const float*, float*, u32,
     // u32, u32, float, u32); q/out hold n * heads * head_dim floats, caches max_ctx * kv_heads
     // * head_dim (Graph::validate); heads % kv_heads == 0 (check_shapes); the kernel clamps
     // the attended length to max_ctx.
-    unsafe { launch!(enc, "attention.cu", "attention_f32", cfg, [qp, pp, kc, vc, op, h, kvh, hd, scale, mc]) }
+    unsafe {
+        launch!(
+            enc,
+            "attention.cu",
+            "attention_f32",
+            cfg,
+            [qp, pp, kc, vc, op, h, kvh, hd, scale, mc]
+        )
+    }
 }

@@ -22,17 +22,40 @@ pub(crate) fn conv1d_silu(
 ) -> Result<(), CudaError> {
     const OP: &str = "conv1d_silu";
     if kernel == 0 || kernel > MAX_KERNEL {
-        return Err(CudaError::Unsupported { op: OP, msg: format!("kernel size {kernel} (the kernel takes 1..={MAX_KERNEL})") });
+        return Err(CudaError::Unsupported {
+            op: OP,
+            msg: format!("kernel size {kernel} (the kernel takes 1..={MAX_KERNEL})"),
+        });
     }
     if channels == 0 {
         return Ok(());
     }
-    let cfg = LaunchConfig { grid_dim: (channels.div_ceil(BLOCK as usize) as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid_dim: (channels.div_ceil(BLOCK as usize) as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let (w, wdt) = enc.vector(weight, OP)?;
-    let (xp, sp, op) = (enc.buf(x.raw())?, enc.buf(state.raw())?, enc.buf(out.raw())?);
-    let (n_, c, k) = (u32_of(n, "n", OP)?, u32_of(channels, "channels", OP)?, u32_of(kernel, "kernel", OP)?);
+    let (xp, sp, op) = (
+        enc.buf(x.raw())?,
+        enc.buf(state.raw())?,
+        enc.buf(out.raw())?,
+    );
+    let (n_, c, k) = (
+        u32_of(n, "n", OP)?,
+        u32_of(channels, "channels", OP)?,
+        u32_of(kernel, "kernel", OP)?,
+    );
     // SAFETY: conv1d_silu_f32(const float*, float*, const void*, int, float*, u32, u32, u32);
     // x/out hold n * channels floats, state (kernel - 1) * channels, weight channels * kernel
     // (Graph::validate, check_shapes).
-    unsafe { launch!(enc, "conv1d.cu", "conv1d_silu_f32", cfg, [xp, sp, w, wdt, op, n_, c, k]) }
+    unsafe {
+        launch!(
+            enc,
+            "conv1d.cu",
+            "conv1d_silu_f32",
+            cfg,
+            [xp, sp, w, wdt, op, n_, c, k]
+        )
+    }
 }

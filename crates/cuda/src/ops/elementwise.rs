@@ -7,7 +7,14 @@ use moeflux_core::{Act, BufId, ColPart};
 use super::{Enc, grid_1d, launch, u32_of};
 use crate::error::CudaError;
 
-pub(crate) fn copy_rows(enc: &mut Enc<'_>, x: BufId<Act>, out: BufId<Act>, start: usize, rows: usize, width: usize) -> Result<(), CudaError> {
+pub(crate) fn copy_rows(
+    enc: &mut Enc<'_>,
+    x: BufId<Act>,
+    out: BufId<Act>,
+    start: usize,
+    rows: usize,
+    width: usize,
+) -> Result<(), CudaError> {
     let bytes = rows * width * 4;
     if bytes == 0 {
         return Ok(());
@@ -15,19 +22,29 @@ pub(crate) fn copy_rows(enc: &mut Enc<'_>, x: BufId<Act>, out: BufId<Act>, start
     let src = enc.buf(x.raw())? + (start * width * 4) as u64;
     let dst = enc.buf(out.raw())?;
     if x == out && start != 0 {
-        return Err(CudaError::Unsupported { op: "copy_rows", msg: "in-place copy with an offset".into() });
+        return Err(CudaError::Unsupported {
+            op: "copy_rows",
+            msg: "in-place copy with an offset".into(),
+        });
     }
     if src == dst {
         return Ok(());
     }
     // SAFETY: both ranges were validated against their buffers (Graph::validate); distinct
     // ids never share storage while both are live (planner invariant).
-    unsafe { drv::memcpy_dtod_async(dst, src, bytes, enc.stream.cu_stream()) }.map_err(CudaError::driver("copy_rows: cuMemcpyDtoDAsync"))?;
+    unsafe { drv::memcpy_dtod_async(dst, src, bytes, enc.stream.cu_stream()) }
+        .map_err(CudaError::driver("copy_rows: cuMemcpyDtoDAsync"))?;
     enc.recent.push("copy_rows (memcpy)");
     Ok(())
 }
 
-pub(crate) fn add(enc: &mut Enc<'_>, a: BufId<Act>, b: BufId<Act>, out: BufId<Act>, len: usize) -> Result<(), CudaError> {
+pub(crate) fn add(
+    enc: &mut Enc<'_>,
+    a: BufId<Act>,
+    b: BufId<Act>,
+    out: BufId<Act>,
+    len: usize,
+) -> Result<(), CudaError> {
     if len == 0 {
         return Ok(());
     }
@@ -35,17 +52,43 @@ pub(crate) fn add(enc: &mut Enc<'_>, a: BufId<Act>, b: BufId<Act>, out: BufId<Ac
     let n = len as u64;
     // SAFETY: add_f32(const float*, const float*, float*, u64); all three hold len floats;
     // elementwise, so out may alias a or b.
-    unsafe { launch!(enc, "elementwise.cu", "add_f32", grid_1d(len), [ap, bp, op, n]) }
+    unsafe {
+        launch!(
+            enc,
+            "elementwise.cu",
+            "add_f32",
+            grid_1d(len),
+            [ap, bp, op, n]
+        )
+    }
 }
 
-pub(crate) fn swiglu(enc: &mut Enc<'_>, gate: BufId<Act>, up: BufId<Act>, out: BufId<Act>, len: usize) -> Result<(), CudaError> {
+pub(crate) fn swiglu(
+    enc: &mut Enc<'_>,
+    gate: BufId<Act>,
+    up: BufId<Act>,
+    out: BufId<Act>,
+    len: usize,
+) -> Result<(), CudaError> {
     if len == 0 {
         return Ok(());
     }
-    let (gp, up_, op) = (enc.buf(gate.raw())?, enc.buf(up.raw())?, enc.buf(out.raw())?);
+    let (gp, up_, op) = (
+        enc.buf(gate.raw())?,
+        enc.buf(up.raw())?,
+        enc.buf(out.raw())?,
+    );
     let n = len as u64;
     // SAFETY: swiglu_f32(const float*, const float*, float*, u64); all hold len floats.
-    unsafe { launch!(enc, "elementwise.cu", "swiglu_f32", grid_1d(len), [gp, up_, op, n]) }
+    unsafe {
+        launch!(
+            enc,
+            "elementwise.cu",
+            "swiglu_f32",
+            grid_1d(len),
+            [gp, up_, op, n]
+        )
+    }
 }
 
 pub(crate) fn sigmoid_gate(
@@ -62,17 +105,39 @@ pub(crate) fn sigmoid_gate(
         return Ok(());
     }
     let (xp, gp, op) = (enc.buf(x.raw())?, enc.buf(gate.raw())?, enc.buf(out.raw())?);
-    let (l, w, gw) = (len as u64, u32_of(width, "width", "sigmoid_gate")?, u32_of(gate_width, "gate_width", "sigmoid_gate")?);
+    let (l, w, gw) = (
+        len as u64,
+        u32_of(width, "width", "sigmoid_gate")?,
+        u32_of(gate_width, "gate_width", "sigmoid_gate")?,
+    );
     // SAFETY: sigmoid_gate_f32(const float*, const float*, float*, u64, u32, u32); x/out hold
     // n * width floats, gate n * gate_width (Graph::validate; gate_width checked in check_shapes).
-    unsafe { launch!(enc, "elementwise.cu", "sigmoid_gate_f32", grid_1d(len), [xp, gp, op, l, w, gw]) }
+    unsafe {
+        launch!(
+            enc,
+            "elementwise.cu",
+            "sigmoid_gate_f32",
+            grid_1d(len),
+            [xp, gp, op, l, w, gw]
+        )
+    }
 }
 
-pub(crate) fn scatter_cols(enc: &mut Enc<'_>, x: BufId<Act>, n: usize, groups: usize, parts: &[ColPart]) -> Result<(), CudaError> {
+pub(crate) fn scatter_cols(
+    enc: &mut Enc<'_>,
+    x: BufId<Act>,
+    n: usize,
+    groups: usize,
+    parts: &[ColPart],
+) -> Result<(), CudaError> {
     const OP: &str = "scatter_cols";
     let group_w: usize = parts.iter().map(|p| p.width).sum();
     let xp = enc.buf(x.raw())?;
-    let (groups_u, row, gw) = (u32_of(groups, "groups", OP)?, u32_of(group_w * groups, "row", OP)?, u32_of(group_w, "group width", OP)?);
+    let (groups_u, row, gw) = (
+        u32_of(groups, "groups", OP)?,
+        u32_of(group_w * groups, "row", OP)?,
+        u32_of(group_w, "group width", OP)?,
+    );
     let mut src_off = 0usize;
     for p in parts {
         let len = n * groups * p.width;
@@ -80,11 +145,23 @@ pub(crate) fn scatter_cols(enc: &mut Enc<'_>, x: BufId<Act>, n: usize, groups: u
             let op = enc.buf(p.out.raw())?;
             let l = len as u64;
             let so = u32_of(src_off, "source offset", OP)?;
-            let (w, ow, oo) = (u32_of(p.width, "width", OP)?, u32_of(p.out_width, "out width", OP)?, u32_of(p.out_offset, "out offset", OP)?);
+            let (w, ow, oo) = (
+                u32_of(p.width, "width", OP)?,
+                u32_of(p.out_width, "out width", OP)?,
+                u32_of(p.out_offset, "out offset", OP)?,
+            );
             // SAFETY: scatter_cols_f32(const float*, float*, u64, u32 x7); x holds n rows of
             // groups * group_w floats and out n rows of out_width (Graph::validate), and
             // out_offset + groups * width <= out_width (check_shapes).
-            unsafe { launch!(enc, "elementwise.cu", "scatter_cols_f32", grid_1d(len), [xp, op, l, groups_u, row, gw, so, w, ow, oo]) }?;
+            unsafe {
+                launch!(
+                    enc,
+                    "elementwise.cu",
+                    "scatter_cols_f32",
+                    grid_1d(len),
+                    [xp, op, l, groups_u, row, gw, so, w, ow, oo]
+                )
+            }?;
         }
         src_off += p.width;
     }

@@ -6,15 +6,31 @@ use moeflux_core::{Act, BufId, Matrix, Tokens};
 use super::{BLOCK, Enc, Fmt, grid_y, launch};
 use crate::error::CudaError;
 
-const NAMES: [&str; 5] = ["embed_f32", "embed_f16", "embed_bf16", "embed_q4", "embed_q8"];
+const NAMES: [&str; 5] = [
+    "embed_f32",
+    "embed_f16",
+    "embed_bf16",
+    "embed_q4",
+    "embed_q8",
+];
 
-pub(crate) fn embed(enc: &mut Enc<'_>, table: &Matrix, tokens: BufId<Tokens>, out: BufId<Act>, n: usize) -> Result<(), CudaError> {
+pub(crate) fn embed(
+    enc: &mut Enc<'_>,
+    table: &Matrix,
+    tokens: BufId<Tokens>,
+    out: BufId<Act>,
+    n: usize,
+) -> Result<(), CudaError> {
     if n == 0 {
         return Ok(());
     }
     let (t, fmt): (_, Fmt) = enc.wmat(table, "embed")?;
     let cfg = LaunchConfig {
-        grid_dim: (table.cols.div_ceil(BLOCK as usize) as u32, grid_y(n, "tokens", "embed")?, 1),
+        grid_dim: (
+            table.cols.div_ceil(BLOCK as usize) as u32,
+            grid_y(n, "tokens", "embed")?,
+            1,
+        ),
         block_dim: (BLOCK, 1, 1),
         shared_mem_bytes: 0,
     };

@@ -12,13 +12,41 @@ use crate::error::CudaError;
 
 pub(crate) const MATVEC_MAX_N: usize = 2;
 
-const MATVEC_VEC_R1: [&str; 5] = ["matvec_vec_f32_r1", "matvec_vec_f16_r1", "matvec_vec_bf16_r1", "matvec_vec_q4_r1", "matvec_vec_q8_r1"];
-const MATVEC_VEC_R2: [&str; 5] = ["matvec_vec_f32_r2", "matvec_vec_f16_r2", "matvec_vec_bf16_r2", "matvec_vec_q4_r2", "matvec_vec_q8_r2"];
-const MATVEC_VEC_R4: [&str; 5] = ["matvec_vec_f32_r4", "matvec_vec_f16_r4", "matvec_vec_bf16_r4", "matvec_vec_q4_r4", "matvec_vec_q8_r4"];
-const MATVEC_SCALAR_R1: [&str; 5] =
-    ["matvec_scalar_f32_r1", "matvec_scalar_f16_r1", "matvec_scalar_bf16_r1", "matvec_scalar_q4_r1", "matvec_scalar_q8_r1"];
-const MATVEC_SCALAR_R4: [&str; 5] =
-    ["matvec_scalar_f32_r4", "matvec_scalar_f16_r4", "matvec_scalar_bf16_r4", "matvec_scalar_q4_r4", "matvec_scalar_q8_r4"];
+const MATVEC_VEC_R1: [&str; 5] = [
+    "matvec_vec_f32_r1",
+    "matvec_vec_f16_r1",
+    "matvec_vec_bf16_r1",
+    "matvec_vec_q4_r1",
+    "matvec_vec_q8_r1",
+];
+const MATVEC_VEC_R2: [&str; 5] = [
+    "matvec_vec_f32_r2",
+    "matvec_vec_f16_r2",
+    "matvec_vec_bf16_r2",
+    "matvec_vec_q4_r2",
+    "matvec_vec_q8_r2",
+];
+const MATVEC_VEC_R4: [&str; 5] = [
+    "matvec_vec_f32_r4",
+    "matvec_vec_f16_r4",
+    "matvec_vec_bf16_r4",
+    "matvec_vec_q4_r4",
+    "matvec_vec_q8_r4",
+];
+const MATVEC_SCALAR_R1: [&str; 5] = [
+    "matvec_scalar_f32_r1",
+    "matvec_scalar_f16_r1",
+    "matvec_scalar_bf16_r1",
+    "matvec_scalar_q4_r1",
+    "matvec_scalar_q8_r1",
+];
+const MATVEC_SCALAR_R4: [&str; 5] = [
+    "matvec_scalar_f32_r4",
+    "matvec_scalar_f16_r4",
+    "matvec_scalar_bf16_r4",
+    "matvec_scalar_q4_r4",
+    "matvec_scalar_q8_r4",
+];
 const GEMM: [&str; 5] = ["gemm_f32", "gemm_f16", "gemm_bf16", "gemm_q4", "gemm_q8"];
 
 /// Rows per block of the expert matrix-vector kernels (8 warps x `MV_R` = 2 in gemv.cuh), the
@@ -33,7 +61,13 @@ pub(crate) fn mv_smem(cols: usize, elems: usize) -> usize {
     cols.div_ceil(32 * elems) * 32 * elems * 4
 }
 
-pub(crate) fn matmul(enc: &mut Enc<'_>, x: BufId<Act>, w: &Matrix, out: BufId<Act>, n: usize) -> Result<(), CudaError> {
+pub(crate) fn matmul(
+    enc: &mut Enc<'_>,
+    x: BufId<Act>,
+    w: &Matrix,
+    out: BufId<Act>,
+    n: usize,
+) -> Result<(), CudaError> {
     const OP: &str = "matmul";
     if n == 0 || w.rows == 0 {
         return Ok(());
@@ -47,7 +81,13 @@ pub(crate) fn matmul(enc: &mut Enc<'_>, x: BufId<Act>, w: &Matrix, out: BufId<Ac
             // Rows per warp: as many as still give every SM two blocks (x is staged once per
             // block, so more rows per block amortise it; fewer keep small matrices parallel).
             let enough = |r: usize| w.rows.div_ceil(8 * r) * n >= 2 * enc.sm_count;
-            let r = if enough(4) { 4 } else if vec && enough(2) { 2 } else { 1 };
+            let r = if enough(4) {
+                4
+            } else if vec && enough(2) {
+                2
+            } else {
+                1
+            };
             let names = match (vec, r) {
                 (true, 4) => &MATVEC_VEC_R4,
                 (true, 2) => &MATVEC_VEC_R2,
@@ -56,7 +96,11 @@ pub(crate) fn matmul(enc: &mut Enc<'_>, x: BufId<Act>, w: &Matrix, out: BufId<Ac
                 (false, _) => &MATVEC_SCALAR_R1,
             };
             let cfg = LaunchConfig {
-                grid_dim: (u32_of(w.rows.div_ceil(8 * r), "row blocks", OP)?, n as u32, 1),
+                grid_dim: (
+                    u32_of(w.rows.div_ceil(8 * r), "row blocks", OP)?,
+                    n as u32,
+                    1,
+                ),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: smem as u32,
             };
@@ -67,7 +111,11 @@ pub(crate) fn matmul(enc: &mut Enc<'_>, x: BufId<Act>, w: &Matrix, out: BufId<Ac
         }
     }
     let cfg = LaunchConfig {
-        grid_dim: (u32_of(w.rows.div_ceil(GT), "row tiles", OP)?, grid_y(n.div_ceil(GT), "token tiles", OP)?, 1),
+        grid_dim: (
+            u32_of(w.rows.div_ceil(GT), "row tiles", OP)?,
+            grid_y(n.div_ceil(GT), "token tiles", OP)?,
+            1,
+        ),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };

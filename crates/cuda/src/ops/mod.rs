@@ -81,7 +81,10 @@ pub(crate) fn dtype_code(dt: DType, op: &'static str) -> Result<i32, CudaError> 
         DType::F32 => Ok(0),
         DType::F16 => Ok(1),
         DType::BF16 => Ok(2),
-        other => Err(CudaError::Unsupported { op, msg: format!("{other} is not a float dtype") }),
+        other => Err(CudaError::Unsupported {
+            op,
+            msg: format!("{other} is not a float dtype"),
+        }),
     }
 }
 
@@ -108,20 +111,36 @@ pub(crate) fn format_of(f: WeightFormat, op: &'static str) -> Result<(Fmt, u32, 
         WeightFormat::Dense(DType::F32) => Ok((Fmt::F32, 1, 0)),
         WeightFormat::Dense(DType::F16) => Ok((Fmt::F16, 1, 0)),
         WeightFormat::Dense(DType::BF16) => Ok((Fmt::BF16, 1, 0)),
-        WeightFormat::Affine { bits: 4, group_size, scale_dtype } => Ok((Fmt::Q4, group_size, dtype_code(scale_dtype, op)?)),
-        WeightFormat::Affine { bits: 8, group_size, scale_dtype } => Ok((Fmt::Q8, group_size, dtype_code(scale_dtype, op)?)),
-        other => Err(CudaError::Unsupported { op, msg: format!("weight format {other}") }),
+        WeightFormat::Affine {
+            bits: 4,
+            group_size,
+            scale_dtype,
+        } => Ok((Fmt::Q4, group_size, dtype_code(scale_dtype, op)?)),
+        WeightFormat::Affine {
+            bits: 8,
+            group_size,
+            scale_dtype,
+        } => Ok((Fmt::Q8, group_size, dtype_code(scale_dtype, op)?)),
+        other => Err(CudaError::Unsupported {
+            op,
+            msg: format!("weight format {other}"),
+        }),
     }
 }
 
 /// Whether a matrix with data at `data` may take the 16-byte vector path (see gemv.cuh).
 pub(crate) fn vec_ok(fmt: Fmt, data: u64, cols: usize, group: u32) -> bool {
     let e = fmt.elems16();
-    data.is_multiple_of(16) && cols.is_multiple_of(e) && (!fmt.affine() || (group as usize).is_multiple_of(e))
+    data.is_multiple_of(16)
+        && cols.is_multiple_of(e)
+        && (!fmt.affine() || (group as usize).is_multiple_of(e))
 }
 
 pub(crate) fn u32_of(v: usize, what: &str, op: &'static str) -> Result<u32, CudaError> {
-    u32::try_from(v).map_err(|_| CudaError::Unsupported { op, msg: format!("{what} = {v} does not fit the kernels' 32-bit indices") })
+    u32::try_from(v).map_err(|_| CudaError::Unsupported {
+        op,
+        msg: format!("{what} = {v} does not fit the kernels' 32-bit indices"),
+    })
 }
 
 pub(crate) const BLOCK: u32 = 256;
@@ -129,13 +148,20 @@ pub(crate) const BLOCK: u32 = 256;
 /// A 1-D grid-stride launch over `len` elements.
 pub(crate) fn grid_1d(len: usize) -> LaunchConfig {
     let blocks = len.div_ceil(BLOCK as usize).clamp(1, 1 << 16) as u32;
-    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// Checks a grid's y extent (at most 65535).
 pub(crate) fn grid_y(v: usize, what: &str, op: &'static str) -> Result<u32, CudaError> {
     if v == 0 || v > 65535 {
-        return Err(CudaError::Unsupported { op, msg: format!("{what} = {v} is outside the kernel's grid limit (1..=65535)") });
+        return Err(CudaError::Unsupported {
+            op,
+            msg: format!("{what} = {v} is outside the kernel's grid limit (1..=65535)"),
+        });
     }
     Ok(v as u32)
 }
@@ -153,11 +179,18 @@ impl Scratch {
     /// still use the old block.
     pub fn get(&mut self, enc_stream: &Arc<CudaStream>, bytes: usize) -> Result<u64, CudaError> {
         if self.mem.as_ref().is_none_or(|m| m.bytes < bytes) {
-            enc_stream.synchronize().map_err(CudaError::driver("synchronising before growing scratch"))?;
+            enc_stream
+                .synchronize()
+                .map_err(CudaError::driver("synchronising before growing scratch"))?;
             self.mem = None;
             self.generation += 1;
             let grown = bytes.next_power_of_two().max(1 << 20);
-            self.mem = Some(DevMem::zeroed(enc_stream.context(), enc_stream, grown, "moe scratch")?);
+            self.mem = Some(DevMem::zeroed(
+                enc_stream.context(),
+                enc_stream,
+                grown,
+                "moe scratch",
+            )?);
         }
         Ok(self.mem.as_ref().map(|m| m.ptr).unwrap_or(0))
     }
@@ -189,7 +222,11 @@ impl Enc<'_> {
     }
 
     /// A stored vector's address and dtype code.
-    pub fn vector(&mut self, v: &Vector, op: &'static str) -> Result<(CUdeviceptr, i32), CudaError> {
+    pub fn vector(
+        &mut self,
+        v: &Vector,
+        op: &'static str,
+    ) -> Result<(CUdeviceptr, i32), CudaError> {
         Ok((self.region(&v.data)?, dtype_code(v.dtype, op)?))
     }
 
@@ -206,48 +243,210 @@ impl Enc<'_> {
             None => 0,
         };
         if fmt.affine() && (scales == 0 || biases == 0) {
-            return Err(CudaError::Unsupported { op, msg: "quantized matrix without scales/biases".into() });
+            return Err(CudaError::Unsupported {
+                op,
+                msg: "quantized matrix without scales/biases".into(),
+            });
         }
         let rows = u32_of(m.rows, "rows", op)?;
         let cols = u32_of(m.cols, "cols", op)?;
-        Ok((WMatArg { data, scales, biases, rows, cols, group, sdt }, fmt))
+        Ok((
+            WMatArg {
+                data,
+                scales,
+                biases,
+                rows,
+                cols,
+                group,
+                sdt,
+            },
+            fmt,
+        ))
     }
 }
 
 /// Enqueues one op. Exhaustive on purpose: a new op does not compile until handled here.
 pub(crate) fn encode_op(enc: &mut Enc<'_>, op: &Op) -> Result<(), CudaError> {
     match op {
-        Op::Embed { table, tokens, out, n } => embed::embed(enc, table, *tokens, *out, *n),
-        Op::RmsNorm { x, weight, out, rows, dim, eps, offset } => rms_norm::rms_norm(enc, *x, None, weight, *out, *rows, *dim, *eps, *offset),
-        Op::GatedRmsNorm { x, gate, weight, out, rows, dim, eps, offset } => {
-            rms_norm::rms_norm(enc, *x, Some(*gate), weight, *out, *rows, *dim, *eps, *offset)
-        }
+        Op::Embed {
+            table,
+            tokens,
+            out,
+            n,
+        } => embed::embed(enc, table, *tokens, *out, *n),
+        Op::RmsNorm {
+            x,
+            weight,
+            out,
+            rows,
+            dim,
+            eps,
+            offset,
+        } => rms_norm::rms_norm(enc, *x, None, weight, *out, *rows, *dim, *eps, *offset),
+        Op::GatedRmsNorm {
+            x,
+            gate,
+            weight,
+            out,
+            rows,
+            dim,
+            eps,
+            offset,
+        } => rms_norm::rms_norm(
+            enc,
+            *x,
+            Some(*gate),
+            weight,
+            *out,
+            *rows,
+            *dim,
+            *eps,
+            *offset,
+        ),
         Op::Matmul { x, w, out, n } => matmul::matmul(enc, *x, w, *out, *n),
-        Op::CopyRows { x, out, start, rows, width } => elementwise::copy_rows(enc, *x, *out, *start, *rows, *width),
+        Op::CopyRows {
+            x,
+            out,
+            start,
+            rows,
+            width,
+        } => elementwise::copy_rows(enc, *x, *out, *start, *rows, *width),
         Op::Add { a, b, out, len } => elementwise::add(enc, *a, *b, *out, *len),
         Op::SwiGlu { gate, up, out, len } => elementwise::swiglu(enc, *gate, *up, *out, *len),
-        Op::SigmoidGate { x, gate, out, n, width, gate_width } => elementwise::sigmoid_gate(enc, *x, *gate, *out, *n, *width, *gate_width),
-        Op::ScatterCols { x, n, groups, parts } => elementwise::scatter_cols(enc, *x, *n, *groups, parts),
-        Op::Rope { x, pos, n, heads, head_dim, rotary_dim, theta } => rope::rope(enc, *x, *pos, *n, *heads, *head_dim, *rotary_dim, *theta),
-        Op::KvAppend { k, v, pos, k_cache, v_cache, n, kv_dim, max_ctx } => {
-            attention::kv_append(enc, *k, *v, *pos, *k_cache, *v_cache, *n, *kv_dim, *max_ctx)
-        }
-        Op::Attention { q, pos, k_cache, v_cache, out, n, heads, kv_heads, head_dim, scale, max_ctx } => {
-            let shape = attention::AttnShape { n: *n, heads: *heads, kv_heads: *kv_heads, head_dim: *head_dim, scale: *scale, max_ctx: *max_ctx };
+        Op::SigmoidGate {
+            x,
+            gate,
+            out,
+            n,
+            width,
+            gate_width,
+        } => elementwise::sigmoid_gate(enc, *x, *gate, *out, *n, *width, *gate_width),
+        Op::ScatterCols {
+            x,
+            n,
+            groups,
+            parts,
+        } => elementwise::scatter_cols(enc, *x, *n, *groups, parts),
+        Op::Rope {
+            x,
+            pos,
+            n,
+            heads,
+            head_dim,
+            rotary_dim,
+            theta,
+        } => rope::rope(enc, *x, *pos, *n, *heads, *head_dim, *rotary_dim, *theta),
+        Op::KvAppend {
+            k,
+            v,
+            pos,
+            k_cache,
+            v_cache,
+            n,
+            kv_dim,
+            max_ctx,
+        } => attention::kv_append(enc, *k, *v, *pos, *k_cache, *v_cache, *n, *kv_dim, *max_ctx),
+        Op::Attention {
+            q,
+            pos,
+            k_cache,
+            v_cache,
+            out,
+            n,
+            heads,
+            kv_heads,
+            head_dim,
+            scale,
+            max_ctx,
+        } => {
+            let shape = attention::AttnShape {
+                n: *n,
+                heads: *heads,
+                kv_heads: *kv_heads,
+                head_dim: *head_dim,
+                scale: *scale,
+                max_ctx: *max_ctx,
+            };
             attention::attention(enc, *q, *pos, *k_cache, *v_cache, *out, &shape)
         }
-        Op::Conv1dSilu { x, state, weight, out, n, channels, kernel } => conv1d::conv1d_silu(enc, *x, *state, weight, *out, *n, *channels, *kernel),
-        Op::GatedDelta { qkv, a, b, a_log, dt_bias, state, out, n, k_heads, v_heads, dk, dv } => {
-            let shape = gated_delta::DeltaShape { n: *n, k_heads: *k_heads, v_heads: *v_heads, dk: *dk, dv: *dv };
+        Op::Conv1dSilu {
+            x,
+            state,
+            weight,
+            out,
+            n,
+            channels,
+            kernel,
+        } => conv1d::conv1d_silu(enc, *x, *state, weight, *out, *n, *channels, *kernel),
+        Op::GatedDelta {
+            qkv,
+            a,
+            b,
+            a_log,
+            dt_bias,
+            state,
+            out,
+            n,
+            k_heads,
+            v_heads,
+            dk,
+            dv,
+        } => {
+            let shape = gated_delta::DeltaShape {
+                n: *n,
+                k_heads: *k_heads,
+                v_heads: *v_heads,
+                dk: *dk,
+                dv: *dv,
+            };
             gated_delta::gated_delta(enc, *qkv, *a, *b, a_log, dt_bias, *state, *out, &shape)
         }
-        Op::RouterTopK { logits, idx, weights, n, experts, k, renorm } => moe::router_topk(enc, *logits, *idx, *weights, *n, *experts, *k, *renorm),
-        Op::MoeExpertsStreamed { x, idx, weights, store, layer, out, n, k, hidden, inter } => {
-            let shape = moe::MoeShape { n: *n, k: *k, hidden: *hidden, inter: *inter };
+        Op::RouterTopK {
+            logits,
+            idx,
+            weights,
+            n,
+            experts,
+            k,
+            renorm,
+        } => moe::router_topk(enc, *logits, *idx, *weights, *n, *experts, *k, *renorm),
+        Op::MoeExpertsStreamed {
+            x,
+            idx,
+            weights,
+            store,
+            layer,
+            out,
+            n,
+            k,
+            hidden,
+            inter,
+        } => {
+            let shape = moe::MoeShape {
+                n: *n,
+                k: *k,
+                hidden: *hidden,
+                inter: *inter,
+            };
             moe::moe_experts_streamed(enc, *x, *idx, *weights, store, *layer, *out, &shape)
         }
-        Op::MoeExperts { x, idx, weights, experts, out, n, k, hidden, inter } => {
-            let shape = moe::MoeShape { n: *n, k: *k, hidden: *hidden, inter: *inter };
+        Op::MoeExperts {
+            x,
+            idx,
+            weights,
+            experts,
+            out,
+            n,
+            k,
+            hidden,
+            inter,
+        } => {
+            let shape = moe::MoeShape {
+                n: *n,
+                k: *k,
+                hidden: *hidden,
+                inter: *inter,
+            };
             moe::moe_experts(enc, *x, *idx, *weights, experts, *out, &shape)
         }
     }

@@ -19,13 +19,48 @@ use crate::pool::{CudaPool, DevMem};
 
 pub(crate) const PAIR_MAX_N: usize = 2;
 
-const GATE_UP_VEC: [&str; 5] = ["moe_gate_up_vec_f32", "moe_gate_up_vec_f16", "moe_gate_up_vec_bf16", "moe_gate_up_vec_q4", "moe_gate_up_vec_q8"];
-const GATE_UP_SCALAR: [&str; 5] =
-    ["moe_gate_up_scalar_f32", "moe_gate_up_scalar_f16", "moe_gate_up_scalar_bf16", "moe_gate_up_scalar_q4", "moe_gate_up_scalar_q8"];
-const DOWN_VEC: [&str; 5] = ["moe_down_vec_f32", "moe_down_vec_f16", "moe_down_vec_bf16", "moe_down_vec_q4", "moe_down_vec_q8"];
-const DOWN_SCALAR: [&str; 5] = ["moe_down_scalar_f32", "moe_down_scalar_f16", "moe_down_scalar_bf16", "moe_down_scalar_q4", "moe_down_scalar_q8"];
-const GEMM_GATE_UP: [&str; 5] = ["moe_gemm_gate_up_f32", "moe_gemm_gate_up_f16", "moe_gemm_gate_up_bf16", "moe_gemm_gate_up_q4", "moe_gemm_gate_up_q8"];
-const GEMM_DOWN: [&str; 5] = ["moe_gemm_down_f32", "moe_gemm_down_f16", "moe_gemm_down_bf16", "moe_gemm_down_q4", "moe_gemm_down_q8"];
+const GATE_UP_VEC: [&str; 5] = [
+    "moe_gate_up_vec_f32",
+    "moe_gate_up_vec_f16",
+    "moe_gate_up_vec_bf16",
+    "moe_gate_up_vec_q4",
+    "moe_gate_up_vec_q8",
+];
+const GATE_UP_SCALAR: [&str; 5] = [
+    "moe_gate_up_scalar_f32",
+    "moe_gate_up_scalar_f16",
+    "moe_gate_up_scalar_bf16",
+    "moe_gate_up_scalar_q4",
+    "moe_gate_up_scalar_q8",
+];
+const DOWN_VEC: [&str; 5] = [
+    "moe_down_vec_f32",
+    "moe_down_vec_f16",
+    "moe_down_vec_bf16",
+    "moe_down_vec_q4",
+    "moe_down_vec_q8",
+];
+const DOWN_SCALAR: [&str; 5] = [
+    "moe_down_scalar_f32",
+    "moe_down_scalar_f16",
+    "moe_down_scalar_bf16",
+    "moe_down_scalar_q4",
+    "moe_down_scalar_q8",
+];
+const GEMM_GATE_UP: [&str; 5] = [
+    "moe_gemm_gate_up_f32",
+    "moe_gemm_gate_up_f16",
+    "moe_gemm_gate_up_bf16",
+    "moe_gemm_gate_up_q4",
+    "moe_gemm_gate_up_q8",
+];
+const GEMM_DOWN: [&str; 5] = [
+    "moe_gemm_down_f32",
+    "moe_gemm_down_f16",
+    "moe_gemm_down_bf16",
+    "moe_gemm_down_q4",
+    "moe_gemm_down_q8",
+];
 
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn router_topk(
@@ -44,14 +79,38 @@ pub(crate) fn router_topk(
     }
     let smem = 4 * experts * 4;
     if smem > enc.smem_optin {
-        return Err(CudaError::Unsupported { op: OP, msg: format!("{experts} experts exceed the kernel's shared memory") });
+        return Err(CudaError::Unsupported {
+            op: OP,
+            msg: format!("{experts} experts exceed the kernel's shared memory"),
+        });
     }
-    let cfg = LaunchConfig { grid_dim: (u32_of(n.div_ceil(4), "blocks", OP)?, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
-    let (lp, ip, wp) = (enc.buf(logits.raw())?, enc.buf(idx.raw())?, enc.buf(weights.raw())?);
-    let (n_, e, k_, r) = (u32_of(n, "n", OP)?, u32_of(experts, "experts", OP)?, u32_of(k, "k", OP)?, renorm as i32);
+    let cfg = LaunchConfig {
+        grid_dim: (u32_of(n.div_ceil(4), "blocks", OP)?, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let (lp, ip, wp) = (
+        enc.buf(logits.raw())?,
+        enc.buf(idx.raw())?,
+        enc.buf(weights.raw())?,
+    );
+    let (n_, e, k_, r) = (
+        u32_of(n, "n", OP)?,
+        u32_of(experts, "experts", OP)?,
+        u32_of(k, "k", OP)?,
+        renorm as i32,
+    );
     // SAFETY: router_topk_f32(const float*, u32*, float*, u32, u32, u32, int); logits hold
     // n * experts floats, idx/weights n * k (Graph::validate), 1 <= k <= experts (check_shapes).
-    unsafe { launch!(enc, "moe.cu", "router_topk_f32", cfg, [lp, ip, wp, n_, e, k_, r]) }
+    unsafe {
+        launch!(
+            enc,
+            "moe.cu",
+            "router_topk_f32",
+            cfg,
+            [lp, ip, wp, n_, e, k_, r]
+        )
+    }
 }
 
 /// Format, group, scale dtype and vector-path eligibility of one role (gate+up, or down).
@@ -77,8 +136,17 @@ pub(crate) struct ExpertTables {
 }
 
 impl ExpertTables {
-    fn index(&mut self, pool: &mut CudaPool, stream: &Arc<CudaStream>, experts: &Arc<[ExpertWeights]>) -> Result<usize, CudaError> {
-        if let Some(i) = self.tables.iter().position(|t| Arc::ptr_eq(&t.experts, experts)) {
+    fn index(
+        &mut self,
+        pool: &mut CudaPool,
+        stream: &Arc<CudaStream>,
+        experts: &Arc<[ExpertWeights]>,
+    ) -> Result<usize, CudaError> {
+        if let Some(i) = self
+            .tables
+            .iter()
+            .position(|t| Arc::ptr_eq(&t.experts, experts))
+        {
             return Ok(i);
         }
         let t = build_table(pool, stream, experts)?;
@@ -87,14 +155,26 @@ impl ExpertTables {
     }
 
     /// Builds the table for `experts` now (called from `prepare`, so the first step does not pay).
-    pub fn ensure(&mut self, pool: &mut CudaPool, stream: &Arc<CudaStream>, experts: &Arc<[ExpertWeights]>) -> Result<(), CudaError> {
+    pub fn ensure(
+        &mut self,
+        pool: &mut CudaPool,
+        stream: &Arc<CudaStream>,
+        experts: &Arc<[ExpertWeights]>,
+    ) -> Result<(), CudaError> {
         self.index(pool, stream, experts).map(|_| ())
     }
 }
 
-fn build_table(pool: &mut CudaPool, stream: &Arc<CudaStream>, experts: &Arc<[ExpertWeights]>) -> Result<ExpertTable, CudaError> {
+fn build_table(
+    pool: &mut CudaPool,
+    stream: &Arc<CudaStream>,
+    experts: &Arc<[ExpertWeights]>,
+) -> Result<ExpertTable, CudaError> {
     const OP: &str = "moe_experts";
-    let first = experts.first().ok_or_else(|| CudaError::Unsupported { op: OP, msg: "no experts".into() })?;
+    let first = experts.first().ok_or_else(|| CudaError::Unsupported {
+        op: OP,
+        msg: "no experts".into(),
+    })?;
     let gu = format_of(first.gate.format, OP)?;
     let d = format_of(first.down.format, OP)?;
     let mut ptrs: Vec<u64> = Vec::with_capacity(experts.len() * 9);
@@ -107,7 +187,10 @@ fn build_table(pool: &mut CudaPool, stream: &Arc<CudaStream>, experts: &Arc<[Exp
     };
     for (i, e) in experts.iter().enumerate() {
         let same = |m: &Matrix, want: WeightFmt| m.format == want;
-        if !same(&e.gate, first.gate.format) || !same(&e.up, first.gate.format) || !same(&e.down, first.down.format) {
+        if !same(&e.gate, first.gate.format)
+            || !same(&e.up, first.gate.format)
+            || !same(&e.down, first.down.format)
+        {
             return Err(CudaError::Unsupported {
                 op: OP,
                 msg: format!(
@@ -134,13 +217,26 @@ fn build_table(pool: &mut CudaPool, stream: &Arc<CudaStream>, experts: &Arc<[Exp
     let bytes = ptrs.len() * 8;
     let mem = DevMem::zeroed(stream.context(), stream, bytes, "expert table")?;
     // SAFETY: mem holds `bytes` bytes; synchronised before `ptrs` is dropped.
-    unsafe { drv::memcpy_htod_async(mem.ptr, &ptrs, stream.cu_stream()) }.map_err(CudaError::driver("uploading the expert table"))?;
-    stream.synchronize().map_err(CudaError::driver("uploading the expert table"))?;
+    unsafe { drv::memcpy_htod_async(mem.ptr, &ptrs, stream.cu_stream()) }
+        .map_err(CudaError::driver("uploading the expert table"))?;
+    stream
+        .synchronize()
+        .map_err(CudaError::driver("uploading the expert table"))?;
     Ok(ExpertTable {
         experts: experts.clone(),
         mem,
-        gate_up: RoleFmt { fmt: gu.0, group: gu.1, sdt: gu.2, vec: gu_vec },
-        down: RoleFmt { fmt: d.0, group: d.1, sdt: d.2, vec: d_vec },
+        gate_up: RoleFmt {
+            fmt: gu.0,
+            group: gu.1,
+            sdt: gu.2,
+            vec: gu_vec,
+        },
+        down: RoleFmt {
+            fmt: d.0,
+            group: d.1,
+            sdt: d.2,
+            vec: d_vec,
+        },
     })
 }
 
@@ -177,9 +273,20 @@ pub(crate) fn moe_experts(
     };
     let sc = ScratchLayout::new(s, experts.len(), 0, 0);
     let base = enc.scratch.get(enc.stream, sc.total)?;
-    let (xp, ip, wp, op) = (enc.buf(x.raw())?, enc.buf(idx.raw())?, enc.buf(weights.raw())?, enc.buf(out.raw())?);
+    let (xp, ip, wp, op) = (
+        enc.buf(x.raw())?,
+        enc.buf(idx.raw())?,
+        enc.buf(weights.raw())?,
+        enc.buf(out.raw())?,
+    );
     zero_y(enc, &sc, base, s)?;
-    let pass = Pass { table, num_experts: u32_of(experts.len(), "experts", OP)?, gate_up, down, idx: ip };
+    let pass = Pass {
+        table,
+        num_experts: u32_of(experts.len(), "experts", OP)?,
+        gate_up,
+        down,
+        idx: ip,
+    };
     expert_pass(enc, &pass, &sc, base, xp, s, OP)?;
     combine(enc, &sc, base, wp, op, s, OP)
 }
@@ -221,25 +328,59 @@ impl ScratchLayout {
         let wave_idx = ntiles + 256;
         let wave_table = wave_idx + align256(wave_idx_pairs * 4);
         let total = wave_table + align256(wave_experts * 9 * 8);
-        ScratchLayout { h, y, sorted, tiles, ntiles, wave_idx, wave_table, total, max_tiles }
+        ScratchLayout {
+            h,
+            y,
+            sorted,
+            tiles,
+            ntiles,
+            wave_idx,
+            wave_table,
+            total,
+            max_tiles,
+        }
     }
 }
 
 fn zero_y(enc: &mut Enc<'_>, sc: &ScratchLayout, base: u64, s: &MoeShape) -> Result<(), CudaError> {
     // Every pair's y row is read by the combine; pairs no pass computes stay zero.
     // SAFETY: y spans pairs * hidden floats of scratch.
-    unsafe { drv::memset_d8_async(base + sc.y as u64, 0, s.n * s.k * s.hidden * 4, enc.stream.cu_stream()) }
-        .map_err(CudaError::driver("moe: zeroing y"))
+    unsafe {
+        drv::memset_d8_async(
+            base + sc.y as u64,
+            0,
+            s.n * s.k * s.hidden * 4,
+            enc.stream.cu_stream(),
+        )
+    }
+    .map_err(CudaError::driver("moe: zeroing y"))
 }
 
 #[allow(non_snake_case)] // OP names the op in errors, as in the other op functions
-fn expert_pass(enc: &mut Enc<'_>, pass: &Pass, sc: &ScratchLayout, base: u64, xp: u64, s: &MoeShape, OP: &'static str) -> Result<(), CudaError> {
+fn expert_pass(
+    enc: &mut Enc<'_>,
+    pass: &Pass,
+    sc: &ScratchLayout,
+    base: u64,
+    xp: u64,
+    s: &MoeShape,
+    OP: &'static str,
+) -> Result<(), CudaError> {
     let (gu, dn) = (pass.gate_up, pass.down);
     let (table, ne, ip) = (pass.table, pass.num_experts, pass.idx);
     let pairs = s.n * s.k;
-    let (h, y, sorted, tiles, ntiles) =
-        (base + sc.h as u64, base + sc.y as u64, base + sc.sorted as u64, base + sc.tiles as u64, base + sc.ntiles as u64);
-    let (k, hidden, inter) = (u32_of(s.k, "k", OP)?, u32_of(s.hidden, "hidden", OP)?, u32_of(s.inter, "inter", OP)?);
+    let (h, y, sorted, tiles, ntiles) = (
+        base + sc.h as u64,
+        base + sc.y as u64,
+        base + sc.sorted as u64,
+        base + sc.tiles as u64,
+        base + sc.ntiles as u64,
+    );
+    let (k, hidden, inter) = (
+        u32_of(s.k, "k", OP)?,
+        u32_of(s.hidden, "hidden", OP)?,
+        u32_of(s.inter, "inter", OP)?,
+    );
     let (gu_group, gu_sdt, dn_group, dn_sdt) = (gu.group, gu.sdt, dn.group, dn.sdt);
 
     let gu_smem = mv_smem(s.hidden, if gu.vec { gu.fmt.elems16() } else { 4 });
@@ -247,54 +388,145 @@ fn expert_pass(enc: &mut Enc<'_>, pass: &Pass, sc: &ScratchLayout, base: u64, xp
     let per_pair = s.n <= PAIR_MAX_N && gu_smem.max(dn_smem) <= enc.smem_optin;
     if per_pair {
         let cfg = LaunchConfig {
-            grid_dim: (u32_of(s.inter.div_ceil(MV_ROWS), "row blocks", OP)?, grid_y(pairs, "pairs", OP)?, 1),
+            grid_dim: (
+                u32_of(s.inter.div_ceil(MV_ROWS), "row blocks", OP)?,
+                grid_y(pairs, "pairs", OP)?,
+                1,
+            ),
             block_dim: (256, 1, 1),
             shared_mem_bytes: gu_smem as u32,
         };
-        let name = gu.fmt.pick(if gu.vec { &GATE_UP_VEC } else { &GATE_UP_SCALAR });
+        let name = gu.fmt.pick(if gu.vec {
+            &GATE_UP_VEC
+        } else {
+            &GATE_UP_SCALAR
+        });
         // SAFETY: moe_gate_up_*(const u64*, u32, const float*, const u32*, u32, u32, u32, u32,
         // int, float*); the table holds 9 pointers per expert to matrices whose extents were
         // checked (Graph::validate for resident experts, the record size for streamed ones);
         // x holds n * hidden floats, idx n * k; h (scratch) pairs * inter. Pairs with an index
         // >= ne are skipped.
-        unsafe { launch!(enc, "moe.cu", name, cfg, [table, ne, xp, ip, k, hidden, inter, gu_group, gu_sdt, h]) }?;
+        unsafe {
+            launch!(
+                enc,
+                "moe.cu",
+                name,
+                cfg,
+                [table, ne, xp, ip, k, hidden, inter, gu_group, gu_sdt, h]
+            )
+        }?;
         let cfg = LaunchConfig {
-            grid_dim: (u32_of(s.hidden.div_ceil(MV_ROWS), "row blocks", OP)?, grid_y(pairs, "pairs", OP)?, 1),
+            grid_dim: (
+                u32_of(s.hidden.div_ceil(MV_ROWS), "row blocks", OP)?,
+                grid_y(pairs, "pairs", OP)?,
+                1,
+            ),
             block_dim: (256, 1, 1),
             shared_mem_bytes: dn_smem as u32,
         };
         let name = dn.fmt.pick(if dn.vec { &DOWN_VEC } else { &DOWN_SCALAR });
         // SAFETY: moe_down_*(const u64*, u32, const float*, const u32*, u32, u32, u32, int,
         // float*); h holds pairs * inter floats and y (scratch) pairs * hidden.
-        unsafe { launch!(enc, "moe.cu", name, cfg, [table, ne, h, ip, hidden, inter, dn_group, dn_sdt, y]) }
+        unsafe {
+            launch!(
+                enc,
+                "moe.cu",
+                name,
+                cfg,
+                [table, ne, h, ip, hidden, inter, dn_group, dn_sdt, y]
+            )
+        }
     } else {
         let route_smem = 2 * ne as usize * 4;
         if route_smem > enc.smem_optin {
-            return Err(CudaError::Unsupported { op: OP, msg: format!("{ne} experts exceed the routing kernel's shared memory") });
+            return Err(CudaError::Unsupported {
+                op: OP,
+                msg: format!("{ne} experts exceed the routing kernel's shared memory"),
+            });
         }
         let p_u = u32_of(pairs, "pairs", OP)?;
-        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: route_smem as u32 };
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: route_smem as u32,
+        };
         // SAFETY: moe_route(const u32*, u32, u32, u32*, u32*, u32*); idx holds pairs entries;
         // sorted / tiles / ntiles are scratch sized pairs, 3 * max_tiles and 1.
-        unsafe { launch!(enc, "moe.cu", "moe_route", cfg, [ip, p_u, ne, sorted, tiles, ntiles]) }?;
+        unsafe {
+            launch!(
+                enc,
+                "moe.cu",
+                "moe_route",
+                cfg,
+                [ip, p_u, ne, sorted, tiles, ntiles]
+            )
+        }?;
         let ty = grid_y(sc.max_tiles, "expert tiles", OP)?;
-        let cfg = LaunchConfig { grid_dim: (u32_of(s.inter.div_ceil(GT), "row tiles", OP)?, ty, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (u32_of(s.inter.div_ceil(GT), "row tiles", OP)?, ty, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         // SAFETY: moe_gemm_gate_up_*(const u64*, const u32*, const u32*, const u32*, const
         // float*, u32, u32, u32, u32, int, float*); tiles beyond *ntiles exit; rows as above.
-        unsafe { launch!(enc, "moe.cu", gu.fmt.pick(&GEMM_GATE_UP), cfg, [table, sorted, tiles, ntiles, xp, k, hidden, inter, gu_group, gu_sdt, h]) }?;
-        let cfg = LaunchConfig { grid_dim: (u32_of(s.hidden.div_ceil(GT), "row tiles", OP)?, ty, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        unsafe {
+            launch!(
+                enc,
+                "moe.cu",
+                gu.fmt.pick(&GEMM_GATE_UP),
+                cfg,
+                [
+                    table, sorted, tiles, ntiles, xp, k, hidden, inter, gu_group, gu_sdt, h
+                ]
+            )
+        }?;
+        let cfg = LaunchConfig {
+            grid_dim: (u32_of(s.hidden.div_ceil(GT), "row tiles", OP)?, ty, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         // SAFETY: moe_gemm_down_*(const u64*, const u32*, const u32*, const u32*, const float*,
         // u32, u32, u32, int, float*); h pairs * inter, y pairs * hidden floats.
-        unsafe { launch!(enc, "moe.cu", dn.fmt.pick(&GEMM_DOWN), cfg, [table, sorted, tiles, ntiles, h, hidden, inter, dn_group, dn_sdt, y]) }
+        unsafe {
+            launch!(
+                enc,
+                "moe.cu",
+                dn.fmt.pick(&GEMM_DOWN),
+                cfg,
+                [
+                    table, sorted, tiles, ntiles, h, hidden, inter, dn_group, dn_sdt, y
+                ]
+            )
+        }
     }
 }
 
-fn combine(enc: &mut Enc<'_>, sc: &ScratchLayout, base: u64, wp: u64, op: u64, s: &MoeShape, name: &'static str) -> Result<(), CudaError> {
+fn combine(
+    enc: &mut Enc<'_>,
+    sc: &ScratchLayout,
+    base: u64,
+    wp: u64,
+    op: u64,
+    s: &MoeShape,
+    name: &'static str,
+) -> Result<(), CudaError> {
     let y = base + sc.y as u64;
-    let (n_u, k, hidden) = (u32_of(s.n, "n", name)?, u32_of(s.k, "k", name)?, u32_of(s.hidden, "hidden", name)?);
+    let (n_u, k, hidden) = (
+        u32_of(s.n, "n", name)?,
+        u32_of(s.k, "k", name)?,
+        u32_of(s.hidden, "hidden", name)?,
+    );
     // SAFETY: moe_combine_f32(const float*, const float*, float*, u32, u32, u32); y holds
     // pairs * hidden floats, weights n * k, out n * hidden (Graph::validate).
-    unsafe { launch!(enc, "moe.cu", "moe_combine_f32", grid_1d(s.n * s.hidden), [y, wp, op, n_u, k, hidden]) }
+    unsafe {
+        launch!(
+            enc,
+            "moe.cu",
+            "moe_combine_f32",
+            grid_1d(s.n * s.hidden),
+            [y, wp, op, n_u, k, hidden]
+        )
+    }
 }
 
 /// Device memory holding the expert records of one wave of a streamed op, grown on demand.
@@ -332,14 +564,32 @@ pub(crate) fn moe_experts_streamed(
     let (gu_fmt, gu_group, gu_sdt) = format_of(layout.gate.format, OP)?;
     let (dn_fmt, dn_group, dn_sdt) = format_of(layout.down.format, OP)?;
     if layout.up.format != layout.gate.format {
-        return Err(CudaError::Unsupported { op: OP, msg: format!("gate ({}) and up ({}) differ in format", layout.gate.format, layout.up.format) });
+        return Err(CudaError::Unsupported {
+            op: OP,
+            msg: format!(
+                "gate ({}) and up ({}) differ in format",
+                layout.gate.format, layout.up.format
+            ),
+        });
     }
     // Every matrix must lie inside the record (check_shapes only checks the start offsets).
-    for (what, m) in [("gate", &layout.gate), ("up", &layout.up), ("down", &layout.down)] {
+    for (what, m) in [
+        ("gate", &layout.gate),
+        ("up", &layout.up),
+        ("down", &layout.down),
+    ] {
         let end = m.data.offset + m.format.data_bytes(m.rows, m.cols);
-        let send = [m.scales, m.biases].iter().flatten().map(|r| r.offset + m.format.scale_bytes(m.rows, m.cols)).max().unwrap_or(0);
+        let send = [m.scales, m.biases]
+            .iter()
+            .flatten()
+            .map(|r| r.offset + m.format.scale_bytes(m.rows, m.cols))
+            .max()
+            .unwrap_or(0);
         if end.max(send) > record {
-            return Err(CudaError::Unsupported { op: OP, msg: format!("{what} of the expert layout ends past the {record}-byte record") });
+            return Err(CudaError::Unsupported {
+                op: OP,
+                msg: format!("{what} of the expert layout ends past the {record}-byte record"),
+            });
         }
     }
 
@@ -347,12 +597,18 @@ pub(crate) fn moe_experts_streamed(
     let ip = enc.buf(idx.raw())?;
     let mut host_idx = vec![0u32; pairs];
     // SAFETY: idx holds n * k u32 (Graph::validate); synchronised before host_idx is read.
-    unsafe { drv::memcpy_dtoh_async(&mut host_idx[..], ip, enc.stream.cu_stream()) }.map_err(CudaError::driver("moe streamed: reading routing"))?;
-    enc.stream.synchronize().map_err(CudaError::driver("moe streamed: reading routing"))?;
+    unsafe { drv::memcpy_dtoh_async(&mut host_idx[..], ip, enc.stream.cu_stream()) }
+        .map_err(CudaError::driver("moe streamed: reading routing"))?;
+    enc.stream
+        .synchronize()
+        .map_err(CudaError::driver("moe streamed: reading routing"))?;
     let mut active: Vec<u32> = host_idx.clone();
     active.sort_unstable();
     active.dedup();
-    store.layer_routed(layer, &active.iter().map(|&e| e as usize).collect::<Vec<_>>());
+    store.layer_routed(
+        layer,
+        &active.iter().map(|&e| e as usize).collect::<Vec<_>>(),
+    );
 
     let wave_n = wave_max.min(active.len().max(1));
     let sc = ScratchLayout::new(s, wave_n, pairs, wave_n);
@@ -360,9 +616,16 @@ pub(crate) fn moe_experts_streamed(
     let stage = {
         let need = wave_n * slot;
         if enc.staging.mem.as_ref().is_none_or(|m| m.bytes < need) {
-            enc.stream.synchronize().map_err(CudaError::driver("synchronising before growing expert staging"))?;
+            enc.stream.synchronize().map_err(CudaError::driver(
+                "synchronising before growing expert staging",
+            ))?;
             enc.staging.mem = None;
-            enc.staging.mem = Some(DevMem::zeroed(enc.stream.context(), enc.stream, need, "expert staging")?);
+            enc.staging.mem = Some(DevMem::zeroed(
+                enc.stream.context(),
+                enc.stream,
+                need,
+                "expert staging",
+            )?);
         }
         enc.staging.mem.as_ref().map(|m| m.ptr).unwrap_or(0)
     };
@@ -378,17 +641,36 @@ pub(crate) fn moe_experts_streamed(
         let mut ptrs: Vec<u64> = Vec::with_capacity(wave.len() * 9);
         let (mut gu_vec, mut dn_vec) = (true, true);
         for (i, &e) in wave.iter().enumerate() {
-            let rec = store.fetch(layer, e as usize).map_err(|err| CudaError::Unsupported { op: OP, msg: format!("fetching expert {e} of layer {layer}: {err}") })?;
+            let rec = store
+                .fetch(layer, e as usize)
+                .map_err(|err| CudaError::Unsupported {
+                    op: OP,
+                    msg: format!("fetching expert {e} of layer {layer}: {err}"),
+                })?;
             let bytes: &[u8] = (*rec).as_ref();
             if bytes.len() < record {
-                return Err(CudaError::Unsupported { op: OP, msg: format!("expert {e} of layer {layer}: record of {} bytes, layout needs {record}", bytes.len()) });
+                return Err(CudaError::Unsupported {
+                    op: OP,
+                    msg: format!(
+                        "expert {e} of layer {layer}: record of {} bytes, layout needs {record}",
+                        bytes.len()
+                    ),
+                });
             }
             let dst = stage + (i * slot) as u64;
             // SAFETY: slot i of the staging block holds `slot` >= record bytes.
-            unsafe { drv::memcpy_htod_async(dst, &bytes[..record], enc.stream.cu_stream()) }.map_err(CudaError::driver("moe streamed: staging a record"))?;
-            for (j, m) in [&layout.gate, &layout.up, &layout.down].into_iter().enumerate() {
+            unsafe { drv::memcpy_htod_async(dst, &bytes[..record], enc.stream.cu_stream()) }
+                .map_err(CudaError::driver("moe streamed: staging a record"))?;
+            for (j, m) in [&layout.gate, &layout.up, &layout.down]
+                .into_iter()
+                .enumerate()
+            {
                 let data = dst + m.data.offset as u64;
-                let ok = if j < 2 { vec_ok(gu_fmt, data, m.cols, gu_group) } else { vec_ok(dn_fmt, data, m.cols, dn_group) };
+                let ok = if j < 2 {
+                    vec_ok(gu_fmt, data, m.cols, gu_group)
+                } else {
+                    vec_ok(dn_fmt, data, m.cols, dn_group)
+                };
                 if !ok {
                     if j < 2 {
                         gu_vec = false;
@@ -403,23 +685,44 @@ pub(crate) fn moe_experts_streamed(
             records.push(rec);
         }
         // Pairs of this wave get their slot in the wave, the others an out-of-range index.
-        let local: Vec<u32> = host_idx.iter().map(|e| wave.iter().position(|w| w == e).map_or(u32::MAX, |i| i as u32)).collect();
+        let local: Vec<u32> = host_idx
+            .iter()
+            .map(|e| {
+                wave.iter()
+                    .position(|w| w == e)
+                    .map_or(u32::MAX, |i| i as u32)
+            })
+            .collect();
         // SAFETY: wave_idx holds `pairs` u32 and wave_table wave_n * 9 u64 of scratch.
         unsafe {
-            drv::memcpy_htod_async(wave_idx, &local[..], enc.stream.cu_stream()).map_err(CudaError::driver("moe streamed: wave routing"))?;
-            drv::memcpy_htod_async(wave_table, &ptrs[..], enc.stream.cu_stream()).map_err(CudaError::driver("moe streamed: wave table"))?;
+            drv::memcpy_htod_async(wave_idx, &local[..], enc.stream.cu_stream())
+                .map_err(CudaError::driver("moe streamed: wave routing"))?;
+            drv::memcpy_htod_async(wave_table, &ptrs[..], enc.stream.cu_stream())
+                .map_err(CudaError::driver("moe streamed: wave table"))?;
         }
         let pass = Pass {
             table: wave_table,
             num_experts: u32_of(wave.len(), "wave", OP)?,
-            gate_up: RoleFmt { fmt: gu_fmt, group: gu_group, sdt: gu_sdt, vec: gu_vec },
-            down: RoleFmt { fmt: dn_fmt, group: dn_group, sdt: dn_sdt, vec: dn_vec },
+            gate_up: RoleFmt {
+                fmt: gu_fmt,
+                group: gu_group,
+                sdt: gu_sdt,
+                vec: gu_vec,
+            },
+            down: RoleFmt {
+                fmt: dn_fmt,
+                group: dn_group,
+                sdt: dn_sdt,
+                vec: dn_vec,
+            },
             idx: wave_idx,
         };
         expert_pass(enc, &pass, &sc, base, xp, s, OP)?;
         // The staging slots, the wave's routing and table are rewritten by the next wave, and
         // the records may be dropped: wait for this wave's kernels.
-        enc.stream.synchronize().map_err(CudaError::driver("moe streamed: wave"))?;
+        enc.stream
+            .synchronize()
+            .map_err(CudaError::driver("moe streamed: wave"))?;
         drop(records);
     }
     combine(enc, &sc, base, wp, op, s, OP)

@@ -22,8 +22,21 @@ pub(crate) fn rope(
         return Ok(());
     }
     let (xp, pp) = (enc.buf(x.raw())?, enc.buf(pos.raw())?);
-    let (n_, h, hd, rd) = (u32_of(n, "n", OP)?, u32_of(heads, "heads", OP)?, u32_of(head_dim, "head_dim", OP)?, u32_of(rotary_dim, "rotary_dim", OP)?);
+    let (n_, h, hd, rd) = (
+        u32_of(n, "n", OP)?,
+        u32_of(heads, "heads", OP)?,
+        u32_of(head_dim, "head_dim", OP)?,
+        u32_of(rotary_dim, "rotary_dim", OP)?,
+    );
     // SAFETY: rope_f32(float*, const u32*, u32, u32, u32, u32, float); x holds n * heads *
     // head_dim floats and pos n entries (Graph::validate); rotary_dim <= head_dim (check_shapes).
-    unsafe { launch!(enc, "rope.cu", "rope_f32", grid_1d(pairs), [xp, pp, n_, h, hd, rd, theta]) }
+    unsafe {
+        launch!(
+            enc,
+            "rope.cu",
+            "rope_f32",
+            grid_1d(pairs),
+            [xp, pp, n_, h, hd, rd, theta]
+        )
+    }
 }

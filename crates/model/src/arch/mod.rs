@@ -53,24 +53,45 @@ pub struct ModelWeights {
 
 /// Finds where the language model's tensors live (`model.`, or under a VL wrapper).
 pub fn text_prefix(ld: &Loader) -> Result<&'static str, ModelError> {
-    for p in ["model.", "model.language_model.", "language_model.model.", ""] {
+    for p in [
+        "model.",
+        "model.language_model.",
+        "language_model.model.",
+        "",
+    ] {
         if ld.has(&format!("{p}embed_tokens.weight")) {
             return Ok(p);
         }
     }
-    Err(ModelError::MissingTensor { name: "model.embed_tokens.weight".into(), dir: ld.src.dir.clone() })
+    Err(ModelError::MissingTensor {
+        name: "model.embed_tokens.weight".into(),
+        dir: ld.src.dir.clone(),
+    })
 }
 
 /// Embedding, final norm and LM head (tied to the embedding when the config says so or
 /// no head is stored).
-pub fn outer(ld: &Loader, spec: &ModelSpec, p: &str) -> Result<(Matrix, Matrix, Vector), ModelError> {
+pub fn outer(
+    ld: &Loader,
+    spec: &ModelSpec,
+    p: &str,
+) -> Result<(Matrix, Matrix, Vector), ModelError> {
     let embed = ld.matrix(&format!("{p}embed_tokens"), spec.vocab, spec.hidden)?;
     let final_norm = ld.vector(&format!("{p}norm.weight"), spec.hidden)?;
-    let head_names = ["lm_head", "model.language_model.lm_head", "language_model.lm_head"];
+    let head_names = [
+        "lm_head",
+        "model.language_model.lm_head",
+        "language_model.lm_head",
+    ];
     let lm_head = match head_names.iter().find(|h| ld.has(&format!("{h}.weight"))) {
         Some(h) if !spec.tie_embeddings => ld.matrix(h, spec.vocab, spec.hidden)?,
         _ if spec.tie_embeddings => embed,
-        _ => return Err(ModelError::MissingTensor { name: "lm_head.weight (tie_word_embeddings is false)".into(), dir: ld.src.dir.clone() }),
+        _ => {
+            return Err(ModelError::MissingTensor {
+                name: "lm_head.weight (tie_word_embeddings is false)".into(),
+                dir: ld.src.dir.clone(),
+            });
+        }
     };
     Ok((embed, lm_head, final_norm))
 }
@@ -78,7 +99,12 @@ pub fn outer(ld: &Loader, spec: &ModelSpec, p: &str) -> Result<(Matrix, Matrix, 
 /// Routed experts in any of the stored layouts: one tensor per expert (HF), stacked
 /// under `switch_mlp` (MLX), or fused `gate_up_proj` / `down_proj` (transformers 5 /
 /// Qwen3.5 releases, gate rows first).
-pub fn experts(ld: &Loader, m: &str, s: &MoeSpec, hidden: usize) -> Result<Arc<[ExpertWeights]>, ModelError> {
+pub fn experts(
+    ld: &Loader,
+    m: &str,
+    s: &MoeSpec,
+    hidden: usize,
+) -> Result<Arc<[ExpertWeights]>, ModelError> {
     let (e, i, h) = (s.experts, s.inter, hidden);
     let v: Vec<ExpertWeights> = if ld.has(&format!("{m}.experts.0.gate_proj.weight")) {
         (0..e)
@@ -94,11 +120,23 @@ pub fn experts(ld: &Loader, m: &str, s: &MoeSpec, hidden: usize) -> Result<Arc<[
         let g = ld.stacked(&format!("{m}.switch_mlp.gate_proj"), "weight", e, i, h)?;
         let u = ld.stacked(&format!("{m}.switch_mlp.up_proj"), "weight", e, i, h)?;
         let d = ld.stacked(&format!("{m}.switch_mlp.down_proj"), "weight", e, h, i)?;
-        (0..e).map(|x| ExpertWeights { gate: g[x], up: u[x], down: d[x] }).collect()
+        (0..e)
+            .map(|x| ExpertWeights {
+                gate: g[x],
+                up: u[x],
+                down: d[x],
+            })
+            .collect()
     } else {
         let gu = ld.stacked(&format!("{m}.experts"), "gate_up_proj", e, 2 * i, h)?;
         let d = ld.stacked(&format!("{m}.experts"), "down_proj", e, h, i)?;
-        (0..e).map(|x| ExpertWeights { gate: Loader::row_slice(&gu[x], 0, i), up: Loader::row_slice(&gu[x], i, i), down: d[x] }).collect()
+        (0..e)
+            .map(|x| ExpertWeights {
+                gate: Loader::row_slice(&gu[x], 0, i),
+                up: Loader::row_slice(&gu[x], i, i),
+                down: d[x],
+            })
+            .collect()
     };
     Ok(v.into())
 }
@@ -111,26 +149,47 @@ pub fn mlp(ld: &Loader, m: &str, inter: usize, hidden: usize) -> Result<Mlp, Mod
     })
 }
 
-pub fn moe(ld: &Loader, m: &str, spec: &ModelSpec, store: Option<&Arc<crate::packed::ExpertStore>>) -> Result<MoeWeights, ModelError> {
+pub fn moe(
+    ld: &Loader,
+    m: &str,
+    spec: &ModelSpec,
+    store: Option<&Arc<crate::packed::ExpertStore>>,
+) -> Result<MoeWeights, ModelError> {
     let s = &spec.moe;
     let routed = match store {
         Some(st) => Experts::Streamed(st.clone()),
         None => Experts::Resident(experts(ld, m, s, spec.hidden)?),
     };
     let shared = match s.shared_inter {
-        Some(si) => Some((mlp(ld, &format!("{m}.shared_expert"), si, spec.hidden)?, ld.matrix(&format!("{m}.shared_expert_gate"), 1, spec.hidden)?)),
+        Some(si) => Some((
+            mlp(ld, &format!("{m}.shared_expert"), si, spec.hidden)?,
+            ld.matrix(&format!("{m}.shared_expert_gate"), 1, spec.hidden)?,
+        )),
         None => None,
     };
-    Ok(MoeWeights { router: ld.matrix(&format!("{m}.gate"), s.experts, spec.hidden)?, experts: routed, shared })
+    Ok(MoeWeights {
+        router: ld.matrix(&format!("{m}.gate"), s.experts, spec.hidden)?,
+        experts: routed,
+        shared,
+    })
 }
 
-pub fn attention(ld: &Loader, a: &str, spec: &ModelSpec, with_norms: bool) -> Result<AttnWeights, ModelError> {
+pub fn attention(
+    ld: &Loader,
+    a: &str,
+    spec: &ModelSpec,
+    with_norms: bool,
+) -> Result<AttnWeights, ModelError> {
     let s = &spec.attn;
     let q_rows = s.heads * s.head_dim * if s.output_gate { 2 } else { 1 };
     let kv_rows = s.kv_heads * s.head_dim;
     let norm = |n: &str| -> Result<Option<Vector>, ModelError> {
         let name = format!("{a}.{n}.weight");
-        if with_norms || ld.has(&name) { Ok(Some(ld.vector(&name, s.head_dim)?)) } else { Ok(None) }
+        if with_norms || ld.has(&name) {
+            Ok(Some(ld.vector(&name, s.head_dim)?))
+        } else {
+            Ok(None)
+        }
     };
     Ok(AttnWeights {
         q: ld.matrix(&format!("{a}.q_proj"), q_rows, spec.hidden)?,

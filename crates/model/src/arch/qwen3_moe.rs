@@ -6,7 +6,11 @@ use crate::config::{MlpKind, ModelSpec};
 use crate::error::ModelError;
 use crate::weights::Loader;
 
-pub fn load(ld: &Loader, spec: &ModelSpec, store: Option<&std::sync::Arc<crate::packed::ExpertStore>>) -> Result<ModelWeights, ModelError> {
+pub fn load(
+    ld: &Loader,
+    spec: &ModelSpec,
+    store: Option<&std::sync::Arc<crate::packed::ExpertStore>>,
+) -> Result<ModelWeights, ModelError> {
     let p = arch::text_prefix(ld)?;
     let (embed, lm_head, final_norm) = arch::outer(ld, spec, p)?;
     let h = spec.hidden;
@@ -15,14 +19,27 @@ pub fn load(ld: &Loader, spec: &ModelSpec, store: Option<&std::sync::Arc<crate::
         let base = format!("{p}layers.{l}");
         let ffn = match spec.mlp[l] {
             MlpKind::Moe => Ffn::Moe(arch::moe(ld, &format!("{base}.mlp"), spec, store)?),
-            MlpKind::Dense => Ffn::Dense(arch::mlp(ld, &format!("{base}.mlp"), spec.dense_inter, h)?),
+            MlpKind::Dense => {
+                Ffn::Dense(arch::mlp(ld, &format!("{base}.mlp"), spec.dense_inter, h)?)
+            }
         };
         layers.push(LayerWeights {
             input_norm: ld.vector(&format!("{base}.input_layernorm.weight"), h)?,
             post_norm: ld.vector(&format!("{base}.post_attention_layernorm.weight"), h)?,
-            mixer: Mixer::Attn(arch::attention(ld, &format!("{base}.self_attn"), spec, false)?),
+            mixer: Mixer::Attn(arch::attention(
+                ld,
+                &format!("{base}.self_attn"),
+                spec,
+                false,
+            )?),
             ffn,
         });
     }
-    Ok(ModelWeights { embed, lm_head, final_norm, layers, norm_offset: 0.0 })
+    Ok(ModelWeights {
+        embed,
+        lm_head,
+        final_norm,
+        layers,
+        norm_offset: 0.0,
+    })
 }

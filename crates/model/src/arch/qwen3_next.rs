@@ -12,23 +12,40 @@ use crate::config::{LayerKind, ModelSpec};
 use crate::error::ModelError;
 use crate::weights::Loader;
 
-pub fn load(ld: &Loader, spec: &ModelSpec, store: Option<&std::sync::Arc<crate::packed::ExpertStore>>) -> Result<ModelWeights, ModelError> {
+pub fn load(
+    ld: &Loader,
+    spec: &ModelSpec,
+    store: Option<&std::sync::Arc<crate::packed::ExpertStore>>,
+) -> Result<ModelWeights, ModelError> {
     let p = arch::text_prefix(ld)?;
     let (embed, lm_head, final_norm) = arch::outer(ld, spec, p)?;
     // MLX writers stamp their files; older conversions are recognised by `switch_mlp`.
-    let mlx_layout = ld.src.format.as_deref() == Some("mlx") || ld.has(&format!("{p}layers.0.mlp.switch_mlp.gate_proj.weight"));
+    let mlx_layout = ld.src.format.as_deref() == Some("mlx")
+        || ld.has(&format!("{p}layers.0.mlp.switch_mlp.gate_proj.weight"));
     let h = spec.hidden;
     let mut layers = Vec::new();
     for (l, kind) in spec.layers.iter().enumerate() {
         let base = format!("{p}layers.{l}");
         let mixer = match kind {
-            LayerKind::FullAttention => Mixer::Attn(arch::attention(ld, &format!("{base}.self_attn"), spec, true)?),
+            LayerKind::FullAttention => Mixer::Attn(arch::attention(
+                ld,
+                &format!("{base}.self_attn"),
+                spec,
+                true,
+            )?),
             LayerKind::LinearAttention => {
-                let s = spec.linear.as_ref().expect("linear spec exists when a layer is linear");
+                let s = spec
+                    .linear
+                    .as_ref()
+                    .expect("linear spec exists when a layer is linear");
                 let la = format!("{base}.linear_attn");
                 let in_proj = if ld.has(&format!("{la}.in_proj_qkvz.weight")) {
                     InProj::Fused {
-                        qkvz: ld.matrix(&format!("{la}.in_proj_qkvz"), 2 * s.key_dim() + 2 * s.value_dim(), h)?,
+                        qkvz: ld.matrix(
+                            &format!("{la}.in_proj_qkvz"),
+                            2 * s.key_dim() + 2 * s.value_dim(),
+                            h,
+                        )?,
                         ba: ld.matrix(&format!("{la}.in_proj_ba"), 2 * s.v_heads, h)?,
                     }
                 } else {
@@ -41,7 +58,8 @@ pub fn load(ld: &Loader, spec: &ModelSpec, store: Option<&std::sync::Arc<crate::
                 };
                 Mixer::Linear(LinearWeights {
                     in_proj,
-                    conv: ld.vector(&format!("{la}.conv1d.weight"), s.conv_dim() * s.conv_kernel)?,
+                    conv: ld
+                        .vector(&format!("{la}.conv1d.weight"), s.conv_dim() * s.conv_kernel)?,
                     a_log: ld.vector(&format!("{la}.A_log"), s.v_heads)?,
                     dt_bias: ld.vector(&format!("{la}.dt_bias"), s.v_heads)?,
                     norm: ld.vector(&format!("{la}.norm.weight"), s.dv)?,
@@ -56,5 +74,11 @@ pub fn load(ld: &Loader, spec: &ModelSpec, store: Option<&std::sync::Arc<crate::
             ffn: Ffn::Moe(arch::moe(ld, &format!("{base}.mlp"), spec, store)?),
         });
     }
-    Ok(ModelWeights { embed, lm_head, final_norm, layers, norm_offset: if mlx_layout { 0.0 } else { 1.0 } })
+    Ok(ModelWeights {
+        embed,
+        lm_head,
+        final_norm,
+        layers,
+        norm_offset: if mlx_layout { 0.0 } else { 1.0 },
+    })
 }

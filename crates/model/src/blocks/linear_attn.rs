@@ -15,8 +15,16 @@ use crate::config::LinearSpec;
 use crate::error::ModelError;
 
 pub enum InProj {
-    Fused { qkvz: Matrix, ba: Matrix },
-    Split { qkv: Matrix, z: Matrix, b: Matrix, a: Matrix },
+    Fused {
+        qkvz: Matrix,
+        ba: Matrix,
+    },
+    Split {
+        qkv: Matrix,
+        z: Matrix,
+        b: Matrix,
+        a: Matrix,
+    },
 }
 
 pub struct LinearWeights {
@@ -34,7 +42,14 @@ pub struct LinearState {
     pub delta: BufId<State>,
 }
 
-pub fn emit(b: &mut Builder, x: BufId<Act>, w: &LinearWeights, st: LinearState, s: &LinearSpec, eps: f32) -> Result<BufId<Act>, ModelError> {
+pub fn emit(
+    b: &mut Builder,
+    x: BufId<Act>,
+    w: &LinearWeights,
+    st: LinearState,
+    s: &LinearSpec,
+    eps: f32,
+) -> Result<BufId<Act>, ModelError> {
     let n = b.n;
     let r = s.v_heads / s.k_heads;
     let (kd, vd, cd) = (s.key_dim(), s.value_dim(), s.conv_dim());
@@ -45,19 +60,65 @@ pub fn emit(b: &mut Builder, x: BufId<Act>, w: &LinearWeights, st: LinearState, 
             let mixed = b.act(cd, "mixed_qkv")?;
             let z = b.act(vd, "z")?;
             let parts = vec![
-                ColPart { out: mixed, width: s.dk, out_width: cd, out_offset: 0 },
-                ColPart { out: mixed, width: s.dk, out_width: cd, out_offset: kd },
-                ColPart { out: mixed, width: r * s.dv, out_width: cd, out_offset: 2 * kd },
-                ColPart { out: z, width: r * s.dv, out_width: vd, out_offset: 0 },
+                ColPart {
+                    out: mixed,
+                    width: s.dk,
+                    out_width: cd,
+                    out_offset: 0,
+                },
+                ColPart {
+                    out: mixed,
+                    width: s.dk,
+                    out_width: cd,
+                    out_offset: kd,
+                },
+                ColPart {
+                    out: mixed,
+                    width: r * s.dv,
+                    out_width: cd,
+                    out_offset: 2 * kd,
+                },
+                ColPart {
+                    out: z,
+                    width: r * s.dv,
+                    out_width: vd,
+                    out_offset: 0,
+                },
             ];
-            b.push("qkvz_split", Op::ScatterCols { x: p, n, groups: s.k_heads, parts });
+            b.push(
+                "qkvz_split",
+                Op::ScatterCols {
+                    x: p,
+                    n,
+                    groups: s.k_heads,
+                    parts,
+                },
+            );
             let bb = b.act(s.v_heads, "b")?;
             let aa = b.act(s.v_heads, "a")?;
             let parts = vec![
-                ColPart { out: bb, width: r, out_width: s.v_heads, out_offset: 0 },
-                ColPart { out: aa, width: r, out_width: s.v_heads, out_offset: 0 },
+                ColPart {
+                    out: bb,
+                    width: r,
+                    out_width: s.v_heads,
+                    out_offset: 0,
+                },
+                ColPart {
+                    out: aa,
+                    width: r,
+                    out_width: s.v_heads,
+                    out_offset: 0,
+                },
             ];
-            b.push("ba_split", Op::ScatterCols { x: pba, n, groups: s.k_heads, parts });
+            b.push(
+                "ba_split",
+                Op::ScatterCols {
+                    x: pba,
+                    n,
+                    groups: s.k_heads,
+                    parts,
+                },
+            );
             (mixed, z, bb, aa)
         }
         InProj::Split { qkv, z, b: pb, a } => {
@@ -69,7 +130,18 @@ pub fn emit(b: &mut Builder, x: BufId<Act>, w: &LinearWeights, st: LinearState, 
         }
     };
     let conv = b.act(cd, "conv_out")?;
-    b.push("conv1d", Op::Conv1dSilu { x: mixed, state: st.conv, weight: w.conv, out: conv, n, channels: cd, kernel: s.conv_kernel });
+    b.push(
+        "conv1d",
+        Op::Conv1dSilu {
+            x: mixed,
+            state: st.conv,
+            weight: w.conv,
+            out: conv,
+            n,
+            channels: cd,
+            kernel: s.conv_kernel,
+        },
+    );
     let core = b.act(vd, "delta_out")?;
     b.push(
         "gated_delta",
@@ -89,6 +161,18 @@ pub fn emit(b: &mut Builder, x: BufId<Act>, w: &LinearWeights, st: LinearState, 
         },
     );
     // The gated norm's weight is stored as-is (initialised to ones) in every layout.
-    b.push("norm", Op::GatedRmsNorm { x: core, gate: z, weight: w.norm, out: core, rows: n * s.v_heads, dim: s.dv, eps, offset: 0.0 });
+    b.push(
+        "norm",
+        Op::GatedRmsNorm {
+            x: core,
+            gate: z,
+            weight: w.norm,
+            out: core,
+            rows: n * s.v_heads,
+            dim: s.dv,
+            eps,
+            offset: 0.0,
+        },
+    );
     b.matmul(core, &w.out, "out_proj")
 }

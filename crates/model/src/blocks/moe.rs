@@ -21,33 +21,102 @@ pub struct MoeWeights {
     pub shared: Option<(Mlp, Matrix)>,
 }
 
-pub fn emit_mlp(b: &mut Builder, x: BufId<Act>, w: &Mlp, role: &'static str) -> Result<BufId<Act>, ModelError> {
+pub fn emit_mlp(
+    b: &mut Builder,
+    x: BufId<Act>,
+    w: &Mlp,
+    role: &'static str,
+) -> Result<BufId<Act>, ModelError> {
     let g = b.matmul(x, &w.gate, role)?;
     let u = b.matmul(x, &w.up, role)?;
     let len = b.n * w.gate.rows;
-    b.push(role, Op::SwiGlu { gate: g, up: u, out: g, len });
+    b.push(
+        role,
+        Op::SwiGlu {
+            gate: g,
+            up: u,
+            out: g,
+            len,
+        },
+    );
     b.matmul(g, &w.down, role)
 }
 
-pub fn emit(b: &mut Builder, x: BufId<Act>, w: &MoeWeights, s: &MoeSpec, hidden: usize) -> Result<BufId<Act>, ModelError> {
+pub fn emit(
+    b: &mut Builder,
+    x: BufId<Act>,
+    w: &MoeWeights,
+    s: &MoeSpec,
+    hidden: usize,
+) -> Result<BufId<Act>, ModelError> {
     let n = b.n;
     let logits = b.matmul(x, &w.router, "router")?;
-    let idx: BufId<Idx> = b.pool().alloc(n * s.top_k * 4, "route_idx", Lifetime::Transient)?;
+    let idx: BufId<Idx> = b
+        .pool()
+        .alloc(n * s.top_k * 4, "route_idx", Lifetime::Transient)?;
     let weights = b.act(s.top_k, "route_w")?;
-    b.push("router_topk", Op::RouterTopK { logits, idx, weights, n, experts: s.experts, k: s.top_k, renorm: s.renorm });
+    b.push(
+        "router_topk",
+        Op::RouterTopK {
+            logits,
+            idx,
+            weights,
+            n,
+            experts: s.experts,
+            k: s.top_k,
+            renorm: s.renorm,
+        },
+    );
     let out = b.act(hidden, "moe_out")?;
     let op = match &w.experts {
-        Experts::Resident(experts) => Op::MoeExperts { x, idx, weights, experts: experts.clone(), out, n, k: s.top_k, hidden, inter: s.inter },
-        Experts::Streamed(store) => {
-            Op::MoeExpertsStreamed { x, idx, weights, store: store.clone(), layer: b.layer().unwrap_or(0), out, n, k: s.top_k, hidden, inter: s.inter }
-        }
+        Experts::Resident(experts) => Op::MoeExperts {
+            x,
+            idx,
+            weights,
+            experts: experts.clone(),
+            out,
+            n,
+            k: s.top_k,
+            hidden,
+            inter: s.inter,
+        },
+        Experts::Streamed(store) => Op::MoeExpertsStreamed {
+            x,
+            idx,
+            weights,
+            store: store.clone(),
+            layer: b.layer().unwrap_or(0),
+            out,
+            n,
+            k: s.top_k,
+            hidden,
+            inter: s.inter,
+        },
     };
     b.push("experts", op);
     if let Some((mlp, gate)) = &w.shared {
         let y = emit_mlp(b, x, mlp, "shared_expert")?;
         let g = b.matmul(x, gate, "shared_expert_gate")?;
-        b.push("shared_gate", Op::SigmoidGate { x: y, gate: g, out: y, n, width: hidden, gate_width: 1 });
-        b.push("moe_sum", Op::Add { a: out, b: y, out, len: n * hidden });
+        b.push(
+            "shared_gate",
+            Op::SigmoidGate {
+                x: y,
+                gate: g,
+                out: y,
+                n,
+                width: hidden,
+                gate_width: 1,
+            },
+        );
+        b.push(
+            "moe_sum",
+            Op::Add {
+                a: out,
+                b: y,
+                out,
+                len: n * hidden,
+            },
+        );
     }
     Ok(out)
 }

@@ -47,7 +47,13 @@ pub struct FakeSpec {
 
 impl Default for FakeSpec {
     fn default() -> Self {
-        FakeSpec { script: "Hello, world! STOP here.".into(), eos: true, delay: Duration::ZERO, max_ctx: 256, load_delay: Duration::ZERO }
+        FakeSpec {
+            script: "Hello, world! STOP here.".into(),
+            eos: true,
+            delay: Duration::ZERO,
+            max_ctx: 256,
+            load_delay: Duration::ZERO,
+        }
     }
 }
 
@@ -64,7 +70,11 @@ pub struct Fake {
 impl Fake {
     fn logits(&self) -> Vec<f32> {
         let mut l = vec![0.0; self.vocab];
-        let id = if self.spec.eos && self.step >= self.script.len() { EOS } else { self.script[self.step % self.script.len()] };
+        let id = if self.spec.eos && self.step >= self.script.len() {
+            EOS
+        } else {
+            self.script[self.step % self.script.len()]
+        };
         l[id as usize] = 20.0;
         l
     }
@@ -86,7 +96,10 @@ impl InferenceModel for Fake {
             return Err(EngineError::EmptyPrompt);
         }
         if self.pos + tokens.len() > self.spec.max_ctx {
-            return Err(EngineError::ContextExceeded { needed: self.pos + tokens.len(), max: self.spec.max_ctx });
+            return Err(EngineError::ContextExceeded {
+                needed: self.pos + tokens.len(),
+                max: self.spec.max_ctx,
+            });
         }
         self.pos += tokens.len();
         self.step = 0;
@@ -95,7 +108,10 @@ impl InferenceModel for Fake {
     }
     fn decode(&mut self, _token: u32) -> Result<Vec<f32>, EngineError> {
         if self.pos + 1 > self.spec.max_ctx {
-            return Err(EngineError::ContextExceeded { needed: self.pos + 1, max: self.spec.max_ctx });
+            return Err(EngineError::ContextExceeded {
+                needed: self.pos + 1,
+                max: self.spec.max_ctx,
+            });
         }
         std::thread::sleep(self.spec.delay);
         self.pos += 1;
@@ -137,7 +153,10 @@ impl TestServer {
 }
 
 pub fn config() -> ServerConfig {
-    ServerConfig { model_id: "fake".into(), ..ServerConfig::default() }
+    ServerConfig {
+        model_id: "fake".into(),
+        ..ServerConfig::default()
+    }
 }
 
 /// Starts a server with the fake model; waits until it is ready unless the spec has a load delay.
@@ -150,8 +169,20 @@ pub async fn start_fake(spec: FakeSpec, cfg: ServerConfig) -> TestServer {
         std::thread::sleep(spec.load_delay);
         let codec = TextCodec::from_dir(&chartok()).map_err(|e| e.to_string())?;
         let vocab = codec.vocab_size();
-        let script = codec.encode(&spec.script, false).map_err(|e| e.to_string())?;
-        Ok((Fake { spec, script, vocab, pos: 0, step: 0, counters: c }, codec))
+        let script = codec
+            .encode(&spec.script, false)
+            .map_err(|e| e.to_string())?;
+        Ok((
+            Fake {
+                spec,
+                script,
+                vocab,
+                pos: 0,
+                step: 0,
+                counters: c,
+            },
+            codec,
+        ))
     })
     .await
     .unwrap();
@@ -159,7 +190,11 @@ pub async fn start_fake(spec: FakeSpec, cfg: ServerConfig) -> TestServer {
         handle.wait_ready().await.unwrap();
     }
     let addr = handle.local_addr();
-    TestServer { handle: Some(handle), addr, counters }
+    TestServer {
+        handle: Some(handle),
+        addr,
+        counters,
+    }
 }
 
 #[derive(Debug)]
@@ -174,7 +209,10 @@ impl Resp {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
     }
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
     /// The `data:` payloads of an SSE body, with their `event:` names.
     pub fn sse(&self) -> Vec<(Option<String>, String)> {
@@ -204,7 +242,16 @@ pub fn parse_sse(body: &str) -> Vec<(Option<String>, String)> {
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     while let Some(nl) = b.windows(2).position(|w| w == b"\r\n") {
-        let size = usize::from_str_radix(std::str::from_utf8(&b[..nl]).unwrap_or("0").split(';').next().unwrap().trim(), 16).unwrap_or(0);
+        let size = usize::from_str_radix(
+            std::str::from_utf8(&b[..nl])
+                .unwrap_or("0")
+                .split(';')
+                .next()
+                .unwrap()
+                .trim(),
+            16,
+        )
+        .unwrap_or(0);
         b = &b[nl + 2..];
         if size == 0 || b.len() < size {
             out.extend_from_slice(&b[..size.min(b.len())]);
@@ -217,15 +264,38 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
 }
 
 pub fn parse_response(raw: &[u8]) -> Resp {
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(raw)));
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(raw)));
     let head = std::str::from_utf8(&raw[..end]).unwrap();
     let mut lines = head.split("\r\n");
-    let status: u16 = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
-    let headers: Vec<(String, String)> = lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect();
+    let status: u16 = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
     let rest = &raw[end + 4..];
-    let chunked = headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
-    let body = if chunked { dechunk(rest) } else { rest.to_vec() };
-    Resp { status, headers, body: String::from_utf8_lossy(&body).into_owned() }
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_vec()
+    };
+    Resp {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
 }
 
 /// Sends `raw` and reads until the server closes the connection.
@@ -233,7 +303,10 @@ pub async fn raw(addr: std::net::SocketAddr, raw: &[u8]) -> Resp {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(raw).await.unwrap();
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut buf)).await.expect("response timed out").unwrap();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut buf))
+        .await
+        .expect("response timed out")
+        .unwrap();
     parse_response(&buf)
 }
 
@@ -243,7 +316,10 @@ pub fn request_bytes(method: &str, path: &str, body: &str, headers: &[(&str, &st
         r.push_str(&format!("{k}: {v}\r\n"));
     }
     if method == "POST" {
-        r.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+        r.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
     }
     r.push_str("\r\n");
     r.push_str(body);
@@ -254,7 +330,12 @@ pub async fn post(addr: std::net::SocketAddr, path: &str, body: &str) -> Resp {
     raw(addr, &request_bytes("POST", path, body, &[])).await
 }
 
-pub async fn post_h(addr: std::net::SocketAddr, path: &str, body: &str, headers: &[(&str, &str)]) -> Resp {
+pub async fn post_h(
+    addr: std::net::SocketAddr,
+    path: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> Resp {
     raw(addr, &request_bytes("POST", path, body, headers)).await
 }
 
@@ -291,14 +372,28 @@ where
 
 /// Opens a streaming request and returns the connection after reading at least `n` SSE
 /// data events (and the raw bytes read so far).
-pub async fn stream_some(addr: std::net::SocketAddr, path: &str, body: &str, n: usize) -> (TcpStream, String) {
+pub async fn stream_some(
+    addr: std::net::SocketAddr,
+    path: &str,
+    body: &str,
+    n: usize,
+) -> (TcpStream, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(&request_bytes("POST", path, body, &[])).await.unwrap();
+    s.write_all(&request_bytes("POST", path, body, &[]))
+        .await
+        .unwrap();
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
-        let k = tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf)).await.expect("stream stalled").unwrap();
-        assert!(k > 0, "stream closed early: {}", String::from_utf8_lossy(&got));
+        let k = tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf))
+            .await
+            .expect("stream stalled")
+            .unwrap();
+        assert!(
+            k > 0,
+            "stream closed early: {}",
+            String::from_utf8_lossy(&got)
+        );
         got.extend_from_slice(&buf[..k]);
         let text = String::from_utf8_lossy(&got).into_owned();
         if text.matches("data:").count() >= n {
