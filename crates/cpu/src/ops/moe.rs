@@ -50,7 +50,7 @@ pub trait ExpertViews: Sync {
 
 /// Per-thread buffers of [`moe_experts`], reused across experts.
 #[derive(Default)]
-struct Scratch {
+pub(crate) struct Scratch {
     xs: Vec<f32>,
     prep: Vec<f32>,
     gate: Vec<f32>,
@@ -90,41 +90,69 @@ pub fn moe_experts(
     active
         .par_iter()
         .for_each_init(Scratch::default, |s, (e, pairs)| {
-            let [g, u, d] = views.views(&experts[*e]);
-            let m = pairs.len();
-            s.xs.clear();
-            for &p in pairs.iter() {
-                let t = p / k;
-                s.xs.extend_from_slice(&x[t * hidden..(t + 1) * hidden]);
-            }
-            // gate and up read the same activations: lay them out once
-            let lay = Layout::new(&g, m);
-            qdot::prepare(&s.xs, &lay, &mut s.prep);
-            s.gate.resize(m * inter, 0.0);
-            s.up.resize(m * inter, 0.0);
-            qdot::rows_serial(&g, &lay, &s.prep, &mut s.gate);
-            if Layout::new(&u, m) == lay {
-                qdot::rows_serial(&u, &lay, &s.prep, &mut s.up);
-            } else {
-                matmul_serial(&s.xs, m, &u, &mut s.up, &mut s.prep);
-            }
-            for (gv, uv) in s.gate.iter_mut().zip(&s.up) {
-                *gv = silu(*gv) * uv;
-            }
-            s.xs.resize(m * hidden, 0.0);
-            matmul_serial(&s.gate, m, &d, &mut s.xs, &mut s.prep);
+            let y = run_expert(views.views(&experts[*e]), x, pairs, k, hidden, inter, s);
             let dst = &dst;
             for (r, &p) in pairs.iter().enumerate() {
                 // SAFETY: `p < n * k`, and pair `p` belongs to this expert only.
                 unsafe {
                     std::ptr::copy_nonoverlapping(
-                        s.xs[r * hidden..].as_ptr(),
+                        y[r * hidden..].as_ptr(),
                         dst.0.add(p * hidden),
                         hidden,
                     )
                 };
             }
         });
+    combine(&per_pair, weights, out, n, k, hidden);
+}
+
+/// One expert's SwiGLU over the (token, slot) `pairs` routed to it; returns the result rows
+/// (one per pair, `hidden` wide) in `s`. Shared by the resident and streamed paths so both
+/// give bit-identical results.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_expert<'s>(
+    [g, u, d]: [MatView<'_>; 3],
+    x: &[f32],
+    pairs: &[usize],
+    k: usize,
+    hidden: usize,
+    inter: usize,
+    s: &'s mut Scratch,
+) -> &'s [f32] {
+    let m = pairs.len();
+    s.xs.clear();
+    for &p in pairs {
+        let t = p / k;
+        s.xs.extend_from_slice(&x[t * hidden..(t + 1) * hidden]);
+    }
+    // gate and up read the same activations: lay them out once
+    let lay = Layout::new(&g, m);
+    qdot::prepare(&s.xs, &lay, &mut s.prep);
+    s.gate.resize(m * inter, 0.0);
+    s.up.resize(m * inter, 0.0);
+    qdot::rows_serial(&g, &lay, &s.prep, &mut s.gate);
+    if Layout::new(&u, m) == lay {
+        qdot::rows_serial(&u, &lay, &s.prep, &mut s.up);
+    } else {
+        matmul_serial(&s.xs, m, &u, &mut s.up, &mut s.prep);
+    }
+    for (gv, uv) in s.gate.iter_mut().zip(&s.up) {
+        *gv = silu(*gv) * uv;
+    }
+    s.xs.resize(m * hidden, 0.0);
+    matmul_serial(&s.gate, m, &d, &mut s.xs, &mut s.prep);
+    &s.xs[..m * hidden]
+}
+
+/// `out[t] = sum_j weights[t, j] * per_pair[t * k + j]`, in slot order (deterministic).
+pub(crate) fn combine(
+    per_pair: &[f32],
+    weights: &[f32],
+    out: &mut [f32],
+    n: usize,
+    k: usize,
+    hidden: usize,
+) {
     out[..n * hidden].fill(0.0);
     for t in 0..n {
         let o = &mut out[t * hidden..(t + 1) * hidden];

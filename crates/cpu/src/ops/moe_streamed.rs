@@ -1,14 +1,13 @@
 //! Routed experts fetched through an [`ExpertProvider`] (packed files behind a bounded
 //! cache). Experts are processed in waves no larger than the provider's budget, so the
 //! records held at once never exceed it; within a wave, fetches (disk reads on a miss)
-//! and expert math run in parallel. Results are combined in slot order as in `moe.rs`,
-//! so the output is bit-identical to the resident path whatever the budget.
+//! and expert math run in parallel. The per-expert math and the slot-order combine are
+//! `moe.rs`'s, so the output is bit-identical to the resident path whatever the budget.
 
 use moeflux_core::{CoreError, ExpertProvider, Matrix};
 use rayon::prelude::*;
 
-use super::matmul::matmul_serial;
-use super::rms_norm::silu;
+use super::moe::{Scratch, combine, run_expert};
 use super::weights::MatView;
 
 fn view<'a>(rec: &'a [u8], m: &Matrix) -> MatView<'a> {
@@ -49,31 +48,18 @@ pub fn moe_experts_streamed(
     for wave in active.chunks(store.max_in_flight().max(1)) {
         let results: Vec<Result<(&Vec<usize>, Vec<f32>), CoreError>> = wave
             .par_iter()
-            .map(|(e, pairs)| {
+            .map_init(Scratch::default, |s, (e, pairs)| {
                 let rec = store.fetch(layer, *e as usize)?;
                 let rec: &[u8] = (*rec).as_ref();
-                let (g, u, d) = (
+                let views = [
                     view(rec, &layout.gate),
                     view(rec, &layout.up),
                     view(rec, &layout.down),
-                );
-                let m = pairs.len();
-                let mut xs = vec![0f32; m * hidden];
-                for (r, &p) in pairs.iter().enumerate() {
-                    let t = p / k;
-                    xs[r * hidden..(r + 1) * hidden]
-                        .copy_from_slice(&x[t * hidden..(t + 1) * hidden]);
-                }
-                let mut scratch = Vec::new();
-                let (mut gate, mut up) = (vec![0f32; m * inter], vec![0f32; m * inter]);
-                matmul_serial(&xs, m, &g, &mut gate, &mut scratch);
-                matmul_serial(&xs, m, &u, &mut up, &mut scratch);
-                for (gv, uv) in gate.iter_mut().zip(&up) {
-                    *gv = silu(*gv) * uv;
-                }
-                let mut y = vec![0f32; m * hidden];
-                matmul_serial(&gate, m, &d, &mut y, &mut scratch);
-                Ok((pairs, y))
+                ];
+                Ok((
+                    pairs,
+                    run_expert(views, x, pairs, k, hidden, inter, s).to_vec(),
+                ))
             })
             .collect();
         for r in results {
@@ -84,18 +70,6 @@ pub fn moe_experts_streamed(
             }
         }
     }
-    out[..n * hidden].fill(0.0);
-    for t in 0..n {
-        let o = &mut out[t * hidden..(t + 1) * hidden];
-        for j in 0..k {
-            let w = weights[t * k + j];
-            for (a, b) in o
-                .iter_mut()
-                .zip(&per_pair[(t * k + j) * hidden..(t * k + j + 1) * hidden])
-            {
-                *a += w * b;
-            }
-        }
-    }
+    combine(&per_pair, weights, out, n, k, hidden);
     Ok(())
 }
