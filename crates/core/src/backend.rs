@@ -30,15 +30,18 @@ pub enum Lifetime {
     External,
 }
 
+/// Bytes kept alive by their owner: a memory map, or a buffer built in memory.
+pub type SharedBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
 /// Bytes of stored weights kept alive by their owner (typically a memory map).
 #[derive(Clone)]
 pub struct WeightBytes {
-    pub owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    pub owner: SharedBytes,
     pub range: Range<usize>,
 }
 
 impl WeightBytes {
-    pub fn new(owner: Arc<dyn AsRef<[u8]> + Send + Sync>, range: Range<usize>) -> Self {
+    pub fn new(owner: SharedBytes, range: Range<usize>) -> Self {
         WeightBytes { owner, range }
     }
     pub fn bytes(&self) -> &[u8] {

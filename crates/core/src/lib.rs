@@ -16,7 +16,7 @@ pub mod error;
 pub mod op;
 pub mod planner;
 
-pub use backend::{Backend, BufferPool, Lifetime, PoolExt, WeightBytes};
+pub use backend::{Backend, BufferPool, Lifetime, PoolExt, SharedBytes, WeightBytes};
 pub use buf::{Act, BufId, Cache, Idx, Pos, RawBufId, Role, State, Tokens, Weight};
 pub use dtype::{DType, WeightFormat};
 pub use error::CoreError;

@@ -554,7 +554,7 @@ impl Op {
                         "{what}: {bits}-bit affine weights are not supported (4 or 8)"
                     ));
                 }
-                if group_size == 0 || m.cols % group_size as usize != 0 {
+                if group_size == 0 || !m.cols.is_multiple_of(group_size as usize) {
                     return Err(format!(
                         "{what}: {} inputs not a multiple of group size {group_size}",
                         m.cols

@@ -37,7 +37,7 @@ const RECORD_ALIGN: usize = 4096;
 const GROUP: usize = 64;
 
 fn group_for(cols: usize) -> Option<usize> {
-    [GROUP, 32].into_iter().find(|g| cols % g == 0)
+    [GROUP, 32].into_iter().find(|g| cols.is_multiple_of(*g))
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> ModelError + '_ {
@@ -683,6 +683,9 @@ impl Cache {
     }
 }
 
+/// A read-ahead request: (layer, experts).
+type PrefetchJob = (usize, Vec<usize>);
+
 /// Expert records of a packed model behind a bounded host-RAM cache (the CPU tier).
 /// Eviction is frequency-aware LRU: an entry's score is its last use plus a bonus per
 /// past use, so experts the router keeps coming back to outlive one-off visitors.
@@ -693,7 +696,7 @@ pub struct ExpertStore {
     capacity: usize,
     cache: Mutex<Cache>,
     /// Work queue of the read-ahead thread (started on first use).
-    prefetch_tx: Mutex<Option<std::sync::mpsc::Sender<(usize, Vec<usize>)>>>,
+    prefetch_tx: Mutex<Option<std::sync::mpsc::Sender<PrefetchJob>>>,
     /// Layers in model order, to find "the next layer".
     layer_order: Vec<usize>,
     /// Handed to the read-ahead thread (which must not keep the store alive).
@@ -879,11 +882,7 @@ impl ExpertProvider for ExpertStore {
         self.capacity
     }
 
-    fn fetch(
-        &self,
-        layer: usize,
-        expert: usize,
-    ) -> Result<Arc<dyn AsRef<[u8]> + Send + Sync>, CoreError> {
+    fn fetch(&self, layer: usize, expert: usize) -> Result<moeflux_core::SharedBytes, CoreError> {
         let key = (layer, expert);
         {
             let mut c = self.cache.lock().expect("store lock");
@@ -934,7 +933,7 @@ impl ExpertProvider for ExpertStore {
         }
         let mut tx = self.prefetch_tx.lock().expect("prefetch lock");
         if tx.is_none() {
-            let (send, recv) = std::sync::mpsc::channel::<(usize, Vec<usize>)>();
+            let (send, recv) = std::sync::mpsc::channel::<PrefetchJob>();
             let weak = self.self_ref.clone();
             std::thread::Builder::new()
                 .name("moeflux-prefetch".into())

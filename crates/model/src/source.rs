@@ -28,7 +28,7 @@ pub struct TensorInfo {
 pub struct SafetensorsFile {
     pub path: PathBuf,
     /// The whole file: a memory map, or bytes built in memory (synthetic models).
-    pub data: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    pub data: moeflux_core::SharedBytes,
     /// Byte offset of the data section in the file.
     pub data_start: usize,
 }
@@ -88,7 +88,7 @@ impl WeightSource {
     /// Parses safetensors files already in memory (`name` labels errors).
     pub fn from_buffers(
         dir: &Path,
-        files: Vec<(PathBuf, Arc<dyn AsRef<[u8]> + Send + Sync>)>,
+        files: Vec<(PathBuf, moeflux_core::SharedBytes)>,
     ) -> Result<Self, ModelError> {
         let mut src = WeightSource {
             dir: dir.to_path_buf(),
@@ -117,7 +117,7 @@ impl WeightSource {
     fn add_bytes(
         &mut self,
         path: PathBuf,
-        data: Arc<dyn AsRef<[u8]> + Send + Sync>,
+        data: moeflux_core::SharedBytes,
     ) -> Result<(), ModelError> {
         let mmap: &[u8] = (*data).as_ref();
         let bad = |msg: String| ModelError::BadSafetensors {

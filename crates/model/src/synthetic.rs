@@ -307,7 +307,7 @@ impl Model {
         pool: &mut dyn BufferPool,
         seed: u64,
     ) -> Result<Model, ModelError> {
-        let mut files: Vec<(PathBuf, Arc<dyn AsRef<[u8]> + Send + Sync>)> = Vec::new();
+        let mut files: Vec<(PathBuf, moeflux_core::SharedBytes)> = Vec::new();
         let cfg = shards(config, layers, seed, &mut |b| {
             files.push((
                 PathBuf::from(format!("<synthetic shard {}>", files.len())),

@@ -139,7 +139,11 @@ impl<'a> Loader<'a> {
                     dtype: t.dtype.to_string(),
                     what: "has scales but config.json has no quantization for it",
                 })?;
-            if !matches!(bits, 4 | 8) || gs == 0 || gs % 8 != 0 || cols % gs as usize != 0 {
+            if !matches!(bits, 4 | 8)
+                || gs == 0
+                || !gs.is_multiple_of(8)
+                || !cols.is_multiple_of(gs as usize)
+            {
                 return Err(ModelError::DType {
                     name,
                     path: self.src.path_of(t).into(),

@@ -75,10 +75,10 @@ impl TextCodec {
 
         let mut eos_ids = Vec::new();
         let gc_path = dir.join("generation_config.json");
-        if let Some(gc) = read_json_optional(&gc_path)? {
-            if let Some(v) = gc.get("eos_token_id") {
-                eos_ids.extend(id_list(v, &gc_path, "eos_token_id")?);
-            }
+        if let Some(gc) = read_json_optional(&gc_path)?
+            && let Some(v) = gc.get("eos_token_id")
+        {
+            eos_ids.extend(id_list(v, &gc_path, "eos_token_id")?);
         }
         let cfg_path = dir.join("config.json");
         if let Some(cfg) = read_json_optional(&cfg_path)? {
@@ -319,17 +319,17 @@ fn load_template(
         return ChatTemplate::new(source, jinja_path.display().to_string()).map(Some);
     }
     let json_path = dir.join("chat_template.json");
-    if let Some(j) = read_json_optional(&json_path)? {
-        if let Some(t) = template_field(&j, &json_path)? {
-            let origin = format!("{}:chat_template", json_path.display());
-            return ChatTemplate::new(t, origin).map(Some);
-        }
+    if let Some(j) = read_json_optional(&json_path)?
+        && let Some(t) = template_field(&j, &json_path)?
+    {
+        let origin = format!("{}:chat_template", json_path.display());
+        return ChatTemplate::new(t, origin).map(Some);
     }
-    if let Some(cfg) = tok_config {
-        if let Some(t) = template_field(cfg, tc_path)? {
-            let origin = format!("{}:chat_template", tc_path.display());
-            return ChatTemplate::new(t, origin).map(Some);
-        }
+    if let Some(cfg) = tok_config
+        && let Some(t) = template_field(cfg, tc_path)?
+    {
+        let origin = format!("{}:chat_template", tc_path.display());
+        return ChatTemplate::new(t, origin).map(Some);
     }
     Ok(None)
 }

@@ -99,12 +99,13 @@ fn head_chunked(x: &HeadInputs, st: &mut [f32], res: &mut [f32], n: usize, dk: u
         let v = &x.v[t0 * dv..(t0 + c) * dv];
         let beta = &x.beta[t0..t0 + c];
         // cumulative log-decay inside the chunk
-        let mut gc = vec![0f32; c];
-        let mut acc = 0f32;
-        for i in 0..c {
-            acc += x.g[t0 + i];
-            gc[i] = acc;
-        }
+        let gc: Vec<f32> = x.g[t0..t0 + c]
+            .iter()
+            .scan(0f32, |acc, g| {
+                *acc += g;
+                Some(*acc)
+            })
+            .collect();
         // T = (I + strictly-lower A)^-1-style correction, by forward substitution:
         // A[i][j] = -beta_i (k_i . k_j) exp(G_i - G_j), j < i.
         let mut tm = vec![0f32; c * c];
