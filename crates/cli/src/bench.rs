@@ -197,17 +197,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         rows.push(row);
     }
     if a.profile {
-        let mut prof = s.profile().rows;
-        prof.sort_by(|x, y| y.2.total_cmp(&x.2));
-        let total: f64 = prof.iter().map(|r| r.2).sum();
-        println!("{:<16} {:>8} {:>10} {:>6}", "op", "calls", "ms", "%");
-        for (k, n, t) in prof {
-            println!(
-                "{k:<16} {n:>8} {:>10.2} {:>5.1}%",
-                t * 1e3,
-                100.0 * t / total.max(1e-12)
-            );
-        }
+        print!("{}", s.profile().table());
     }
     if let Some(path) = &a.json {
         let doc = serde_json::json!({

@@ -420,17 +420,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         );
     }
     if a.profile {
-        let mut rows = s.profile().rows;
-        rows.sort_by(|x, y| y.2.total_cmp(&x.2));
-        let total: f64 = rows.iter().map(|r| r.2).sum();
-        eprintln!("{:<16} {:>8} {:>10} {:>6}", "op", "calls", "ms", "%");
-        for (k, c, t) in rows {
-            eprintln!(
-                "{k:<16} {c:>8} {:>10.2} {:>5.1}%",
-                t * 1e3,
-                100.0 * t / total.max(1e-12)
-            );
-        }
+        eprint!("{}", s.profile().table());
     }
     Ok(())
 }

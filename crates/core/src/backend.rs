@@ -163,6 +163,24 @@ pub struct OpProfile {
     pub rows: Vec<(&'static str, u64, f64)>,
 }
 
+impl OpProfile {
+    /// The rows as a text table, most expensive first.
+    pub fn table(&self) -> String {
+        let mut rows = self.rows.clone();
+        rows.sort_by(|x, y| y.2.total_cmp(&x.2));
+        let total: f64 = rows.iter().map(|r| r.2).sum();
+        let mut out = format!("{:<20} {:>8} {:>10} {:>6}\n", "op", "calls", "ms", "%");
+        for (k, n, t) in rows {
+            out.push_str(&format!(
+                "{k:<20} {n:>8} {:>10.2} {:>5.1}%\n",
+                t * 1e3,
+                100.0 * t / total.max(1e-12)
+            ));
+        }
+        out
+    }
+}
+
 pub trait Backend: Send {
     fn name(&self) -> &'static str;
     fn pool(&mut self) -> &mut dyn BufferPool;

@@ -319,7 +319,7 @@ pub fn convert(
         let total = src.tensors.len() as u64 + total_experts;
         let mut done = 0u64;
         // 1. experts, one record at a time
-        let mut layout: Option<Vec<PartLayout>> = None;
+        let mut layout: Option<(Vec<PartLayout>, usize)> = None;
         let mut layers = Vec::new();
         for (l, lw) in weights.layers.iter().enumerate() {
             let Ffn::Moe(m) = &lw.ffn else { continue };
@@ -338,8 +338,8 @@ pub fn convert(
                 ];
                 let (lay, rec) = build_record(parts);
                 match &layout {
-                    None => layout = Some(lay),
-                    Some(x) if *x != lay => {
+                    None => layout = Some((lay, rec.len())),
+                    Some(x) if x.0 != lay => {
                         return Err(ModelError::Config {
                             path: src_dir.to_path_buf(),
                             field: "experts".into(),
@@ -360,23 +360,12 @@ pub fn convert(
                 crc32: crcs,
             });
         }
-        let parts = layout.ok_or_else(|| ModelError::Config {
+        // Every record has the same layout, hence the same (aligned) length.
+        let (parts, record_bytes) = layout.ok_or_else(|| ModelError::Config {
             path: src_dir.to_path_buf(),
             field: "num_experts".into(),
             msg: "model has no MoE layers to pack".into(),
         })?;
-        let record_bytes = {
-            let last = parts.last().expect("three parts");
-            let f = WeightFormat::Affine {
-                bits: last.bits,
-                group_size: last.group_size,
-                scale_dtype: DType::BF16,
-            };
-            let sb = f.scale_bytes(last.rows, last.cols)
-                * dtype_parse(&last.scale_dtype).map_or(2, |d| d.size())
-                / 2;
-            round_up(last.biases + sb, RECORD_ALIGN)
-        };
 
         // 2. dense tensors into one safetensors file (header first: sizes are known)
         struct Entry {

@@ -641,6 +641,13 @@ mod avx512 {
 
     // ---------------------------------------------------------------- 4-bit
 
+    /// Lane -> group (within its 16-group window) for each 128-element chunk of a window.
+    fn lane_groups(gs: usize) -> Vec<[u32; 16]> {
+        (0..gs / 8)
+            .map(|co| std::array::from_fn(|k| ((co * 128 + 8 * k) / gs) as u32))
+            .collect()
+    }
+
     unsafe fn rows_q4(
         w: &MatView<'_>,
         lay: &Layout,
@@ -653,14 +660,7 @@ mod avx512 {
         let a = Aff::new(w);
         let xs: Vec<*const f32> = (0..lay.n).map(|t| lay.x(buf, t)).collect();
         let ss: Vec<*const f32> = (0..lay.n).map(|t| lay.xs(buf, t)).collect();
-        // lane -> group (within its 16-group window) for each chunk of a window
-        let wchunks = a.gs / 8;
-        let mut tab = vec![[0u32; 16]; wchunks];
-        for (co, t) in tab.iter_mut().enumerate() {
-            for (k, v) in t.iter_mut().enumerate() {
-                *v = ((co * 128 + 8 * k) / a.gs) as u32;
-            }
-        }
+        let tab = lane_groups(a.gs);
         for (ra, rb) in row_chunks(r0, r1) {
             unsafe {
                 token_blocks!(
@@ -876,13 +876,7 @@ mod avx512 {
         let a = Aff::new(w);
         let xs: Vec<*const f32> = (0..lay.n).map(|t| lay.x(buf, t)).collect();
         let ss: Vec<*const f32> = (0..lay.n).map(|t| lay.xs(buf, t)).collect();
-        let wchunks = a.gs / 8;
-        let mut tab = vec![[0u32; 16]; wchunks];
-        for (co, t) in tab.iter_mut().enumerate() {
-            for (k, v) in t.iter_mut().enumerate() {
-                *v = ((co * 128 + 8 * k) / a.gs) as u32;
-            }
-        }
+        let tab = lane_groups(a.gs);
         for (ra, rb) in row_chunks(r0, r1) {
             unsafe {
                 token_blocks!(
