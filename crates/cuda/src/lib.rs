@@ -103,7 +103,7 @@ pub struct CudaBackend {
     kernels: kernels::Kernels,
     scratch: ops::Scratch,
     tables: ops::moe::ExpertTables,
-    staging: ops::moe::Staging,
+    staging: ops::moe_streamed::Staging,
     smem_optin: usize,
     sm_count: usize,
     device_name: String,

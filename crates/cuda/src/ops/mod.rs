@@ -10,6 +10,7 @@ pub(crate) mod embed;
 pub(crate) mod gated_delta;
 pub(crate) mod matmul;
 pub(crate) mod moe;
+pub(crate) mod moe_streamed;
 pub(crate) mod rms_norm;
 pub(crate) mod rope;
 
@@ -203,7 +204,7 @@ pub(crate) struct Enc<'a> {
     pub pool: &'a mut CudaPool,
     pub scratch: &'a mut Scratch,
     pub tables: &'a mut moe::ExpertTables,
-    pub staging: &'a mut moe::Staging,
+    pub staging: &'a mut moe_streamed::Staging,
     /// Largest dynamic shared memory a block may opt into.
     pub smem_optin: usize,
     /// Streaming multiprocessors of the device (grid sizing).
@@ -428,7 +429,7 @@ pub(crate) fn encode_op(enc: &mut Enc<'_>, op: &Op) -> Result<(), CudaError> {
                 hidden: *hidden,
                 inter: *inter,
             };
-            moe::moe_experts_streamed(enc, *x, *idx, *weights, store, *layer, *out, &shape)
+            moe_streamed::moe_experts_streamed(enc, *x, *idx, *weights, store, *layer, *out, &shape)
         }
         Op::MoeExperts {
             x,
