@@ -70,6 +70,22 @@ struct WMat {
     int sdt;           // scale dtype
 };
 
+// Expert weight tables (moe.cu, gemm_tc.cu): per expert 9 u64 device pointers, gate {data,
+// scales, biases}, up {...}, down {...}.
+// Matrix `m` (0 gate, 1 up, 2 down) of expert e.
+__device__ __forceinline__ WMat expert_mat(const u64* table, u32 e, int m, u32 rows, u32 cols, u32 group, int sdt) {
+    const u64* p = table + (u64)e * 9 + m * 3;
+    WMat w;
+    w.data = (const u8*)p[0];
+    w.scales = (const u8*)p[1];
+    w.biases = (const u8*)p[2];
+    w.rows = rows;
+    w.cols = cols;
+    w.group = group;
+    w.sdt = sdt;
+    return w;
+}
+
 // Bytes of one stored row for a format.
 template <int FMT>
 __device__ __forceinline__ u64 row_bytes(u32 cols) {

@@ -14,7 +14,8 @@
 //      moe_down_{vec,scalar}_FD:    grid (ceil(hidden / 32), P): y[p] = D h[p]
 //  * Many tokens (prefill): pairs grouped by expert on the device, then tiled GEMMs:
 //      moe_route: one block of 1024 threads: counts per expert, expert-sorted pair list, and a
-//        list of tiles (expert, first, count <= MOE_TM) with their number; dynamic shared memory
+//        list of tiles (expert, first, count <= tm: MOE_TM for the kernels below, 32 or 64 for
+//        the tensor-core ones in gemm_tc.cu) with their number; dynamic shared memory
 //        2 * experts u32.
 //      moe_gemm_gate_up_FG: grid (ceil(inter / 64), max_tiles); blocks past the tile count exit.
 //      moe_gemm_down_FD:    grid (ceil(hidden / 64), max_tiles).
@@ -79,20 +80,6 @@ extern "C" __global__ void router_topk_f32(const float* logits, u32* idx, float*
 }
 
 // ----------------------------------------------------------------------------- experts
-// Matrix `m` (0 gate, 1 up, 2 down) of expert e.
-__device__ __forceinline__ WMat expert_mat(const u64* table, u32 e, int m, u32 rows, u32 cols, u32 group, int sdt) {
-    const u64* p = table + (u64)e * 9 + m * 3;
-    WMat w;
-    w.data = (const u8*)p[0];
-    w.scales = (const u8*)p[1];
-    w.biases = (const u8*)p[2];
-    w.rows = rows;
-    w.cols = cols;
-    w.group = group;
-    w.sdt = sdt;
-    return w;
-}
-
 template <int FMT, bool VEC>
 __device__ __forceinline__ void gate_up_body(const u64* table, u32 num_experts, const float* x, const u32* idx, u32 k, u32 hidden,
                                              u32 inter, u32 group, int sdt, float* h) {
@@ -144,7 +131,7 @@ __device__ __forceinline__ void down_body(const u64* table, u32 num_experts, con
     }
 }
 
-extern "C" __global__ void moe_route(const u32* idx, u32 pairs, u32 num_experts, u32* sorted, u32* tiles, u32* ntiles) {
+extern "C" __global__ void moe_route(const u32* idx, u32 pairs, u32 num_experts, u32 tm, u32* sorted, u32* tiles, u32* ntiles) {
     u32* cnt = (u32*)smem4;
     u32* fill = cnt + num_experts;
     for (u32 e = threadIdx.x; e < num_experts; e += blockDim.x) cnt[e] = 0;
@@ -159,10 +146,10 @@ extern "C" __global__ void moe_route(const u32* idx, u32 pairs, u32 num_experts,
         for (u32 e = 0; e < num_experts; e++) {
             u32 c = cnt[e];
             fill[e] = off;
-            for (u32 s = 0; s < c; s += MOE_TM) {
+            for (u32 s = 0; s < c; s += tm) {
                 tiles[3 * nt] = e;
                 tiles[3 * nt + 1] = off + s;
-                tiles[3 * nt + 2] = min(c - s, (u32)MOE_TM);
+                tiles[3 * nt + 2] = min(c - s, tm);
                 nt++;
             }
             off += c;

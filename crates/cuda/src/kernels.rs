@@ -26,6 +26,7 @@ pub const FILES: &[(&str, &str)] = &[
     ("elementwise.cu", include_str!("../kernels/elementwise.cu")),
     ("embed.cu", include_str!("../kernels/embed.cu")),
     ("gated_delta.cu", include_str!("../kernels/gated_delta.cu")),
+    ("gemm_tc.cu", include_str!("../kernels/gemm_tc.cu")),
     ("matmul.cu", include_str!("../kernels/matmul.cu")),
     ("moe.cu", include_str!("../kernels/moe.cu")),
     ("rms_norm.cu", include_str!("../kernels/rms_norm.cu")),
@@ -178,6 +179,18 @@ impl Kernels {
             smem: HashMap::new(),
             stats: (0, 0),
         }
+    }
+
+    /// Whether the tensor-core kernels (`gemm_tc.cu`: bf16 `mma.sync`, `ldmatrix`) may run:
+    /// sm_80 or newer, and not switched off with `MOEFLUX_CUDA_TC=0`.
+    pub fn tensor_cores(&self) -> bool {
+        let major: u32 = self
+            .arch
+            .strip_prefix("sm_")
+            .and_then(|s| s.get(..s.len().saturating_sub(1)))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        major >= 8 && std::env::var("MOEFLUX_CUDA_TC").map_or(true, |v| v != "0")
     }
 
     fn cache_path(&self, file: &str, src: &str) -> Option<PathBuf> {

@@ -958,7 +958,7 @@ fn moe_experts() {
     ];
     for (ci, (gu, dn)) in combos.into_iter().enumerate() {
         for skew in [0, 4] {
-            for n in [1, 2, 5, 70] {
+            for n in [1, 2, 5, 70, 200] {
                 check(
                     &format!("moe_experts {gu:?}/{dn:?} skew {skew} n {n}"),
                     400 + ci as u64,

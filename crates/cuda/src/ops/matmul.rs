@@ -7,7 +7,7 @@
 use cudarc::driver::LaunchConfig;
 use moeflux_core::{Act, BufId, Matrix};
 
-use super::{Enc, grid_y, launch, u32_of, vec_ok};
+use super::{Enc, Fmt, grid_y, launch, u32_of, vec_ok};
 use crate::error::CudaError;
 
 pub(crate) const MATVEC_MAX_N: usize = 2;
@@ -48,6 +48,20 @@ const MATVEC_SCALAR_R4: [&str; 5] = [
     "matvec_scalar_q8_r4",
 ];
 const GEMM: [&str; 5] = ["gemm_f32", "gemm_f16", "gemm_bf16", "gemm_q4", "gemm_q8"];
+/// Tensor-core GEMMs (gemm_tc.cu); f32 and f16 weights have none (see `tc_ok`).
+const GEMM_TC: [&str; 5] = ["", "", "gemm_tc_bf16", "gemm_tc_q4", "gemm_tc_q8"];
+
+/// Whether a matrix of `fmt` at `data` with `cols` columns may take the tensor-core kernels:
+/// bf16 or affine weights (exact in bf16 as values or codes), 32-column stages inside one
+/// quantization group, 16-byte aligned rows. f16 weights would need f16 parts of x (whose
+/// range is too small for activations) and f32 weights are not exact in bf16.
+pub(crate) fn tc_ok(enc: &Enc<'_>, fmt: Fmt, data: u64, cols: usize, group: u32) -> bool {
+    enc.kernels.tensor_cores()
+        && matches!(fmt, Fmt::BF16 | Fmt::Q4 | Fmt::Q8)
+        && cols.is_multiple_of(32)
+        && data.is_multiple_of(16)
+        && (!fmt.affine() || (group as usize).is_multiple_of(32))
+}
 
 /// Rows per block of the expert matrix-vector kernels (8 warps x `MV_R` = 2 in gemv.cuh), the
 /// dense GEMM tile (`GT_M` = `GT_N`) and the expert GEMM's pairs per tile (`MOE_TM`).
@@ -110,6 +124,22 @@ pub(crate) fn matmul(
             return unsafe { launch!(enc, "matmul.cu", name, cfg, [wa, xp, op]) };
         }
     }
+    let n_u = u32_of(n, "n", OP)?;
+    if tc_ok(enc, fmt, wa.data, w.cols, wa.group) {
+        let cfg = LaunchConfig {
+            grid_dim: (
+                u32_of(w.rows.div_ceil(GT), "row tiles", OP)?,
+                grid_y(n.div_ceil(GT), "token tiles", OP)?,
+                1,
+            ),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: gemm_tc_*(WMat, const float*, float*, u32); x holds n * cols floats and out
+        // n * rows (Graph::validate); cols % 32 == 0 and 16-byte aligned rows (tc_ok; pool
+        // buffers are 256-byte aligned); tiles past n or rows are masked in the kernel.
+        return unsafe { launch!(enc, "gemm_tc.cu", fmt.pick(&GEMM_TC), cfg, [wa, xp, op, n_u]) };
+    }
     let cfg = LaunchConfig {
         grid_dim: (
             u32_of(w.rows.div_ceil(GT), "row tiles", OP)?,
@@ -119,7 +149,6 @@ pub(crate) fn matmul(
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    let n_u = u32_of(n, "n", OP)?;
     // SAFETY: gemm_*(WMat, const float*, float*, u32); sizes as above; tiles past n or rows are
     // masked in the kernel.
     unsafe { launch!(enc, "matmul.cu", fmt.pick(&GEMM), cfg, [wa, xp, op, n_u]) }

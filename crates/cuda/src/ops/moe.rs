@@ -12,7 +12,7 @@ use cudarc::driver::result as drv;
 use cudarc::driver::{CudaStream, LaunchConfig};
 use moeflux_core::{Act, BufId, ExpertWeights, Idx, Matrix};
 
-use super::matmul::{GT, MOE_TM, MV_ROWS, mv_smem};
+use super::matmul::{GT, MOE_TM, MV_ROWS, mv_smem, tc_ok};
 use super::{Enc, Fmt, format_of, grid_1d, grid_y, launch, u32_of, vec_ok};
 use crate::error::CudaError;
 use crate::pool::{CudaPool, DevMem};
@@ -53,6 +53,34 @@ const GEMM_GATE_UP: [&str; 5] = [
     "moe_gemm_gate_up_bf16",
     "moe_gemm_gate_up_q4",
     "moe_gemm_gate_up_q8",
+];
+const TC_GATE_UP_M32: [&str; 5] = [
+    "",
+    "",
+    "moe_tc_gate_up_bf16_m32",
+    "moe_tc_gate_up_q4_m32",
+    "moe_tc_gate_up_q8_m32",
+];
+const TC_GATE_UP_M64: [&str; 5] = [
+    "",
+    "",
+    "moe_tc_gate_up_bf16_m64",
+    "moe_tc_gate_up_q4_m64",
+    "moe_tc_gate_up_q8_m64",
+];
+const TC_DOWN_M32: [&str; 5] = [
+    "",
+    "",
+    "moe_tc_down_bf16_m32",
+    "moe_tc_down_q4_m32",
+    "moe_tc_down_q8_m32",
+];
+const TC_DOWN_M64: [&str; 5] = [
+    "",
+    "",
+    "moe_tc_down_bf16_m64",
+    "moe_tc_down_q4_m64",
+    "moe_tc_down_q8_m64",
 ];
 const GEMM_DOWN: [&str; 5] = [
     "moe_gemm_down_f32",
@@ -455,23 +483,76 @@ pub(crate) fn expert_pass(
             });
         }
         let p_u = u32_of(pairs, "pairs", OP)?;
+        // Tensor cores when both roles allow them; their tile takes 32 or 64 pairs of one
+        // expert (64 once experts average enough pairs to fill it).
+        let tc = tc_roles(enc, gu, dn, s);
+        let tm: u32 = match tc {
+            false => MOE_TM as u32,
+            true if pairs >= 48 * (ne as usize).min(pairs) => 64,
+            true => 32,
+        };
         let cfg = LaunchConfig {
             grid_dim: (1, 1, 1),
             block_dim: (1024, 1, 1),
             shared_mem_bytes: route_smem as u32,
         };
-        // SAFETY: moe_route(const u32*, u32, u32, u32*, u32*, u32*); idx holds pairs entries;
-        // sorted / tiles / ntiles are scratch sized pairs, 3 * max_tiles and 1.
+        // SAFETY: moe_route(const u32*, u32, u32, u32, u32*, u32*, u32*); idx holds pairs
+        // entries; sorted / tiles / ntiles are scratch sized pairs, 3 * max_tiles and 1
+        // (max_tiles bounds the tile count for any tm >= MOE_TM).
         unsafe {
             launch!(
                 enc,
                 "moe.cu",
                 "moe_route",
                 cfg,
-                [ip, p_u, ne, sorted, tiles, ntiles]
+                [ip, p_u, ne, tm, sorted, tiles, ntiles]
             )
         }?;
         let ty = grid_y(sc.max_tiles, "expert tiles", OP)?;
+        if tc {
+            let (gu_name, dn_name) = if tm == 64 {
+                (gu.fmt.pick(&TC_GATE_UP_M64), dn.fmt.pick(&TC_DOWN_M64))
+            } else {
+                (gu.fmt.pick(&TC_GATE_UP_M32), dn.fmt.pick(&TC_DOWN_M32))
+            };
+            let cfg = LaunchConfig {
+                grid_dim: (u32_of(s.inter.div_ceil(32), "row tiles", OP)?, ty, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: moe_tc_gate_up_*(const u64*, const u32*, const u32*, const u32*, const
+            // float*, u32, u32, u32, u32, int, float*), the same arguments as moe_gemm_gate_up;
+            // tiles hold at most tm pairs (moe_route above); hidden, inter and the group are
+            // multiples of 32 and every expert's data 16-byte aligned (tc_roles).
+            unsafe {
+                launch!(
+                    enc,
+                    "gemm_tc.cu",
+                    gu_name,
+                    cfg,
+                    [
+                        table, sorted, tiles, ntiles, xp, k, hidden, inter, gu_group, gu_sdt, h
+                    ]
+                )
+            }?;
+            let cfg = LaunchConfig {
+                grid_dim: (u32_of(s.hidden.div_ceil(GT), "row tiles", OP)?, ty, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: moe_tc_down_*: the same arguments as moe_gemm_down; as above.
+            return unsafe {
+                launch!(
+                    enc,
+                    "gemm_tc.cu",
+                    dn_name,
+                    cfg,
+                    [
+                        table, sorted, tiles, ntiles, h, hidden, inter, dn_group, dn_sdt, y
+                    ]
+                )
+            };
+        }
         let cfg = LaunchConfig {
             grid_dim: (u32_of(s.inter.div_ceil(GT), "row tiles", OP)?, ty, 1),
             block_dim: (256, 1, 1),
@@ -509,6 +590,17 @@ pub(crate) fn expert_pass(
             )
         }
     }
+}
+
+/// Whether both expert roles may take the tensor-core GEMMs (see `matmul::tc_ok`): every
+/// expert's data passed the vector path's 16-byte alignment check, and the shapes and groups
+/// are multiples of 32.
+fn tc_roles(enc: &Enc<'_>, gu: RoleFmt, dn: RoleFmt, s: &MoeShape) -> bool {
+    // tc_ok's data check is per matrix; `vec` already holds it for every expert.
+    gu.vec
+        && dn.vec
+        && tc_ok(enc, gu.fmt, 0, s.hidden, gu.group)
+        && tc_ok(enc, dn.fmt, 0, s.inter, dn.group)
 }
 
 pub(crate) fn combine(

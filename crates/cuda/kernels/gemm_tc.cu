@@ -1,0 +1,347 @@
+// gemm_tc.cu: prefill GEMMs on the tensor cores (mma.sync m16n8k16, bf16 in, f32 accumulate).
+// Needs sm_80 or newer; the host only picks these kernels on such devices, and keeps them in
+// their own program so an older GPU loses nothing else.
+//
+// Exactness. The SIMT kernels compute in f32; these must agree with them (and the CPU
+// reference) to ~1e-6, so nothing is rounded to bf16 that the f32 path keeps:
+//  * affine weights (q4, q8): W[r, c] = s[r, g] * q[r, c] + b[r, g], and per group slice
+//    sum_c W x = s * sum_c q x + b * sum_c x. The codes q (0..255) are exact in bf16, so the
+//    tensor cores compute sum q x, and s, b and sum x are applied in f32 per 32-column slice.
+//  * bf16 weights are exact in bf16 as they are.
+//  * x (f32) is split into three bf16 parts x = hi + mid + lo (each the rounded remainder of
+//    the previous), exact to ~2^-27 relative; every product of a bf16 weight or code with a
+//    part is exact in the f32 accumulator. So one output costs three mma per k16 step.
+//
+// Tile: TM tokens (32 or 64) x 64 weight rows, K in stages of 32, 128 threads = 4 warps as
+// 2 (tokens) x 2 (rows); a warp owns TM/2 tokens x 32 rows = (TM/32) x 4 mma tiles.
+// Shared memory rows are 40 bf16 (80 bytes) apart: ldmatrix rows fall in distinct banks.
+// Rows of x and of the output come from per-tile pointer tables (null past the end), so the
+// same tile serves the dense GEMM and the expert-grouped pairs of the MoE.
+//
+// Kernels (F in q4, q8, bf16):
+//   gemm_tc_F(WMat w, const float* x, float* out, u32 n): grid (ceil(rows / 64), ceil(n / 64)).
+//   moe_tc_gate_up_F / moe_tc_down_F: as moe_gemm_* in moe.cu (tiles of up to TM pairs of one
+//     expert from moe_route), TM = 32 or 64 by name suffix. gate_up: a block computes 32 rows
+//     of gate and the same 32 rows of up and writes silu(gate) * up; grid (ceil(inter / 32),
+//     max_tiles). down: grid (ceil(hidden / 64), max_tiles).
+// Host-checked requirements: cols % 32 == 0, group % 32 == 0 (affine), weight data 16-byte
+// aligned, x rows 16-byte aligned.
+#include "common.cuh"
+#include "gemv.cuh"
+
+#define TC_K 32
+#define TC_LD 40  // bf16 per shared-memory row (32 + 8 padding)
+#define TC_SPLIT 3
+
+struct TcSmem {
+    u16 xs[TC_SPLIT][64][TC_LD];  // x parts, [token][k]
+    u16 ws[64][TC_LD];            // weights / codes, [row][k]
+    float sc[64], bi[64];         // scale and bias of each tile row for this stage
+    float sx[64];                 // sum of x over this stage's 32 columns, per token
+};
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+__device__ __forceinline__ void ldm4(u32* r, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Round-to-nearest-even f32 -> bf16 bits (finite inputs).
+__device__ __forceinline__ u32 bf16_rn(float f) {
+    u32 b = __float_as_uint(f);
+    return (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+}
+
+// The three bf16 parts of v, packed as part p of 4 consecutive values.
+__device__ __forceinline__ void split3(float v, u32* part) {
+    u32 h = bf16_rn(v);
+    float r = v - __uint_as_float(h << 16);
+    u32 m = bf16_rn(r);
+    float r2 = r - __uint_as_float(m << 16);
+    part[0] = h;
+    part[1] = m;
+    part[2] = bf16_rn(r2);
+}
+
+// Exact bf16 of a small integer code.
+__device__ __forceinline__ u32 code_bf16(u32 q) { return __float_as_uint(qf(q)) >> 16; }
+
+// Stages x for one K stage: TM tokens x 32 floats, split into parts, and their sums.
+template <int TM>
+__device__ __forceinline__ void tc_stage_x(TcSmem& sm, const float* const* xr, u32 k0) {
+    const u32 tid = threadIdx.x;
+#pragma unroll
+    for (int it = 0; it < TM * 8 / 128; it++) {
+        const u32 i = tid + 128 * it;
+        const u32 tok = i >> 3, q = i & 7;
+        const float* src = xr[tok];
+        float4 v = src != 0 ? *(const float4*)(src + k0 + q * 4) : make_float4(0.f, 0.f, 0.f, 0.f);
+        float vs[4] = {v.x, v.y, v.z, v.w};
+        u32 parts[4][TC_SPLIT];
+#pragma unroll
+        for (int j = 0; j < 4; j++) split3(vs[j], parts[j]);
+#pragma unroll
+        for (int s = 0; s < TC_SPLIT; s++) {
+            uint2 pk = make_uint2(parts[0][s] | (parts[1][s] << 16), parts[2][s] | (parts[3][s] << 16));
+            *(uint2*)&sm.xs[s][tok][q * 4] = pk;
+        }
+        // The 8 lanes of one token are consecutive lanes of one warp.
+        float sum = (v.x + v.y) + (v.z + v.w);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+        if (q == 0) sm.sx[tok] = sum;
+    }
+}
+
+// Stages 64 weight rows (`w0` rows r0.., or for NMAT == 2 rows 0..31 of the tile from w0 and
+// 32..63 from w1, both starting at r0) for one K stage, with their scales and biases.
+template <int FMT, int NMAT>
+__device__ __forceinline__ void tc_stage_w(TcSmem& sm, const WMat& w0, const WMat& w1, u32 r0, u32 k0) {
+    const u32 tid = threadIdx.x;
+    constexpr bool AFF = FMT == FMT_Q4 || FMT == FMT_Q8;
+    // 16-byte chunks per row per stage: q4 1, q8 2, bf16 4.
+    constexpr int CH = FMT == FMT_Q4 ? 1 : FMT == FMT_Q8 ? 2 : 4;
+#pragma unroll
+    for (int it = 0; it < (64 * CH + 127) / 128; it++) {
+        const u32 i = tid + 128 * it;
+        if (i >= 64 * CH) break;
+        const u32 tr = i / CH, c = i % CH;
+        const WMat& w = (NMAT == 2 && tr >= 32) ? w1 : w0;
+        const u32 r = r0 + (NMAT == 2 ? (tr & 31) : tr);
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (r < w.rows) v = __ldg((const uint4*)(w.data + (u64)r * row_bytes<FMT>(w.cols) + elem_byte<FMT>(k0) + 16 * c));
+        u32 ws[4] = {v.x, v.y, v.z, v.w};
+        if (FMT == FMT_Q4) {
+            // 32 codes -> 32 bf16 (16 words)
+            u32 o[16];
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+#pragma unroll
+                for (int b = 0; b < 4; b++) {
+                    u32 byte = (ws[j] >> (8 * b)) & 0xffu;
+                    o[4 * j + b] = code_bf16(byte & 15u) | (code_bf16(byte >> 4) << 16);
+                }
+            uint4* dst = (uint4*)&sm.ws[tr][0];
+#pragma unroll
+            for (int j = 0; j < 4; j++) dst[j] = make_uint4(o[4 * j], o[4 * j + 1], o[4 * j + 2], o[4 * j + 3]);
+        } else if (FMT == FMT_Q8) {
+            u32 o[8];
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                o[2 * j] = code_bf16(ws[j] & 0xffu) | (code_bf16((ws[j] >> 8) & 0xffu) << 16);
+                o[2 * j + 1] = code_bf16((ws[j] >> 16) & 0xffu) | (code_bf16(ws[j] >> 24) << 16);
+            }
+            uint4* dst = (uint4*)&sm.ws[tr][16 * c];
+            dst[0] = make_uint4(o[0], o[1], o[2], o[3]);
+            dst[1] = make_uint4(o[4], o[5], o[6], o[7]);
+        } else {
+            *(uint4*)&sm.ws[tr][8 * c] = v;
+        }
+    }
+    if (AFF) {
+        const u32 tr = tid & 63;
+        const WMat& w = (NMAT == 2 && tr >= 32) ? w1 : w0;
+        const u32 r = r0 + (NMAT == 2 ? (tr & 31) : tr);
+        float val = 0.f;
+        if (r < w.rows) {
+            u64 g = (u64)r * (w.cols / w.group) + k0 / w.group;
+            val = load_float(tid < 64 ? w.scales : w.biases, w.sdt, g);
+        }
+        if (tid < 64) sm.sc[tr] = val;
+        else sm.bi[tr] = val;
+    }
+}
+
+// The tile: out rows r0.. (NMAT == 1: x . w0; NMAT == 2: silu(x . w0) * (x . w1) for 32 rows).
+template <int FMT, int NMAT, int TM>
+__device__ __forceinline__ void tc_tile(const WMat& w0, const WMat& w1, const float* const* xr, float* const* orow, u32 r0,
+                                        TcSmem& sm) {
+    constexpr bool AFF = FMT == FMT_Q4 || FMT == FMT_Q8;
+    constexpr int MT = TM / 32;  // m16 tiles per warp
+    const u32 tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const u32 g = lane >> 2, tig = lane & 3;
+    const u32 wm = warp & 1, wn = warp >> 1;
+    const u32 K = w0.cols;
+    float acc[MT][4][4];
+    float part[MT][4][4];
+#pragma unroll
+    for (int m = 0; m < MT; m++)
+#pragma unroll
+        for (int n = 0; n < 4; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[m][n][e] = 0.f;
+
+    for (u32 k0 = 0; k0 < K; k0 += TC_K) {
+        tc_stage_x<TM>(sm, xr, k0);
+        tc_stage_w<FMT, NMAT>(sm, w0, w1, r0, k0);
+        __syncthreads();
+#pragma unroll
+        for (int m = 0; m < MT; m++)
+#pragma unroll
+            for (int n = 0; n < 4; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) part[m][n][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < 2; kk++) {
+            // B fragments of the warp's four n8 tiles (two ldmatrix.x4, each two tiles).
+            u32 b[4][2];
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const u32 mat = lane >> 3, r = lane & 7;
+                const u32 n = wn * 32 + h * 16 + (mat >> 1) * 8 + r;
+                u32 t[4];
+                ldm4(t, &sm.ws[n][kk * 16 + (mat & 1) * 8]);
+                b[2 * h][0] = t[0];
+                b[2 * h][1] = t[1];
+                b[2 * h + 1][0] = t[2];
+                b[2 * h + 1][1] = t[3];
+            }
+#pragma unroll
+            for (int s = 0; s < TC_SPLIT; s++)
+#pragma unroll
+                for (int m = 0; m < MT; m++) {
+                    u32 a[4];
+                    const u32 row = wm * (TM / 2) + m * 16 + (lane & 15);
+                    ldm4(a, &sm.xs[s][row][kk * 16 + (lane >> 4) * 8]);
+#pragma unroll
+                    for (int n = 0; n < 4; n++) mma_bf16(AFF ? part[m][n] : acc[m][n], a, b[n][0], b[n][1]);
+                }
+        }
+        if (AFF) {
+#pragma unroll
+            for (int m = 0; m < MT; m++)
+#pragma unroll
+                for (int n = 0; n < 4; n++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const u32 tok = wm * (TM / 2) + m * 16 + g + (e >> 1) * 8;
+                        const u32 col = wn * 32 + n * 8 + tig * 2 + (e & 1);
+                        acc[m][n][e] += sm.sc[col] * part[m][n][e] + sm.bi[col] * sm.sx[tok];
+                    }
+        }
+        __syncthreads();
+    }
+
+    if (NMAT == 1) {
+#pragma unroll
+        for (int m = 0; m < MT; m++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const u32 tok = wm * (TM / 2) + m * 16 + g + h * 8;
+                float* o = orow[tok];
+                if (o == 0) continue;
+#pragma unroll
+                for (int n = 0; n < 4; n++) {
+                    const u32 r = r0 + wn * 32 + n * 8 + tig * 2;
+                    if (r < w0.rows) o[r] = acc[m][n][2 * h];
+                    if (r + 1 < w0.rows) o[r + 1] = acc[m][n][2 * h + 1];
+                }
+            }
+    } else {
+        // Warps wn = 0 hold gate, wn = 1 up, at the same (token, row) positions.
+        float(*ep)[33] = (float(*)[33])&sm.xs[0][0][0];  // 64 x 33 floats fit in xs
+        if (wn == 0) {
+#pragma unroll
+            for (int m = 0; m < MT; m++)
+#pragma unroll
+                for (int n = 0; n < 4; n++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++)
+                        ep[wm * (TM / 2) + m * 16 + g + (e >> 1) * 8][n * 8 + tig * 2 + (e & 1)] = acc[m][n][e];
+        }
+        __syncthreads();
+        if (wn == 1) {
+#pragma unroll
+            for (int m = 0; m < MT; m++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const u32 tok = wm * (TM / 2) + m * 16 + g + (e >> 1) * 8;
+                    float* o = orow[tok];
+                    if (o == 0) continue;
+#pragma unroll
+                    for (int n = 0; n < 4; n++) {
+                        const u32 c = n * 8 + tig * 2 + (e & 1);
+                        const u32 r = r0 + c;
+                        if (r < w0.rows) o[r] = silu_f(ep[tok][c]) * acc[m][n][e];
+                    }
+                }
+        }
+    }
+}
+
+template <int FMT>
+__device__ __forceinline__ void gemm_tc_body(const WMat& w, const float* x, float* out, u32 n) {
+    __shared__ TcSmem sm;
+    __shared__ const float* xr[64];
+    __shared__ float* orow[64];
+    const u32 t0 = blockIdx.y * 64;
+    if (threadIdx.x < 64) {
+        u32 t = t0 + threadIdx.x;
+        xr[threadIdx.x] = t < n ? x + (u64)t * w.cols : 0;
+        orow[threadIdx.x] = t < n ? out + (u64)t * w.rows : 0;
+    }
+    __syncthreads();
+    tc_tile<FMT, 1, 64>(w, w, xr, orow, blockIdx.x * 64, sm);
+}
+
+template <int FMT, int NMAT, int TM>
+__device__ __forceinline__ void moe_tc_body(const u64* table, const u32* sorted, const u32* tiles, const u32* ntiles, const float* x,
+                                            u32 gather_div, u32 x_width, u32 rows, u32 cols, u32 group, int sdt, float* out,
+                                            u32 out_width) {
+    __shared__ TcSmem sm;
+    __shared__ const float* xr[TM];
+    __shared__ float* orow[TM];
+    const u32 tile = blockIdx.y;
+    if (tile >= *ntiles) return;  // uniform across the block
+    const u32 e = tiles[3 * tile], first = tiles[3 * tile + 1], count = tiles[3 * tile + 2];
+    if (threadIdx.x < TM) {
+        u32 i = threadIdx.x;
+        if (i < count) {
+            u32 p = sorted[first + i];
+            xr[i] = x + (u64)(p / gather_div) * x_width;
+            orow[i] = out + (u64)p * out_width;
+        } else {
+            xr[i] = 0;
+            orow[i] = 0;
+        }
+    }
+    __syncthreads();
+    WMat w0 = expert_mat(table, e, NMAT == 2 ? 0 : 2, rows, cols, group, sdt);
+    WMat w1 = NMAT == 2 ? expert_mat(table, e, 1, rows, cols, group, sdt) : w0;
+    tc_tile<FMT, NMAT, TM>(w0, w1, xr, orow, blockIdx.x * (NMAT == 2 ? 32 : 64), sm);
+}
+
+#define TC_MOE(NAME, FMT, TM)                                                                                              \
+    extern "C" __global__ void __launch_bounds__(128) moe_tc_gate_up_##NAME##_m##TM(const u64* table, const u32* sorted,  \
+        const u32* tiles, const u32* ntiles, const float* x, u32 k, u32 hidden, u32 inter, u32 group, int sdt, float* h) { \
+        moe_tc_body<FMT, 2, TM>(table, sorted, tiles, ntiles, x, k, hidden, inter, hidden, group, sdt, h, inter);          \
+    }                                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(128) moe_tc_down_##NAME##_m##TM(const u64* table, const u32* sorted,     \
+        const u32* tiles, const u32* ntiles, const float* h, u32 hidden, u32 inter, u32 group, int sdt, float* y) {       \
+        moe_tc_body<FMT, 1, TM>(table, sorted, tiles, ntiles, h, 1, inter, hidden, inter, group, sdt, y, hidden);          \
+    }
+
+#define TC_KERNELS(NAME, FMT)                                                                                              \
+    extern "C" __global__ void __launch_bounds__(128) gemm_tc_##NAME(WMat w, const float* x, float* out, u32 n) {         \
+        gemm_tc_body<FMT>(w, x, out, n);                                                                                   \
+    }                                                                                                                      \
+    TC_MOE(NAME, FMT, 32)                                                                                                  \
+    TC_MOE(NAME, FMT, 64)
+
+TC_KERNELS(bf16, FMT_BF16)
+TC_KERNELS(q4, FMT_Q4)
+TC_KERNELS(q8, FMT_Q8)
