@@ -105,7 +105,7 @@ pub(crate) fn router_topk(
     if n == 0 {
         return Ok(());
     }
-    let smem = 4 * experts * 4;
+    let smem = 4 * (experts + k);
     if smem > enc.smem_optin {
         return Err(CudaError::Unsupported {
             op: OP,
@@ -113,7 +113,7 @@ pub(crate) fn router_topk(
         });
     }
     let cfg = LaunchConfig {
-        grid_dim: (u32_of(n.div_ceil(4), "blocks", OP)?, 1, 1),
+        grid_dim: (u32_of(n, "blocks", OP)?, 1, 1),
         block_dim: (128, 1, 1),
         shared_mem_bytes: smem as u32,
     };
