@@ -79,6 +79,62 @@ pub trait ExpertProvider: Send + Sync + std::fmt::Debug {
     /// Called once a layer's experts for the current step are known: lets the provider
     /// record the set and start fetching what the next layer is likely to need.
     fn layer_routed(&self, _layer: usize, _experts: &[usize]) {}
+    /// The record of `expert` in `layer` if it is in host memory now, without waiting for
+    /// storage (`None`: not cached, or the provider cannot tell). Used for device prefetch,
+    /// which must not stall the compute thread on a disk read.
+    fn fetch_cached(&self, _layer: usize, _expert: usize) -> Option<crate::SharedBytes> {
+        None
+    }
+    /// The layer after `layer` and the experts it used on its latest step: the prediction
+    /// of what it needs next (`None`: no prediction yet).
+    fn predicted_next(&self, _layer: usize) -> Option<(usize, Vec<usize>)> {
+        None
+    }
+    /// Records in the whole store (every layer), when known: caps device caches.
+    fn total_records(&self) -> Option<usize> {
+        None
+    }
+    /// The host memory every record returned by `fetch` lies in, as (address, bytes), when
+    /// it is one fixed range for the provider's lifetime: a device backend may page-lock it
+    /// once (`cuMemHostRegister`) so copies from it are DMA. Records outside it are allowed.
+    fn host_slab(&self) -> Option<(usize, usize)> {
+        None
+    }
+    /// Benchmarks only: rewrites the routed expert indices of one step of `layer` (`k` per
+    /// token, distinct within a token) before they are used, to imitate the temporal
+    /// locality of real routers on random weights. Changes the model's outputs.
+    fn remap_routing(&self, _layer: usize, _k: usize, _idx: &mut [u32]) {}
+    /// A backend's counters for the tiers it owns (device cache, CPU-computed misses),
+    /// added to the provider's statistics.
+    fn add_device_stats(&self, _delta: &DeviceTierStats) {}
+}
+
+/// Counters of the tiers a device backend keeps in front of an [`ExpertProvider`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceTierStats {
+    /// Routed experts found in the device cache.
+    pub vram_hits: u64,
+    /// Routed experts copied host -> device for the step that needs them.
+    pub vram_misses: u64,
+    /// Missed experts computed on the CPU from the host record instead of copied.
+    pub cpu_computed: u64,
+    /// Bytes copied host -> device (misses and prefetches).
+    pub h2d_bytes: u64,
+    /// Records copied into the device cache ahead of need.
+    pub prefetched: u64,
+    /// Of those, records used before being evicted.
+    pub prefetch_used: u64,
+}
+
+impl DeviceTierStats {
+    pub fn add(&mut self, o: &DeviceTierStats) {
+        self.vram_hits += o.vram_hits;
+        self.vram_misses += o.vram_misses;
+        self.cpu_computed += o.cpu_computed;
+        self.h2d_bytes += o.h2d_bytes;
+        self.prefetched += o.prefetched;
+        self.prefetch_used += o.prefetch_used;
+    }
 }
 
 /// One destination of [`Op::ScatterCols`].

@@ -20,6 +20,7 @@
 //!   are read and written by kernels.
 
 pub mod error;
+mod expert_cache;
 pub mod kernels;
 mod ops;
 pub mod pool;
@@ -34,6 +35,7 @@ use moeflux_core::backend::OpProfile;
 use moeflux_core::{Backend, BufferPool, CoreError, Graph, Lifetime, Op, Plan};
 
 pub use error::CudaError;
+pub use expert_cache::CpuMisses;
 pub use pool::CudaPool;
 
 /// How to open the device.
@@ -49,6 +51,17 @@ pub struct CudaOptions {
     /// Capture graphs on their second execution and replay them (CUDA graphs); off with
     /// `MOEFLUX_CUDA_GRAPHS=0`.
     pub graphs: bool,
+    /// VRAM budget (bytes) of the expert cache of streamed (packed) models: `Some(0)` = no
+    /// cache (experts staged in waves), `None` = free device memory at first use minus a
+    /// reserve of max(2 GiB, 10%), capped at every record.
+    pub gpu_mem: Option<usize>,
+    /// Whether missed experts may be computed on the CPU (`MOEFLUX_CPU_MISSES=0|1|auto`).
+    pub cpu_misses: CpuMisses,
+    /// CPU expert bandwidth in bytes/s for that split (`MOEFLUX_CPU_EXPERT_BW`); `None`:
+    /// measured at the first miss.
+    pub cpu_expert_bw: Option<f64>,
+    /// Page-lock the expert store's host slab (`MOEFLUX_PIN_HOST=0` turns it off).
+    pub pin_host: bool,
 }
 
 impl CudaOptions {
@@ -60,6 +73,19 @@ impl CudaOptions {
             kernel_cache: kernels::default_cache_dir(),
             sync_each_op: std::env::var("MOEFLUX_CUDA_SYNC").is_ok_and(|v| v == "1"),
             graphs: std::env::var("MOEFLUX_CUDA_GRAPHS").map_or(true, |v| v != "0"),
+            gpu_mem: None,
+            cpu_misses: match std::env::var("MOEFLUX_CPU_MISSES") {
+                Ok(v) => v.parse().unwrap_or_else(|e| {
+                    eprintln!("warning: MOEFLUX_CPU_MISSES: {e}; using auto");
+                    CpuMisses::Auto
+                }),
+                Err(_) => CpuMisses::Auto,
+            },
+            cpu_expert_bw: std::env::var("MOEFLUX_CPU_EXPERT_BW")
+                .ok()
+                .and_then(|v| v.parse::<f64>().ok())
+                .filter(|v| *v > 0.0),
+            pin_host: std::env::var("MOEFLUX_PIN_HOST").map_or(true, |v| v != "0"),
         }
     }
 }
@@ -207,7 +233,12 @@ impl CudaBackend {
             kernels,
             scratch: ops::Scratch::default(),
             tables: Default::default(),
-            staging: Default::default(),
+            staging: ops::moe_streamed::Staging::new(ops::moe_streamed::TierOptions {
+                gpu_mem: opts.gpu_mem,
+                cpu_misses: opts.cpu_misses,
+                cpu_bw: opts.cpu_expert_bw,
+                pin_host: opts.pin_host,
+            }),
             smem_optin,
             sm_count,
             device_name,
@@ -235,6 +266,11 @@ impl CudaBackend {
     /// (modules compiled by NVRTC, modules loaded from the disk cache) so far.
     pub fn kernel_stats(&self) -> (usize, usize) {
         self.kernels.stats
+    }
+
+    /// Counters of the streamed-expert device tiers (VRAM cache, CPU-computed misses).
+    pub fn expert_tier_stats(&self) -> moeflux_core::op::DeviceTierStats {
+        self.staging.stats()
     }
 
     /// (free, total) device memory in bytes.

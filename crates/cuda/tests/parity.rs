@@ -1371,3 +1371,329 @@ fn replay_keeps_state() {
         );
     }
 }
+
+// ------------------------------------------------------------------------ streamed tiers
+
+/// Several layers of expert records served like the packed store: read-ahead prediction (the
+/// next layer's previous set), everything "in host RAM", and a host budget for the wave path.
+#[derive(Debug)]
+struct TierStore {
+    layout: ExpertWeights,
+    /// `records[layer][expert]`
+    records: Vec<Vec<Arc<Vec<u8>>>>,
+    budget: usize,
+    last: std::sync::Mutex<std::collections::HashMap<usize, Vec<usize>>>,
+}
+
+impl ExpertProvider for TierStore {
+    fn layout(&self) -> ExpertWeights {
+        self.layout
+    }
+    fn record_bytes(&self) -> usize {
+        self.records[0][0].len()
+    }
+    fn max_in_flight(&self) -> usize {
+        self.budget
+    }
+    fn fetch(
+        &self,
+        layer: usize,
+        expert: usize,
+    ) -> Result<Arc<dyn AsRef<[u8]> + Send + Sync>, CoreError> {
+        self.records
+            .get(layer)
+            .and_then(|l| l.get(expert))
+            .map(|r| r.clone() as Arc<dyn AsRef<[u8]> + Send + Sync>)
+            .ok_or_else(|| CoreError::Backend {
+                backend: "test-store",
+                msg: format!("no expert {expert} in layer {layer}"),
+            })
+    }
+    fn layer_routed(&self, layer: usize, experts: &[usize]) {
+        self.last.lock().unwrap().insert(layer, experts.to_vec());
+    }
+    fn fetch_cached(&self, layer: usize, expert: usize) -> Option<moeflux_core::SharedBytes> {
+        self.fetch(layer, expert).ok()
+    }
+    fn predicted_next(&self, layer: usize) -> Option<(usize, Vec<usize>)> {
+        let next = (layer + 1) % self.records.len();
+        self.last
+            .lock()
+            .unwrap()
+            .get(&next)
+            .map(|s| (next, s.clone()))
+    }
+    fn total_records(&self) -> Option<usize> {
+        Some(self.records.len() * self.records[0].len())
+    }
+}
+
+/// Streamed experts over `steps` executions of a graph of `layers` MoE layers, routing
+/// temporally local (hits, misses and evictions in the VRAM cache), on CUDA with the given
+/// cache budget (in records; `None` = automatic) and CPU-miss mode, against the CPU backend
+/// running the same experts resident (`Op::MoeExperts`). Returns the device tier counters.
+fn streamed_tiers_case(
+    name: &str,
+    n: usize,
+    cache_records: Option<usize>,
+    cpu: moeflux_cuda::CpuMisses,
+) -> Option<moeflux_core::op::DeviceTierStats> {
+    if let Some(why) = moeflux_cuda::unavailable_reason()
+        && !std::env::var("MOEFLUX_PARITY_SELFTEST").is_ok_and(|v| v == "1")
+    {
+        eprintln!("skipping: no CUDA device ({why})");
+        return None;
+    }
+    let (layers, e, k, hidden, inter, steps) = (3, 16, 4, 256, 96, 6);
+    let q4 = WFmt::Q(4, 32, DType::BF16);
+    let mut rng = Rng::new(0x71e5);
+    // records (identical bytes for both backends)
+    let mut records = Vec::new();
+    let mut layout = None;
+    for _ in 0..layers {
+        let mut lr = Vec::new();
+        for _ in 0..e {
+            let mut rec = Vec::new();
+            let gate = gen_matrix(&mut rng, &mut rec, q4, inter, hidden, 0);
+            let up = gen_matrix(&mut rng, &mut rec, q4, inter, hidden, 0);
+            let down = gen_matrix(&mut rng, &mut rec, q4, hidden, inter, 0);
+            rec.resize(rec.len() + 5, 0);
+            layout.get_or_insert(ExpertWeights { gate, up, down });
+            lr.push(Arc::new(rec));
+        }
+        records.push(lr);
+    }
+    let layout = layout.unwrap();
+    let record = records[0][0].len();
+    let slot = record.div_ceil(256) * 256;
+    // inputs per step and layer: x, routing (distinct per token, drawn mostly from a small
+    // per-layer pool so the cache sees reuse), weights
+    let mut inputs = Vec::new();
+    for step in 0..steps {
+        let mut per_layer = Vec::new();
+        for l in 0..layers {
+            let x = rng.vec(n * hidden, 1.0);
+            let mut ids = Vec::new();
+            for _ in 0..n {
+                let mut tok: Vec<u32> = Vec::new();
+                while tok.len() < k {
+                    let cand = if rng.below(4) < 3 {
+                        ((l * 5 + step / 2 + rng.below(6)) % e) as u32
+                    } else {
+                        rng.below(e) as u32
+                    };
+                    if !tok.contains(&cand) {
+                        tok.push(cand);
+                    }
+                }
+                ids.extend(tok);
+            }
+            let w = rng.vec(n * k, 1.0);
+            per_layer.push((x, ids, w));
+        }
+        inputs.push(per_layer);
+    }
+    let store = Arc::new(TierStore {
+        layout,
+        records: records.clone(),
+        budget: 3,
+        last: Default::default(),
+    });
+    let selftest = moeflux_cuda::unavailable_reason().is_some();
+    let mut cuda: Option<CudaBackend> = None;
+    let mut self_b = CpuBackend::new();
+    if !selftest {
+        let mut o = moeflux_cuda::CudaOptions::new(0);
+        o.gpu_mem = cache_records.map(|r| r * slot);
+        o.cpu_misses = cpu;
+        cuda = Some(CudaBackend::with_options(o).expect("a device is present"));
+    }
+    let gpu: &mut dyn Backend = match cuda.as_mut() {
+        Some(c) => c,
+        None => &mut self_b,
+    };
+    let mut cpu_b = CpuBackend::new();
+    let mut results: Vec<Vec<Vec<Vec<f32>>>> = Vec::new();
+    for (bi, b) in [&mut cpu_b as &mut dyn Backend, gpu]
+        .into_iter()
+        .enumerate()
+    {
+        let streamed = bi == 1;
+        let mut g = Graph::new("tiers");
+        let mut bufs = Vec::new();
+        for (l, layer_records) in records.iter().enumerate() {
+            let pool = b.pool();
+            let x: BufId<Act> = pool.alloc(n * hidden * 4, "x", Lifetime::External).unwrap();
+            let idx: BufId<Idx> = pool.alloc(n * k * 4, "idx", Lifetime::External).unwrap();
+            let w: BufId<Act> = pool.alloc(n * k * 4, "w", Lifetime::External).unwrap();
+            let out: BufId<Act> = pool
+                .alloc(n * hidden * 4, "out", Lifetime::External)
+                .unwrap();
+            let op = if streamed {
+                Op::MoeExpertsStreamed {
+                    x,
+                    idx,
+                    weights: w,
+                    store: store.clone(),
+                    layer: l,
+                    out,
+                    n,
+                    k,
+                    hidden,
+                    inter,
+                }
+            } else {
+                // the same records, resident: one weight buffer per layer
+                let all: Vec<u8> = layer_records
+                    .iter()
+                    .flat_map(|r| r.iter().copied())
+                    .collect();
+                let len = all.len();
+                let id: BufId<Weight> = BufId::from_raw(
+                    pool.register_weights(WeightBytes::new(Arc::new(all), 0..len), "experts")
+                        .unwrap(),
+                );
+                let experts: Arc<[ExpertWeights]> = (0..e)
+                    .map(|j| {
+                        let mut ew = layout;
+                        for m in [&mut ew.gate, &mut ew.up, &mut ew.down] {
+                            set_buf(m, id);
+                            m.data.offset += j * record;
+                            if let Some(s) = &mut m.scales {
+                                s.offset += j * record;
+                            }
+                            if let Some(bb) = &mut m.biases {
+                                bb.offset += j * record;
+                            }
+                        }
+                        ew
+                    })
+                    .collect();
+                Op::MoeExperts {
+                    x,
+                    idx,
+                    weights: w,
+                    experts,
+                    out,
+                    n,
+                    k,
+                    hidden,
+                    inter,
+                }
+            };
+            g.push(Some(l), "moe", op);
+            bufs.push((x, idx, w, out));
+        }
+        b.prepare(&g).unwrap();
+        let mut runs = Vec::new();
+        for step_inputs in &inputs {
+            for ((x, idx, w, out), (xv, iv, wv)) in bufs.iter().zip(step_inputs) {
+                let pool = b.pool();
+                pool.upload_f32(*x, xv).unwrap();
+                pool.upload_raw(idx.raw(), 0, &u32_bytes(iv)).unwrap();
+                pool.upload_f32(*w, wv).unwrap();
+                pool.upload_raw(out.raw(), 0, &vec![0xff; n * hidden * 4])
+                    .unwrap();
+            }
+            b.execute(&g)
+                .unwrap_or_else(|err| panic!("{name}: {} execute: {err}", b.name()));
+            let mut step_out = Vec::new();
+            for (_, _, _, out) in &bufs {
+                let mut o = vec![0f32; n * hidden];
+                b.pool().download_f32(*out, &mut o).unwrap();
+                step_out.push(o);
+            }
+            runs.push(step_out);
+        }
+        results.push(runs);
+    }
+    for (step, (c, g)) in results[0].iter().zip(&results[1]).enumerate() {
+        for (l, (c, g)) in c.iter().zip(g).enumerate() {
+            assert!(
+                g.iter().all(|v| v.is_finite()),
+                "{name}: step {step} layer {l}: non-finite (unwritten?) output"
+            );
+            let maxref = c.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let maxdiff = c.iter().zip(g).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            let rel = maxdiff / maxref;
+            assert!(
+                rel <= 1e-5,
+                "{name}: step {step} layer {l}: rel err {rel:.3e} > 1e-5"
+            );
+        }
+    }
+    eprintln!("{name}: {} steps x {layers} layers match", steps);
+    let Some(cuda) = cuda else {
+        return Some(Default::default());
+    };
+    let stats = cuda.expert_tier_stats();
+    eprintln!("{name}: {stats:?}");
+    Some(stats)
+}
+
+#[test]
+fn streamed_tiers_all_records_cached() {
+    use moeflux_cuda::CpuMisses;
+    for cpu in [CpuMisses::Off, CpuMisses::On] {
+        for n in [1, 3] {
+            let Some(st) = streamed_tiers_case(
+                &format!("tiers all-records cpu {cpu:?} n {n}"),
+                n,
+                Some(3 * 16),
+                cpu,
+            ) else {
+                return;
+            };
+            if moeflux_cuda::available() {
+                assert!(st.vram_hits > 0, "{st:?}");
+                if cpu == CpuMisses::On {
+                    assert!(st.cpu_computed > 0, "{st:?}");
+                } else {
+                    assert_eq!(st.cpu_computed, 0, "{st:?}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn streamed_tiers_one_active_set() {
+    use moeflux_cuda::CpuMisses;
+    // 4 slots = one layer's active set at n = 1 (k = 4): one pass, evictions every layer;
+    // at n = 3 the active set is larger than the cache: chunks through the cache.
+    for cpu in [CpuMisses::Off, CpuMisses::On] {
+        for n in [1, 3] {
+            let Some(st) =
+                streamed_tiers_case(&format!("tiers one-set cpu {cpu:?} n {n}"), n, Some(4), cpu)
+            else {
+                return;
+            };
+            if moeflux_cuda::available() {
+                assert!(st.vram_misses > 4, "{st:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn streamed_tiers_no_cache_waves() {
+    use moeflux_cuda::CpuMisses;
+    for cpu in [CpuMisses::Off, CpuMisses::On] {
+        for n in [1, 3] {
+            let Some(st) =
+                streamed_tiers_case(&format!("tiers waves cpu {cpu:?} n {n}"), n, Some(0), cpu)
+            else {
+                return;
+            };
+            if moeflux_cuda::available() {
+                assert_eq!(st.vram_hits, 0, "{st:?}");
+                assert_eq!(st.cpu_computed, 0, "{st:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn streamed_tiers_auto_size_and_cpu_auto() {
+    let _ = streamed_tiers_case("tiers auto", 1, None, moeflux_cuda::CpuMisses::Auto);
+}

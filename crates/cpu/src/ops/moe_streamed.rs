@@ -35,8 +35,11 @@ pub fn moe_experts_streamed(
     inter: usize,
 ) -> Result<(), CoreError> {
     let layout = store.layout();
+    // Benchmarks may rewrite the routing (`remap_routing`; a no-op for real runs).
+    let mut idx = idx[..n * k].to_vec();
+    store.remap_routing(layer, k, &mut idx);
     let mut buckets: std::collections::BTreeMap<u32, Vec<usize>> = Default::default();
-    for (pair, &e) in idx[..n * k].iter().enumerate() {
+    for (pair, &e) in idx.iter().enumerate() {
         buckets.entry(e).or_default().push(pair);
     }
     let active: Vec<(u32, Vec<usize>)> = buckets.into_iter().collect();
@@ -72,4 +75,58 @@ pub fn moe_experts_streamed(
     }
     combine(&per_pair, weights, out, n, k, hidden);
     Ok(())
+}
+
+/// One expert's SwiGLU output rows computed from its packed record: for each `(token, slot)`
+/// pair in `pairs` (token = pair / k), the `hidden`-wide row `down(silu(gate x) * up x)`,
+/// concatenated in the order of `pairs`. The same kernels as [`moe_experts_streamed`], for
+/// device backends that compute a missed expert on the CPU instead of copying it.
+///
+/// Errors (never panics) when the record is too short for `layout` or `x` for the pairs.
+#[allow(clippy::too_many_arguments)]
+pub fn expert_rows(
+    rec: &[u8],
+    layout: &moeflux_core::ExpertWeights,
+    x: &[f32],
+    pairs: &[usize],
+    k: usize,
+    hidden: usize,
+    inter: usize,
+) -> Result<Vec<f32>, CoreError> {
+    let bad = |msg: String| CoreError::Backend {
+        backend: "cpu",
+        msg: format!("expert_rows: {msg}"),
+    };
+    for (what, m) in [
+        ("gate", &layout.gate),
+        ("up", &layout.up),
+        ("down", &layout.down),
+    ] {
+        let end = m.data.offset + m.format.data_bytes(m.rows, m.cols);
+        let send = [m.scales, m.biases]
+            .iter()
+            .flatten()
+            .map(|r| r.offset + m.format.scale_bytes(m.rows, m.cols))
+            .max()
+            .unwrap_or(0);
+        if end.max(send) > rec.len() {
+            return Err(bad(format!(
+                "{what} ends past the {}-byte record",
+                rec.len()
+            )));
+        }
+    }
+    if k == 0 || pairs.iter().any(|&p| (p / k + 1) * hidden > x.len()) {
+        return Err(bad(format!(
+            "pairs {pairs:?} (k {k}) reach past {} activations",
+            x.len()
+        )));
+    }
+    let views = [
+        view(rec, &layout.gate),
+        view(rec, &layout.up),
+        view(rec, &layout.down),
+    ];
+    let mut s = Scratch::default();
+    Ok(run_expert(views, x, pairs, k, hidden, inter, &mut s).to_vec())
 }

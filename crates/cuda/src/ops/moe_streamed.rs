@@ -1,53 +1,304 @@
 //! [`Op::MoeExpertsStreamed`](moeflux_core::Op::MoeExpertsStreamed): routed experts whose
 //! records live behind a host-side [`ExpertProvider`], copied to the device when routed.
+//!
+//! Tiers, fastest first: the VRAM cache ([`SlotTable`] over one device allocation), the
+//! provider's host RAM (page-locked once when the provider exposes one slab, so copies are
+//! DMA), and whatever the provider does below that (disk). Copies run on their own stream;
+//! the compute stream waits on an event recorded after them. While a layer's experts run,
+//! the records the next layer used on the previous step are copied ahead (prefetch). A miss
+//! may instead be computed on the CPU from the host record ([`CpuMisses`]).
+//!
+//! Without a VRAM cache (`gpu_mem = 0`) the op runs in waves of at most `max_in_flight`
+//! experts through a staging block, synchronising after each wave.
 
+use std::any::Any;
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use cudarc::driver::result as drv;
-use moeflux_core::{Act, BufId, ExpertProvider, Idx};
+use cudarc::driver::{CudaEvent, CudaStream};
+use moeflux_core::op::DeviceTierStats;
+use moeflux_core::{Act, BufId, ExpertProvider, ExpertWeights, Idx, SharedBytes};
+use rayon::prelude::*;
 
 use super::moe::{MoeShape, Pass, RoleFmt, ScratchLayout, align256, combine, expert_pass, zero_y};
-use super::{Enc, format_of, u32_of, vec_ok};
+use super::{Enc, Fmt, format_of, u32_of, vec_ok};
 use crate::error::CudaError;
+use crate::expert_cache::{CpuMisses, SlotTable, cpu_share, register_host, unregister_host};
 use crate::pool::DevMem;
 
-/// Device memory holding the expert records of one wave of a streamed op, grown on demand.
+/// What the backend was opened with for the streamed tiers.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct TierOptions {
+    /// VRAM cache budget in bytes; `None`: free memory at first use minus a reserve.
+    pub gpu_mem: Option<usize>,
+    pub cpu_misses: CpuMisses,
+    /// CPU expert bandwidth (bytes/s) for the copy-vs-compute split; `None`: measured.
+    pub cpu_bw: Option<f64>,
+    /// Page-lock the provider's host slab.
+    pub pin_host: bool,
+}
+
+/// Device state of streamed experts: the wave staging block and, once a provider has been
+/// seen, its tiers.
 #[derive(Default)]
 pub(crate) struct Staging {
     mem: Option<DevMem>,
+    opts: TierOptions,
+    tier: Option<Tier>,
 }
 
-/// [`Op::MoeExpertsStreamed`](moeflux_core::Op::MoeExpertsStreamed): the experts live behind a
-/// host-side provider, so this op reads the routing back (the one host round-trip in a graph),
-/// then, one wave of at most `max_in_flight` experts at a time: fetches the records, copies
-/// them into device staging, and runs the expert kernels on that wave's pairs (the others are
-/// marked out of range). The combine runs once at the end, in slot order, so the result equals
-/// the resident op's.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn moe_experts_streamed(
+impl Staging {
+    pub(crate) fn new(opts: TierOptions) -> Self {
+        Staging {
+            mem: None,
+            opts,
+            tier: None,
+        }
+    }
+
+    /// Counters of the device tiers so far (all providers together).
+    pub(crate) fn stats(&self) -> DeviceTierStats {
+        self.tier.as_ref().map(|t| t.total).unwrap_or_default()
+    }
+}
+
+/// The VRAM cache: `slots` records of `slot_bytes` each in one allocation.
+struct VramCache {
+    mem: DevMem,
+    slot_bytes: usize,
+    table: SlotTable,
+}
+
+impl VramCache {
+    fn ptr(&self, slot: usize) -> u64 {
+        self.mem.ptr + (slot * self.slot_bytes) as u64
+    }
+}
+
+/// Host data that queued device work still reads (records, routing, CPU results), kept until
+/// the event recorded after that work completes.
+type Keep = Vec<Box<dyn Any + Send>>;
+
+/// (pairs, their y rows) of one expert computed on the CPU.
+type CpuRows = Result<(Vec<usize>, Vec<f32>), CudaError>;
+
+/// The tiers of one provider.
+struct Tier {
+    /// Identity of the provider, and kept alive: its slab must outlive the registration.
+    provider: Arc<dyn ExpertProvider>,
+    copy: Arc<CudaStream>,
+    cache: Option<VramCache>,
+    /// (address, bytes) of the page-locked slab.
+    registered: Option<(usize, usize)>,
+    pending: Vec<(CudaEvent, Keep)>,
+    /// Copies were enqueued that the compute stream has not waited for yet.
+    copies_unwaited: bool,
+    h2d_bw: f64,
+    cpu_bw: Option<f64>,
+    warned_waves: bool,
+    total: DeviceTierStats,
+}
+
+impl Tier {
+    fn same(&self, p: &Arc<dyn ExpertProvider>) -> bool {
+        Arc::as_ptr(&self.provider) as *const () == Arc::as_ptr(p) as *const ()
+    }
+
+    /// Drops kept host data whose device work has finished.
+    fn retire(&mut self) -> Result<(), CudaError> {
+        let mut i = 0;
+        while i < self.pending.len() {
+            let done = self.pending[i]
+                .0
+                .try_is_complete()
+                .map_err(CudaError::driver("moe streamed: querying a copy event"))?;
+            if done {
+                self.pending.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps `keep` alive until the work enqueued on `stream` so far has run.
+    fn keep_until(&mut self, stream: &CudaStream, keep: Keep) -> Result<(), CudaError> {
+        if keep.is_empty() {
+            return Ok(());
+        }
+        let ev = stream
+            .record_event(None)
+            .map_err(CudaError::driver("moe streamed: recording an event"))?;
+        self.pending.push((ev, keep));
+        Ok(())
+    }
+}
+
+impl Drop for Tier {
+    fn drop(&mut self) {
+        // Copies may still read the kept host records and write the cache.
+        let _ = self.copy.synchronize();
+        self.pending.clear();
+        if let Some((addr, _)) = self.registered.take()
+            && let Err(e) = unregister_host(addr)
+        {
+            tracing::warn!("expert slab: {e}");
+        }
+    }
+}
+
+/// Opens the tiers of `store` (first use, or a different provider than before).
+fn ensure_tier(
     enc: &mut Enc<'_>,
-    x: BufId<Act>,
-    idx: BufId<Idx>,
-    weights: BufId<Act>,
     store: &Arc<dyn ExpertProvider>,
-    layer: usize,
-    out: BufId<Act>,
-    s: &MoeShape,
+    opts: TierOptions,
+    record: usize,
 ) -> Result<(), CudaError> {
-    const OP: &str = "moe_experts_streamed";
-    if s.n == 0 || s.hidden == 0 {
+    if enc.staging.tier.as_ref().is_some_and(|t| t.same(store)) {
         return Ok(());
     }
-    let pairs = s.n * s.k;
-    let layout = store.layout();
-    let record = store.record_bytes();
-    let slot = align256(record);
-    let wave_max = store.max_in_flight().max(1);
-    let (gu_fmt, gu_group, gu_sdt) = format_of(layout.gate.format, OP)?;
-    let (dn_fmt, dn_group, dn_sdt) = format_of(layout.down.format, OP)?;
+    if enc.staging.tier.is_some() {
+        // Another model's store: its cache is useless now. Nothing queued may still use it.
+        enc.stream
+            .synchronize()
+            .map_err(CudaError::driver("moe streamed: switching stores"))?;
+        enc.staging.tier = None;
+    }
+    let ctx = enc.stream.context().clone();
+    let copy = ctx
+        .new_stream()
+        .map_err(CudaError::driver("creating the expert copy stream"))?;
+    let registered = match store.host_slab() {
+        Some((addr, len)) if opts.pin_host => match register_host(addr, len) {
+            Ok(()) => Some((addr, len)),
+            Err(e) => {
+                tracing::warn!(
+                    "expert slab not page-locked, copies use pageable memory (slower): {e}"
+                );
+                None
+            }
+        },
+        _ => None,
+    };
+    let slot_bytes = align256(record);
+    let slots = match opts.gpu_mem {
+        Some(b) => b / slot_bytes,
+        None => {
+            let (free, total) = ctx
+                .mem_get_info()
+                .map_err(CudaError::driver("cuMemGetInfo"))?;
+            // Room for the KV cache, transients and scratch that later steps may still need.
+            let reserve = (2usize << 30).max(total / 10);
+            free.saturating_sub(reserve) / slot_bytes
+        }
+    };
+    let slots = slots.min(store.total_records().unwrap_or(usize::MAX));
+    let mut cache = None;
+    if slots > 0 {
+        let mut n = slots;
+        loop {
+            match DevMem::zeroed(&ctx, enc.stream, n * slot_bytes, "expert cache (VRAM)") {
+                Ok(mem) => {
+                    cache = Some(VramCache {
+                        mem,
+                        slot_bytes,
+                        table: SlotTable::new(n),
+                    });
+                    break;
+                }
+                // An automatic size may meet fragmentation: try smaller.
+                Err(CudaError::OutOfMemory { .. }) if opts.gpu_mem.is_none() && n > 64 => {
+                    n /= 2;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        // The zeroing runs on the compute stream; copies into the cache must come after.
+        enc.stream
+            .synchronize()
+            .map_err(CudaError::driver("allocating the expert cache"))?;
+    }
+    let mut tier = Tier {
+        provider: store.clone(),
+        copy,
+        cache,
+        registered,
+        pending: Vec::new(),
+        copies_unwaited: false,
+        h2d_bw: 0.0,
+        cpu_bw: opts.cpu_bw,
+        warned_waves: false,
+        total: DeviceTierStats::default(),
+    };
+    if tier.cache.is_some() && opts.cpu_misses == CpuMisses::Auto {
+        tier.h2d_bw = measure_h2d(&tier)?;
+    }
+    if let Some(c) = &tier.cache {
+        tracing::info!(
+            "expert cache: {} slots of {} bytes in VRAM, host slab {}",
+            c.table.len(),
+            c.slot_bytes,
+            if tier.registered.is_some() {
+                "page-locked"
+            } else {
+                "pageable"
+            }
+        );
+    }
+    enc.staging.tier = Some(tier);
+    Ok(())
+}
+
+/// Host -> device bandwidth of the copies the cache will do (from the page-locked slab when
+/// there is one), best of three copies of up to 8 MiB into the (still empty) cache.
+fn measure_h2d(tier: &Tier) -> Result<f64, CudaError> {
+    let Some(c) = &tier.cache else { return Ok(0.0) };
+    let bytes = (8usize << 20).min(c.mem.bytes);
+    let owned;
+    let src: &[u8] = match tier.registered {
+        Some((addr, len)) => {
+            // SAFETY: the registered slab is a live mapping of `len` bytes owned by the provider
+            // held in `tier`; only read here, by the copy engine.
+            unsafe { std::slice::from_raw_parts(addr as *const u8, len.min(bytes)) }
+        }
+        None => {
+            owned = vec![0u8; bytes];
+            &owned
+        }
+    };
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        // SAFETY: the cache holds at least `bytes` >= src.len(); synchronised before `src`
+        // may go away.
+        unsafe { drv::memcpy_htod_async(c.mem.ptr, src, tier.copy.cu_stream()) }
+            .map_err(CudaError::driver("measuring host->device bandwidth"))?;
+        tier.copy
+            .synchronize()
+            .map_err(CudaError::driver("measuring host->device bandwidth"))?;
+        best = best.max(src.len() as f64 / t.elapsed().as_secs_f64().max(1e-9));
+    }
+    Ok(best)
+}
+
+/// Formats of the two roles and the extent checks of the layout.
+struct Formats {
+    gu: (Fmt, u32, i32),
+    dn: (Fmt, u32, i32),
+}
+
+fn check_layout(
+    layout: &ExpertWeights,
+    record: usize,
+    op: &'static str,
+) -> Result<Formats, CudaError> {
+    let gu = format_of(layout.gate.format, op)?;
+    let dn = format_of(layout.down.format, op)?;
     if layout.up.format != layout.gate.format {
         return Err(CudaError::Unsupported {
-            op: OP,
+            op,
             msg: format!(
                 "gate ({}) and up ({}) differ in format",
                 layout.gate.format, layout.up.format
@@ -69,29 +320,507 @@ pub(crate) fn moe_experts_streamed(
             .unwrap_or(0);
         if end.max(send) > record {
             return Err(CudaError::Unsupported {
-                op: OP,
+                op,
                 msg: format!("{what} of the expert layout ends past the {record}-byte record"),
             });
         }
     }
+    Ok(Formats { gu, dn })
+}
 
-    // Routing back to the host (waits for the router).
-    let ip = enc.buf(idx.raw())?;
-    let mut host_idx = vec![0u32; pairs];
-    // SAFETY: idx holds n * k u32 (Graph::validate); synchronised before host_idx is read.
-    unsafe { drv::memcpy_dtoh_async(&mut host_idx[..], ip, enc.stream.cu_stream()) }
-        .map_err(CudaError::driver("moe streamed: reading routing"))?;
-    enc.stream
-        .synchronize()
-        .map_err(CudaError::driver("moe streamed: reading routing"))?;
-    let mut active: Vec<u32> = host_idx.clone();
-    active.sort_unstable();
-    active.dedup();
-    store.layer_routed(
-        layer,
-        &active.iter().map(|&e| e as usize).collect::<Vec<_>>(),
-    );
+/// The record of `e`, checked to be at least `record` bytes.
+fn fetch(
+    store: &Arc<dyn ExpertProvider>,
+    layer: usize,
+    e: u32,
+    record: usize,
+    op: &'static str,
+) -> Result<SharedBytes, CudaError> {
+    let rec = store
+        .fetch(layer, e as usize)
+        .map_err(|err| CudaError::Unsupported {
+            op,
+            msg: format!("fetching expert {e} of layer {layer}: {err}"),
+        })?;
+    let len = (*rec).as_ref().len();
+    if len < record {
+        return Err(CudaError::Unsupported {
+            op,
+            msg: format!(
+                "expert {e} of layer {layer}: record of {len} bytes, layout needs {record}"
+            ),
+        });
+    }
+    Ok(rec)
+}
 
+/// Appends the 9 pointers of the expert whose record starts at `dst` and updates the vector
+/// eligibility of both roles.
+fn push_ptrs(
+    ptrs: &mut Vec<u64>,
+    vec: &mut (bool, bool),
+    layout: &ExpertWeights,
+    f: &Formats,
+    dst: u64,
+) {
+    for (j, m) in [&layout.gate, &layout.up, &layout.down]
+        .into_iter()
+        .enumerate()
+    {
+        let data = dst + m.data.offset as u64;
+        if j < 2 {
+            vec.0 &= vec_ok(f.gu.0, data, m.cols, f.gu.1);
+        } else {
+            vec.1 &= vec_ok(f.dn.0, data, m.cols, f.dn.1);
+        }
+        ptrs.push(data);
+        ptrs.push(m.scales.map_or(0, |r| dst + r.offset as u64));
+        ptrs.push(m.biases.map_or(0, |r| dst + r.offset as u64));
+    }
+}
+
+fn pass_of(
+    f: &Formats,
+    table: u64,
+    num: usize,
+    idx: u64,
+    vec: (bool, bool),
+    op: &'static str,
+) -> Result<Pass, CudaError> {
+    Ok(Pass {
+        table,
+        num_experts: u32_of(num, "experts in the table", op)?,
+        gate_up: RoleFmt {
+            fmt: f.gu.0,
+            group: f.gu.1,
+            sdt: f.gu.2,
+            vec: vec.0,
+        },
+        down: RoleFmt {
+            fmt: f.dn.0,
+            group: f.dn.1,
+            sdt: f.dn.2,
+            vec: vec.1,
+        },
+        idx,
+    })
+}
+
+/// [`Op::MoeExpertsStreamed`](moeflux_core::Op::MoeExpertsStreamed): reads the routing back
+/// (the one host round-trip in a graph), then runs the routed experts from the VRAM cache
+/// (missing records copied in first, or computed on the CPU), or without a cache in waves
+/// through staging. The combine runs once at the end, in slot order, so the result equals the
+/// resident op's.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn moe_experts_streamed(
+    enc: &mut Enc<'_>,
+    x: BufId<Act>,
+    idx: BufId<Idx>,
+    weights: BufId<Act>,
+    store: &Arc<dyn ExpertProvider>,
+    layer: usize,
+    out: BufId<Act>,
+    s: &MoeShape,
+) -> Result<(), CudaError> {
+    const OP: &str = "moe_experts_streamed";
+    if s.n == 0 || s.hidden == 0 {
+        return Ok(());
+    }
+    let pairs = s.n * s.k;
+    let layout = store.layout();
+    let record = store.record_bytes();
+    let f = check_layout(&layout, record, OP)?;
+    let opts = enc.staging.opts;
+    ensure_tier(enc, store, opts, record)?;
+    let mut tier = enc.staging.tier.take().expect("ensure_tier leaves a tier");
+    let r = (|| -> Result<(), CudaError> {
+        tier.retire()?;
+        let cpu_possible = tier.cache.is_some()
+            && match opts.cpu_misses {
+                CpuMisses::Off => false,
+                CpuMisses::On => true,
+                CpuMisses::Auto => s.n <= 2,
+            };
+        // Routing (and, when misses may run on the CPU, the activations) back to the host.
+        let ip = enc.buf(idx.raw())?;
+        let xp = enc.buf(x.raw())?;
+        let mut host_idx = vec![0u32; pairs];
+        let mut host_x = if cpu_possible {
+            vec![0f32; s.n * s.hidden]
+        } else {
+            Vec::new()
+        };
+        // SAFETY: idx holds n * k u32 and x n * hidden floats (Graph::validate); synchronised
+        // before either host vector is read.
+        unsafe {
+            drv::memcpy_dtoh_async(&mut host_idx[..], ip, enc.stream.cu_stream())
+                .map_err(CudaError::driver("moe streamed: reading routing"))?;
+            if cpu_possible {
+                drv::memcpy_dtoh_async(&mut host_x[..], xp, enc.stream.cu_stream())
+                    .map_err(CudaError::driver("moe streamed: reading activations"))?;
+            }
+        }
+        enc.stream
+            .synchronize()
+            .map_err(CudaError::driver("moe streamed: reading routing"))?;
+        store.remap_routing(layer, s.k, &mut host_idx);
+        let mut active: Vec<u32> = host_idx.clone();
+        active.sort_unstable();
+        active.dedup();
+        store.layer_routed(
+            layer,
+            &active.iter().map(|&e| e as usize).collect::<Vec<_>>(),
+        );
+        let mut stats = DeviceTierStats::default();
+        let res = if tier.cache.is_some() {
+            cached(
+                enc, &mut tier, store, layer, &host_idx, &host_x, &active, x, weights, out, s, &f,
+                opts, &mut stats,
+            )
+        } else {
+            waves(
+                enc, store, layer, &host_idx, &active, x, weights, out, s, &f, &mut stats,
+            )
+        };
+        tier.total.add(&stats);
+        store.add_device_stats(&stats);
+        res
+    })();
+    enc.staging.tier = Some(tier);
+    r
+}
+
+/// The cached path: the active set in chunks of at most the cache's slot count (one chunk,
+/// hence one pass of the expert kernels, whenever it fits).
+#[allow(clippy::too_many_arguments)]
+fn cached(
+    enc: &mut Enc<'_>,
+    tier: &mut Tier,
+    store: &Arc<dyn ExpertProvider>,
+    layer: usize,
+    host_idx: &[u32],
+    host_x: &[f32],
+    active: &[u32],
+    x: BufId<Act>,
+    weights: BufId<Act>,
+    out: BufId<Act>,
+    s: &MoeShape,
+    f: &Formats,
+    opts: TierOptions,
+    stats: &mut DeviceTierStats,
+) -> Result<(), CudaError> {
+    const OP: &str = "moe_experts_streamed";
+    let layout = store.layout();
+    let record = store.record_bytes();
+    let pairs = s.n * s.k;
+    let cap = tier.cache.as_ref().map_or(1, |c| c.table.len()).max(1);
+    let chunk_max = cap.min(active.len()).max(1);
+    let single = active.len() <= cap;
+    if !single && !tier.warned_waves {
+        tier.warned_waves = true;
+        tracing::warn!(
+            "the VRAM expert cache holds {cap} records, fewer than the {} experts one op routes to: running in waves (raise --gpu-mem to at least {} bytes for one pass)",
+            active.len(),
+            active.len() * align256(record)
+        );
+    }
+    let sc = ScratchLayout::new(s, chunk_max, pairs, chunk_max);
+    let base = enc.scratch.get(enc.stream, sc.total)?;
+    let xp = enc.buf(x.raw())?;
+    let (wp, op) = (enc.buf(weights.raw())?, enc.buf(out.raw())?);
+    zero_y(enc, &sc, base, s)?;
+    let (wave_idx, wave_table) = (base + sc.wave_idx as u64, base + sc.wave_table as u64);
+    let y = base + sc.y as u64;
+
+    for (ci, chunk) in active.chunks(cap).enumerate() {
+        if ci > 0 {
+            // The previous chunk's slots may be reused now: wait for its kernels.
+            enc.stream
+                .synchronize()
+                .map_err(CudaError::driver("moe streamed: chunk"))?;
+        }
+        let cache = tier.cache.as_mut().expect("cached path has a cache");
+        cache.table.begin_op();
+        let mut entries: Vec<(u32, usize)> = Vec::with_capacity(chunk.len());
+        let mut misses: Vec<u32> = Vec::new();
+        for &e in chunk {
+            match cache.table.lookup((layer, e as usize)) {
+                Some((slot, pre)) => {
+                    stats.vram_hits += 1;
+                    stats.prefetch_used += pre as u64;
+                    entries.push((e, slot));
+                }
+                None => misses.push(e),
+            }
+        }
+        // Misses computed on the CPU (one chunk only: it overlaps that chunk's kernels).
+        let n_cpu = if single {
+            if opts.cpu_misses == CpuMisses::Auto
+                && tier.cpu_bw.is_none()
+                && s.n <= 2
+                && let Some(&e) = misses.first()
+            {
+                tier.cpu_bw = Some(measure_cpu(store, layer, e, host_x, s, OP)?);
+            }
+            cpu_share(
+                opts.cpu_misses,
+                misses.len(),
+                s.n,
+                record,
+                tier.h2d_bw,
+                tier.cpu_bw,
+            )
+        } else {
+            0
+        };
+        let (cpu_set, gpu_misses) = misses.split_at(n_cpu.min(misses.len()));
+        let mut keep: Keep = Vec::new();
+        for &e in gpu_misses {
+            let rec = fetch(store, layer, e, record, OP)?;
+            let cache = tier.cache.as_mut().expect("cached path has a cache");
+            let slot = cache
+                .table
+                .claim((layer, e as usize), false)
+                .ok_or_else(|| CudaError::Unsupported {
+                    op: OP,
+                    msg: format!(
+                        "no unlocked slot among {} for expert {e} of layer {layer} (internal error)",
+                        cache.table.len()
+                    ),
+                })?;
+            let dst = cache.ptr(slot);
+            let bytes: &[u8] = (*rec).as_ref();
+            // SAFETY: the slot holds slot_bytes >= record bytes; the record is kept alive (in
+            // `keep`, then `pending`) until the copy stream has passed this copy. No queued
+            // kernel reads the slot: it was free or unlocked (kernels of earlier ops finished
+            // at the routing read-back).
+            if let Err(err) =
+                unsafe { drv::memcpy_htod_async(dst, &bytes[..record], tier.copy.cu_stream()) }
+            {
+                cache.table.invalidate(slot);
+                return Err(CudaError::driver("moe streamed: copying a record")(err));
+            }
+            stats.vram_misses += 1;
+            stats.h2d_bytes += record as u64;
+            entries.push((e, slot));
+            keep.push(Box::new(rec));
+        }
+        if !gpu_misses.is_empty() {
+            tier.copies_unwaited = true;
+        }
+        if tier.copies_unwaited {
+            // Hits may be prefetched records whose copies are still queued: wait for every
+            // copy so far.
+            let ev = tier
+                .copy
+                .record_event(None)
+                .map_err(CudaError::driver("moe streamed: recording the copy event"))?;
+            enc.stream
+                .wait(&ev)
+                .map_err(CudaError::driver("moe streamed: waiting for copies"))?;
+            tier.pending.push((ev, keep));
+            tier.copies_unwaited = false;
+        }
+        // One table for this chunk's device experts; the other pairs (other chunks, CPU) get an
+        // out-of-range index and are left alone by the kernels.
+        let cache = tier.cache.as_ref().expect("cached path has a cache");
+        let mut ptrs: Vec<u64> = Vec::with_capacity(entries.len() * 9);
+        let mut vec = (true, true);
+        let mut local_of: HashMap<u32, u32> = HashMap::with_capacity(entries.len());
+        for (i, &(e, slot)) in entries.iter().enumerate() {
+            push_ptrs(&mut ptrs, &mut vec, &layout, f, cache.ptr(slot));
+            local_of.insert(e, i as u32);
+        }
+        let local: Vec<u32> = host_idx
+            .iter()
+            .map(|e| local_of.get(e).copied().unwrap_or(u32::MAX))
+            .collect();
+        let mut keep: Keep = Vec::new();
+        if !entries.is_empty() {
+            // SAFETY: wave_idx holds `pairs` u32 and wave_table chunk_max * 9 u64 of scratch
+            // (entries <= chunk); both host vectors are kept until the stream passes the copies.
+            unsafe {
+                drv::memcpy_htod_async(wave_idx, &local[..], enc.stream.cu_stream())
+                    .map_err(CudaError::driver("moe streamed: routing table"))?;
+                drv::memcpy_htod_async(wave_table, &ptrs[..], enc.stream.cu_stream())
+                    .map_err(CudaError::driver("moe streamed: expert table"))?;
+            }
+            let pass = pass_of(f, wave_table, entries.len(), wave_idx, vec, OP)?;
+            expert_pass(enc, &pass, &sc, base, xp, s, OP)?;
+            keep.push(Box::new(local));
+            keep.push(Box::new(ptrs));
+        }
+        if single {
+            prefetch(tier, store, layer, record, stats)?;
+        }
+        if !cpu_set.is_empty() {
+            // On the host while the device runs the pass: y rows of the CPU experts' pairs.
+            let jobs: Vec<(u32, Vec<usize>)> = cpu_set
+                .iter()
+                .map(|&e| {
+                    let ps = (0..pairs).filter(|&p| host_idx[p] == e).collect();
+                    (e, ps)
+                })
+                .collect();
+            let rows: Vec<CpuRows> = jobs
+                .into_par_iter()
+                .map(|(e, ps)| {
+                    let rec = fetch(store, layer, e, record, OP)?;
+                    let y = moeflux_cpu::ops::moe_streamed::expert_rows(
+                        (*rec).as_ref(),
+                        &layout,
+                        host_x,
+                        &ps,
+                        s.k,
+                        s.hidden,
+                        s.inter,
+                    )
+                    .map_err(|err| CudaError::Unsupported {
+                        op: OP,
+                        msg: format!("expert {e} of layer {layer} on the CPU: {err}"),
+                    })?;
+                    Ok((ps, y))
+                })
+                .collect();
+            for r in rows {
+                let (ps, rows) = r?;
+                for (i, &p) in ps.iter().enumerate() {
+                    let row = &rows[i * s.hidden..(i + 1) * s.hidden];
+                    // SAFETY: y (scratch) holds pairs * hidden floats and p < pairs; `rows`
+                    // is kept until the stream passes the copy. The pass leaves these rows
+                    // alone (their local index is out of range) and ran before, in order.
+                    unsafe {
+                        drv::memcpy_htod_async(
+                            y + (p * s.hidden * 4) as u64,
+                            row,
+                            enc.stream.cu_stream(),
+                        )
+                    }
+                    .map_err(CudaError::driver("moe streamed: uploading CPU rows"))?;
+                }
+                stats.cpu_computed += 1;
+                keep.push(Box::new(rows));
+            }
+        }
+        tier.keep_until(enc.stream, keep)?;
+    }
+    combine(enc, &sc, base, wp, op, s, OP)
+}
+
+/// Copies into the VRAM cache, on the copy stream, the records the next layer used on its
+/// previous step and that are in host RAM now (no disk waits on the compute thread). Slots the
+/// current op needs are locked and never taken.
+fn prefetch(
+    tier: &mut Tier,
+    store: &Arc<dyn ExpertProvider>,
+    layer: usize,
+    record: usize,
+    stats: &mut DeviceTierStats,
+) -> Result<(), CudaError> {
+    let Some((next, set)) = store.predicted_next(layer) else {
+        return Ok(());
+    };
+    let Some(cache) = tier.cache.as_mut() else {
+        return Ok(());
+    };
+    let mut keep: Keep = Vec::new();
+    // Resident predictions first, so the copies below cannot evict them.
+    for &e in &set {
+        cache.table.lock((next, e));
+    }
+    for &e in &set {
+        if cache.table.contains((next, e)) {
+            continue;
+        }
+        let Some(rec) = store.fetch_cached(next, e) else {
+            continue;
+        };
+        let bytes: &[u8] = (*rec).as_ref();
+        if bytes.len() < record {
+            continue; // the real fetch reports it
+        }
+        let Some(slot) = cache.table.claim((next, e), true) else {
+            break; // every slot is needed by this op or predicted
+        };
+        // SAFETY: as for misses: the slot holds >= record bytes and no queued kernel reads it
+        // (unlocked before the claim); the record is kept until the copy has run.
+        if let Err(err) = unsafe {
+            drv::memcpy_htod_async(cache.ptr(slot), &bytes[..record], tier.copy.cu_stream())
+        } {
+            cache.table.invalidate(slot);
+            return Err(CudaError::driver("moe streamed: prefetching a record")(err));
+        }
+        stats.prefetched += 1;
+        stats.h2d_bytes += record as u64;
+        keep.push(Box::new(rec));
+    }
+    if !keep.is_empty() {
+        tier.copies_unwaited = true;
+        let copy = tier.copy.clone();
+        tier.keep_until(&copy, keep)?;
+    }
+    Ok(())
+}
+
+/// Bandwidth (bytes/s) of the CPU expert kernel on one record at this batch size, times the
+/// threads that share the misses (capped: they share memory bandwidth). Overridden by
+/// `MOEFLUX_CPU_EXPERT_BW`.
+fn measure_cpu(
+    store: &Arc<dyn ExpertProvider>,
+    layer: usize,
+    e: u32,
+    host_x: &[f32],
+    s: &MoeShape,
+    op: &'static str,
+) -> Result<f64, CudaError> {
+    let record = store.record_bytes();
+    let rec = fetch(store, layer, e, record, op)?;
+    let layout = store.layout();
+    let pairs: Vec<usize> = (0..s.n).map(|t| t * s.k).collect();
+    let mut best = f64::INFINITY;
+    for _ in 0..2 {
+        let t = Instant::now();
+        moeflux_cpu::ops::moe_streamed::expert_rows(
+            (*rec).as_ref(),
+            &layout,
+            host_x,
+            &pairs,
+            s.k,
+            s.hidden,
+            s.inter,
+        )
+        .map_err(|err| CudaError::Unsupported {
+            op,
+            msg: format!("measuring the CPU expert kernel: {err}"),
+        })?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    let threads = rayon::current_num_threads().clamp(1, 4) as f64;
+    Ok(record as f64 / best.max(1e-9) * threads)
+}
+
+/// Without a VRAM cache: one wave of at most `max_in_flight` experts at a time, fetched,
+/// copied into staging and run; synchronised after each wave (staging is reused).
+#[allow(clippy::too_many_arguments)]
+fn waves(
+    enc: &mut Enc<'_>,
+    store: &Arc<dyn ExpertProvider>,
+    layer: usize,
+    host_idx: &[u32],
+    active: &[u32],
+    x: BufId<Act>,
+    weights: BufId<Act>,
+    out: BufId<Act>,
+    s: &MoeShape,
+    f: &Formats,
+    stats: &mut DeviceTierStats,
+) -> Result<(), CudaError> {
+    const OP: &str = "moe_experts_streamed";
+    let layout = store.layout();
+    let record = store.record_bytes();
+    let slot = align256(record);
+    let pairs = s.n * s.k;
+    let wave_max = store.max_in_flight().max(1);
     let wave_n = wave_max.min(active.len().max(1));
     let sc = ScratchLayout::new(s, wave_n, pairs, wave_n);
     let base = enc.scratch.get(enc.stream, sc.total)?;
@@ -121,49 +850,18 @@ pub(crate) fn moe_experts_streamed(
         // wave's kernels have run.
         let mut records = Vec::with_capacity(wave.len());
         let mut ptrs: Vec<u64> = Vec::with_capacity(wave.len() * 9);
-        let (mut gu_vec, mut dn_vec) = (true, true);
+        let mut vec = (true, true);
         for (i, &e) in wave.iter().enumerate() {
-            let rec = store
-                .fetch(layer, e as usize)
-                .map_err(|err| CudaError::Unsupported {
-                    op: OP,
-                    msg: format!("fetching expert {e} of layer {layer}: {err}"),
-                })?;
+            let rec = fetch(store, layer, e, record, OP)?;
             let bytes: &[u8] = (*rec).as_ref();
-            if bytes.len() < record {
-                return Err(CudaError::Unsupported {
-                    op: OP,
-                    msg: format!(
-                        "expert {e} of layer {layer}: record of {} bytes, layout needs {record}",
-                        bytes.len()
-                    ),
-                });
-            }
             let dst = stage + (i * slot) as u64;
-            // SAFETY: slot i of the staging block holds `slot` >= record bytes.
+            // SAFETY: slot i of the staging block holds `slot` >= record bytes; the record is
+            // held until the wave's synchronisation.
             unsafe { drv::memcpy_htod_async(dst, &bytes[..record], enc.stream.cu_stream()) }
                 .map_err(CudaError::driver("moe streamed: staging a record"))?;
-            for (j, m) in [&layout.gate, &layout.up, &layout.down]
-                .into_iter()
-                .enumerate()
-            {
-                let data = dst + m.data.offset as u64;
-                let ok = if j < 2 {
-                    vec_ok(gu_fmt, data, m.cols, gu_group)
-                } else {
-                    vec_ok(dn_fmt, data, m.cols, dn_group)
-                };
-                if !ok {
-                    if j < 2 {
-                        gu_vec = false;
-                    } else {
-                        dn_vec = false;
-                    }
-                }
-                ptrs.push(data);
-                ptrs.push(m.scales.map_or(0, |r| dst + r.offset as u64));
-                ptrs.push(m.biases.map_or(0, |r| dst + r.offset as u64));
-            }
+            stats.vram_misses += 1;
+            stats.h2d_bytes += record as u64;
+            push_ptrs(&mut ptrs, &mut vec, &layout, f, dst);
             records.push(rec);
         }
         // Pairs of this wave get their slot in the wave, the others an out-of-range index.
@@ -175,30 +873,15 @@ pub(crate) fn moe_experts_streamed(
                     .map_or(u32::MAX, |i| i as u32)
             })
             .collect();
-        // SAFETY: wave_idx holds `pairs` u32 and wave_table wave_n * 9 u64 of scratch.
+        // SAFETY: wave_idx holds `pairs` u32 and wave_table wave_n * 9 u64 of scratch; both
+        // host vectors live until the synchronisation below.
         unsafe {
             drv::memcpy_htod_async(wave_idx, &local[..], enc.stream.cu_stream())
                 .map_err(CudaError::driver("moe streamed: wave routing"))?;
             drv::memcpy_htod_async(wave_table, &ptrs[..], enc.stream.cu_stream())
                 .map_err(CudaError::driver("moe streamed: wave table"))?;
         }
-        let pass = Pass {
-            table: wave_table,
-            num_experts: u32_of(wave.len(), "wave", OP)?,
-            gate_up: RoleFmt {
-                fmt: gu_fmt,
-                group: gu_group,
-                sdt: gu_sdt,
-                vec: gu_vec,
-            },
-            down: RoleFmt {
-                fmt: dn_fmt,
-                group: dn_group,
-                sdt: dn_sdt,
-                vec: dn_vec,
-            },
-            idx: wave_idx,
-        };
+        let pass = pass_of(f, wave_table, wave.len(), wave_idx, vec, OP)?;
         expert_pass(enc, &pass, &sc, base, xp, s, OP)?;
         // The staging slots, the wave's routing and table are rewritten by the next wave, and
         // the records may be dropped: wait for this wave's kernels.
@@ -206,6 +889,7 @@ pub(crate) fn moe_experts_streamed(
             .synchronize()
             .map_err(CudaError::driver("moe streamed: wave"))?;
         drop(records);
+        drop((local, ptrs));
     }
     combine(enc, &sc, base, wp, op, s, OP)
 }
