@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use moeflux_engine::{Device, Session, SessionOptions, open_backend};
+use moeflux_engine::{Device, Session, SessionOptions, expert_store, open_backend_with};
 use moeflux_model::synthetic::{PRESETS, preset};
 use moeflux_model::{LayerKind, LogitsRows, Model};
 
@@ -45,6 +45,15 @@ pub struct BenchArgs {
     /// RAM budget of the expert cache with --store (e.g. 2GiB).
     #[arg(long, value_parser = moeflux_engine::parse_size)]
     host_mem: Option<usize>,
+    /// VRAM budget of the expert cache with --store on CUDA (e.g. 20GiB; 0 = no VRAM cache;
+    /// default: free device memory minus a reserve).
+    #[arg(long, value_parser = moeflux_engine::parse_size)]
+    gpu_mem: Option<usize>,
+    /// With --store: make routing temporally local like a real model's (random weights route
+    /// nearly uniformly). The value is the hit rate a per-layer LRU of 64 experts should see
+    /// (e.g. 0.67). Replaces the routed experts, so outputs change: benchmarks only.
+    #[arg(long)]
+    routing_locality: Option<f64>,
 }
 
 fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
@@ -67,7 +76,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
             PRESETS.join(", ")
         )
     };
-    let mut backend = open_backend(a.device)?;
+    if a.store.is_none() && (a.routing_locality.is_some() || a.host_mem.is_some()) {
+        bail!("--routing-locality and --host-mem need --store DIR (a packed model on disk)");
+    }
+    if let Some(r) = a.routing_locality
+        && !(0.0..=1.0).contains(&r)
+    {
+        bail!("--routing-locality {r}: use a hit rate between 0 and 1 (e.g. 0.67)");
+    }
+    let mut backend = open_backend_with(a.device, a.gpu_mem)?;
     let name = backend.name();
     eprintln!("[{name}] measuring memory bandwidth ...");
     let bw = backend.measure_bandwidth().context("measuring bandwidth")?;
@@ -93,8 +110,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let load = moeflux_model::LoadOptions {
                 host_mem: a.host_mem,
             };
-            Model::open_with(dir, backend.pool(), &load)
-                .with_context(|| format!("opening {}", dir.display()))?
+            let m = Model::open_with(dir, backend.pool(), &load)
+                .with_context(|| format!("opening {}", dir.display()))?;
+            if let Some(store) = expert_store(&m) {
+                store.set_routing_locality(a.routing_locality)?;
+            }
+            m
         }
     };
     let st = model.stats();
@@ -180,19 +201,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let mut row = serde_json::json!({"kind": "decode", "context": c, "tok_per_s": tps, "bytes_per_token": bytes, "floor_tok_per_s": floor, "fraction_of_floor": tps / floor});
         if let (Some(b), Some(e)) = (before, s.expert_stats()) {
             let n = a.gen_tokens as f64;
-            let (hits, misses) = (e.hits - b.hits, e.misses - b.misses);
-            let disk = (e.bytes_read - b.bytes_read) as f64 / n;
-            println!(
-                "         experts: {:.1}% RAM hits, {:.1} MB/token read from disk, read-ahead {} ({:.0}% used)",
-                100.0 * hits as f64 / (hits + misses).max(1) as f64,
-                disk / 1e6,
-                e.prefetched - b.prefetched,
-                100.0 * (e.prefetch_used - b.prefetch_used) as f64
-                    / (e.prefetched - b.prefetched).max(1) as f64
-            );
-            row["expert_hits"] = hits.into();
-            row["expert_misses"] = misses.into();
-            row["disk_bytes_per_token"] = disk.into();
+            let d = e.since(&b);
+            print!("{}", d.report(n));
+            row["experts"] = d.to_json(n);
+            row["expert_hits"] = d.hits.into();
+            row["expert_misses"] = d.misses.into();
+            row["disk_bytes_per_token"] = (d.bytes_read as f64 / n).into();
         }
         rows.push(row);
     }

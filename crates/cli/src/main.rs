@@ -73,6 +73,7 @@ impl RunArgs {
             max_context: self.max_context,
             prefill_chunk: self.prefill_chunk,
             host_mem: self.host_mem,
+            gpu_mem: self.gpu_mem,
         };
         if self.gpu_mem.is_some() && self.device == Device::Cpu {
             eprintln!("note: --gpu-mem has no effect on the CPU backend");
@@ -409,15 +410,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         && let Some(st) = s.expert_stats()
     {
         let tokens = (stats.prompt_tokens + stats.generated).max(1) as f64;
-        eprintln!(
-            "experts: {} hits, {} misses ({:.1}% hit rate), {} read ahead ({:.1}% used), {:.2} MB read from disk per token",
-            st.hits,
-            st.misses,
-            100.0 * st.hits as f64 / (st.hits + st.misses).max(1) as f64,
-            st.prefetched,
-            100.0 * st.prefetch_accuracy(),
-            st.bytes_read as f64 / tokens / 1e6
-        );
+        eprint!("experts per tier:\n{}", st.report(tokens));
     }
     if a.profile {
         eprint!("{}", s.profile().table());
@@ -455,6 +448,7 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
         max_context: a.run.max_context,
         prefill_chunk: a.run.prefill_chunk,
         host_mem: a.run.host_mem,
+        gpu_mem: a.run.gpu_mem,
     };
     let cfg = moeflux_server::ServerConfig {
         model_id: a

@@ -98,6 +98,9 @@ pub struct SessionOptions {
     pub prefill_chunk: usize,
     /// RAM budget for the expert cache of a packed model (bytes; `None` = unbounded).
     pub host_mem: Option<usize>,
+    /// VRAM budget for the expert cache of a packed model on CUDA (bytes; `None` = free
+    /// device memory at first use minus a reserve; `Some(0)` = no VRAM cache).
+    pub gpu_mem: Option<usize>,
 }
 
 impl Default for SessionOptions {
@@ -107,23 +110,48 @@ impl Default for SessionOptions {
             max_context: 0,
             prefill_chunk: 256,
             host_mem: None,
+            gpu_mem: None,
         }
     }
 }
 
 /// Opens the backend for `device`; `Auto` takes CUDA when a device and NVRTC are usable.
 pub fn open_backend(device: Device) -> Result<Box<dyn Backend>, EngineError> {
+    open_backend_with(device, None)
+}
+
+/// [`open_backend`] with the VRAM budget of the expert cache (CUDA; see
+/// [`SessionOptions::gpu_mem`]).
+pub fn open_backend_with(
+    device: Device,
+    gpu_mem: Option<usize>,
+) -> Result<Box<dyn Backend>, EngineError> {
     match device {
         Device::Cpu => Ok(Box::new(moeflux_cpu::CpuBackend::new())),
-        Device::Cuda => Ok(Box::new(
-            moeflux_cuda::CudaBackend::new(0)
-                .map_err(|e| EngineError::Device("cuda".into(), e.to_string()))?,
-        )),
+        Device::Cuda => {
+            let mut o = moeflux_cuda::CudaOptions::new(0);
+            o.gpu_mem = gpu_mem;
+            Ok(Box::new(
+                moeflux_cuda::CudaBackend::with_options(o)
+                    .map_err(|e| EngineError::Device("cuda".into(), e.to_string()))?,
+            ))
+        }
         Device::Auto => match moeflux_cuda::available() {
-            true => open_backend(Device::Cuda),
+            true => open_backend_with(Device::Cuda, gpu_mem),
             false => Ok(Box::new(moeflux_cpu::CpuBackend::new())),
         },
     }
+}
+
+/// The expert store of a model whose routed experts are streamed (a packed directory).
+pub fn expert_store(model: &Model) -> Option<std::sync::Arc<moeflux_model::packed::ExpertStore>> {
+    model.weights.layers.iter().find_map(|l| match &l.ffn {
+        moeflux_model::arch::Ffn::Moe(m) => match &m.experts {
+            moeflux_model::arch::Experts::Streamed(s) => Some(s.clone()),
+            moeflux_model::arch::Experts::Resident(_) => None,
+        },
+        moeflux_model::arch::Ffn::Dense(_) => None,
+    })
 }
 
 /// Host copy of a session's state at a position (see [`Session::snapshot`]).
@@ -153,7 +181,7 @@ pub struct Session {
 
 impl Session {
     pub fn open(dir: &Path, opts: &SessionOptions) -> Result<Self, EngineError> {
-        let mut backend = open_backend(opts.device)?;
+        let mut backend = open_backend_with(opts.device, opts.gpu_mem)?;
         let load = moeflux_model::LoadOptions {
             host_mem: opts.host_mem,
         };
@@ -198,15 +226,10 @@ impl Session {
         Ok(())
     }
 
-    /// Counters of the expert store, for models whose experts are streamed.
+    /// Counters of the expert store (and of the device tiers in front of it), for models
+    /// whose experts are streamed.
     pub fn expert_stats(&self) -> Option<moeflux_model::packed::StoreStats> {
-        self.model.weights.layers.iter().find_map(|l| match &l.ffn {
-            moeflux_model::arch::Ffn::Moe(m) => match &m.experts {
-                moeflux_model::arch::Experts::Streamed(s) => Some(s.stats()),
-                moeflux_model::arch::Experts::Resident(_) => None,
-            },
-            moeflux_model::arch::Ffn::Dense(_) => None,
-        })
+        expert_store(&self.model).map(|s| s.stats())
     }
 
     pub fn backend_mut(&mut self) -> &mut dyn Backend {
