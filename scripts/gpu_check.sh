@@ -13,7 +13,8 @@
 #
 # Environment (local mode): CARGO_TARGET_DIR (default <repo>/target), JOBS (cargo -j, default
 # cargo's own), SKIP_BIN=1 to skip building the moeflux binary. Remote: BUDGET (seconds for all
-# checks, default 270).
+# checks, default 270), STORE_BENCH=1 (tiered-store benchmarks), PROFILE=1 (per-kernel times
+# under Nsight Compute, scripts/gpu_profile.sh).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -187,6 +188,11 @@ if [ -x "$BIN/moeflux" ]; then
         compute-sanitizer --tool memcheck --error-exitcode 99 "$BIN/moeflux" generate --chat --prompt "4821+377=" --device cuda
 fi
 
+# 3b. per-kernel GPU time of a decode and a prefill under Nsight Compute (PROFILE=1)
+if [ "${PROFILE:-0}" = "1" ] && [ -x "$BIN/moeflux" ]; then
+    run_check "ncu per-kernel profile" 150 "$LOGS/profile.log" bash "$ROOT/scripts/gpu_profile.sh" "$LOGS/profile"
+fi
+
 # 4. kernel throughput (ratios to the bandwidth floor; details in the bench section below)
 if [ -x "$BIN/kernel_bench" ]; then
     run_check "kernel_bench" 60 "$LOGS/kernel_bench.log" "$BIN/kernel_bench"
@@ -230,6 +236,12 @@ fi
         tail -5 "$LOGS/memcheck_generate.log"
         echo '```'
     fi
+    for f in "$LOGS"/profile/profile_decode.md "$LOGS"/profile/profile_prefill.md; do
+        if [ -s "$f" ]; then
+            echo
+            cat "$f"
+        fi
+    done
     if [ -s "$LOGS/kernel_bench.log" ]; then
         echo
         echo "## kernel_bench"

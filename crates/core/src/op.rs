@@ -295,6 +295,10 @@ pub enum Op {
     },
     /// Softmax over `experts` router logits, top-`k` (ties: lower index), optionally
     /// renormalised to sum 1. Writes `idx[n, k]` and `weights[n, k]`.
+    /// With `shared_gate` (one logit per token), a shared expert rides along as slot `k`:
+    /// rows of `idx` / `weights` are `k + 1` wide and slot `k` is expert `experts` (one past
+    /// the routed ones) with weight `sigmoid(shared_gate[t])`, so one [`Op::MoeExperts`] over
+    /// the routed experts plus the shared one computes the whole block.
     RouterTopK {
         logits: BufId<Act>,
         idx: BufId<Idx>,
@@ -303,6 +307,7 @@ pub enum Op {
         experts: usize,
         k: usize,
         renorm: bool,
+        shared_gate: Option<BufId<Act>>,
     },
     /// [`Op::MoeExperts`] with the experts fetched through a provider (tiered storage).
     MoeExpertsStreamed {
@@ -553,11 +558,16 @@ impl Op {
                 n,
                 experts,
                 k,
+                shared_gate,
                 ..
             } => {
                 f(logits.raw(), Read, n * experts * F);
-                f(idx.raw(), Write, n * k * 4);
-                f(weights.raw(), Write, n * k * F);
+                let width = k + shared_gate.is_some() as usize;
+                if let Some(g) = shared_gate {
+                    f(g.raw(), Read, n * F);
+                }
+                f(idx.raw(), Write, n * width * 4);
+                f(weights.raw(), Write, n * width * F);
             }
             Op::MoeExpertsStreamed {
                 x,

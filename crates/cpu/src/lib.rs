@@ -555,11 +555,14 @@ impl CpuBackend {
                 experts,
                 k,
                 renorm,
+                shared_gate,
             } => {
+                let width = k + shared_gate.is_some() as usize;
                 moe::router_topk(
                     self.f32s(logits.raw(), n * experts),
-                    self.u32s_mut(idx.raw(), n * k),
-                    self.f32s_mut(weights.raw(), n * k),
+                    shared_gate.map(|g| self.f32s(g.raw(), *n)),
+                    self.u32s_mut(idx.raw(), n * width),
+                    self.f32s_mut(weights.raw(), n * width),
                     *experts,
                     *k,
                     *renorm,

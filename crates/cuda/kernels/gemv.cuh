@@ -122,64 +122,26 @@ __device__ __forceinline__ float dot16(uint4 wv, const float4* xv) {
     return d;
 }
 
-// Vector path, in two halves so that a warp's weight loads are in flight while x is being
-// staged: mv_load issues the 16-byte loads (and the group's scale and bias) of rows
-// r0..r0+R for S consecutive warp steps starting at `step0` into registers; mv_dot folds them
-// into per-lane partial dots with the permuted staged x. Rows past the end are clamped to the
-// last row (their results are discarded by the caller); columns past the end load zeros.
-template <int FMT, int R, int S>
-struct MvRegs {
-    uint4 w[R][S];
-    float sc[R][S];
-    float bi[R][S];
-};
-
-// Warp steps of one row (32 lanes x E elements each).
-template <int FMT>
-__device__ __forceinline__ u32 mv_steps(u32 cols) {
-    constexpr int E = elems16<FMT>();
-    return (cols + 32 * E - 1) / (32 * E);
-}
-
-template <int FMT, int R, int S>
-__device__ __forceinline__ void mv_load(const WMat& w, u32 r0, u32 step0, MvRegs<FMT, R, S>& g) {
-    constexpr int E = elems16<FMT>();
-    constexpr bool AFF = FMT == FMT_Q4 || FMT == FMT_Q8;
-    const u32 lane = threadIdx.x & 31;
-    const u64 rb = row_bytes<FMT>(w.cols);
-    const u32 groups = AFF ? w.cols / w.group : 1;
-#pragma unroll
-    for (int j = 0; j < R; j++) {
-        const u32 rr = min(r0 + j, w.rows - 1);
-#pragma unroll
-        for (int s = 0; s < S; s++) {
-            const u32 e0 = (step0 + s) * 32 * E + lane * E;
-            g.w[j][s] = make_uint4(0, 0, 0, 0);
-            g.sc[j][s] = 0.f;
-            g.bi[j][s] = 0.f;
-            if (e0 < w.cols) {
-                g.w[j][s] = __ldg((const uint4*)(w.data + (u64)rr * rb + elem_byte<FMT>(e0)));
-                if (AFF) {
-                    const u64 gi = (u64)rr * groups + e0 / w.group;
-                    g.sc[j][s] = load_float(w.scales, w.sdt, gi);
-                    g.bi[j][s] = load_float(w.biases, w.sdt, gi);
-                }
-            }
-        }
-    }
-}
-
-template <int FMT, int R, int S>
-__device__ __forceinline__ void mv_dot(const WMat& w, const float* xs, u32 step0, const MvRegs<FMT, R, S>& g, float* acc) {
+// Per-lane partial dots of rows r0..r0+R with the permuted staged x (vector path). Rows past
+// the end are clamped to the last row (their results are discarded by the caller).
+template <int FMT, int R>
+__device__ __forceinline__ void mv_vec(const WMat& w, const float* xs, u32 r0, float* acc) {
     constexpr int E = elems16<FMT>();
     constexpr int F = E / 4;
     constexpr bool AFF = FMT == FMT_Q4 || FMT == FMT_Q8;
     constexpr float QS = FMT == FMT_Q4 ? 16.f : 256.f;
     const u32 lane = threadIdx.x & 31;
+    const u64 rb = row_bytes<FMT>(w.cols);
+    const u32 groups = AFF ? w.cols / w.group : 1;
+    u32 rr[R];
 #pragma unroll
-    for (int s = 0; s < S; s++) {
-        const u32 base = (step0 + s) * 32 * E;
-        if (base + lane * E >= w.cols) break;
+    for (int j = 0; j < R; j++) rr[j] = min(r0 + j, w.rows - 1);
+    for (u32 base = 0; base < w.cols; base += 32 * E) {
+        u32 e0 = base + lane * E;
+        if (e0 >= w.cols) break;
+        uint4 wv[R];
+#pragma unroll
+        for (int j = 0; j < R; j++) wv[j] = __ldg((const uint4*)(w.data + (u64)rr[j] * rb + elem_byte<FMT>(e0)));
         float4 xv[F];
 #pragma unroll
         for (int f = 0; f < F; f++) xv[f] = *(const float4*)(xs + base + f * 128 + lane * 4);
@@ -188,20 +150,18 @@ __device__ __forceinline__ void mv_dot(const WMat& w, const float* xs, u32 step0
 #pragma unroll
             for (int f = 0; f < F; f++) sx += (xv[f].x + xv[f].y) + (xv[f].z + xv[f].w);
         }
+        const u32 gi = AFF ? e0 / w.group : 0;
 #pragma unroll
         for (int j = 0; j < R; j++) {
-            float d = dot16<FMT>(g.w[j][s], xv);
-            if (AFF) acc[j] += g.sc[j][s] * (QS * (d - sx)) + g.bi[j][s] * sx;
-            else acc[j] += d;
+            float d = dot16<FMT>(wv[j], xv);
+            if (AFF) {
+                u64 g = (u64)rr[j] * groups + gi;
+                acc[j] += load_float(w.scales, w.sdt, g) * (QS * (d - sx)) + load_float(w.biases, w.sdt, g) * sx;
+            } else {
+                acc[j] += d;
+            }
         }
     }
-}
-
-// Warp steps whose loads a warp keeps in flight at once (about 8 16-byte loads per lane), so
-// a 2048-column 4-bit row (2 steps) is read in one round trip.
-template <int RN>
-__device__ __forceinline__ constexpr int mv_chunk() {
-    return RN >= 4 ? 2 : RN == 2 ? 4 : 8;
 }
 
 // Scalar path: lanes stride over columns; x staged unpermuted.
@@ -217,59 +177,21 @@ __device__ __forceinline__ void mv_scalar(const WMat& w, const float* xs, u32 r0
     }
 }
 
-// Stage x and compute this warp's R row dots of NM (1 or 2) matrices sharing the input x
-// (acc0 for w0, acc1 for w1), reduced across the warp: every lane holds the totals. On the
-// vector path the first chunk of weight loads is issued before x is staged. All threads of
-// the block must call it (it synchronises).
-template <int FMT, bool VEC, int R, int NM>
-__device__ __forceinline__ void mv_block2(const WMat& w0, const WMat& w1, float* xs, const float* x, u32 r0, float* acc0,
-                                          float* acc1) {
-    constexpr int E = VEC ? elems16<FMT>() : 4;
-    constexpr int S = mv_chunk<R * NM>();
-#pragma unroll
-    for (int j = 0; j < R; j++) {
-        acc0[j] = 0.f;
-        acc1[j] = 0.f;
-    }
-    const bool live = r0 < w0.rows;
-    if (VEC) {
-        MvRegs<FMT, R, S> g0, g1;
-        if (live) {
-            mv_load<FMT, R, S>(w0, r0, 0, g0);
-            if (NM == 2) mv_load<FMT, R, S>(w1, r0, 0, g1);
-        }
-        stage_x<E>(xs, x, w0.cols, mv_padded<E>(w0.cols));
-        __syncthreads();
-        if (live) {
-            const u32 steps = mv_steps<FMT>(w0.cols);
-            mv_dot<FMT, R, S>(w0, xs, 0, g0, acc0);
-            if (NM == 2) mv_dot<FMT, R, S>(w1, xs, 0, g1, acc1);
-            for (u32 s0 = S; s0 < steps; s0 += S) {
-                mv_load<FMT, R, S>(w0, r0, s0, g0);
-                if (NM == 2) mv_load<FMT, R, S>(w1, r0, s0, g1);
-                mv_dot<FMT, R, S>(w0, xs, s0, g0, acc0);
-                if (NM == 2) mv_dot<FMT, R, S>(w1, xs, s0, g1, acc1);
-            }
-        }
-    } else {
-        stage_x<E>(xs, x, w0.cols, mv_padded<E>(w0.cols));
-        __syncthreads();
-        if (live) {
-            mv_scalar<FMT, R>(w0, xs, r0, acc0);
-            if (NM == 2) mv_scalar<FMT, R>(w1, xs, r0, acc1);
-        }
-    }
-#pragma unroll
-    for (int j = 0; j < R; j++) {
-        acc0[j] = warp_sum(acc0[j]);
-        if (NM == 2) acc1[j] = warp_sum(acc1[j]);
-    }
-}
-
+// Stage x and compute this warp's R row dots into acc (reduced across the warp: every lane
+// holds the totals). All threads of the block must call it (it synchronises).
 template <int FMT, bool VEC, int R>
 __device__ __forceinline__ void mv_block(const WMat& w, float* xs, const float* x, u32 r0, float* acc) {
-    float unused[R];
-    mv_block2<FMT, VEC, R, 1>(w, w, xs, x, r0, acc, unused);
+    constexpr int E = VEC ? elems16<FMT>() : 4;
+    stage_x<E>(xs, x, w.cols, mv_padded<E>(w.cols));
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < R; j++) acc[j] = 0.f;
+    if (r0 < w.rows) {
+        if (VEC) mv_vec<FMT, R>(w, xs, r0, acc);
+        else mv_scalar<FMT, R>(w, xs, r0, acc);
+    }
+#pragma unroll
+    for (int j = 0; j < R; j++) acc[j] = warp_sum(acc[j]);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -2,9 +2,9 @@
 // Routing indices never leave the device.
 //
 // router_topk_f32: softmax over `experts` logits per token, top-k by probability (ties: lower
-//   index), optionally renormalised. One block of 128 threads per token: every expert's rank
-//   is counted against all others in shared memory (no serial k rounds). Grid n, dynamic
-//   shared memory 4 * (experts + k) bytes.
+//   index), optionally renormalised. One warp per token, 4 warps per block, dynamic shared
+//   memory 4 * experts floats. Grid ceil(n / 4). With `shared` (one gate logit per token, or
+//   null) rows of idx / weights are k + 1 wide and slot k is (experts, sigmoid(shared[t])).
 //
 // Experts: `table` is a device array, per expert 9 u64 device pointers: gate {data, scales,
 // biases}, up {...}, down {...} (null scales/biases for dense formats). Gate and up share one
@@ -29,46 +29,60 @@
 #include "gemv.cuh"
 
 // ----------------------------------------------------------------------------- router
-extern "C" __global__ void router_topk_f32(const float* logits, u32* idx, float* weights, u32 n, u32 experts, u32 k, int renorm) {
-    __shared__ float red[32];
-    float* p = (float*)smem4;  // [experts] probabilities (unnormalised), then [k] picked
-    float* picked = p + experts;
-    const u32 t = blockIdx.x;
-    if (t >= n) return;  // uniform across the block
+extern "C" __global__ void router_topk_f32(const float* logits, const float* shared, u32* idx, float* weights, u32 n, u32 experts,
+                                           u32 k, int renorm) {
+    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const u32 t = blockIdx.x * 4 + warp;
+    if (t >= n) return;
+    const u32 width = shared != 0 ? k + 1 : k;  // row width of idx / weights
+    float* p = (float*)smem4 + warp * experts;
     const float* l = logits + (u64)t * experts;
     float mx = NEG_INF;
-    for (u32 e = threadIdx.x; e < experts; e += blockDim.x) mx = fmaxf(mx, l[e]);
-    mx = block_max(mx, red);
+    for (u32 e = lane; e < experts; e += 32) mx = fmaxf(mx, l[e]);
+    mx = warp_max(mx);
     float sum = 0.f;
-    for (u32 e = threadIdx.x; e < experts; e += blockDim.x) {
+    for (u32 e = lane; e < experts; e += 32) {
         float v = expf(l[e] - mx);
         p[e] = v;
         sum += v;
     }
-    sum = block_sum(sum, red);  // synchronises, so p is complete
-    // Rank of each expert: how many beat it (higher probability, or equal and lower index).
-    for (u32 e = threadIdx.x; e < experts; e += blockDim.x) {
-        const float v = p[e];
-        u32 rank = 0;
-        for (u32 j = 0; j < experts; j++) {
-            const float o = p[j];
-            rank += (o > v) | ((o == v) & (j < e));
+    sum = warp_sum(sum);
+    __syncwarp();
+    float tot = 0.f;
+    for (u32 j = 0; j < k; j++) {
+        float bv = -1.f;
+        u32 bi = 0xffffffffu;
+        for (u32 e = lane; e < experts; e += 32) {
+            float v = p[e];
+            if (v > bv) {  // e increases within a lane, so ties keep the lower index
+                bv = v;
+                bi = e;
+            }
         }
-        if (rank < k) {
-            const float w = v / sum;
-            idx[(u64)t * k + rank] = e;
-            picked[rank] = w;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            u32 oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ov > bv || (ov == bv && oi < bi)) {
+                bv = ov;
+                bi = oi;
+            }
         }
+        if (lane == 0) {
+            float w = bv / sum;
+            idx[(u64)t * width + j] = bi;
+            weights[(u64)t * width + j] = w;
+            tot += w;
+            p[bi] = -1.f;  // taken
+        }
+        __syncwarp();
     }
-    __syncthreads();
-    if (threadIdx.x < k) {
-        float w = picked[threadIdx.x];
-        if (renorm) {
-            float tot = 0.f;
-            for (u32 j = 0; j < k; j++) tot += picked[j];
-            w /= tot;
-        }
-        weights[(u64)t * k + threadIdx.x] = w;
+    if (lane == 0 && renorm) {
+        for (u32 j = 0; j < k; j++) weights[(u64)t * width + j] /= tot;
+    }
+    if (lane == 0 && shared != 0) {  // the shared expert rides along as slot k
+        idx[(u64)t * width + k] = experts;
+        weights[(u64)t * width + k] = sigmoid_f(shared[t]);
     }
 }
 
@@ -87,7 +101,16 @@ __device__ __forceinline__ void gate_up_body(const u64* table, u32 num_experts, 
     WMat g = expert_mat(table, e, 0, inter, hidden, group, sdt);
     WMat u = expert_mat(table, e, 1, inter, hidden, group, sdt);
     float ag[MV_R], au[MV_R];
-    mv_block2<FMT, VEC, MV_R, 2>(g, u, xs, xt, r0, ag, au);
+    mv_block<FMT, VEC, MV_R>(g, xs, xt, r0, ag);
+    // x is already staged (same permutation for gate and up): compute up directly.
+#pragma unroll
+    for (int j = 0; j < MV_R; j++) au[j] = 0.f;
+    if (r0 < inter) {
+        if (VEC) mv_vec<FMT, MV_R>(u, xs, r0, au);
+        else mv_scalar<FMT, MV_R>(u, xs, r0, au);
+    }
+#pragma unroll
+    for (int j = 0; j < MV_R; j++) au[j] = warp_sum(au[j]);
     if (lane == 0) {
 #pragma unroll
         for (int j = 0; j < MV_R; j++)

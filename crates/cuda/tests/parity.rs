@@ -901,8 +901,14 @@ fn router_topk() {
             &|s| {
                 let l = s.rand(n * experts, 3.0);
                 let logits = s.input(&l, "logits");
-                let idx: BufId<Idx> = s.output_as(n * k, "idx", Kind::U32);
-                let weights = s.output(n * k, "weights");
+                // Odd cases carry a shared-expert gate (slot k = expert `experts`).
+                let shared_gate = (n % 2 == 1).then(|| {
+                    let g = s.rand(n, 4.0);
+                    s.input(&g, "shared_gate")
+                });
+                let width = k + shared_gate.is_some() as usize;
+                let idx: BufId<Idx> = s.output_as(n * width, "idx", Kind::U32);
+                let weights = s.output(n * width, "weights");
                 s.op(Op::RouterTopK {
                     logits,
                     idx,
@@ -911,6 +917,7 @@ fn router_topk() {
                     experts,
                     k,
                     renorm,
+                    shared_gate,
                 });
             },
         );
@@ -1146,6 +1153,7 @@ fn moe_block_chain() {
                     experts: e,
                     k,
                     renorm: layer == 0,
+                    shared_gate: None,
                 });
                 let y = s.transient(n * hidden, "moe_out");
                 s.op(Op::MoeExperts {

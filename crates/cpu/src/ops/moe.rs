@@ -14,17 +14,25 @@ use super::weights::MatView;
 
 pub fn router_topk(
     logits: &[f32],
+    shared_gate: Option<&[f32]>,
     idx: &mut [u32],
     weights: &mut [f32],
     experts: usize,
     k: usize,
     renorm: bool,
 ) {
-    for ((l, ix), w) in logits
+    let width = k + shared_gate.is_some() as usize;
+    for (t, ((l, ix), w)) in logits
         .chunks_exact(experts)
-        .zip(idx.chunks_exact_mut(k))
-        .zip(weights.chunks_exact_mut(k))
+        .zip(idx.chunks_exact_mut(width))
+        .zip(weights.chunks_exact_mut(width))
+        .enumerate()
     {
+        if let Some(g) = shared_gate {
+            ix[k] = experts as u32;
+            w[k] = super::rms_norm::sigmoid(g[t]);
+        }
+        let (ix, w) = (&mut ix[..k], &mut w[..k]);
         let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let p: Vec<f32> = l.iter().map(|v| (v - max).exp()).collect();
         let sum: f32 = p.iter().sum();

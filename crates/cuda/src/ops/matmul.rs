@@ -138,7 +138,15 @@ pub(crate) fn matmul(
         // SAFETY: gemm_tc_*(WMat, const float*, float*, u32); x holds n * cols floats and out
         // n * rows (Graph::validate); cols % 32 == 0 and 16-byte aligned rows (tc_ok; pool
         // buffers are 256-byte aligned); tiles past n or rows are masked in the kernel.
-        return unsafe { launch!(enc, "gemm_tc.cu", fmt.pick(&GEMM_TC), cfg, [wa, xp, op, n_u]) };
+        return unsafe {
+            launch!(
+                enc,
+                "gemm_tc.cu",
+                fmt.pick(&GEMM_TC),
+                cfg,
+                [wa, xp, op, n_u]
+            )
+        };
     }
     let cfg = LaunchConfig {
         grid_dim: (

@@ -410,7 +410,16 @@ pub(crate) fn encode_op(enc: &mut Enc<'_>, op: &Op) -> Result<(), CudaError> {
             experts,
             k,
             renorm,
-        } => moe::router_topk(enc, *logits, *idx, *weights, *n, *experts, *k, *renorm),
+            shared_gate,
+        } => moe::router_topk(
+            enc,
+            *logits,
+            *shared_gate,
+            *idx,
+            *weights,
+            (*n, *experts, *k),
+            *renorm,
+        ),
         Op::MoeExpertsStreamed {
             x,
             idx,

@@ -90,22 +90,22 @@ const GEMM_DOWN: [&str; 5] = [
     "moe_gemm_down_q8",
 ];
 
-#[allow(clippy::too_many_arguments)]
+/// `shape` is (tokens, routed experts, k).
 pub(crate) fn router_topk(
     enc: &mut Enc<'_>,
     logits: BufId<Act>,
+    shared_gate: Option<BufId<Act>>,
     idx: BufId<Idx>,
     weights: BufId<Act>,
-    n: usize,
-    experts: usize,
-    k: usize,
+    shape: (usize, usize, usize),
     renorm: bool,
 ) -> Result<(), CudaError> {
     const OP: &str = "router_topk";
+    let (n, experts, k) = shape;
     if n == 0 {
         return Ok(());
     }
-    let smem = 4 * (experts + k);
+    let smem = 4 * experts * 4;
     if smem > enc.smem_optin {
         return Err(CudaError::Unsupported {
             op: OP,
@@ -113,7 +113,7 @@ pub(crate) fn router_topk(
         });
     }
     let cfg = LaunchConfig {
-        grid_dim: (u32_of(n, "blocks", OP)?, 1, 1),
+        grid_dim: (u32_of(n.div_ceil(4), "blocks", OP)?, 1, 1),
         block_dim: (128, 1, 1),
         shared_mem_bytes: smem as u32,
     };
@@ -122,21 +122,26 @@ pub(crate) fn router_topk(
         enc.buf(idx.raw())?,
         enc.buf(weights.raw())?,
     );
+    let gp = match shared_gate {
+        Some(g) => enc.buf(g.raw())?,
+        None => 0,
+    };
     let (n_, e, k_, r) = (
         u32_of(n, "n", OP)?,
         u32_of(experts, "experts", OP)?,
         u32_of(k, "k", OP)?,
         renorm as i32,
     );
-    // SAFETY: router_topk_f32(const float*, u32*, float*, u32, u32, u32, int); logits hold
-    // n * experts floats, idx/weights n * k (Graph::validate), 1 <= k <= experts (check_shapes).
+    // SAFETY: router_topk_f32(const float*, const float*, u32*, float*, u32, u32, u32, int);
+    // logits hold n * experts floats, the shared gate (or null) n, idx/weights n * (k + 1 if
+    // shared else k) (Graph::validate), 1 <= k <= experts (check_shapes).
     unsafe {
         launch!(
             enc,
             "moe.cu",
             "router_topk_f32",
             cfg,
-            [lp, ip, wp, n_, e, k_, r]
+            [lp, gp, ip, wp, n_, e, k_, r]
         )
     }
 }

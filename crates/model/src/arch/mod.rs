@@ -167,11 +167,37 @@ pub fn moe(
         )),
         None => None,
     };
+    let with_shared = fuse_shared(&routed, shared.as_ref().map(|(mlp, _)| mlp));
     Ok(MoeWeights {
         router: ld.matrix(&format!("{m}.gate"), s.experts, spec.hidden)?,
         experts: routed,
         shared,
+        with_shared,
     })
+}
+
+/// The resident routed experts with the shared expert appended as one more, when the shared
+/// expert has the routed experts' shapes and formats (Qwen3-Next, Qwen3.5-MoE): the block then
+/// runs as one expert op with k + 1 slots (see `Op::RouterTopK::shared_gate`). Streamed
+/// experts keep the shared expert apart (it stays resident).
+fn fuse_shared(routed: &Experts, shared: Option<&Mlp>) -> Option<Arc<[ExpertWeights]>> {
+    let (Experts::Resident(experts), Some(mlp)) = (routed, shared) else {
+        return None;
+    };
+    let first = experts.first()?;
+    let same = |a: &moeflux_core::Matrix, b: &moeflux_core::Matrix| {
+        a.rows == b.rows && a.cols == b.cols && a.format == b.format
+    };
+    if !(same(&mlp.gate, &first.gate) && same(&mlp.up, &first.up) && same(&mlp.down, &first.down)) {
+        return None;
+    }
+    let mut all: Vec<ExpertWeights> = experts.to_vec();
+    all.push(ExpertWeights {
+        gate: mlp.gate,
+        up: mlp.up,
+        down: mlp.down,
+    });
+    Some(all.into())
 }
 
 pub fn attention(

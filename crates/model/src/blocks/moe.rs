@@ -1,7 +1,9 @@
 //! Sparse MoE block: softmax router, top-k routed SwiGLU experts, and the optional shared
 //! expert scaled by `sigmoid(shared_expert_gate(x))`. Also the dense SwiGLU MLP.
 
-use moeflux_core::{Act, BufId, Idx, Lifetime, Matrix, Op, PoolExt};
+use std::sync::Arc;
+
+use moeflux_core::{Act, BufId, ExpertWeights, Idx, Lifetime, Matrix, Op, PoolExt};
 
 use crate::arch::Experts;
 
@@ -19,6 +21,9 @@ pub struct MoeWeights {
     pub router: Matrix,
     pub experts: Experts,
     pub shared: Option<(Mlp, Matrix)>,
+    /// Resident experts plus the shared expert as the last one, when shapes and formats
+    /// allow running the whole block as one expert op.
+    pub with_shared: Option<Arc<[ExpertWeights]>>,
 }
 
 pub fn emit_mlp(
@@ -51,6 +56,45 @@ pub fn emit(
 ) -> Result<BufId<Act>, ModelError> {
     let n = b.n;
     let logits = b.matmul(x, &w.router, "router")?;
+    if let (Some(all), Some((_, gate))) = (&w.with_shared, &w.shared) {
+        // Shared expert as slot k of every token: one expert op, no separate shared MLP,
+        // gate, sum.
+        let g = b.matmul(x, gate, "shared_expert_gate")?;
+        let k = s.top_k + 1;
+        let idx: BufId<Idx> = b
+            .pool()
+            .alloc(n * k * 4, "route_idx", Lifetime::Transient)?;
+        let weights = b.act(k, "route_w")?;
+        b.push(
+            "router_topk",
+            Op::RouterTopK {
+                logits,
+                idx,
+                weights,
+                n,
+                experts: s.experts,
+                k: s.top_k,
+                renorm: s.renorm,
+                shared_gate: Some(g),
+            },
+        );
+        let out = b.act(hidden, "moe_out")?;
+        b.push(
+            "experts",
+            Op::MoeExperts {
+                x,
+                idx,
+                weights,
+                experts: all.clone(),
+                out,
+                n,
+                k,
+                hidden,
+                inter: s.inter,
+            },
+        );
+        return Ok(out);
+    }
     let idx: BufId<Idx> = b
         .pool()
         .alloc(n * s.top_k * 4, "route_idx", Lifetime::Transient)?;
@@ -65,6 +109,7 @@ pub fn emit(
             experts: s.experts,
             k: s.top_k,
             renorm: s.renorm,
+            shared_gate: None,
         },
     );
     let out = b.act(hidden, "moe_out")?;
