@@ -244,3 +244,80 @@ fn qwen3_moe_f32() {
 fn qwen3_next_mlx4() {
     check("qwen3_next_mlx4", 2e-3);
 }
+
+/// A packed (`moeflux convert`) copy of the 4-bit fixture streams its experts through the
+/// tiers: on CUDA, under VRAM budgets of every record, one layer's active set and none (wave
+/// path), RAM budgets unbounded and minimal, and CPU-computed misses off and on, prefill,
+/// decode and greedy logits match the resident model on the same device (1e-5) and the CPU
+/// (1e-4).
+#[test]
+fn qwen3_next_mlx4_packed_tiers() {
+    use moeflux_cuda::{CpuMisses, CudaOptions};
+    let name = "qwen3_next_mlx4";
+    let selftest = std::env::var("MOEFLUX_PARITY_SELFTEST").is_ok_and(|v| v == "1");
+    if !selftest && let Some(why) = moeflux_cuda::unavailable_reason() {
+        eprintln!("skipping: no CUDA device ({why})");
+        return;
+    }
+    let open_dev = |gpu_mem: Option<usize>, cpu: CpuMisses| -> Box<dyn Backend> {
+        if selftest {
+            return Box::new(CpuBackend::new());
+        }
+        let mut o = CudaOptions::new(0);
+        o.gpu_mem = gpu_mem;
+        o.cpu_misses = cpu;
+        Box::new(CudaBackend::with_options(o).expect("device"))
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let packed = tmp.path().join("packed");
+    moeflux_model::packed::convert(&fixture(name).join("model"), &packed, 4, &mut |_, _, _| {})
+        .unwrap();
+    let m = moeflux_model::packed::read_manifest(&packed).unwrap();
+    let (record, layers, experts) = (m.record_bytes, m.layers.len(), m.experts);
+    let slot = record.div_ceil(256) * 256;
+    let tokens = ref_ids(name, "tokens");
+    let run = |r: &mut Runner| -> Vec<f32> {
+        let mut out = r.prefill(&tokens);
+        r.reset();
+        for &t in &tokens {
+            out.extend(r.step(&[t], LogitsRows::Last));
+        }
+        for _ in 0..4 {
+            let t = argmax(&out[out.len() - r.model.spec.vocab..]);
+            out.extend(r.step(&[t], LogitsRows::Last));
+        }
+        out
+    };
+    let want_cpu = run(&mut Runner::open(Box::new(CpuBackend::new()), name));
+    let want_dev = run(&mut Runner::open(open_dev(Some(0), CpuMisses::Off), name));
+    let top_k = 2; // the fixture routes to 2 experts per token
+    for gpu_records in [Some(layers * experts), Some(top_k), Some(0), None] {
+        for host in [None, Some(top_k * record)] {
+            for cpu in [CpuMisses::Off, CpuMisses::On] {
+                let gpu_mem = gpu_records.map(|r| r * slot);
+                let mut backend = open_dev(gpu_mem, cpu);
+                let model = Model::open_with(
+                    &packed,
+                    backend.pool(),
+                    &moeflux_model::LoadOptions { host_mem: host },
+                )
+                .unwrap();
+                let state = model.alloc_state(backend.pool(), 128).unwrap();
+                let mut r = Runner {
+                    backend,
+                    model,
+                    state,
+                    graphs: Vec::new(),
+                    pos: 0,
+                };
+                let got = run(&mut r);
+                let (e_dev, e_cpu) = (rel_err(&got, &want_dev), rel_err(&got, &want_cpu));
+                eprintln!(
+                    "packed gpu {gpu_records:?} records, host {host:?}, cpu misses {cpu:?}: rel err vs resident device {e_dev:.2e}, vs cpu {e_cpu:.2e}"
+                );
+                assert!(e_dev <= 1e-5, "vs resident on the device: {e_dev}");
+                assert!(e_cpu <= 1e-4, "vs cpu: {e_cpu}");
+            }
+        }
+    }
+}

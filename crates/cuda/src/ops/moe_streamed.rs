@@ -139,6 +139,7 @@ impl Tier {
 impl Drop for Tier {
     fn drop(&mut self) {
         // Copies may still read the kept host records and write the cache.
+        let _ = self.copy.context().bind_to_thread();
         let _ = self.copy.synchronize();
         self.pending.clear();
         if let Some((addr, _)) = self.registered.take()
