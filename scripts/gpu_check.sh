@@ -177,12 +177,20 @@ MOEFLUX_TEST_DEVICE=cuda run_check "engine golden, MOEFLUX_TEST_DEVICE=cuda" 150
 # 3. end-to-end benchmarks (moeflux bench: decode vs the bandwidth floor, prefill) and a
 #    sanitizer pass over a real generation
 if [ -x "$BIN/moeflux" ]; then
-    run_check "bench qwen3-next-80b-a3b" 170 "$LOGS/bench_next80b.log" "$BIN/moeflux" bench --preset qwen3-next-80b-a3b --device cuda --prompt 512,4096 --gen 64 --context 0,4096,32768 --json "$OUT/bench_next80b.json"
-    run_check "bench qwen3-30b-a3b" 110 "$LOGS/bench_30b.log" "$BIN/moeflux" bench --preset qwen3-30b-a3b --device cuda --prompt 512,4096 --gen 64 --context 0,4096 --json "$OUT/bench_30b.json"
+    run_check "bench qwen3-next-80b-a3b" 170 "$LOGS/bench_next80b.log" "$BIN/moeflux" bench --preset qwen3-next-80b-a3b --device cuda --prompt 512,4096 --prefill-chunk 4096 --gen 64 --context 0,4096,32768 --json "$OUT/bench_next80b.json"
+    run_check "bench qwen3-30b-a3b" 110 "$LOGS/bench_30b.log" "$BIN/moeflux" bench --preset qwen3-30b-a3b --device cuda --prompt 512,4096 --prefill-chunk 4096 --gen 64 --context 0,4096 --json "$OUT/bench_30b.json"
     if [ "${STORE_BENCH:-0}" = "1" ]; then
-        # Tiered store: experts in a packed directory on this machine's disk, host-RAM cache.
-        run_check "bench store qwen3-next-80b-a3b x8 layers" 200 "$LOGS/bench_store80.log" "$BIN/moeflux" bench --preset qwen3-next-80b-a3b --layers 8 --device cuda --store /tmp/moeflux-store80 --host-mem 4GiB --prompt 0 --gen 32 --json "$OUT/bench_store80.json"
-        run_check "bench store qwen3.5-397b-a17b x2 layers" 200 "$LOGS/bench_store397.log" "$BIN/moeflux" bench --preset qwen3.5-397b-a17b --layers 2 --device cuda --store /tmp/moeflux-store397 --host-mem 4GiB --prompt 0 --gen 32 --json "$OUT/bench_store397.json"
+        # Tiered store: experts in a packed directory on this machine's disk (written once per
+        # preset), host-RAM slab, VRAM cache. qwen3-next x8 layers: 4096 expert records of
+        # 1.77 MB (7.25 GB): all in VRAM, half, none. qwen3.5-397b x2 layers: 1024 records of
+        # 7.1 MB with a 2 GiB VRAM cache, uniform routing and with the locality of real models.
+        S80=(bench --preset qwen3-next-80b-a3b --layers 8 --device cuda --store /tmp/moeflux-store80 --host-mem 12GiB --prompt 0 --gen 32)
+        run_check "bench store next-80b x8: VRAM all" 200 "$LOGS/bench_store80_all.log" "$BIN/moeflux" "${S80[@]}" --gpu-mem 8GiB --json "$OUT/bench_store80_all.json"
+        run_check "bench store next-80b x8: VRAM half" 100 "$LOGS/bench_store80_half.log" "$BIN/moeflux" "${S80[@]}" --gpu-mem 3625MiB --json "$OUT/bench_store80_half.json"
+        run_check "bench store next-80b x8: VRAM none" 100 "$LOGS/bench_store80_none.log" "$BIN/moeflux" "${S80[@]}" --gpu-mem 0 --json "$OUT/bench_store80_none.json"
+        S397=(bench --preset qwen3.5-397b-a17b --layers 2 --device cuda --store /tmp/moeflux-store397 --host-mem 8GiB --gpu-mem 2GiB --prompt 0 --gen 32)
+        run_check "bench store 397b x2: uniform" 200 "$LOGS/bench_store397_uniform.log" "$BIN/moeflux" "${S397[@]}" --json "$OUT/bench_store397_uniform.json"
+        run_check "bench store 397b x2: locality 0.67" 100 "$LOGS/bench_store397_local.log" "$BIN/moeflux" "${S397[@]}" --routing-locality 0.67 --json "$OUT/bench_store397_local.json"
     fi
     run_check "memcheck: generate (bundled model)" 90 "$LOGS/memcheck_generate.log" \
         compute-sanitizer --tool memcheck --error-exitcode 99 "$BIN/moeflux" generate --chat --prompt "4821+377=" --device cuda
@@ -218,13 +226,13 @@ fi
     printf '%s\n' "${ROWS[@]}"
     echo
     echo "Logs: logs.tar.gz (one log per check)"
-    for b in bench_next80b bench_30b bench_store80 bench_store397; do
+    for b in bench_next80b bench_30b bench_store80_all bench_store80_half bench_store80_none bench_store397_uniform bench_store397_local; do
         if [ -s "$LOGS/$b.log" ]; then
             echo
             echo "## $b"
             echo
             echo '```'
-            grep -E '^preset|^prefill|^decode|built in|experts:|^error' "$LOGS/$b.log"
+            grep -E '^preset|^prefill|^decode|built in|experts|tier|VRAM|RAM|disk|^error' "$LOGS/$b.log" | head -20
             echo '```'
         fi
     done
