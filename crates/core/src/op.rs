@@ -60,6 +60,26 @@ pub struct ExpertWeights {
     pub down: Matrix,
 }
 
+impl ExpertWeights {
+    /// For a layout inside one expert record (offsets relative to the record): the name of
+    /// the first matrix whose data, scales or biases end past `record` bytes, if any.
+    pub fn outside_record(&self, record: usize) -> Option<&'static str> {
+        [("gate", &self.gate), ("up", &self.up), ("down", &self.down)]
+            .into_iter()
+            .find(|(_, m)| {
+                let end = m.data.offset + m.format.data_bytes(m.rows, m.cols);
+                let send = [m.scales, m.biases]
+                    .iter()
+                    .flatten()
+                    .map(|r| r.offset + m.format.scale_bytes(m.rows, m.cols))
+                    .max()
+                    .unwrap_or(0);
+                end.max(send) > record
+            })
+            .map(|(what, _)| what)
+    }
+}
+
 /// Expert weights that live outside device memory (a packed file behind a cache) and are
 /// fetched when the router picks them. Every expert of a layer has the same layout.
 pub trait ExpertProvider: Send + Sync + std::fmt::Debug {

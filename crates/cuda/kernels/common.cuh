@@ -86,6 +86,32 @@ __device__ __forceinline__ WMat expert_mat(const u64* table, u32 e, int m, u32 r
     return w;
 }
 
+// Rows of one expert tile (moe_route's (expert, first, count) list): xr[i] / orow[i] are the
+// input / output rows of the tile's pair i (null past `count`). Returns the tile's expert, or
+// 0xffffffff when the block's tile is past the tile count (uniform across the block). Called
+// by every thread; synchronises.
+template <int TM>
+__device__ __forceinline__ u32 expert_tile_rows(const u32* sorted, const u32* tiles, const u32* ntiles, const float* x,
+                                                u32 gather_div, u32 x_width, float* out, u32 out_width,
+                                                const float** xr, float** orow) {
+    const u32 tile = blockIdx.y;
+    if (tile >= *ntiles) return 0xffffffffu;
+    const u32 first = tiles[3 * tile + 1], count = tiles[3 * tile + 2];
+    if (threadIdx.x < TM) {
+        u32 i = threadIdx.x;
+        if (i < count) {
+            u32 p = sorted[first + i];
+            xr[i] = x + (u64)(p / gather_div) * x_width;
+            orow[i] = out + (u64)p * out_width;
+        } else {
+            xr[i] = 0;
+            orow[i] = 0;
+        }
+    }
+    __syncthreads();
+    return tiles[3 * tile];
+}
+
 // Bytes of one stored row for a format.
 template <int FMT>
 __device__ __forceinline__ u64 row_bytes(u32 cols) {

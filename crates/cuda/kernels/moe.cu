@@ -178,21 +178,8 @@ __device__ __forceinline__ void moe_gemm_body(const u64* table, const u32* sorte
     __shared__ GemmSmem sm;
     __shared__ const float* xr[MOE_TM];
     __shared__ float* orow[MOE_TM];
-    const u32 tile = blockIdx.y;
-    if (tile >= *ntiles) return;  // uniform across the block
-    const u32 e = tiles[3 * tile], first = tiles[3 * tile + 1], count = tiles[3 * tile + 2];
-    if (threadIdx.x < MOE_TM) {
-        u32 i = threadIdx.x;
-        if (i < count) {
-            u32 p = sorted[first + i];
-            xr[i] = x + (u64)(p / gather_div) * x_width;
-            orow[i] = out + (u64)p * out_width;
-        } else {
-            xr[i] = 0;
-            orow[i] = 0;
-        }
-    }
-    __syncthreads();
+    const u32 e = expert_tile_rows<MOE_TM>(sorted, tiles, ntiles, x, gather_div, x_width, out, out_width, xr, orow);
+    if (e == 0xffffffffu) return;  // past the tile count, uniform across the block
     WMat w0 = expert_mat(table, e, NMAT == 2 ? 0 : 2, rows, cols, group, sdt);
     WMat w1 = NMAT == 2 ? expert_mat(table, e, 1, rows, cols, group, sdt) : w0;
     gemm_tile<FMT, NMAT, MOE_TM>(w0, w1, xr, orow, blockIdx.x * GT_N, sm);

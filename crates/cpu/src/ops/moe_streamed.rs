@@ -97,24 +97,11 @@ pub fn expert_rows(
         backend: "cpu",
         msg: format!("expert_rows: {msg}"),
     };
-    for (what, m) in [
-        ("gate", &layout.gate),
-        ("up", &layout.up),
-        ("down", &layout.down),
-    ] {
-        let end = m.data.offset + m.format.data_bytes(m.rows, m.cols);
-        let send = [m.scales, m.biases]
-            .iter()
-            .flatten()
-            .map(|r| r.offset + m.format.scale_bytes(m.rows, m.cols))
-            .max()
-            .unwrap_or(0);
-        if end.max(send) > rec.len() {
-            return Err(bad(format!(
-                "{what} ends past the {}-byte record",
-                rec.len()
-            )));
-        }
+    if let Some(what) = layout.outside_record(rec.len()) {
+        return Err(bad(format!(
+            "{what} ends past the {}-byte record",
+            rec.len()
+        )));
     }
     if k == 0 || pairs.iter().any(|&p| (p / k + 1) * hidden > x.len()) {
         return Err(bad(format!(

@@ -307,24 +307,11 @@ fn check_layout(
         });
     }
     // Every matrix must lie inside the record (check_shapes only checks the start offsets).
-    for (what, m) in [
-        ("gate", &layout.gate),
-        ("up", &layout.up),
-        ("down", &layout.down),
-    ] {
-        let end = m.data.offset + m.format.data_bytes(m.rows, m.cols);
-        let send = [m.scales, m.biases]
-            .iter()
-            .flatten()
-            .map(|r| r.offset + m.format.scale_bytes(m.rows, m.cols))
-            .max()
-            .unwrap_or(0);
-        if end.max(send) > record {
-            return Err(CudaError::Unsupported {
-                op,
-                msg: format!("{what} of the expert layout ends past the {record}-byte record"),
-            });
-        }
+    if let Some(what) = layout.outside_record(record) {
+        return Err(CudaError::Unsupported {
+            op,
+            msg: format!("{what} of the expert layout ends past the {record}-byte record"),
+        });
     }
     Ok(Formats { gu, dn })
 }

@@ -56,49 +56,19 @@ pub fn emit(
 ) -> Result<BufId<Act>, ModelError> {
     let n = b.n;
     let logits = b.matmul(x, &w.router, "router")?;
-    if let (Some(all), Some((_, gate))) = (&w.with_shared, &w.shared) {
-        // Shared expert as slot k of every token: one expert op, no separate shared MLP,
-        // gate, sum.
-        let g = b.matmul(x, gate, "shared_expert_gate")?;
-        let k = s.top_k + 1;
-        let idx: BufId<Idx> = b
-            .pool()
-            .alloc(n * k * 4, "route_idx", Lifetime::Transient)?;
-        let weights = b.act(k, "route_w")?;
-        b.push(
-            "router_topk",
-            Op::RouterTopK {
-                logits,
-                idx,
-                weights,
-                n,
-                experts: s.experts,
-                k: s.top_k,
-                renorm: s.renorm,
-                shared_gate: Some(g),
-            },
-        );
-        let out = b.act(hidden, "moe_out")?;
-        b.push(
-            "experts",
-            Op::MoeExperts {
-                x,
-                idx,
-                weights,
-                experts: all.clone(),
-                out,
-                n,
-                k,
-                hidden,
-                inter: s.inter,
-            },
-        );
-        return Ok(out);
-    }
+    // Shared expert as slot k of every token when its shape allows (`with_shared`): one
+    // expert op, no separate shared MLP, gate and sum.
+    let fused = match (&w.with_shared, &w.shared) {
+        (Some(all), Some((_, gate))) => {
+            Some((all.clone(), b.matmul(x, gate, "shared_expert_gate")?))
+        }
+        _ => None,
+    };
+    let k = s.top_k + fused.is_some() as usize;
     let idx: BufId<Idx> = b
         .pool()
-        .alloc(n * s.top_k * 4, "route_idx", Lifetime::Transient)?;
-    let weights = b.act(s.top_k, "route_w")?;
+        .alloc(n * k * 4, "route_idx", Lifetime::Transient)?;
+    let weights = b.act(k, "route_w")?;
     b.push(
         "router_topk",
         Op::RouterTopK {
@@ -109,23 +79,23 @@ pub fn emit(
             experts: s.experts,
             k: s.top_k,
             renorm: s.renorm,
-            shared_gate: None,
+            shared_gate: fused.as_ref().map(|(_, g)| *g),
         },
     );
     let out = b.act(hidden, "moe_out")?;
-    let op = match &w.experts {
-        Experts::Resident(experts) => Op::MoeExperts {
+    let op = match (&fused, &w.experts) {
+        (Some((experts, _)), _) | (None, Experts::Resident(experts)) => Op::MoeExperts {
             x,
             idx,
             weights,
             experts: experts.clone(),
             out,
             n,
-            k: s.top_k,
+            k,
             hidden,
             inter: s.inter,
         },
-        Experts::Streamed(store) => Op::MoeExpertsStreamed {
+        (None, Experts::Streamed(store)) => Op::MoeExpertsStreamed {
             x,
             idx,
             weights,
@@ -133,13 +103,13 @@ pub fn emit(
             layer: b.layer().unwrap_or(0),
             out,
             n,
-            k: s.top_k,
+            k,
             hidden,
             inter: s.inter,
         },
     };
     b.push("experts", op);
-    if let Some((mlp, gate)) = &w.shared {
+    if let (None, Some((mlp, gate))) = (&fused, &w.shared) {
         let y = emit_mlp(b, x, mlp, "shared_expert")?;
         let g = b.matmul(x, gate, "shared_expert_gate")?;
         b.push(
