@@ -6,8 +6,9 @@
 //   add_f32:          out[i] = a[i] + b[i]
 //   swiglu_f32:       out[i] = silu(gate[i]) * up[i]
 //   sigmoid_gate_f32: out[r, j] = x[r, j] * sigmoid(gate[r, gate_width == 1 ? 0 : j]), rows of width
-//   scatter_cols_f32: one part of a column split: for token t, group g, column c < width:
-//                     out[t * out_width + out_offset + g * width + c] = x[t * row + g * group_w + src_off + c]
+//   scatter_parts_f32: a column split, every part in one launch: for token t, group g, column c
+//                      of part p: out_p[t * out_width_p + out_offset_p + g * width_p + c] =
+//                      x[t * row + g * group_w + (columns of the parts before p) + c]
 #include "common.cuh"
 
 #define GRID_STRIDE(i, len) for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < (len); i += (u64)gridDim.x * blockDim.x)
@@ -29,13 +30,31 @@ extern "C" __global__ void sigmoid_gate_f32(const float* x, const float* gate, f
     }
 }
 
-extern "C" __global__ void scatter_cols_f32(const float* x, float* out, u64 len, u32 groups, u32 row, u32 group_w, u32 src_off,
-                                            u32 width, u32 out_width, u32 out_offset) {
+// scatter_parts_f32: up to SCATTER_PARTS parts of a column split in one launch. `a` describes
+// them; `first`/`count` the parts of this launch, `cols` their columns per group (the sum of
+// their widths), starting at column `col0` of each group. Grid-stride over n * groups * cols.
+#define SCATTER_PARTS 8
+struct ScatterParts {
+    float* out[SCATTER_PARTS];
+    u32 width[SCATTER_PARTS];
+    u32 out_width[SCATTER_PARTS];
+    u32 out_offset[SCATTER_PARTS];
+    u32 start[SCATTER_PARTS];  // first column of the part within this launch's columns
+    u32 count;
+};
+
+extern "C" __global__ void scatter_parts_f32(const float* x, ScatterParts a, u64 len, u32 groups, u32 row, u32 group_w, u32 col0,
+                                             u32 cols) {
     GRID_STRIDE(i, len) {
-        u32 c = (u32)(i % width);
-        u64 tg = i / width;
-        u32 g = (u32)(tg % groups);
-        u64 t = tg / groups;
-        out[t * out_width + out_offset + (u64)g * width + c] = x[t * row + (u64)g * group_w + src_off + c];
+        const u32 c = (u32)(i % cols);
+        const u64 tg = i / cols;
+        const u32 g = (u32)(tg % groups);
+        const u64 t = tg / groups;
+        u32 p = 0;
+#pragma unroll
+        for (u32 q = 1; q < SCATTER_PARTS; q++)
+            if (q < a.count && c >= a.start[q]) p = q;
+        const float v = x[t * row + (u64)g * group_w + col0 + c];
+        a.out[p][t * a.out_width[p] + a.out_offset[p] + (u64)g * a.width[p] + (c - a.start[p])] = v;
     }
 }

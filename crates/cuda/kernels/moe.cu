@@ -86,6 +86,91 @@ extern "C" __global__ void router_topk_f32(const float* logits, const float* sha
     }
 }
 
+// router_topk_reg_f32: the same result as router_topk_f32 for experts <= 512 and k <= 32, with
+//   each lane's (at most 16) probabilities in registers: a selection costs one warp arg-max and
+//   a rescan of the winning lane's values only, and lanes < k write the results together at the
+//   end. One warp per token, 4 warps per block, no shared memory.
+#define TOPK_PER_LANE 16
+extern "C" __global__ void router_topk_reg_f32(const float* logits, const float* shared, u32* idx, float* weights, u32 n,
+                                               u32 experts, u32 k, int renorm) {
+    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const u32 t = blockIdx.x * 4 + warp;
+    if (t >= n) return;
+    const u32 width = shared != 0 ? k + 1 : k;
+    const float* l = logits + (u64)t * experts;
+    float v[TOPK_PER_LANE];
+    float mx = NEG_INF;
+#pragma unroll
+    for (int j = 0; j < TOPK_PER_LANE; j++) {
+        const u32 e = lane + 32u * j;
+        v[j] = e < experts ? l[e] : NEG_INF;
+        mx = fmaxf(mx, v[j]);
+    }
+    mx = warp_max(mx);
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < TOPK_PER_LANE; j++) {
+        const u32 e = lane + 32u * j;
+        if (e < experts) {
+            v[j] = expf(v[j] - mx);
+            sum += v[j];
+        } else {
+            v[j] = -2.f;  // never selected: below the taken mark
+        }
+    }
+    sum = warp_sum(sum);
+    // This lane's best (lowest index among equals: j ascending with a strict compare).
+    float lv = -2.f;
+    u32 lj = 0;
+#pragma unroll
+    for (int j = 0; j < TOPK_PER_LANE; j++)
+        if (v[j] > lv) {
+            lv = v[j];
+            lj = j;
+        }
+    float tot = 0.f, mine_w = 0.f;
+    u32 mine_i = 0;
+    for (u32 s = 0; s < k; s++) {
+        float bv = lv;
+        u32 bi = lane + 32u * lj;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            u32 oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ov > bv || (ov == bv && oi < bi)) {
+                bv = ov;
+                bi = oi;
+            }
+        }
+        const float w = bv / sum;
+        tot += w;
+        if (lane == s) {
+            mine_w = w;
+            mine_i = bi;
+        }
+        if (lane == (bi & 31u)) {  // the winner's lane marks it taken and rescans
+            const u32 jj = bi >> 5;
+            lv = -2.f;
+#pragma unroll
+            for (int j = 0; j < TOPK_PER_LANE; j++) {
+                if ((u32)j == jj) v[j] = -1.f;
+                if (v[j] > lv) {
+                    lv = v[j];
+                    lj = j;
+                }
+            }
+        }
+    }
+    if (lane < k) {
+        idx[(u64)t * width + lane] = mine_i;
+        weights[(u64)t * width + lane] = renorm ? mine_w / tot : mine_w;
+    }
+    if (lane == 0 && shared != 0) {
+        idx[(u64)t * width + k] = experts;
+        weights[(u64)t * width + k] = sigmoid_f(shared[t]);
+    }
+}
+
 // ----------------------------------------------------------------------------- experts
 template <int FMT, bool VEC>
 __device__ __forceinline__ void gate_up_body(const u64* table, u32 num_experts, const float* x, const u32* idx, u32 k, u32 hidden,

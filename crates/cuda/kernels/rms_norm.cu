@@ -30,3 +30,58 @@ extern "C" __global__ void gated_rms_norm_f32(const float* x, const float* gate,
     for (u32 c = threadIdx.x; c < dim; c += blockDim.x)
         out[base + c] = x[base + c] * r * (load_float(w, wdt, c) + offset) * silu_f(gate[base + c]);
 }
+
+// rms_norm_vec_f32 / gated_rms_norm_vec_f32: the same for dim % 4 == 0 and dim <= 16 * blockDim
+// (so dim <= 16384), 16-byte aligned rows: each thread holds at most 4 float4 of its row in
+// registers, so x (and the gate) are read once, with 16-byte loads. Block ceil(dim / 4 / 4)
+// rounded up to 32 at least, at most 1024.
+template <bool GATED>
+__device__ __forceinline__ void rms_norm_vec(const float* x, const float* gate, const void* w, int wdt, float* out, u32 dim,
+                                             float eps, float offset) {
+    __shared__ float red[32];
+    const u64 base = (u64)blockIdx.x * dim;
+    const u32 d4 = dim >> 2;
+    const float4* xr = (const float4*)(x + base);
+    float4 v[4];
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const u32 c = threadIdx.x + j * blockDim.x;
+        if (c < d4) {
+            v[j] = xr[c];
+            ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
+        }
+    }
+    ss = block_sum(ss, red);
+    const float r = 1.0f / sqrtf(ss / (float)dim + eps);
+    float4* orow = (float4*)(out + base);
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const u32 c = threadIdx.x + j * blockDim.x;
+        if (c < d4) {
+            const u32 e = c << 2;
+            float4 o;
+            o.x = v[j].x * r * (load_float(w, wdt, e) + offset);
+            o.y = v[j].y * r * (load_float(w, wdt, e + 1) + offset);
+            o.z = v[j].z * r * (load_float(w, wdt, e + 2) + offset);
+            o.w = v[j].w * r * (load_float(w, wdt, e + 3) + offset);
+            if (GATED) {
+                const float4 g = ((const float4*)(gate + base))[c];
+                o.x *= silu_f(g.x);
+                o.y *= silu_f(g.y);
+                o.z *= silu_f(g.z);
+                o.w *= silu_f(g.w);
+            }
+            orow[c] = o;
+        }
+    }
+}
+
+extern "C" __global__ void rms_norm_vec_f32(const float* x, const void* w, int wdt, float* out, u32 dim, float eps, float offset) {
+    rms_norm_vec<false>(x, nullptr, w, wdt, out, dim, eps, offset);
+}
+
+extern "C" __global__ void gated_rms_norm_vec_f32(const float* x, const float* gate, const void* w, int wdt, float* out, u32 dim,
+                                                  float eps, float offset) {
+    rms_norm_vec<true>(x, gate, w, wdt, out, dim, eps, offset);
+}

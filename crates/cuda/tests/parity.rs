@@ -432,7 +432,8 @@ fn embed() {
 
 #[test]
 fn rms_norm() {
-    for (rows, dim) in [(5, 1000), (12, 64), (1, 4096)] {
+    // 1002: the scalar kernel (dim % 4 != 0); 12288: several float4 per thread.
+    for (rows, dim) in [(5, 1000), (12, 64), (1, 4096), (3, 1002), (2, 12288)] {
         for (dt, offset) in [(DType::F32, 0.0), (DType::BF16, 1.0)] {
             check(&format!("rms_norm {rows}x{dim} {dt}"), 7, 1e-5, &|s| {
                 let x = s.rand(rows * dim, 2.0);
@@ -473,7 +474,12 @@ fn rms_norm() {
 
 #[test]
 fn gated_rms_norm() {
-    for (rows, dim, dt) in [(6, 128, DType::F32), (3, 1000, DType::BF16)] {
+    for (rows, dim, dt) in [
+        (6, 128, DType::F32),
+        (3, 1000, DType::BF16),
+        (2, 998, DType::F32),
+        (2, 6000, DType::F32),
+    ] {
         check(&format!("gated_rms_norm {rows}x{dim}"), 9, 1e-5, &|s| {
             let x = s.rand(rows * dim, 2.0);
             let x = s.input(&x, "x");
@@ -701,6 +707,36 @@ fn scatter_cols() {
             parts,
         });
     });
+    // More parts than one launch takes (8), two parts into one output, an empty part.
+    check("scatter_cols 10 parts", 16, 0.0, &|s| {
+        let (n, groups) = (2, 3);
+        let widths = [3usize, 5, 0, 2, 7, 1, 4, 6, 2, 3];
+        let row = widths.iter().sum::<usize>() * groups;
+        let x = s.rand(n * row, 1.0);
+        let x = s.input(&x, "x");
+        let shared = s.output(n * (3 + 5) * groups, "part0+1");
+        let mut parts = Vec::new();
+        for (i, &w) in widths.iter().enumerate() {
+            let (out, out_width, out_offset) = match i {
+                0 => (shared, 8 * groups, 0),
+                1 => (shared, 8 * groups, 3 * groups),
+                2 => (shared, 8 * groups, 0), // empty: writes nothing
+                _ => (s.output(n * w * groups, "part"), w * groups, 0),
+            };
+            parts.push(ColPart {
+                out,
+                width: w,
+                out_width,
+                out_offset,
+            });
+        }
+        s.op(Op::ScatterCols {
+            x,
+            n,
+            groups,
+            parts,
+        });
+    });
 }
 
 #[test]
@@ -893,6 +929,9 @@ fn router_topk() {
         (3, 128, 8, false),
         (2, 8, 2, true),
         (5, 512, 10, true),
+        // Past the register kernel's limits (512 experts, k 32): the shared-memory one.
+        (4, 600, 8, false),
+        (3, 40, 33, true),
     ] {
         check(
             &format!("router_topk n {n} e {experts} k {k}"),

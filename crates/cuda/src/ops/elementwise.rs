@@ -123,6 +123,26 @@ pub(crate) fn sigmoid_gate(
     }
 }
 
+/// Parts of one `scatter_parts_f32` launch (C struct ScatterParts in elementwise.cu).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct ScatterPartsArg {
+    out: [u64; SCATTER_PARTS],
+    width: [u32; SCATTER_PARTS],
+    out_width: [u32; SCATTER_PARTS],
+    out_offset: [u32; SCATTER_PARTS],
+    start: [u32; SCATTER_PARTS],
+    count: u32,
+}
+
+// SAFETY: #[repr(C)] plain-old-data with the field order, sizes and alignment of the C struct
+// ScatterParts (8 pointers, four arrays of 8 unsigned ints, one unsigned int).
+unsafe impl cudarc::driver::DeviceRepr for ScatterPartsArg {}
+
+/// Parts per launch (SCATTER_PARTS in elementwise.cu).
+const SCATTER_PARTS: usize = 8;
+
+/// One launch per 8 parts (one in practice): each thread copies one element to its part.
 pub(crate) fn scatter_cols(
     enc: &mut Enc<'_>,
     x: BufId<Act>,
@@ -138,32 +158,43 @@ pub(crate) fn scatter_cols(
         u32_of(group_w * groups, "row", OP)?,
         u32_of(group_w, "group width", OP)?,
     );
-    let mut src_off = 0usize;
-    for p in parts {
-        let len = n * groups * p.width;
+    let mut col0 = 0usize;
+    for chunk in parts.chunks(SCATTER_PARTS) {
+        let cols: usize = chunk.iter().map(|p| p.width).sum();
+        let len = n * groups * cols;
         if len > 0 {
-            let op = enc.buf(p.out.raw())?;
-            let l = len as u64;
-            let so = u32_of(src_off, "source offset", OP)?;
-            let (w, ow, oo) = (
-                u32_of(p.width, "width", OP)?,
-                u32_of(p.out_width, "out width", OP)?,
-                u32_of(p.out_offset, "out offset", OP)?,
+            let mut a = ScatterPartsArg::default();
+            let mut start = 0usize;
+            for p in chunk.iter().filter(|p| p.width > 0) {
+                let j = a.count as usize;
+                a.out[j] = enc.buf(p.out.raw())?;
+                a.width[j] = u32_of(p.width, "width", OP)?;
+                a.out_width[j] = u32_of(p.out_width, "out width", OP)?;
+                a.out_offset[j] = u32_of(p.out_offset, "out offset", OP)?;
+                a.start[j] = u32_of(start, "part start", OP)?;
+                a.count += 1;
+                start += p.width;
+            }
+            let (l, c0, c) = (
+                len as u64,
+                u32_of(col0, "column", OP)?,
+                u32_of(cols, "columns", OP)?,
             );
-            // SAFETY: scatter_cols_f32(const float*, float*, u64, u32 x7); x holds n rows of
-            // groups * group_w floats and out n rows of out_width (Graph::validate), and
-            // out_offset + groups * width <= out_width (check_shapes).
+            // SAFETY: scatter_parts_f32(const float*, ScatterParts, u64, u32 x5); x holds n
+            // rows of groups * group_w floats and every part's out n rows of out_width
+            // (Graph::validate), with out_offset + groups * width <= out_width (check_shapes);
+            // col0 + cols <= group_w.
             unsafe {
                 launch!(
                     enc,
                     "elementwise.cu",
-                    "scatter_cols_f32",
+                    "scatter_parts_f32",
                     grid_1d(len),
-                    [xp, op, l, groups_u, row, gw, so, w, ow, oo]
+                    [xp, a, l, groups_u, row, gw, c0, c]
                 )
             }?;
         }
-        src_off += p.width;
+        col0 += chunk.iter().map(|p| p.width).sum::<usize>();
     }
     Ok(())
 }

@@ -105,7 +105,9 @@ pub(crate) fn router_topk(
     if n == 0 {
         return Ok(());
     }
-    let smem = 4 * experts * 4;
+    // Registers hold every probability when each lane has at most 16; else shared memory.
+    let in_regs = experts <= 512 && k <= 32;
+    let smem = if in_regs { 0 } else { 4 * experts * 4 };
     if smem > enc.smem_optin {
         return Err(CudaError::Unsupported {
             op: OP,
@@ -132,14 +134,19 @@ pub(crate) fn router_topk(
         u32_of(k, "k", OP)?,
         renorm as i32,
     );
-    // SAFETY: router_topk_f32(const float*, const float*, u32*, float*, u32, u32, u32, int);
+    // SAFETY: router_topk_{reg_,}f32(const float*, const float*, u32*, float*, u32, u32, u32,
+    // int), the register one only for experts <= 512 and k <= 32;
     // logits hold n * experts floats, the shared gate (or null) n, idx/weights n * (k + 1 if
     // shared else k) (Graph::validate), 1 <= k <= experts (check_shapes).
     unsafe {
         launch!(
             enc,
             "moe.cu",
-            "router_topk_f32",
+            if in_regs {
+                "router_topk_reg_f32"
+            } else {
+                "router_topk_f32"
+            },
             cfg,
             [lp, gp, ip, wp, n_, e, k_, r]
         )
