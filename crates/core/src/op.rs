@@ -114,6 +114,16 @@ pub trait ExpertProvider: Send + Sync + std::fmt::Debug {
     fn total_records(&self) -> Option<usize> {
         None
     }
+    /// Experts of each layer, when known: a device backend with room for every expert of a
+    /// layer may then keep that layer resident ("pinned") and route it on the device.
+    fn experts_per_layer(&self) -> Option<usize> {
+        None
+    }
+    /// Whether [`remap_routing`](Self::remap_routing) changes routing (then every layer's
+    /// routing must pass through the host, and none may be pinned).
+    fn remaps_routing(&self) -> bool {
+        false
+    }
     /// The host memory every record returned by `fetch` lies in, as (address, bytes), when
     /// it is one fixed range for the provider's lifetime: a device backend may page-lock it
     /// once (`cuMemHostRegister`) so copies from it are DMA. Records outside it are allowed.
@@ -144,6 +154,9 @@ pub struct DeviceTierStats {
     pub prefetched: u64,
     /// Of those, records used before being evicted.
     pub prefetch_used: u64,
+    /// (token, expert) pairs run on layers whose experts are all kept in VRAM (pinned),
+    /// routed on the device without a host round-trip.
+    pub pinned_pairs: u64,
 }
 
 impl DeviceTierStats {
@@ -154,6 +167,7 @@ impl DeviceTierStats {
         self.h2d_bytes += o.h2d_bytes;
         self.prefetched += o.prefetched;
         self.prefetch_used += o.prefetch_used;
+        self.pinned_pairs += o.pinned_pairs;
     }
 }
 

@@ -14,7 +14,9 @@
 //!   synchronisation. Inputs are uploaded into the same device buffers before each execution,
 //!   so a replay sees them. A captured graph is dropped and re-captured when any address it
 //!   baked in may have moved (the pool's or the scratch's generation changed, or the graph was
-//!   prepared again). Graphs with `Op::MoeExpertsStreamed` (a host round-trip) stay eager;
+//!   prepared again). A graph with `Op::MoeExpertsStreamed` (a host round-trip) is captured in
+//!   pieces: each run of ops between two streamed ops is one CUDA graph, launched without a
+//!   synchronisation, and the streamed ops run from the host in between.
 //!   `MOEFLUX_CUDA_GRAPHS=0`, profiling and `MOEFLUX_CUDA_SYNC=1` disable capture.
 //! * Nothing leaves the device inside a graph: positions, routing indices and recurrent state
 //!   are read and written by kernels.
@@ -62,6 +64,9 @@ pub struct CudaOptions {
     pub cpu_expert_bw: Option<f64>,
     /// Page-lock the expert store's host slab (`MOEFLUX_PIN_HOST=0` turns it off).
     pub pin_host: bool,
+    /// Keep whole layers of a streamed model in VRAM when the budget holds all their experts
+    /// (`MOEFLUX_PIN_LAYERS=0` turns it off: one LRU cache over every layer).
+    pub pin_layers: bool,
 }
 
 impl CudaOptions {
@@ -86,6 +91,7 @@ impl CudaOptions {
                 .and_then(|v| v.parse::<f64>().ok())
                 .filter(|v| *v > 0.0),
             pin_host: std::env::var("MOEFLUX_PIN_HOST").map_or(true, |v| v != "0"),
+            pin_layers: std::env::var("MOEFLUX_PIN_LAYERS").map_or(true, |v| v != "0"),
         }
     }
 }
@@ -153,8 +159,38 @@ struct Capture {
     /// (pool generation, scratch generation) the state below is valid for.
     generation: (u64, u64),
     state: CaptureState,
-    /// Kernels of the captured graph, in order (named when a replay fails).
-    kernels: Vec<&'static str>,
+}
+
+/// One piece of a captured graph.
+enum Piece {
+    /// A run of ops captured as one CUDA graph, with its kernels in order (named when a replay
+    /// fails).
+    Graph(SendGraph, Vec<&'static str>),
+    /// An op that needs the host (`Op::MoeExpertsStreamed`), encoded eagerly each time.
+    Host(usize),
+}
+
+/// The graph's nodes in pieces: maximal runs of device-only ops, and the ops that need the host
+/// between them (`needs_host`).
+fn pieces_of(
+    graph: &Graph,
+    needs_host: impl Fn(&Op) -> bool,
+) -> Vec<Result<std::ops::Range<usize>, usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (i, (_, op)) in graph.nodes.iter().enumerate() {
+        if needs_host(op) {
+            if start < i {
+                out.push(Ok(start..i));
+            }
+            out.push(Err(i));
+            start = i + 1;
+        }
+    }
+    if start < graph.nodes.len() {
+        out.push(Ok(start..graph.nodes.len()));
+    }
+    out
 }
 
 /// An instantiated CUDA graph. cudarc leaves it `!Send` because graph objects must not be used
@@ -171,8 +207,8 @@ enum CaptureState {
     Fresh,
     /// Executed eagerly once at this generation: capture on the next execution.
     Warm,
-    Captured(SendGraph),
-    /// Cannot be captured (streamed experts, or capture failed): always eager.
+    Captured(Vec<Piece>),
+    /// Cannot be captured (capture failed): always eager.
     Never,
 }
 
@@ -238,6 +274,7 @@ impl CudaBackend {
                 cpu_misses: opts.cpu_misses,
                 cpu_bw: opts.cpu_expert_bw,
                 pin_host: opts.pin_host,
+                pin_layers: opts.pin_layers,
             }),
             smem_optin,
             sm_count,
@@ -329,23 +366,111 @@ impl CudaBackend {
         Ok(best)
     }
 
-    /// Launches the captured graph of `captures[i]` and waits for it.
+    /// Runs the captured pieces of `captures[i]` (graph launches, host ops between them) and
+    /// waits once. When a host op moved an address that a later piece baked in, the rest runs
+    /// eagerly and the graph is captured afresh next time.
     fn replay(&mut self, i: usize, graph: &Graph) -> Result<(), CoreError> {
-        let c = &self.captures[i];
-        let CaptureState::Captured(g) = &c.state else {
+        let CaptureState::Captured(pieces) =
+            std::mem::replace(&mut self.captures[i].state, CaptureState::Fresh)
+        else {
             unreachable!("replay of an uncaptured graph")
         };
+        let r = self.run_pieces(i, graph, &pieces);
+        if r.is_ok() && self.captures[i].generation == self.generation() {
+            self.captures[i].state = CaptureState::Captured(pieces);
+        }
+        r
+    }
+
+    fn run_pieces(&mut self, i: usize, graph: &Graph, pieces: &[Piece]) -> Result<(), CoreError> {
+        let valid = self.captures[i].generation;
         self.recent.clear();
-        self.recent.extend_from_slice(&c.kernels);
-        if let Err(err) = g.0.launch() {
-            self.recent.clear();
-            return Err(CudaError::Launch {
-                kernel: "cuGraphLaunch",
-                err,
+        for (at, piece) in pieces.iter().enumerate() {
+            if self.generation() != valid {
+                // Addresses moved under a host op: finish eagerly.
+                let first = match piece {
+                    Piece::Host(n) => *n,
+                    Piece::Graph(..) => pieces[..at]
+                        .iter()
+                        .rev()
+                        .find_map(|p| match p {
+                            Piece::Host(n) => Some(n + 1),
+                            Piece::Graph(..) => None,
+                        })
+                        .unwrap_or(0),
+                };
+                for n in first..graph.nodes.len() {
+                    self.encode(graph, n)?;
+                }
+                return Ok(self.sync(&graph.name)?);
             }
-            .into());
+            match piece {
+                Piece::Graph(g, kernels) => {
+                    self.recent.extend_from_slice(kernels);
+                    if let Err(err) = g.0.launch() {
+                        self.recent.clear();
+                        return Err(CudaError::Launch {
+                            kernel: "cuGraphLaunch",
+                            err,
+                        }
+                        .into());
+                    }
+                }
+                Piece::Host(n) => self.encode(graph, *n)?,
+            }
         }
         Ok(self.sync(&graph.name)?)
+    }
+
+    /// The capturing execution: each device-only run of ops is captured, instantiated and
+    /// launched at once, host ops run eagerly between them. A run whose capture fails runs
+    /// eagerly; `None` then (nothing to keep), else the pieces.
+    fn capture_and_run(&mut self, graph: &Graph) -> Result<Option<Vec<Piece>>, CoreError> {
+        let mut pieces = Vec::new();
+        let mut ok = true;
+        self.recent.clear();
+        // Streamed experts need the host unless their layer is pinned in VRAM (decided on the
+        // eager run before this one; a layer pinned later runs eagerly, correct either way).
+        let staging = &self.staging;
+        let parts = pieces_of(graph, |op| match op {
+            Op::MoeExpertsStreamed { store, layer, .. } => !staging.is_pinned(store, *layer),
+            _ => false,
+        });
+        for part in parts {
+            match part {
+                Err(n) => {
+                    self.encode(graph, n)?;
+                    pieces.push(Piece::Host(n));
+                }
+                Ok(range) => {
+                    let recent = std::mem::take(&mut self.recent);
+                    let captured = if ok {
+                        self.capture(graph, range.clone())
+                    } else {
+                        None
+                    };
+                    self.recent = recent;
+                    match captured {
+                        Some((g, kernels)) => {
+                            self.recent.extend_from_slice(&kernels);
+                            g.launch().map_err(|err| CudaError::Launch {
+                                kernel: "cuGraphLaunch",
+                                err,
+                            })?;
+                            pieces.push(Piece::Graph(SendGraph(g), kernels));
+                        }
+                        None => {
+                            ok = false;
+                            for n in range {
+                                self.encode(graph, n)?;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.sync(&graph.name)?;
+        Ok(ok.then_some(pieces))
     }
 
     fn bind(&self) -> Result<(), CudaError> {
@@ -387,7 +512,11 @@ impl CudaBackend {
     /// Captures `graph`'s launches on the stream and instantiates them. `None` when the capture
     /// failed (an op did something that cannot be captured) or moved an address; nothing
     /// captured has run, so the caller runs the graph eagerly.
-    fn capture(&mut self, graph: &Graph) -> Option<(cudarc::driver::CudaGraph, Vec<&'static str>)> {
+    fn capture(
+        &mut self,
+        graph: &Graph,
+        range: std::ops::Range<usize>,
+    ) -> Option<(cudarc::driver::CudaGraph, Vec<&'static str>)> {
         use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
         let before = self.generation();
         self.recent.clear();
@@ -395,7 +524,7 @@ impl CudaBackend {
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .ok()?;
         let mut ok = true;
-        for i in 0..graph.nodes.len() {
+        for i in range {
             if self.encode(graph, i).is_err() {
                 ok = false;
                 break;
@@ -513,10 +642,7 @@ impl Backend for CudaBackend {
         {
             Some(i) => i,
             None => {
-                let streamed = graph
-                    .ops()
-                    .any(|op| matches!(op, Op::MoeExpertsStreamed { .. }));
-                let state = if streamed || nodes == 0 {
+                let state = if nodes == 0 {
                     CaptureState::Never
                 } else {
                     CaptureState::Fresh
@@ -527,7 +653,6 @@ impl Backend for CudaBackend {
                     name: graph.name.clone(),
                     generation: now,
                     state,
-                    kernels: Vec::new(),
                 });
                 self.captures.len() - 1
             }
@@ -538,7 +663,6 @@ impl Backend for CudaBackend {
             // every execution ends with a synchronisation).
             c.state = CaptureState::Fresh;
             c.generation = now;
-            c.kernels.clear();
         }
         match &c.state {
             CaptureState::Never => self.execute_eager(graph),
@@ -550,18 +674,18 @@ impl Backend for CudaBackend {
                 c.generation = now;
                 Ok(())
             }
-            CaptureState::Warm => match self.capture(graph) {
-                Some((g, kernels)) => {
-                    let c = &mut self.captures[i];
-                    c.state = CaptureState::Captured(SendGraph(g));
-                    c.kernels = kernels;
-                    self.replay(i, graph)
-                }
-                None => {
-                    self.captures[i].state = CaptureState::Never;
-                    self.execute_eager(graph)
-                }
-            },
+            CaptureState::Warm => {
+                let pieces = self.capture_and_run(graph)?;
+                let after = self.generation();
+                let c = &mut self.captures[i];
+                c.state = match pieces {
+                    // Valid while nothing moved during this run (its host ops may allocate).
+                    Some(p) if c.generation == now && now == after => CaptureState::Captured(p),
+                    Some(_) => CaptureState::Fresh,
+                    None => CaptureState::Never,
+                };
+                Ok(())
+            }
             CaptureState::Captured(_) => self.replay(i, graph),
         }
     }

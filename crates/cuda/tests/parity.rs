@@ -1430,6 +1430,8 @@ struct TierStore {
     records: Vec<Vec<Arc<Vec<u8>>>>,
     budget: usize,
     last: std::sync::Mutex<std::collections::HashMap<usize, Vec<usize>>>,
+    /// Whether to tell the backend the experts per layer (which lets it pin whole layers).
+    tell_layers: bool,
 }
 
 impl ExpertProvider for TierStore {
@@ -1473,17 +1475,22 @@ impl ExpertProvider for TierStore {
     fn total_records(&self) -> Option<usize> {
         Some(self.records.len() * self.records[0].len())
     }
+    fn experts_per_layer(&self) -> Option<usize> {
+        self.tell_layers.then(|| self.records[0].len())
+    }
 }
 
 /// Streamed experts over `steps` executions of a graph of `layers` MoE layers, routing
 /// temporally local (hits, misses and evictions in the VRAM cache), on CUDA with the given
 /// cache budget (in records; `None` = automatic) and CPU-miss mode, against the CPU backend
-/// running the same experts resident (`Op::MoeExperts`). Returns the device tier counters.
+/// running the same experts resident (`Op::MoeExperts`). With `pin` the store tells the
+/// experts per layer, so layers that fit are pinned. Returns the device tier counters.
 fn streamed_tiers_case(
     name: &str,
     n: usize,
     cache_records: Option<usize>,
     cpu: moeflux_cuda::CpuMisses,
+    pin: bool,
 ) -> Option<moeflux_core::op::DeviceTierStats> {
     if let Some(why) = moeflux_cuda::unavailable_reason()
         && !std::env::var("MOEFLUX_PARITY_SELFTEST").is_ok_and(|v| v == "1")
@@ -1545,6 +1552,7 @@ fn streamed_tiers_case(
         records: records.clone(),
         budget: 3,
         last: Default::default(),
+        tell_layers: pin,
     });
     let selftest = moeflux_cuda::unavailable_reason().is_some();
     let mut cuda: Option<CudaBackend> = None;
@@ -1688,6 +1696,7 @@ fn streamed_tiers_all_records_cached() {
                 n,
                 Some(3 * 16),
                 cpu,
+                false,
             ) else {
                 return;
             };
@@ -1710,9 +1719,13 @@ fn streamed_tiers_one_active_set() {
     // at n = 3 the active set is larger than the cache: chunks through the cache.
     for cpu in [CpuMisses::Off, CpuMisses::On] {
         for n in [1, 3] {
-            let Some(st) =
-                streamed_tiers_case(&format!("tiers one-set cpu {cpu:?} n {n}"), n, Some(4), cpu)
-            else {
+            let Some(st) = streamed_tiers_case(
+                &format!("tiers one-set cpu {cpu:?} n {n}"),
+                n,
+                Some(4),
+                cpu,
+                false,
+            ) else {
                 return;
             };
             if moeflux_cuda::available() {
@@ -1727,9 +1740,13 @@ fn streamed_tiers_no_cache_waves() {
     use moeflux_cuda::CpuMisses;
     for cpu in [CpuMisses::Off, CpuMisses::On] {
         for n in [1, 3] {
-            let Some(st) =
-                streamed_tiers_case(&format!("tiers waves cpu {cpu:?} n {n}"), n, Some(0), cpu)
-            else {
+            let Some(st) = streamed_tiers_case(
+                &format!("tiers waves cpu {cpu:?} n {n}"),
+                n,
+                Some(0),
+                cpu,
+                false,
+            ) else {
                 return;
             };
             if moeflux_cuda::available() {
@@ -1742,5 +1759,48 @@ fn streamed_tiers_no_cache_waves() {
 
 #[test]
 fn streamed_tiers_auto_size_and_cpu_auto() {
-    let _ = streamed_tiers_case("tiers auto", 1, None, moeflux_cuda::CpuMisses::Auto);
+    let _ = streamed_tiers_case("tiers auto", 1, None, moeflux_cuda::CpuMisses::Auto, false);
+    let _ = streamed_tiers_case(
+        "tiers auto pinned",
+        1,
+        None,
+        moeflux_cuda::CpuMisses::Auto,
+        true,
+    );
+}
+
+/// Whole layers pinned in VRAM (routed on the device, captured into CUDA graph pieces): every
+/// layer (48 slots), or one layer plus the 64-slot LRU for the others (80 slots), where the
+/// graph runs as a captured piece followed by host round-trips.
+#[test]
+fn streamed_tiers_pinned_layers() {
+    use moeflux_cuda::CpuMisses;
+    for (slots, cpu) in [
+        (3 * 16, CpuMisses::Off),
+        (16 + 64, CpuMisses::Off),
+        (16 + 64, CpuMisses::On),
+    ] {
+        for n in [1, 3] {
+            let Some(st) = streamed_tiers_case(
+                &format!("tiers pinned {slots} slots cpu {cpu:?} n {n}"),
+                n,
+                Some(slots),
+                cpu,
+                true,
+            ) else {
+                return;
+            };
+            if moeflux_cuda::available() {
+                assert!(st.pinned_pairs > 0, "{st:?}");
+                if slots == 3 * 16 {
+                    assert_eq!(st.vram_hits + st.vram_misses + st.cpu_computed, 0, "{st:?}");
+                } else {
+                    assert!(
+                        st.vram_hits + st.vram_misses + st.cpu_computed > 0,
+                        "{st:?}"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -655,6 +655,7 @@ impl StoreStats {
                 h2d_bytes: d.h2d_bytes - b.h2d_bytes,
                 prefetched: d.prefetched - b.prefetched,
                 prefetch_used: d.prefetch_used - b.prefetch_used,
+                pinned_pairs: d.pinned_pairs - b.pinned_pairs,
             },
         }
     }
@@ -665,6 +666,12 @@ impl StoreStats {
         let d = &self.device;
         let mut s = String::new();
         let routed = d.vram_hits + d.vram_misses + d.cpu_computed;
+        if d.pinned_pairs > 0 {
+            s += &format!(
+                "  VRAM: {} (token, expert) pairs on pinned layers (all experts resident, routed on the device)\n",
+                d.pinned_pairs
+            );
+        }
         if routed > 0 {
             s += &format!(
                 "  VRAM: {} hits, {} copied, {} computed on the CPU ({:.1}% hit rate), {:.2} MB/token host->device, prefetch {} ({:.0}% used)\n",
@@ -717,6 +724,7 @@ impl StoreStats {
             "vram_prefetched": d.prefetched,
             "vram_prefetch_used": d.prefetch_used,
             "vram_prefetch_accuracy": d.prefetch_used as f64 / d.prefetched.max(1) as f64,
+            "vram_pinned_pairs": d.pinned_pairs,
             "routing_locality_hit_rate": self.locality_hits as f64 / self.locality_slots.max(1) as f64,
         })
     }
@@ -1331,6 +1339,14 @@ impl ExpertProvider for ExpertStore {
 
     fn total_records(&self) -> Option<usize> {
         Some(self.manifest.experts * self.layer_order.len())
+    }
+
+    fn experts_per_layer(&self) -> Option<usize> {
+        Some(self.manifest.experts)
+    }
+
+    fn remaps_routing(&self) -> bool {
+        self.cache.lock().expect("store lock").locality.is_some()
     }
 
     fn host_slab(&self) -> Option<(usize, usize)> {

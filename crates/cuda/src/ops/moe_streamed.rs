@@ -10,6 +10,12 @@
 //!
 //! Without a VRAM cache (`gpu_mem = 0`) the op runs in waves of at most `max_in_flight`
 //! experts through a staging block, synchronising after each wave.
+//!
+//! When the budget holds every expert of some layers (and the provider says how many experts
+//! a layer has), those layers are pinned: all their records are copied into VRAM the first
+//! time the layer runs, and from then on the op is the resident one over a device table, with
+//! no host round-trip, so the backend captures it inside its CUDA graph pieces. The rest of
+//! the budget (at least [`LRU_RESERVE`] slots) is the LRU cache of the other layers.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -38,6 +44,8 @@ pub(crate) struct TierOptions {
     pub cpu_bw: Option<f64>,
     /// Page-lock the provider's host slab.
     pub pin_host: bool,
+    /// Pin whole layers in VRAM when the budget holds them.
+    pub pin_layers: bool,
 }
 
 /// Device state of streamed experts: the wave staging block and, once a provider has been
@@ -62,6 +70,31 @@ impl Staging {
     pub(crate) fn stats(&self) -> DeviceTierStats {
         self.tier.as_ref().map(|t| t.total).unwrap_or_default()
     }
+
+    /// Whether `layer` of `store` is pinned: its op then needs no host round-trip.
+    pub(crate) fn is_pinned(&self, store: &Arc<dyn ExpertProvider>, layer: usize) -> bool {
+        self.tier
+            .as_ref()
+            .is_some_and(|t| t.same(store) && t.pinned.contains_key(&layer))
+    }
+}
+
+/// Cache slots kept for the LRU of unpinned layers when layers are pinned.
+const LRU_RESERVE: usize = 64;
+
+/// A layer whose every expert is resident in the pinned block: the device table of their
+/// pointers in expert order, and the vector-path eligibility of both roles.
+struct PinnedLayer {
+    table: DevMem,
+    vec: (bool, bool),
+}
+
+/// Room for whole layers: one block of `layers * experts` slots.
+struct PinBlock {
+    mem: DevMem,
+    slot_bytes: usize,
+    experts: usize,
+    layers: usize,
 }
 
 /// The VRAM cache: `slots` records of `slot_bytes` each in one allocation.
@@ -99,6 +132,8 @@ struct Tier {
     cpu_bw: Option<f64>,
     warned_waves: bool,
     total: DeviceTierStats,
+    pin: Option<PinBlock>,
+    pinned: HashMap<usize, PinnedLayer>,
 }
 
 impl Tier {
@@ -196,6 +231,42 @@ fn ensure_tier(
         }
     };
     let slots = slots.min(store.total_records().unwrap_or(usize::MAX));
+    // Whole layers first when some fit (and routing is the model's own).
+    let pin_layers = match store.experts_per_layer() {
+        Some(e) if e > 0 && opts.pin_layers && !store.remaps_routing() => {
+            let layers = store.total_records().unwrap_or(0) / e;
+            if layers * e <= slots {
+                layers
+            } else {
+                (slots.saturating_sub(LRU_RESERVE) / e).min(layers)
+            }
+        }
+        _ => 0,
+    };
+    let mut pin = None;
+    if pin_layers > 0 {
+        let e = store.experts_per_layer().unwrap_or(0);
+        match DevMem::zeroed(
+            &ctx,
+            enc.stream,
+            pin_layers * e * slot_bytes,
+            "pinned expert layers (VRAM)",
+        ) {
+            Ok(mem) => {
+                pin = Some(PinBlock {
+                    mem,
+                    slot_bytes,
+                    experts: e,
+                    layers: pin_layers,
+                })
+            }
+            // An automatic size may meet fragmentation: no pinning then.
+            Err(CudaError::OutOfMemory { .. }) if opts.gpu_mem.is_none() => {}
+            Err(err) => return Err(err),
+        }
+    }
+    let pinned_slots = pin.as_ref().map_or(0, |p| p.layers * p.experts);
+    let slots = slots - pinned_slots.min(slots);
     let mut cache = None;
     if slots > 0 {
         let mut n = slots;
@@ -232,9 +303,19 @@ fn ensure_tier(
         cpu_bw: opts.cpu_bw,
         warned_waves: false,
         total: DeviceTierStats::default(),
+        pin,
+        pinned: HashMap::new(),
     };
     if tier.cache.is_some() && opts.cpu_misses == CpuMisses::Auto {
         tier.h2d_bw = measure_h2d(&tier)?;
+    }
+    if let Some(p) = &tier.pin {
+        tracing::info!(
+            "expert cache: up to {} layers of {} experts pinned in VRAM ({} bytes each)",
+            p.layers,
+            p.experts,
+            p.experts * p.slot_bytes
+        );
     }
     if let Some(c) = &tier.cache {
         tracing::info!(
@@ -422,6 +503,37 @@ pub(crate) fn moe_experts_streamed(
     ensure_tier(enc, store, opts, record)?;
     let mut tier = enc.staging.tier.take().expect("ensure_tier leaves a tier");
     let r = (|| -> Result<(), CudaError> {
+        if !tier.pinned.contains_key(&layer)
+            && tier
+                .pin
+                .as_ref()
+                .is_some_and(|p| tier.pinned.len() < p.layers)
+        {
+            pin_layer(enc, &mut tier, store, layer, &f)?;
+        }
+        if let Some(p) = tier.pinned.get(&layer) {
+            // Device-only (captured into CUDA graphs): the resident op over the layer's table.
+            let e = tier.pin.as_ref().map_or(0, |b| b.experts);
+            let sc = ScratchLayout::new(s, e, 0, 0);
+            let base = enc.scratch.get(enc.stream, sc.total)?;
+            let (xp, ip, wp, op) = (
+                enc.buf(x.raw())?,
+                enc.buf(idx.raw())?,
+                enc.buf(weights.raw())?,
+                enc.buf(out.raw())?,
+            );
+            zero_y(enc, &sc, base, s)?;
+            let pass = pass_of(&f, p.table.ptr, e, ip, p.vec, OP)?;
+            expert_pass(enc, &pass, &sc, base, xp, s, OP)?;
+            combine(enc, &sc, base, wp, op, s, OP)?;
+            let stats = DeviceTierStats {
+                pinned_pairs: pairs as u64,
+                ..Default::default()
+            };
+            tier.total.add(&stats);
+            store.add_device_stats(&stats);
+            return Ok(());
+        }
         tier.retire()?;
         let cpu_possible = tier.cache.is_some()
             && match opts.cpu_misses {
@@ -693,6 +805,69 @@ fn cached(
         tier.keep_until(enc.stream, keep)?;
     }
     combine(enc, &sc, base, wp, op, s, OP)
+}
+
+/// Copies every record of `layer` into the next free layer of the pinned block and builds its
+/// device table (once per layer, synchronously: this is load time).
+fn pin_layer(
+    enc: &mut Enc<'_>,
+    tier: &mut Tier,
+    store: &Arc<dyn ExpertProvider>,
+    layer: usize,
+    f: &Formats,
+) -> Result<(), CudaError> {
+    const OP: &str = "moe_experts_streamed";
+    let Some(pin) = &tier.pin else { return Ok(()) };
+    let record = store.record_bytes();
+    let layout = store.layout();
+    let first = tier.pinned.len() * pin.experts;
+    let t = Instant::now();
+    let mut ptrs: Vec<u64> = Vec::with_capacity(pin.experts * 9);
+    let mut vec = (true, true);
+    let mut keep: Vec<SharedBytes> = Vec::with_capacity(pin.experts);
+    for e in 0..pin.experts {
+        let rec = fetch(store, layer, e as u32, record, OP)?;
+        let dst = pin.mem.ptr + ((first + e) * pin.slot_bytes) as u64;
+        let bytes: &[u8] = (*rec).as_ref();
+        // SAFETY: the slot holds slot_bytes >= record bytes; `keep` holds the records until
+        // the copy stream is synchronised below.
+        unsafe { drv::memcpy_htod_async(dst, &bytes[..record], tier.copy.cu_stream()) }
+            .map_err(CudaError::driver("moe streamed: pinning a record"))?;
+        push_ptrs(&mut ptrs, &mut vec, &layout, f, dst);
+        keep.push(rec);
+    }
+    let table = DevMem::zeroed(
+        enc.stream.context(),
+        enc.stream,
+        ptrs.len() * 8,
+        "pinned layer table",
+    )?;
+    // The zeroing runs on the compute stream: finish it before the table upload.
+    enc.stream
+        .synchronize()
+        .map_err(CudaError::driver("moe streamed: pinning a layer"))?;
+    // SAFETY: the table holds ptrs.len() u64; synchronised before `ptrs` is dropped.
+    unsafe { drv::memcpy_htod_async(table.ptr, &ptrs[..], tier.copy.cu_stream()) }
+        .map_err(CudaError::driver("moe streamed: pinned layer table"))?;
+    tier.copy
+        .synchronize()
+        .map_err(CudaError::driver("moe streamed: pinning a layer"))?;
+    drop(keep);
+    tracing::info!(
+        "expert cache: layer {layer} pinned in VRAM ({} experts, {:.1} MB) in {:.2} s",
+        pin.experts,
+        (pin.experts * record) as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    );
+    let h2d = (pin.experts * record) as u64;
+    tier.pinned.insert(layer, PinnedLayer { table, vec });
+    let stats = DeviceTierStats {
+        h2d_bytes: h2d,
+        ..Default::default()
+    };
+    tier.total.add(&stats);
+    store.add_device_stats(&stats);
+    Ok(())
 }
 
 /// Copies into the VRAM cache, on the copy stream, the records the next layer used on its
