@@ -7,16 +7,27 @@
 //    dynamic shared memory = padded cols * 4 bytes (x of one token, see gemv.cuh).
 //    Each weight byte is read once per token with 16-byte loads (vec) or per element (scalar,
 //    for matrices whose alignment does not allow the vector path).
+//  * matvec_multi_{vec,scalar}_F_rR: up to MV_PARTS matvecs of one x (consecutive Matmul ops
+//    with the same input, formats and columns) in one launch: the grid's x blocks are the parts'
+//    row blocks one after the other (`start` = first block of each part).
 //  * gemm_F (prefill): grid (ceil(rows / 64), ceil(n / 64)), block 256, static shared memory.
 #include "common.cuh"
 #include "gemv.cuh"
 
+#define MV_PARTS 4
+struct MvParts {
+    WMat w[MV_PARTS];
+    float* out[MV_PARTS];
+    u32 start[MV_PARTS];
+    u32 count;
+};
+
 template <int FMT, bool VEC, int R>
-__device__ __forceinline__ void matvec_body(const WMat& w, const float* x, float* out) {
+__device__ __forceinline__ void matvec_body(const WMat& w, const float* x, float* out, u32 bx) {
     float* xs = (float*)smem4;
     const u32 t = blockIdx.y;
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const u32 r0 = (blockIdx.x * MV_WARPS + warp) * R;
+    const u32 r0 = (bx * MV_WARPS + warp) * R;
     float acc[R];
     mv_block<FMT, VEC, R>(w, xs, x + (u64)t * w.cols, r0, acc);
     if (lane == 0) {
@@ -43,7 +54,15 @@ __device__ __forceinline__ void gemm_body(const WMat& w, const float* x, float* 
 
 #define MATVEC_KERNEL(NAME, FMT, VEC, KIND, R)                                                      \
     extern "C" __global__ void __launch_bounds__(256) matvec_##KIND##_##NAME##_r##R(WMat w, const float* x, float* out) { \
-        matvec_body<FMT, VEC, R>(w, x, out);                                                        \
+        matvec_body<FMT, VEC, R>(w, x, out, blockIdx.x);                                            \
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(256) matvec_multi_##KIND##_##NAME##_r##R(MvParts a, const float* x) { \
+        u32 p = 0;                                                                                  \
+        _Pragma("unroll") for (u32 q = 1; q < MV_PARTS; q++) if (q < a.count && blockIdx.x >= a.start[q]) p = q; \
+        WMat w = a.w[0];                                                                            \
+        float* out = a.out[0];                                                                      \
+        _Pragma("unroll") for (u32 q = 1; q < MV_PARTS; q++) if (q == p) { w = a.w[q]; out = a.out[q]; } \
+        matvec_body<FMT, VEC, R>(w, x, out, blockIdx.x - a.start[p]);                               \
     }
 
 #define MATMUL_KERNELS(NAME, FMT)                                                                   \

@@ -148,6 +148,12 @@ pub struct CudaBackend {
     graphs: bool,
     /// Capture state of every graph executed so far (a handful: one per step shape).
     captures: Vec<Capture>,
+    /// Merge consecutive decode matvecs of one input into one launch (`MOEFLUX_CUDA_MERGE=0`
+    /// turns it off).
+    merge_matvecs: bool,
+    /// (graph address, first, end): nodes `first + 1 .. end` of that graph were launched
+    /// together with node `first` and are skipped.
+    merged: Option<(usize, usize, usize)>,
 }
 
 /// What `execute` knows about one graph. Keyed by the graph's address, name and node count;
@@ -286,6 +292,8 @@ impl CudaBackend {
             profile: Vec::new(),
             graphs: opts.graphs,
             captures: Vec::new(),
+            merge_matvecs: std::env::var("MOEFLUX_CUDA_MERGE").map_or(true, |v| v != "0"),
+            merged: None,
         })
     }
 
@@ -542,8 +550,47 @@ impl CudaBackend {
         }
     }
 
+    /// Launches node `index` together with the decode matvecs of the same input that follow it
+    /// (up to 4 in all, see [`ops::matmul::matvec_multi`]): the number of nodes launched, or 0
+    /// when the node runs alone.
+    fn merge_run(&mut self, graph: &Graph, index: usize) -> Result<usize, CudaError> {
+        let Op::Matmul { x, n, .. } = &graph.nodes[index].1 else {
+            return Ok(0);
+        };
+        if !self.merge_matvecs || *n > ops::matmul::MATVEC_MAX_N {
+            return Ok(0);
+        }
+        let parts: Vec<(
+            &moeflux_core::Matrix,
+            moeflux_core::BufId<moeflux_core::Act>,
+        )> = graph.nodes[index..]
+            .iter()
+            .take(ops::matmul::MV_PARTS)
+            .map_while(|(_, op)| match op {
+                Op::Matmul {
+                    x: x2,
+                    w,
+                    out,
+                    n: n2,
+                } if x2 == x && n2 == n => Some((w, *out)),
+                _ => None,
+            })
+            .collect();
+        if parts.len() < 2 {
+            return Ok(0);
+        }
+        let (x, n) = (*x, *n);
+        let merged = ops::matmul::matvec_multi(&mut self.enc(), x, &parts, n)?;
+        Ok(if merged { parts.len() } else { 0 })
+    }
+
     fn encode_one(&mut self, op: &Op) -> Result<(), CudaError> {
-        let mut enc = ops::Enc {
+        ops::encode_op(&mut self.enc(), op)
+    }
+
+    /// What the op encoders see of the backend.
+    fn enc(&mut self) -> ops::Enc<'_> {
+        ops::Enc {
             stream: &self.stream,
             kernels: &mut self.kernels,
             pool: &mut self.pool,
@@ -553,8 +600,7 @@ impl CudaBackend {
             smem_optin: self.smem_optin,
             sm_count: self.sm_count,
             recent: &mut self.recent,
-        };
-        ops::encode_op(&mut enc, op)
+        }
     }
 }
 
@@ -597,8 +643,25 @@ impl Backend for CudaBackend {
             ),
             msg: e.to_string(),
         };
+        let addr = graph as *const Graph as usize;
+        if let Some((g, first, end)) = self.merged
+            && g == addr
+            && first < index
+            && index < end
+        {
+            return Ok(()); // launched with node `first`
+        }
+        self.merged = None;
         let t0 = self.profiling.then(Instant::now);
-        match self.encode_one(op) {
+        let r = match self.merge_run(graph, index) {
+            Ok(0) => self.encode_one(op),
+            Ok(len) => {
+                self.merged = Some((addr, index, index + len));
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
+        match r {
             Ok(()) => {}
             Err(e @ CudaError::OutOfMemory { .. }) => return Err(e.into()),
             Err(e) => return Err(at(e)),

@@ -525,6 +525,40 @@ fn matmul() {
     }
 }
 
+/// Consecutive matvecs of one input (merged into one launch on CUDA when formats agree): 2 to 5
+/// of them (5: a run longer than one launch takes), rows from 1 to 700, and a run broken by a
+/// matrix of another format.
+#[test]
+fn matmul_same_input_runs() {
+    let q4 = WFmt::Q(4, 32, DType::BF16);
+    let q8 = WFmt::Q(8, 32, DType::F32);
+    let cases: [&[(WFmt, usize)]; 4] = [
+        &[(q4, 700), (q4, 64)],
+        &[(q8, 512), (q8, 1)],
+        &[(q4, 96), (q4, 32), (q4, 33), (q4, 8), (q4, 300)],
+        &[(WFmt::BF16, 40), (q4, 72), (q4, 72)],
+    ];
+    for (ci, parts) in cases.into_iter().enumerate() {
+        for n in [1, 2] {
+            check(
+                &format!("matmul run {ci} n {n}"),
+                400 + ci as u64,
+                2e-5,
+                &|s| {
+                    let cols = 512;
+                    let x = s.rand(n * cols, 1.0);
+                    let x = s.input(&x, "x");
+                    for &(f, rows) in parts {
+                        let w = matrix(s, f, rows, cols, 0);
+                        let out = s.output(n * rows, "out");
+                        s.op(Op::Matmul { x, w, out, n });
+                    }
+                },
+            );
+        }
+    }
+}
+
 #[test]
 fn matmul_odd_shapes() {
     // Tiny and ragged shapes: fewer columns than one warp step, rows not a multiple of 4.

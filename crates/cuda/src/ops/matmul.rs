@@ -7,7 +7,7 @@
 use cudarc::driver::LaunchConfig;
 use moeflux_core::{Act, BufId, Matrix};
 
-use super::{Enc, Fmt, grid_y, launch, u32_of, vec_ok};
+use super::{Enc, Fmt, WMatArg, grid_y, launch, u32_of, vec_ok};
 use crate::error::CudaError;
 
 pub(crate) const MATVEC_MAX_N: usize = 2;
@@ -160,4 +160,117 @@ pub(crate) fn matmul(
     // SAFETY: gemm_*(WMat, const float*, float*, u32); sizes as above; tiles past n or rows are
     // masked in the kernel.
     unsafe { launch!(enc, "matmul.cu", fmt.pick(&GEMM), cfg, [wa, xp, op, n_u]) }
+}
+
+/// Parts of one `matvec_multi_*` launch (C struct MvParts in matmul.cu).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct MvPartsArg {
+    w: [WMatArg; MV_PARTS],
+    out: [u64; MV_PARTS],
+    start: [u32; MV_PARTS],
+    count: u32,
+}
+
+// SAFETY: #[repr(C)] plain-old-data with the field order, sizes and alignment of the C struct
+// MvParts (4 WMat, 4 pointers, 4 unsigned ints, 1 unsigned int).
+unsafe impl cudarc::driver::DeviceRepr for MvPartsArg {}
+
+/// Matrices one `matvec_multi_*` launch takes (MV_PARTS in matmul.cu).
+pub(crate) const MV_PARTS: usize = 4;
+
+const MATVEC_MULTI_VEC_R1: [&str; 5] = [
+    "matvec_multi_vec_f32_r1",
+    "matvec_multi_vec_f16_r1",
+    "matvec_multi_vec_bf16_r1",
+    "matvec_multi_vec_q4_r1",
+    "matvec_multi_vec_q8_r1",
+];
+const MATVEC_MULTI_VEC_R2: [&str; 5] = [
+    "matvec_multi_vec_f32_r2",
+    "matvec_multi_vec_f16_r2",
+    "matvec_multi_vec_bf16_r2",
+    "matvec_multi_vec_q4_r2",
+    "matvec_multi_vec_q8_r2",
+];
+const MATVEC_MULTI_VEC_R4: [&str; 5] = [
+    "matvec_multi_vec_f32_r4",
+    "matvec_multi_vec_f16_r4",
+    "matvec_multi_vec_bf16_r4",
+    "matvec_multi_vec_q4_r4",
+    "matvec_multi_vec_q8_r4",
+];
+
+/// Consecutive matrix-vector products of one input (`parts`: weight and output, 2 to
+/// [`MV_PARTS`]) in one launch, when every matrix has the same format, columns, group and
+/// vector-path eligibility and no output overlaps the input or another output. `Ok(false)`:
+/// not eligible, nothing launched (the caller runs the ops one by one).
+pub(crate) fn matvec_multi(
+    enc: &mut Enc<'_>,
+    x: BufId<Act>,
+    parts: &[(&Matrix, BufId<Act>)],
+    n: usize,
+) -> Result<bool, CudaError> {
+    const OP: &str = "matmul";
+    if !(2..=MV_PARTS).contains(&parts.len()) || n == 0 || n > MATVEC_MAX_N {
+        return Ok(false);
+    }
+    let cols = parts[0].0.cols;
+    let xp = enc.buf(x.raw())?;
+    let mut ranges = vec![(xp, xp + (n * cols * 4) as u64)];
+    let mut ws = Vec::with_capacity(parts.len());
+    for (w, out) in parts {
+        if w.cols != cols || w.rows == 0 || w.format != parts[0].0.format {
+            return Ok(false);
+        }
+        let (wa, fmt) = enc.wmat(w, OP)?;
+        let op = enc.buf(out.raw())?;
+        ranges.push((op, op + (n * w.rows * 4) as u64));
+        ws.push((wa, fmt, op, vec_ok(fmt, wa.data, w.cols, wa.group)));
+    }
+    let disjoint = ranges
+        .iter()
+        .enumerate()
+        .all(|(i, a)| ranges[i + 1..].iter().all(|b| a.1 <= b.0 || b.1 <= a.0));
+    let (fmt, vec, group) = (ws[0].1, ws[0].3, ws[0].0.group);
+    if !disjoint || !vec || ws.iter().any(|w| w.3 != vec || w.0.group != group) {
+        return Ok(false);
+    }
+    let smem = mv_smem(cols, fmt.elems16());
+    if smem > enc.smem_optin {
+        return Ok(false);
+    }
+    let rows: usize = parts.iter().map(|(w, _)| w.rows).sum();
+    let enough = |r: usize| rows.div_ceil(8 * r) * n >= 2 * enc.sm_count;
+    let r = if enough(4) {
+        4
+    } else if enough(2) {
+        2
+    } else {
+        1
+    };
+    let mut a = MvPartsArg::default();
+    let mut blocks = 0usize;
+    for (i, (wa, _, op, _)) in ws.iter().enumerate() {
+        a.w[i] = *wa;
+        a.out[i] = *op;
+        a.start[i] = u32_of(blocks, "row blocks", OP)?;
+        blocks += (wa.rows as usize).div_ceil(8 * r);
+    }
+    a.count = parts.len() as u32;
+    let names = match r {
+        4 => &MATVEC_MULTI_VEC_R4,
+        2 => &MATVEC_MULTI_VEC_R2,
+        _ => &MATVEC_MULTI_VEC_R1,
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (u32_of(blocks, "row blocks", OP)?, n as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    // SAFETY: matvec_multi_*(MvParts, const float*); x holds n * cols floats and each out n *
+    // rows of its matrix (Graph::validate); every matrix passed vec_ok; outputs overlap neither
+    // x nor each other, so one launch equals the ops in order.
+    unsafe { launch!(enc, "matmul.cu", fmt.pick(names), cfg, [a, xp]) }?;
+    Ok(true)
 }
