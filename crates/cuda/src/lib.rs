@@ -170,11 +170,14 @@ struct Capture {
 /// One piece of a captured graph.
 enum Piece {
     /// A run of ops captured as one CUDA graph, with its kernels in order (named when a replay
-    /// fails).
-    Graph(SendGraph, Vec<&'static str>),
+    /// fails) and the pinned streamed-expert ops in it (store, pairs), counted on each replay.
+    Graph(SendGraph, Vec<&'static str>, Vec<Pinned>),
     /// An op that needs the host (`Op::MoeExpertsStreamed`), encoded eagerly each time.
     Host(usize),
 }
+
+/// A streamed-expert op on a pinned layer inside a captured piece: its store and pairs.
+type Pinned = (Arc<dyn moeflux_core::ExpertProvider>, u64);
 
 /// The graph's nodes in pieces: maximal runs of device-only ops, and the ops that need the host
 /// between them (`needs_host`).
@@ -413,8 +416,11 @@ impl CudaBackend {
                 return Ok(self.sync(&graph.name)?);
             }
             match piece {
-                Piece::Graph(g, kernels) => {
+                Piece::Graph(g, kernels, pinned) => {
                     self.recent.extend_from_slice(kernels);
+                    for (store, pairs) in pinned {
+                        self.staging.count_pinned(store, *pairs);
+                    }
                     if let Err(err) = g.0.launch() {
                         self.recent.clear();
                         return Err(CudaError::Launch {
@@ -465,7 +471,16 @@ impl CudaBackend {
                                 kernel: "cuGraphLaunch",
                                 err,
                             })?;
-                            pieces.push(Piece::Graph(SendGraph(g), kernels));
+                            let pinned = graph.nodes[range]
+                                .iter()
+                                .filter_map(|(_, op)| match op {
+                                    Op::MoeExpertsStreamed { store, n, k, .. } => {
+                                        Some((store.clone(), (n * k) as u64))
+                                    }
+                                    _ => None,
+                                })
+                                .collect();
+                            pieces.push(Piece::Graph(SendGraph(g), kernels, pinned));
                         }
                         None => {
                             ok = false;

@@ -15,7 +15,8 @@
 //! a layer has), those layers are pinned: all their records are copied into VRAM the first
 //! time the layer runs, and from then on the op is the resident one over a device table, with
 //! no host round-trip, so the backend captures it inside its CUDA graph pieces. The rest of
-//! the budget (at least [`LRU_RESERVE`] slots) is the LRU cache of the other layers.
+//! the budget (at least [`LRU_RESERVE`] slots, or a quarter of a smaller budget) is the LRU
+//! cache of the other layers.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -71,6 +72,19 @@ impl Staging {
         self.tier.as_ref().map(|t| t.total).unwrap_or_default()
     }
 
+    /// Counts `pairs` run on a pinned layer of `store` by a replayed CUDA graph (the op's
+    /// encoding, which counts them otherwise, does not run on a replay).
+    pub(crate) fn count_pinned(&mut self, store: &Arc<dyn ExpertProvider>, pairs: u64) {
+        let stats = DeviceTierStats {
+            pinned_pairs: pairs,
+            ..Default::default()
+        };
+        if let Some(t) = self.tier.as_mut().filter(|t| t.same(store)) {
+            t.total.add(&stats);
+        }
+        store.add_device_stats(&stats);
+    }
+
     /// Whether `layer` of `store` is pinned: its op then needs no host round-trip.
     pub(crate) fn is_pinned(&self, store: &Arc<dyn ExpertProvider>, layer: usize) -> bool {
         self.tier
@@ -79,7 +93,8 @@ impl Staging {
     }
 }
 
-/// Cache slots kept for the LRU of unpinned layers when layers are pinned.
+/// Cache slots kept for the LRU of unpinned layers when layers are pinned (at most a quarter of
+/// the budget).
 const LRU_RESERVE: usize = 64;
 
 /// A layer whose every expert is resident in the pinned block: the device table of their
@@ -238,7 +253,7 @@ fn ensure_tier(
             if layers * e <= slots {
                 layers
             } else {
-                (slots.saturating_sub(LRU_RESERVE) / e).min(layers)
+                (slots.saturating_sub(LRU_RESERVE.min(slots / 4)) / e).min(layers)
             }
         }
         _ => 0,
