@@ -188,7 +188,7 @@ if [ -x "$BIN/moeflux" ]; then
         # run of the same 8 layers is the reference; the half budget also runs without layer
         # pinning (one LRU over every layer).
         run_check "bench next-80b x8 resident (reference)" 60 "$LOGS/bench_store80_resident.log" "$BIN/moeflux" bench --preset qwen3-next-80b-a3b --layers 8 --device cuda --prompt 0 --gen 64 --context 0,64 --json "$OUT/bench_store80_resident.json"
-        S80=(bench --preset qwen3-next-80b-a3b --layers 8 --device cuda --store /tmp/moeflux-store80 --host-mem 12GiB --prompt 0 --gen 128 --context 0,64)
+        S80=(bench --preset qwen3-next-80b-a3b --layers 8 --device cuda --store /tmp/moeflux-store80 --host-mem 12GiB --preload-experts --prompt 0 --gen 128 --context 0,64)
         run_check "bench store next-80b x8: VRAM all" 200 "$LOGS/bench_store80_all.log" "$BIN/moeflux" "${S80[@]}" --gpu-mem 8GiB --json "$OUT/bench_store80_all.json"
         run_check "bench store next-80b x8: VRAM half" 100 "$LOGS/bench_store80_half.log" "$BIN/moeflux" "${S80[@]}" --gpu-mem 3625MiB --json "$OUT/bench_store80_half.json"
         run_check "bench store next-80b x8: VRAM half, no pinning" 100 "$LOGS/bench_store80_half_lru.log" env MOEFLUX_PIN_LAYERS=0 "$BIN/moeflux" "${S80[@]}" --gpu-mem 3625MiB --json "$OUT/bench_store80_half_lru.json"

@@ -45,6 +45,10 @@ pub struct BenchArgs {
     /// RAM budget of the expert cache with --store (e.g. 2GiB).
     #[arg(long, value_parser = moeflux_engine::parse_size)]
     host_mem: Option<usize>,
+    /// With --store: read the experts into the RAM tier before measuring (as many as
+    /// --host-mem holds), so the rows measure warm tiers rather than first reads from disk.
+    #[arg(long)]
+    preload_experts: bool,
     /// VRAM budget of the expert cache with --store on CUDA (e.g. 20GiB; 0 = no VRAM cache;
     /// default: free device memory minus a reserve).
     #[arg(long, value_parser = moeflux_engine::parse_size)]
@@ -76,8 +80,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
             PRESETS.join(", ")
         )
     };
-    if a.store.is_none() && (a.routing_locality.is_some() || a.host_mem.is_some()) {
-        bail!("--routing-locality and --host-mem need --store DIR (a packed model on disk)");
+    if a.store.is_none()
+        && (a.routing_locality.is_some() || a.host_mem.is_some() || a.preload_experts)
+    {
+        bail!(
+            "--routing-locality, --host-mem and --preload-experts need --store DIR (a packed model on disk)"
+        );
     }
     if let Some(r) = a.routing_locality
         && !(0.0..=1.0).contains(&r)
@@ -114,6 +122,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 .with_context(|| format!("opening {}", dir.display()))?;
             if let Some(store) = expert_store(&m) {
                 store.set_routing_locality(a.routing_locality)?;
+            }
+            if a.preload_experts {
+                crate::preload(&m)?;
             }
             m
         }

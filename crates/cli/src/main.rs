@@ -60,6 +60,10 @@ struct RunArgs {
     /// VRAM budget for the expert cache (CUDA; the CPU backend ignores it).
     #[arg(long, value_parser = moeflux_engine::parse_size)]
     gpu_mem: Option<usize>,
+    /// Read a packed model's experts into the RAM tier before the first token (as many as
+    /// --host-mem holds), instead of on first use.
+    #[arg(long)]
+    preload_experts: bool,
 }
 
 impl RunArgs {
@@ -78,8 +82,26 @@ impl RunArgs {
         if self.gpu_mem.is_some() && self.device == Device::Cpu {
             eprintln!("note: --gpu-mem has no effect on the CPU backend");
         }
-        Session::open(&dir, &opts).with_context(|| format!("opening model {}", dir.display()))
+        let s = Session::open(&dir, &opts)
+            .with_context(|| format!("opening model {}", dir.display()))?;
+        if self.preload_experts {
+            preload(&s.model)?;
+        }
+        Ok(s)
     }
+}
+
+/// Fills the RAM tier of a packed model's expert store (no-op for other models).
+pub(crate) fn preload(model: &moeflux_model::Model) -> Result<()> {
+    if let Some(store) = moeflux_engine::expert_store(model) {
+        let (records, bytes, secs) = store.preload().context("preloading experts")?;
+        eprintln!(
+            "preloaded {records} expert records ({:.2} GB) into RAM in {secs:.1} s ({:.2} GB/s)",
+            bytes as f64 / 1e9,
+            bytes as f64 / secs.max(1e-9) / 1e9
+        );
+    }
+    Ok(())
 }
 
 #[derive(Args)]

@@ -980,6 +980,40 @@ impl ExpertStore {
         }))
     }
 
+    /// Reads records into the RAM tier, layer by layer in model order, until it is full (or
+    /// holds every record); four reads in flight. Returns (records, bytes, seconds). The reads
+    /// count in the statistics like any other.
+    pub fn preload(&self) -> Result<(usize, usize, f64), ModelError> {
+        use rayon::prelude::*;
+        let t = std::time::Instant::now();
+        let want: Vec<(usize, usize)> = self
+            .layer_order
+            .iter()
+            .flat_map(|&l| (0..self.manifest.experts).map(move |e| (l, e)))
+            .take(self.capacity)
+            .collect();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(4)
+            .build()
+            .map_err(|e| ModelError::Io {
+                path: self.dir.clone(),
+                source: std::io::Error::other(format!("preload threads: {e}")),
+            })?;
+        pool.install(|| {
+            want.par_iter()
+                .try_for_each(|&(l, e)| ExpertProvider::fetch(self, l, e).map(drop))
+        })
+        .map_err(|e| ModelError::Io {
+            path: self.dir.clone(),
+            source: std::io::Error::other(format!("preloading experts: {e}")),
+        })?;
+        Ok((
+            want.len(),
+            want.len() * self.manifest.record_bytes,
+            t.elapsed().as_secs_f64(),
+        ))
+    }
+
     /// Benchmarks only: rewrite routing to be temporally local (see [`LocalityGen`]);
     /// `target` is the hit rate a per-layer LRU of the recent experts should see. Changes
     /// the model's outputs.
@@ -1614,6 +1648,38 @@ mod tests {
         let p = (*a).as_ref().as_ptr() as usize;
         assert!(p >= base && p + rec <= base + len && (p - base) % rec == 0);
         assert_eq!(base % 4096, 0);
+    }
+
+    #[test]
+    fn preload_fills_the_ram_tier_in_layer_order() {
+        let (_tmp, dst, rec) = packed_fixture();
+        let m = read_manifest(&dst).unwrap();
+        let cap = m.experts + 3; // the first layer and 3 records of the second
+        let store = ExpertStore::open(&dst, Some(cap * rec), 1).unwrap();
+        let (records, bytes, _) = store.preload().unwrap();
+        assert_eq!((records, bytes), (cap, cap * rec));
+        let st = store.stats();
+        assert_eq!((st.misses, st.hits), (cap as u64, 0));
+        let (l0, l1) = (store.layer_order[0], store.layer_order[1]);
+        for e in 0..m.experts {
+            assert_eq!(
+                (*store.fetch(l0, e).unwrap()).as_ref(),
+                &store.load_heap(l0, e).unwrap()[..]
+            );
+        }
+        for e in 0..3 {
+            store.fetch(l1, e).unwrap();
+        }
+        let st = store.stats();
+        assert_eq!(
+            (st.misses, st.hits),
+            (cap as u64, cap as u64),
+            "preloaded records are hits"
+        );
+        // everything fits: every record
+        let store = ExpertStore::open(&dst, None, 1).unwrap();
+        let (records, _, _) = store.preload().unwrap();
+        assert_eq!(records, m.experts * m.layers.len());
     }
 
     #[test]
