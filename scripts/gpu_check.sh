@@ -249,7 +249,7 @@ fi
         tail -5 "$LOGS/memcheck_generate.log"
         echo '```'
     fi
-    for f in "$LOGS"/profile/profile_decode.md "$LOGS"/profile/profile_prefill.md; do
+    for f in "$LOGS"/profile/profile_decode.md "$LOGS"/profile/profile_prefill.md "$LOGS"/profile/profile_prefill30.md; do
         if [ -s "$f" ]; then
             echo
             cat "$f"

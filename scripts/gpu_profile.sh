@@ -3,7 +3,7 @@
 # Compute on the GPU machine (caches not flushed, clocks not locked, so the figures are the
 # kernels' real durations in sequence). Called by `scripts/gpu_check.sh --remote` when
 # PROFILE=1, or alone:  bash scripts/gpu_profile.sh OUTDIR
-# Writes OUTDIR/profile_{decode,prefill}.md: time per kernel name, summed over the steps, and
+# Writes OUTDIR/profile_{decode,prefill,prefill30}.md: time per kernel name, summed over the steps, and
 # the share of the total.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -50,4 +50,9 @@ summarise "$OUTDIR/ncu_decode.csv" "decode, $PRESET x4 layers" 4 >"$OUTDIR/profi
 "${NCU[@]}" --log-file "$OUTDIR/ncu_prefill.csv" "$BIN/moeflux" bench --preset "$PRESET" --layers 2 --device cuda \
     --prompt 4096 --gen 1 --context 0 >"$OUTDIR/ncu_prefill.out" 2>&1
 summarise "$OUTDIR/ncu_prefill.csv" "prefill 4096, $PRESET x2 layers" 1 >"$OUTDIR/profile_prefill.md" 2>&1
-cat "$OUTDIR/profile_decode.md" "$OUTDIR/profile_prefill.md"
+# Qwen3-30B-A3B prefill of 4096 tokens in one chunk (all attention layers: where its prefill
+# time goes when it is slower at 4096 than at 512).
+"${NCU[@]}" --log-file "$OUTDIR/ncu_prefill30.csv" "$BIN/moeflux" bench --preset qwen3-30b-a3b --layers 2 --device cuda \
+    --prompt 4096 --prefill-chunk 4096 --gen 1 --context 0 >"$OUTDIR/ncu_prefill30.out" 2>&1
+summarise "$OUTDIR/ncu_prefill30.csv" "prefill 4096 (one chunk), qwen3-30b-a3b x2 layers" 1 >"$OUTDIR/profile_prefill30.md" 2>&1
+cat "$OUTDIR/profile_decode.md" "$OUTDIR/profile_prefill.md" "$OUTDIR/profile_prefill30.md"
