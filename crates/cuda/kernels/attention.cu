@@ -227,3 +227,129 @@ extern "C" __global__ void attention_merge_f32(const float* part, float* out, u3
         o[d] = a / L;
     }
 }
+
+// attention_tiled_f32 (prefill, head_dim <= AT_D and a multiple of 4): grid (ceil(n / AT_Q),
+//   heads), block 256. A block takes AT_Q queries of one head and walks the keys in tiles of
+//   AT_K rows staged in shared memory, so each K/V row is read once per AT_Q queries (not once
+//   per query). Thread (row r = tid / 8, g = tid % 8) scores keys g, g + 8, .. of the tile
+//   against query r and holds output dims 4g + 32i + c of it (16-byte shared-memory reads; row
+//   stride AT_D + 4 keeps the 8 rows a warp reads in distinct banks); the 8 threads of a row
+//   keep its online softmax (shuffles within the group). Keys past a query's position (or
+//   max_ctx) are masked. q is scaled when staged (scale * q . k, as the other kernels).
+//   Dynamic shared memory: (AT_Q + AT_K) * AT_DP + AT_K * AT_D + AT_Q * AT_K floats.
+#define AT_Q 32
+#define AT_K 32
+#define AT_D 128
+#define AT_DP (AT_D + 4)
+
+extern "C" __global__ void __launch_bounds__(256) attention_tiled_f32(const float* q, const u32* pos, const float* kc,
+                                                                     const float* vc, float* out, u32 n, u32 heads,
+                                                                     u32 kv_heads, u32 head_dim, float scale, u32 max_ctx) {
+    float* qs = (float*)smem4;          // [AT_Q][AT_DP]
+    float* ks = qs + AT_Q * AT_DP;      // [AT_K][AT_DP]
+    float* vs = ks + AT_K * AT_DP;      // [AT_K][AT_D]
+    float* ps = vs + AT_K * AT_D;       // [AT_Q][AT_K]
+    __shared__ u32 s_len;
+    const u32 h = blockIdx.y, t0 = blockIdx.x * AT_Q;
+    const u32 tid = threadIdx.x, r = tid >> 3, g = tid & 7;
+    const u32 kvh = h / (heads / kv_heads);
+    const u32 kv_dim = kv_heads * head_dim;
+    const u32 t = t0 + r;
+    // The query's attended length (0 for rows past n), and the tile's longest.
+    const u32 len = t < n ? min(pos[t] + 1, max_ctx) : 0;
+    if (tid == 0) s_len = 0;
+    for (u32 i = tid; i < AT_Q * AT_D; i += blockDim.x) {
+        const u32 qr = i / AT_D, d = i % AT_D;
+        const u32 tq = t0 + qr;
+        qs[qr * AT_DP + d] = (tq < n && d < head_dim) ? q[((u64)tq * heads + h) * head_dim + d] * scale : 0.f;
+    }
+    __syncthreads();
+    if (g == 0) atomicMax(&s_len, len);
+    __syncthreads();
+    const u32 kmax = s_len;
+    float4 o[AT_D / 32];
+#pragma unroll
+    for (int i = 0; i < AT_D / 32; i++) o[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+    float m = NEG_INF, l = 0.f;
+    const float4* qrow = (const float4*)(qs + r * AT_DP);
+    for (u32 k0 = 0; k0 < kmax; k0 += AT_K) {
+        for (u32 i = tid; i < AT_K * AT_D; i += blockDim.x) {
+            const u32 kr = i / AT_D, d = i % AT_D;
+            const u32 j = k0 + kr;
+            const bool in = j < kmax && d < head_dim;
+            const u64 off = (u64)j * kv_dim + (u64)kvh * head_dim + d;
+            ks[kr * AT_DP + d] = in ? kc[off] : 0.f;
+            vs[kr * AT_D + d] = in ? vc[off] : 0.f;
+        }
+        __syncthreads();
+        float sc[AT_K / 8];
+#pragma unroll
+        for (int c = 0; c < AT_K / 8; c++) sc[c] = 0.f;
+        for (u32 d4 = 0; d4 < head_dim / 4; d4++) {
+            const float4 qv = qrow[d4];
+#pragma unroll
+            for (int c = 0; c < AT_K / 8; c++) {
+                const float4 kv = ((const float4*)(ks + (g + 8 * c) * AT_DP))[d4];
+                sc[c] += qv.x * kv.x + qv.y * kv.y + qv.z * kv.z + qv.w * kv.w;
+            }
+        }
+        float tmax = NEG_INF;
+#pragma unroll
+        for (int c = 0; c < AT_K / 8; c++) {
+            const u32 j = k0 + g + 8 * c;
+            if (j >= len) sc[c] = NEG_INF;
+            tmax = fmaxf(tmax, sc[c]);
+        }
+#pragma unroll
+        for (int x = 1; x < 8; x <<= 1) tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, x));
+        const float mn = fmaxf(m, tmax);
+        // A row with no key yet (mn = -inf) keeps everything at zero.
+        const float corr = mn == NEG_INF ? 1.f : expf(m - mn);
+        float psum = 0.f;
+#pragma unroll
+        for (int c = 0; c < AT_K / 8; c++) {
+            const float p = sc[c] == NEG_INF ? 0.f : expf(sc[c] - mn);
+            ps[r * AT_K + g + 8 * c] = p;
+            psum += p;
+        }
+#pragma unroll
+        for (int x = 1; x < 8; x <<= 1) psum += __shfl_xor_sync(0xffffffffu, psum, x);
+        l = l * corr + psum;
+        m = mn;
+        __syncwarp();
+#pragma unroll
+        for (int i = 0; i < AT_D / 32; i++) {
+            o[i].x *= corr;
+            o[i].y *= corr;
+            o[i].z *= corr;
+            o[i].w *= corr;
+        }
+        for (u32 kr = 0; kr < AT_K; kr++) {
+            const float p = ps[r * AT_K + kr];
+            const float4* vrow = (const float4*)(vs + kr * AT_D) + g;
+#pragma unroll
+            for (int i = 0; i < AT_D / 32; i++) {
+                const float4 v = vrow[8 * i];
+                o[i].x += p * v.x;
+                o[i].y += p * v.y;
+                o[i].z += p * v.z;
+                o[i].w += p * v.w;
+            }
+        }
+        __syncthreads();
+    }
+    if (t < n) {
+        float* orow = out + ((u64)t * heads + h) * head_dim;
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+        for (int i = 0; i < AT_D / 32; i++) {
+            const u32 d = 4 * g + 32 * i;
+            if (d < head_dim) {  // head_dim % 4 == 0: all four or none
+                orow[d] = o[i].x * inv;
+                orow[d + 1] = o[i].y * inv;
+                orow[d + 2] = o[i].z * inv;
+                orow[d + 3] = o[i].w * inv;
+            }
+        }
+    }
+}

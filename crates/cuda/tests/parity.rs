@@ -832,14 +832,21 @@ fn kv_append() {
 #[test]
 fn attention() {
     // (heads, kv_heads, head_dim, positions)
-    // Up to 4 queries take the split (flash-decoding) kernels, more the one-pass kernel.
-    let cases: [(usize, usize, usize, Vec<u32>); 6] = [
+    // Up to 4 queries take the split (flash-decoding) kernels; more take the tiled kernel
+    // (head_dim <= 128, a multiple of 4) or else the one-pass kernel (hd 256, 66).
+    let prefill: Vec<u32> = (40..110).collect(); // 70 queries: two full tiles and a partial one
+    let scattered: Vec<u32> = (0..37u32).map(|i| (i * 7919) % 523).collect();
+    let cases: [(usize, usize, usize, Vec<u32>); 10] = [
         (8, 2, 64, vec![0, 17, 299]),
         (4, 4, 80, vec![250]),
         (16, 2, 128, vec![5, 6, 7, 8, 9, 10]),
         (6, 3, 256, vec![123]),
         (8, 1, 128, vec![1999, 3]),
         (4, 2, 32, vec![700, 701, 702, 703, 704]),
+        (8, 2, 128, prefill.clone()),
+        (4, 1, 36, scattered),
+        (2, 2, 256, prefill.clone()),
+        (3, 3, 66, prefill),
     ];
     for (heads, kv_heads, head_dim, positions) in cases {
         check(

@@ -15,6 +15,11 @@ const SPLIT_KEYS: usize = 256;
 /// Batches up to this many queries take the split path: few queries leave the one-block-per-
 /// (query, head) kernel with too few blocks to fill the GPU over a long context.
 pub(crate) const SPLIT_MAX_N: usize = 4;
+/// attention_tiled_f32 (wider batches, head_dim <= 128 and a multiple of 4): queries and keys
+/// per tile, and the widest head (AT_Q, AT_K, AT_D in attention.cu).
+const TILED_Q: usize = 32;
+const TILED_K: usize = 32;
+const TILED_D: usize = 128;
 
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn kv_append(
@@ -150,6 +155,32 @@ pub(crate) fn attention(
                 [part, op, h, hd, sp]
             )
         };
+    }
+    if s.head_dim <= TILED_D && s.head_dim.is_multiple_of(4) {
+        let smem =
+            ((TILED_Q + TILED_K) * (TILED_D + 4) + TILED_K * TILED_D + TILED_Q * TILED_K) * 4;
+        if smem <= enc.smem_optin {
+            let n_u = u32_of(s.n, "tokens", OP)?;
+            let cfg = LaunchConfig {
+                grid_dim: (u32_of(s.n.div_ceil(TILED_Q), "query tiles", OP)?, h, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: smem as u32,
+            };
+            // SAFETY: attention_tiled_f32(const float*, const u32*, const float*, const float*,
+            // float*, u32, u32, u32, u32, float, u32); q/out hold n * heads * head_dim floats,
+            // caches max_ctx * kv_heads * head_dim (Graph::validate); heads % kv_heads == 0
+            // (check_shapes); head_dim <= 128 and a multiple of 4 (above); keys are clamped to
+            // max_ctx and rows past n masked in the kernel.
+            return unsafe {
+                launch!(
+                    enc,
+                    "attention.cu",
+                    "attention_tiled_f32",
+                    cfg,
+                    [qp, pp, kc, vc, op, n_u, h, kvh, hd, scale, mc]
+                )
+            };
+        }
     }
     let cfg = LaunchConfig {
         grid_dim: (h, ty, 1),
