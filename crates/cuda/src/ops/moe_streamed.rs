@@ -777,6 +777,7 @@ fn cached(
                     (e, ps)
                 })
                 .collect();
+            let started = Instant::now();
             let rows: Vec<CpuRows> = jobs
                 .into_par_iter()
                 .map(|(e, ps)| {
@@ -797,6 +798,13 @@ fn cached(
                     Ok((ps, y))
                 })
                 .collect();
+            if opts.cpu_misses == CpuMisses::Auto && opts.cpu_bw.is_none() {
+                // The split follows the CPU's measured rate in this run (the first estimate
+                // times one record on one thread): half-life of one op.
+                let seen =
+                    (cpu_set.len() * record) as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                tier.cpu_bw = Some(tier.cpu_bw.map_or(seen, |b| 0.5 * b + 0.5 * seen));
+            }
             for r in rows {
                 let (ps, rows) = r?;
                 for (i, &p) in ps.iter().enumerate() {
