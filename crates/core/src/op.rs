@@ -169,6 +169,19 @@ impl DeviceTierStats {
         self.prefetch_used += o.prefetch_used;
         self.pinned_pairs += o.pinned_pairs;
     }
+
+    /// Counters accumulated since `before` (a copy taken earlier).
+    pub fn since(&self, before: &DeviceTierStats) -> DeviceTierStats {
+        DeviceTierStats {
+            vram_hits: self.vram_hits - before.vram_hits,
+            vram_misses: self.vram_misses - before.vram_misses,
+            cpu_computed: self.cpu_computed - before.cpu_computed,
+            h2d_bytes: self.h2d_bytes - before.h2d_bytes,
+            prefetched: self.prefetched - before.prefetched,
+            prefetch_used: self.prefetch_used - before.prefetch_used,
+            pinned_pairs: self.pinned_pairs - before.pinned_pairs,
+        }
+    }
 }
 
 /// One destination of [`Op::ScatterCols`].

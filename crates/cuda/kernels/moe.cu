@@ -29,6 +29,19 @@
 #include "gemv.cuh"
 
 // ----------------------------------------------------------------------------- router
+// The largest (value, index) over the warp, lower index among equal values; every lane gets it.
+__device__ __forceinline__ void warp_argmax(float& v, u32& i) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        const u32 oi = __shfl_xor_sync(0xffffffffu, i, o);
+        if (ov > v || (ov == v && oi < i)) {
+            v = ov;
+            i = oi;
+        }
+    }
+}
+
 extern "C" __global__ void router_topk_f32(const float* logits, const float* shared, u32* idx, float* weights, u32 n, u32 experts,
                                            u32 k, int renorm) {
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -59,15 +72,7 @@ extern "C" __global__ void router_topk_f32(const float* logits, const float* sha
                 bi = e;
             }
         }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-            u32 oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (ov > bv || (ov == bv && oi < bi)) {
-                bv = ov;
-                bi = oi;
-            }
-        }
+        warp_argmax(bv, bi);
         if (lane == 0) {
             float w = bv / sum;
             idx[(u64)t * width + j] = bi;
@@ -133,15 +138,7 @@ extern "C" __global__ void router_topk_reg_f32(const float* logits, const float*
     for (u32 s = 0; s < k; s++) {
         float bv = lv;
         u32 bi = lane + 32u * lj;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-            u32 oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (ov > bv || (ov == bv && oi < bi)) {
-                bv = ov;
-                bi = oi;
-            }
-        }
+        warp_argmax(bv, bi);
         const float w = bv / sum;
         tot += w;
         if (lane == s) {

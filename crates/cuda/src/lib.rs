@@ -169,9 +169,15 @@ struct Capture {
 
 /// One piece of a captured graph.
 enum Piece {
-    /// A run of ops captured as one CUDA graph, with its kernels in order (named when a replay
-    /// fails) and the pinned streamed-expert ops in it (store, pairs), counted on each replay.
-    Graph(SendGraph, Vec<&'static str>, Vec<Pinned>),
+    /// A run of ops from node `first` captured as one CUDA graph, with its kernels in order
+    /// (named when a replay fails) and the pinned streamed-expert ops in it (store, pairs),
+    /// counted on each replay.
+    Graph {
+        first: usize,
+        exec: SendGraph,
+        kernels: Vec<&'static str>,
+        pinned: Vec<Pinned>,
+    },
     /// An op that needs the host (`Op::MoeExpertsStreamed`), encoded eagerly each time.
     Host(usize),
 }
@@ -396,32 +402,27 @@ impl CudaBackend {
     fn run_pieces(&mut self, i: usize, graph: &Graph, pieces: &[Piece]) -> Result<(), CoreError> {
         let valid = self.captures[i].generation;
         self.recent.clear();
-        for (at, piece) in pieces.iter().enumerate() {
+        for piece in pieces {
             if self.generation() != valid {
-                // Addresses moved under a host op: finish eagerly.
-                let first = match piece {
-                    Piece::Host(n) => *n,
-                    Piece::Graph(..) => pieces[..at]
-                        .iter()
-                        .rev()
-                        .find_map(|p| match p {
-                            Piece::Host(n) => Some(n + 1),
-                            Piece::Graph(..) => None,
-                        })
-                        .unwrap_or(0),
-                };
-                for n in first..graph.nodes.len() {
+                // Addresses moved under a host op: finish eagerly from this piece on.
+                let (Piece::Host(first) | Piece::Graph { first, .. }) = piece;
+                for n in *first..graph.nodes.len() {
                     self.encode(graph, n)?;
                 }
                 return Ok(self.sync(&graph.name)?);
             }
             match piece {
-                Piece::Graph(g, kernels, pinned) => {
+                Piece::Graph {
+                    exec,
+                    kernels,
+                    pinned,
+                    ..
+                } => {
                     self.recent.extend_from_slice(kernels);
                     for (store, pairs) in pinned {
                         self.staging.count_pinned(store, *pairs);
                     }
-                    if let Err(err) = g.0.launch() {
+                    if let Err(err) = exec.0.launch() {
                         self.recent.clear();
                         return Err(CudaError::Launch {
                             kernel: "cuGraphLaunch",
@@ -471,6 +472,7 @@ impl CudaBackend {
                                 kernel: "cuGraphLaunch",
                                 err,
                             })?;
+                            let first = range.start;
                             let pinned = graph.nodes[range]
                                 .iter()
                                 .filter_map(|(_, op)| match op {
@@ -480,7 +482,12 @@ impl CudaBackend {
                                     _ => None,
                                 })
                                 .collect();
-                            pieces.push(Piece::Graph(SendGraph(g), kernels, pinned));
+                            pieces.push(Piece::Graph {
+                                first,
+                                exec: SendGraph(g),
+                                kernels,
+                                pinned,
+                            });
                         }
                         None => {
                             ok = false;

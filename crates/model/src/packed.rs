@@ -636,8 +636,6 @@ impl StoreStats {
 
     /// Counters accumulated since `before` (a copy taken earlier).
     pub fn since(&self, before: &StoreStats) -> StoreStats {
-        let d = &self.device;
-        let b = &before.device;
         StoreStats {
             hits: self.hits - before.hits,
             misses: self.misses - before.misses,
@@ -648,15 +646,7 @@ impl StoreStats {
             overflow: self.overflow - before.overflow,
             locality_hits: self.locality_hits - before.locality_hits,
             locality_slots: self.locality_slots - before.locality_slots,
-            device: DeviceTierStats {
-                vram_hits: d.vram_hits - b.vram_hits,
-                vram_misses: d.vram_misses - b.vram_misses,
-                cpu_computed: d.cpu_computed - b.cpu_computed,
-                h2d_bytes: d.h2d_bytes - b.h2d_bytes,
-                prefetched: d.prefetched - b.prefetched,
-                prefetch_used: d.prefetch_used - b.prefetch_used,
-                pinned_pairs: d.pinned_pairs - b.pinned_pairs,
-            },
+            device: self.device.since(&before.device),
         }
     }
 

@@ -75,6 +75,20 @@ pub(crate) fn mv_smem(cols: usize, elems: usize) -> usize {
     cols.div_ceil(32 * elems) * 32 * elems * 4
 }
 
+/// Rows per warp of the matrix-vector kernels (4, 2 or 1; 2 only on the vector path): as many
+/// as still give every SM two blocks (x is staged once per block, so more rows per block
+/// amortise it; fewer keep small matrices parallel).
+fn rows_per_warp(rows: usize, n: usize, sm_count: usize, vec: bool) -> usize {
+    let enough = |r: usize| rows.div_ceil(8 * r) * n >= 2 * sm_count;
+    if enough(4) {
+        4
+    } else if vec && enough(2) {
+        2
+    } else {
+        1
+    }
+}
+
 pub(crate) fn matmul(
     enc: &mut Enc<'_>,
     x: BufId<Act>,
@@ -92,16 +106,7 @@ pub(crate) fn matmul(
         let vec = vec_ok(fmt, wa.data, w.cols, wa.group);
         let smem = mv_smem(w.cols, if vec { fmt.elems16() } else { 4 });
         if smem <= enc.smem_optin {
-            // Rows per warp: as many as still give every SM two blocks (x is staged once per
-            // block, so more rows per block amortise it; fewer keep small matrices parallel).
-            let enough = |r: usize| w.rows.div_ceil(8 * r) * n >= 2 * enc.sm_count;
-            let r = if enough(4) {
-                4
-            } else if vec && enough(2) {
-                2
-            } else {
-                1
-            };
+            let r = rows_per_warp(w.rows, n, enc.sm_count, vec);
             let names = match (vec, r) {
                 (true, 4) => &MATVEC_VEC_R4,
                 (true, 2) => &MATVEC_VEC_R2,
@@ -241,14 +246,7 @@ pub(crate) fn matvec_multi(
         return Ok(false);
     }
     let rows: usize = parts.iter().map(|(w, _)| w.rows).sum();
-    let enough = |r: usize| rows.div_ceil(8 * r) * n >= 2 * enc.sm_count;
-    let r = if enough(4) {
-        4
-    } else if enough(2) {
-        2
-    } else {
-        1
-    };
+    let r = rows_per_warp(rows, n, enc.sm_count, true);
     let mut a = MvPartsArg::default();
     let mut blocks = 0usize;
     for (i, (wa, _, op, _)) in ws.iter().enumerate() {

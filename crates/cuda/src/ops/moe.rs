@@ -311,24 +311,37 @@ pub(crate) fn moe_experts(
         let t = &enc.tables.tables[ti];
         (t.mem.ptr, t.gate_up, t.down)
     };
-    let sc = ScratchLayout::new(s, experts.len(), 0, 0);
-    let base = enc.scratch.get(enc.stream, sc.total)?;
-    let (xp, ip, wp, op) = (
-        enc.buf(x.raw())?,
-        enc.buf(idx.raw())?,
-        enc.buf(weights.raw())?,
-        enc.buf(out.raw())?,
-    );
-    zero_y(enc, &sc, base, s)?;
     let pass = Pass {
         table,
         num_experts: u32_of(experts.len(), "experts", OP)?,
         gate_up,
         down,
-        idx: ip,
+        idx: enc.buf(idx.raw())?,
     };
-    expert_pass(enc, &pass, &sc, base, xp, s, OP)?;
-    combine(enc, &sc, base, wp, op, s, OP)
+    table_op(enc, &pass, x, weights, out, s, OP)
+}
+
+/// The whole op over a device table holding every expert the routing can name (resident
+/// experts, or a pinned layer of streamed ones): scratch, one pass, the combine.
+pub(crate) fn table_op(
+    enc: &mut Enc<'_>,
+    pass: &Pass,
+    x: BufId<Act>,
+    weights: BufId<Act>,
+    out: BufId<Act>,
+    s: &MoeShape,
+    op: &'static str,
+) -> Result<(), CudaError> {
+    let sc = ScratchLayout::new(s, pass.num_experts as usize, 0, 0);
+    let base = enc.scratch.get(enc.stream, sc.total)?;
+    let (xp, wp, outp) = (
+        enc.buf(x.raw())?,
+        enc.buf(weights.raw())?,
+        enc.buf(out.raw())?,
+    );
+    zero_y(enc, &sc, base, s)?;
+    expert_pass(enc, pass, &sc, base, xp, s, op)?;
+    combine(enc, &sc, base, wp, outp, s, op)
 }
 
 /// One pass of the routed experts over the pairs whose (possibly remapped) index is below

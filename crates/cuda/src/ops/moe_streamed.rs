@@ -29,7 +29,9 @@ use moeflux_core::op::DeviceTierStats;
 use moeflux_core::{Act, BufId, ExpertProvider, ExpertWeights, Idx, SharedBytes};
 use rayon::prelude::*;
 
-use super::moe::{MoeShape, Pass, RoleFmt, ScratchLayout, align256, combine, expert_pass, zero_y};
+use super::moe::{
+    MoeShape, Pass, RoleFmt, ScratchLayout, align256, combine, expert_pass, table_op, zero_y,
+};
 use super::{Enc, Fmt, format_of, u32_of, vec_ok};
 use crate::error::CudaError;
 use crate::expert_cache::{CpuMisses, SlotTable, cpu_share, register_host, unregister_host};
@@ -490,6 +492,38 @@ fn pass_of(
     })
 }
 
+/// Uploads a pass's per-pair local expert index (`local`, out of range for pairs the pass
+/// leaves alone) and its table (9 pointers per expert) into the scratch slots of `sc`, then runs
+/// the pass.
+///
+/// # Safety
+/// `local` must fit the scratch's routing slot and `ptrs` its table slot, and both must stay
+/// alive until the stream has passed the copies.
+#[allow(clippy::too_many_arguments)]
+unsafe fn local_pass(
+    enc: &mut Enc<'_>,
+    f: &Formats,
+    sc: &ScratchLayout,
+    base: u64,
+    xp: u64,
+    s: &MoeShape,
+    local: &[u32],
+    ptrs: &[u64],
+    vec: (bool, bool),
+) -> Result<(), CudaError> {
+    const OP: &str = "moe_experts_streamed";
+    let (idx, table) = (base + sc.wave_idx as u64, base + sc.wave_table as u64);
+    // SAFETY: the caller's contract.
+    unsafe {
+        drv::memcpy_htod_async(idx, local, enc.stream.cu_stream())
+            .map_err(CudaError::driver("moe streamed: routing table"))?;
+        drv::memcpy_htod_async(table, ptrs, enc.stream.cu_stream())
+            .map_err(CudaError::driver("moe streamed: expert table"))?;
+    }
+    let pass = pass_of(f, table, ptrs.len() / 9, idx, vec, OP)?;
+    expert_pass(enc, &pass, sc, base, xp, s, OP)
+}
+
 /// [`Op::MoeExpertsStreamed`](moeflux_core::Op::MoeExpertsStreamed): reads the routing back
 /// (the one host round-trip in a graph), then runs the routed experts from the VRAM cache
 /// (missing records copied in first, or computed on the CPU), or without a cache in waves
@@ -529,18 +563,8 @@ pub(crate) fn moe_experts_streamed(
         if let Some(p) = tier.pinned.get(&layer) {
             // Device-only (captured into CUDA graphs): the resident op over the layer's table.
             let e = tier.pin.as_ref().map_or(0, |b| b.experts);
-            let sc = ScratchLayout::new(s, e, 0, 0);
-            let base = enc.scratch.get(enc.stream, sc.total)?;
-            let (xp, ip, wp, op) = (
-                enc.buf(x.raw())?,
-                enc.buf(idx.raw())?,
-                enc.buf(weights.raw())?,
-                enc.buf(out.raw())?,
-            );
-            zero_y(enc, &sc, base, s)?;
-            let pass = pass_of(&f, p.table.ptr, e, ip, p.vec, OP)?;
-            expert_pass(enc, &pass, &sc, base, xp, s, OP)?;
-            combine(enc, &sc, base, wp, op, s, OP)?;
+            let pass = pass_of(&f, p.table.ptr, e, enc.buf(idx.raw())?, p.vec, OP)?;
+            table_op(enc, &pass, x, weights, out, s, OP)?;
             let stats = DeviceTierStats {
                 pinned_pairs: pairs as u64,
                 ..Default::default()
@@ -644,7 +668,6 @@ fn cached(
     let xp = enc.buf(x.raw())?;
     let (wp, op) = (enc.buf(weights.raw())?, enc.buf(out.raw())?);
     zero_y(enc, &sc, base, s)?;
-    let (wave_idx, wave_table) = (base + sc.wave_idx as u64, base + sc.wave_table as u64);
     let y = base + sc.y as u64;
 
     for (ci, chunk) in active.chunks(cap).enumerate() {
@@ -754,14 +777,7 @@ fn cached(
         if !entries.is_empty() {
             // SAFETY: wave_idx holds `pairs` u32 and wave_table chunk_max * 9 u64 of scratch
             // (entries <= chunk); both host vectors are kept until the stream passes the copies.
-            unsafe {
-                drv::memcpy_htod_async(wave_idx, &local[..], enc.stream.cu_stream())
-                    .map_err(CudaError::driver("moe streamed: routing table"))?;
-                drv::memcpy_htod_async(wave_table, &ptrs[..], enc.stream.cu_stream())
-                    .map_err(CudaError::driver("moe streamed: expert table"))?;
-            }
-            let pass = pass_of(f, wave_table, entries.len(), wave_idx, vec, OP)?;
-            expert_pass(enc, &pass, &sc, base, xp, s, OP)?;
+            unsafe { local_pass(enc, f, &sc, base, xp, s, &local, &ptrs, vec) }?;
             keep.push(Box::new(local));
             keep.push(Box::new(ptrs));
         }
@@ -1029,7 +1045,6 @@ fn waves(
     let xp = enc.buf(x.raw())?;
     let (wp, op) = (enc.buf(weights.raw())?, enc.buf(out.raw())?);
     zero_y(enc, &sc, base, s)?;
-    let (wave_idx, wave_table) = (base + sc.wave_idx as u64, base + sc.wave_table as u64);
 
     for wave in active.chunks(wave_max) {
         // Fetch (host) and stage (device) this wave's records; they stay referenced until the
@@ -1061,14 +1076,7 @@ fn waves(
             .collect();
         // SAFETY: wave_idx holds `pairs` u32 and wave_table wave_n * 9 u64 of scratch; both
         // host vectors live until the synchronisation below.
-        unsafe {
-            drv::memcpy_htod_async(wave_idx, &local[..], enc.stream.cu_stream())
-                .map_err(CudaError::driver("moe streamed: wave routing"))?;
-            drv::memcpy_htod_async(wave_table, &ptrs[..], enc.stream.cu_stream())
-                .map_err(CudaError::driver("moe streamed: wave table"))?;
-        }
-        let pass = pass_of(f, wave_table, wave.len(), wave_idx, vec, OP)?;
-        expert_pass(enc, &pass, &sc, base, xp, s, OP)?;
+        unsafe { local_pass(enc, f, &sc, base, xp, s, &local, &ptrs, vec) }?;
         // The staging slots, the wave's routing and table are rewritten by the next wave, and
         // the records may be dropped: wait for this wave's kernels.
         enc.stream
