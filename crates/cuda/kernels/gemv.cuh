@@ -35,22 +35,23 @@ __device__ __forceinline__ u64 elem_byte(u32 e) {
     return e;
 }
 
-// Round cols up to the warp span of one step (32 lanes x E elements).
-template <int E>
+// Round cols up to the span of one step of an L-lane row group (L lanes x E elements).
+template <int E, int L = 32>
 __device__ __forceinline__ u32 mv_padded(u32 cols) {
-    return (cols + 32 * E - 1) / (32 * E) * (32 * E);
+    return (cols + L * E - 1) / (L * E) * (L * E);
 }
 
-// Stages x[0..cols) (zero-padded to `padded`) into shared memory. For E == 4 the permutation is
-// the identity, which is what the scalar path uses.
-template <int E>
+// Stages x[0..cols) (zero-padded to `padded`, a multiple of L * E) into shared memory,
+// permuted per span of L * E elements so that the float4 f of lane l of a row group sits at
+// span + f * 4L + 4l. For E == 4 the permutation is the identity (the scalar path's layout).
+template <int E, int L = 32>
 __device__ __forceinline__ void stage_x(float* xs, const float* x, u32 cols, u32 padded) {
     for (u32 e = threadIdx.x; e < padded; e += blockDim.x) {
         float v = e < cols ? x[e] : 0.f;
-        u32 base = e / (32 * E) * (32 * E);
+        u32 base = e / (L * E) * (L * E);
         u32 rem = e - base;
         u32 lane = rem / E, f = (rem % E) >> 2, i = e & 3;
-        xs[base + f * 128 + lane * 4 + i] = v;
+        xs[base + f * (4 * L) + lane * 4 + i] = v;
     }
 }
 
@@ -122,46 +123,91 @@ __device__ __forceinline__ float dot16(uint4 wv, const float4* xv) {
     return d;
 }
 
-// Per-lane partial dots of rows r0..r0+R with the permuted staged x (vector path). Rows past
+// Per-lane partial dots of rows r0..r0+R of NM matrices (same rows, cols, group and format;
+// gate and up share x) with the permuted staged x (vector path). A row group of L lanes (32,
+// 16 or 8: the warp holds 32 / L of them, each with its own r0) walks a row in steps of L * E
+// elements; U steps are issued at once (loads predicated, not branched), so U * NM * R
+// 16-byte loads (and their scales) are in flight per lane before the first is used. Rows past
 // the end are clamped to the last row (their results are discarded by the caller).
-template <int FMT, int R>
-__device__ __forceinline__ void mv_vec(const WMat& w, const float* xs, u32 r0, float* acc) {
+template <int FMT, int R, int L = 32, int NM = 1, int U = 1>
+__device__ __forceinline__ void mv_vec_n(const WMat* w, const float* xs, u32 r0, float (*acc)[R]) {
     constexpr int E = elems16<FMT>();
     constexpr int F = E / 4;
     constexpr bool AFF = FMT == FMT_Q4 || FMT == FMT_Q8;
     constexpr float QS = FMT == FMT_Q4 ? 16.f : 256.f;
-    const u32 lane = threadIdx.x & 31;
-    const u64 rb = row_bytes<FMT>(w.cols);
-    const u32 groups = AFF ? w.cols / w.group : 1;
+    constexpr u32 SPAN = L * E;
+    const u32 sl = threadIdx.x & (L - 1);
+    const u32 cols = w[0].cols;
+    const u64 rb = row_bytes<FMT>(cols);
+    const u32 groups = AFF ? cols / w[0].group : 1;
     u32 rr[R];
 #pragma unroll
-    for (int j = 0; j < R; j++) rr[j] = min(r0 + j, w.rows - 1);
-    for (u32 base = 0; base < w.cols; base += 32 * E) {
-        u32 e0 = base + lane * E;
-        if (e0 >= w.cols) break;
-        uint4 wv[R];
+    for (int j = 0; j < R; j++) rr[j] = min(r0 + j, w[0].rows - 1);
+    for (u32 base = 0; base < cols; base += U * SPAN) {
+        uint4 wv[U][NM][R];
+        float sc[U][NM][R], bi[U][NM][R];
 #pragma unroll
-        for (int j = 0; j < R; j++) wv[j] = __ldg((const uint4*)(w.data + (u64)rr[j] * rb + elem_byte<FMT>(e0)));
-        float4 xv[F];
+        for (int u = 0; u < U; u++) {
+            const u32 e0 = base + u * SPAN + sl * E;
+            const bool ok = e0 < cols;
+            const u32 gi = AFF ? min(e0, cols - 1) / w[0].group : 0;
 #pragma unroll
-        for (int f = 0; f < F; f++) xv[f] = *(const float4*)(xs + base + f * 128 + lane * 4);
-        float sx = 0.f;
-        if (AFF) {
+            for (int m = 0; m < NM; m++)
 #pragma unroll
-            for (int f = 0; f < F; f++) sx += (xv[f].x + xv[f].y) + (xv[f].z + xv[f].w);
+                for (int j = 0; j < R; j++) {
+                    wv[u][m][j] = ok ? __ldg((const uint4*)(w[m].data + (u64)rr[j] * rb + elem_byte<FMT>(e0)))
+                                     : make_uint4(0, 0, 0, 0);
+                    if (AFF) {
+                        const u64 g = (u64)rr[j] * groups + gi;
+                        sc[u][m][j] = load_float(w[m].scales, w[m].sdt, g);
+                        bi[u][m][j] = load_float(w[m].biases, w[m].sdt, g);
+                    }
+                }
         }
-        const u32 gi = AFF ? e0 / w.group : 0;
 #pragma unroll
-        for (int j = 0; j < R; j++) {
-            float d = dot16<FMT>(wv[j], xv);
+        for (int u = 0; u < U; u++) {
+            const u32 e0 = base + u * SPAN + sl * E;
+            if (e0 >= cols) break;  // later steps start further right
+            const float* xb = xs + base + u * SPAN + sl * 4;
+            float4 xv[F];
+#pragma unroll
+            for (int f = 0; f < F; f++) xv[f] = *(const float4*)(xb + f * (4 * L));
+            float sx = 0.f;
             if (AFF) {
-                u64 g = (u64)rr[j] * groups + gi;
-                acc[j] += load_float(w.scales, w.sdt, g) * (QS * (d - sx)) + load_float(w.biases, w.sdt, g) * sx;
-            } else {
-                acc[j] += d;
+#pragma unroll
+                for (int f = 0; f < F; f++) sx += (xv[f].x + xv[f].y) + (xv[f].z + xv[f].w);
             }
+#pragma unroll
+            for (int m = 0; m < NM; m++)
+#pragma unroll
+                for (int j = 0; j < R; j++) {
+                    const float d = dot16<FMT>(wv[u][m][j], xv);
+                    if (AFF) acc[m][j] += sc[u][m][j] * (QS * (d - sx)) + bi[u][m][j] * sx;
+                    else acc[m][j] += d;
+                }
         }
     }
+}
+
+// Sum over the L lanes of a row group (every lane of the warp must call it).
+template <int L>
+__device__ __forceinline__ float group_sum(float v) {
+#pragma unroll
+    for (int o = L / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// One matrix, full-warp rows: the shape the dense matvecs use. Rows per warp R; steps in
+// flight U = 4 / R (at least 1).
+template <int FMT, int R>
+__device__ __forceinline__ void mv_vec(const WMat& w, const float* xs, u32 r0, float* acc) {
+    constexpr int U = R >= 4 ? 1 : 4 / R;
+    float a[1][R];
+#pragma unroll
+    for (int j = 0; j < R; j++) a[0][j] = acc[j];
+    mv_vec_n<FMT, R, 32, 1, U>(&w, xs, r0, a);
+#pragma unroll
+    for (int j = 0; j < R; j++) acc[j] = a[0][j];
 }
 
 // Scalar path: lanes stride over columns; x staged unpermuted.

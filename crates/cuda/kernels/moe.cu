@@ -10,9 +10,14 @@
 // biases}, up {...}, down {...} (null scales/biases for dense formats). Gate and up share one
 // format (FG), down may have another (FD); every expert of a role has the same format, rows and
 // cols (checked on the host). P = n * k (token, slot) pairs, pair p = t * k + slot.
-//  * Few tokens (decode): per pair, matrix-vector kernels (gemv.cuh):
-//      moe_gate_up_{vec,scalar}_FG: grid (ceil(inter / 32), P): h[p] = silu(G x_t) * (U x_t)
-//      moe_down_{vec,scalar}_FD:    grid (ceil(hidden / 32), P): y[p] = D h[p]
+//  * Few tokens (decode): matrix-vector kernels (gemv.cuh). The vector ones are instantiated
+//    for L = 32, 16, 8 lanes per row group (suffix _lL; the host picks L for the row width so
+//    that short rows keep every lane loading); rows per block = 8 * (32 / L) * R.
+//      moe_gate_up_vec_FG_lL / _scalar_FG: grid (row blocks of inter, P), R = 2 (gate and up
+//        rows loaded together): h[p] = silu(G x_t) * (U x_t)
+//      moe_down_vec_FD_lL / _scalar_FD: grid (row blocks of hidden, P), R = 4: y[p] = D h[p]
+//      moe_down_combine_vec_FD_lL: grid (ceil(hidden / DC_RB), n): the down projections of all
+//        k slots of a token and the combine below in one launch (resident tables).
 //  * Many tokens (prefill): pairs grouped by expert on the device, then tiled GEMMs:
 //      moe_route: one block of 1024 threads: counts per expert, expert-sorted pair list, and a
 //        list of tiles (expert, first, count <= tm: MOE_TM for the kernels below, 32 or 64 for
@@ -169,54 +174,128 @@ extern "C" __global__ void router_topk_reg_f32(const float* logits, const float*
 }
 
 // ----------------------------------------------------------------------------- experts
-template <int FMT, bool VEC>
+// Vector-path decode kernels take L, the lanes per row group (32, 16 or 8, the host's pick for
+// the row width: see gemv.cuh); a warp holds 32 / L row groups.
+#define GU_R 2  // rows per row group of gate_up (each row of gate and of up: 4 rows in flight)
+#define DN_R 4  // rows per row group of down and down_combine
+#define DC_RB 16  // output rows per block of down_combine
+
+template <int FMT, bool VEC, int L>
 __device__ __forceinline__ void gate_up_body(const u64* table, u32 num_experts, const float* x, const u32* idx, u32 k, u32 hidden,
                                              u32 inter, u32 group, int sdt, float* h) {
+    constexpr int E = VEC ? elems16<FMT>() : 4;
+    constexpr int R = VEC ? GU_R : MV_R;
     float* xs = (float*)smem4;
     const u32 p = blockIdx.y;
     const u32 e = idx[p];
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const u32 r0 = (blockIdx.x * MV_WARPS + warp) * MV_R;
+    const u32 r0 = ((blockIdx.x * MV_WARPS + warp) * (32 / L) + lane / L) * R;
     float* hr = h + (u64)p * inter;
     if (e >= num_experts) return;  // not in this pass; uniform across the block
     const float* xt = x + (u64)(p / k) * hidden;
-    WMat g = expert_mat(table, e, 0, inter, hidden, group, sdt);
-    WMat u = expert_mat(table, e, 1, inter, hidden, group, sdt);
-    float ag[MV_R], au[MV_R];
-    mv_block<FMT, VEC, MV_R>(g, xs, xt, r0, ag);
-    // x is already staged (same permutation for gate and up): compute up directly.
+    WMat m[2] = {expert_mat(table, e, 0, inter, hidden, group, sdt), expert_mat(table, e, 1, inter, hidden, group, sdt)};
+    stage_x<E, L>(xs, xt, hidden, mv_padded<E, L>(hidden));
+    __syncthreads();
+    float acc[2][R];
 #pragma unroll
-    for (int j = 0; j < MV_R; j++) au[j] = 0.f;
+    for (int j = 0; j < R; j++) acc[0][j] = acc[1][j] = 0.f;
     if (r0 < inter) {
-        if (VEC) mv_vec<FMT, MV_R>(u, xs, r0, au);
-        else mv_scalar<FMT, MV_R>(u, xs, r0, au);
+        if (VEC) {
+            mv_vec_n<FMT, R, L, 2, 2>(m, xs, r0, acc);  // gate and up loads issued together
+        } else {
+            mv_scalar<FMT, R>(m[0], xs, r0, acc[0]);
+            mv_scalar<FMT, R>(m[1], xs, r0, acc[1]);
+        }
     }
 #pragma unroll
-    for (int j = 0; j < MV_R; j++) au[j] = warp_sum(au[j]);
-    if (lane == 0) {
+    for (int j = 0; j < R; j++) {
+        acc[0][j] = group_sum<L>(acc[0][j]);
+        acc[1][j] = group_sum<L>(acc[1][j]);
+    }
+    if ((lane & (L - 1)) == 0) {
 #pragma unroll
-        for (int j = 0; j < MV_R; j++)
-            if (r0 + j < inter) hr[r0 + j] = silu_f(ag[j]) * au[j];
+        for (int j = 0; j < R; j++)
+            if (r0 + j < inter) hr[r0 + j] = silu_f(acc[0][j]) * acc[1][j];
     }
 }
 
-template <int FMT, bool VEC>
+template <int FMT, bool VEC, int L>
 __device__ __forceinline__ void down_body(const u64* table, u32 num_experts, const float* h, const u32* idx, u32 hidden, u32 inter,
                                           u32 group, int sdt, float* y) {
+    constexpr int E = VEC ? elems16<FMT>() : 4;
+    constexpr int R = VEC ? DN_R : MV_R;
     float* xs = (float*)smem4;
     const u32 p = blockIdx.y;
     const u32 e = idx[p];
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const u32 r0 = (blockIdx.x * MV_WARPS + warp) * MV_R;
+    const u32 r0 = ((blockIdx.x * MV_WARPS + warp) * (32 / L) + lane / L) * R;
     float* yr = y + (u64)p * hidden;
     if (e >= num_experts) return;
     WMat d = expert_mat(table, e, 2, hidden, inter, group, sdt);
-    float acc[MV_R];
-    mv_block<FMT, VEC, MV_R>(d, xs, h + (u64)p * inter, r0, acc);
-    if (lane == 0) {
+    stage_x<E, L>(xs, h + (u64)p * inter, inter, mv_padded<E, L>(inter));
+    __syncthreads();
+    float acc[1][R];
 #pragma unroll
-        for (int j = 0; j < MV_R; j++)
-            if (r0 + j < hidden) yr[r0 + j] = acc[j];
+    for (int j = 0; j < R; j++) acc[0][j] = 0.f;
+    if (r0 < hidden) {
+        if (VEC) mv_vec_n<FMT, R, L, 1, 2>(&d, xs, r0, acc);
+        else mv_scalar<FMT, R>(d, xs, r0, acc[0]);
+    }
+#pragma unroll
+    for (int j = 0; j < R; j++) acc[0][j] = group_sum<L>(acc[0][j]);
+    if ((lane & (L - 1)) == 0) {
+#pragma unroll
+        for (int j = 0; j < R; j++)
+            if (r0 + j < hidden) yr[r0 + j] = acc[0][j];
+    }
+}
+
+// down_combine (vector path, resident tables): out[t, r] = sum_slot weights[t, slot] *
+//   (D_e h[t * k + slot])[r] for DC_RB rows r per block, every slot of token t = blockIdx.y:
+//   the down projections and the combine in one launch, no y rows. The block stages the k h
+//   rows of its token, its row groups take (slot, DN_R rows) units in rounds, and the sums run
+//   in slot order (the order of moe_combine_f32 and the CPU). Pairs with an index >= ne count
+//   as zero. Dynamic shared memory: k * padded(inter) + k * DC_RB floats.
+template <int FMT, int L>
+__device__ __forceinline__ void down_combine_body(const u64* table, u32 ne, const float* h, const u32* idx, const float* weights,
+                                                  u32 k, u32 hidden, u32 inter, u32 group, int sdt, float* out) {
+    constexpr int E = elems16<FMT>();
+    constexpr u32 G = DC_RB / DN_R;  // row groups per slot
+    constexpr u32 S = 256 / L;      // row groups per block
+    const u32 t = blockIdx.y;
+    const u32 padded = mv_padded<E, L>(inter);
+    float* xs = (float*)smem4;
+    float* part = xs + (u64)k * padded;
+    for (u32 j = 0; j < k; j++) stage_x<E, L>(xs + (u64)j * padded, h + ((u64)t * k + j) * inter, inter, padded);
+    __syncthreads();
+    const u32 sub = threadIdx.x / L, sl = threadIdx.x & (L - 1);
+    const u32 rbase = blockIdx.x * DC_RB;
+    const u32 units = k * G;
+    for (u32 round = 0; round * S < units; round++) {  // uniform trip count: shuffles stay whole-warp
+        const u32 u = round * S + sub;
+        const u32 j = min(u, units - 1) / G, g = u % G;
+        const u32 e = idx[(u64)t * k + j];
+        const bool live = u < units && e < ne;
+        WMat d = expert_mat(table, live ? e : 0, 2, hidden, inter, group, sdt);
+        float acc[1][DN_R];
+#pragma unroll
+        for (int jj = 0; jj < DN_R; jj++) acc[0][jj] = 0.f;
+        if (live) mv_vec_n<FMT, DN_R, L, 1, 2>(&d, xs + (u64)j * padded, rbase + g * DN_R, acc);
+#pragma unroll
+        for (int jj = 0; jj < DN_R; jj++) acc[0][jj] = group_sum<L>(acc[0][jj]);
+        if (sl == 0 && u < units) {
+#pragma unroll
+            for (int jj = 0; jj < DN_R; jj++) part[j * DC_RB + g * DN_R + jj] = acc[0][jj];
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x < DC_RB) {
+        const u32 r = rbase + threadIdx.x;
+        if (r < hidden) {
+            float a = 0.f;
+            for (u32 j = 0; j < k; j++) a += weights[(u64)t * k + j] * part[j * DC_RB + threadIdx.x];
+            out[(u64)t * hidden + r] = a;
+        }
     }
 }
 
@@ -267,22 +346,32 @@ __device__ __forceinline__ void moe_gemm_body(const u64* table, const u32* sorte
     gemm_tile<FMT, NMAT, MOE_TM>(w0, w1, xr, orow, blockIdx.x * GT_N, sm);
 }
 
-#define MOE_KERNELS(NAME, FMT)                                                                                          \
-    extern "C" __global__ void __launch_bounds__(256) moe_gate_up_vec_##NAME(const u64* table, u32 ne, const float* x,     \
+#define MOE_VEC_KERNELS(NAME, FMT, L)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(256) moe_gate_up_vec_##NAME##_l##L(const u64* table, u32 ne, const float* x, \
         const u32* idx, u32 k, u32 hidden, u32 inter, u32 group, int sdt, float* h) {                                    \
-        gate_up_body<FMT, true>(table, ne, x, idx, k, hidden, inter, group, sdt, h);                                     \
+        gate_up_body<FMT, true, L>(table, ne, x, idx, k, hidden, inter, group, sdt, h);                                  \
     }                                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(256) moe_down_vec_##NAME##_l##L(const u64* table, u32 ne, const float* h,  \
+        const u32* idx, u32 hidden, u32 inter, u32 group, int sdt, float* y) {                                           \
+        down_body<FMT, true, L>(table, ne, h, idx, hidden, inter, group, sdt, y);                                        \
+    }                                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(256) moe_down_combine_vec_##NAME##_l##L(const u64* table, u32 ne,          \
+        const float* h, const u32* idx, const float* weights, u32 k, u32 hidden, u32 inter, u32 group, int sdt,           \
+        float* out) {                                                                                                   \
+        down_combine_body<FMT, L>(table, ne, h, idx, weights, k, hidden, inter, group, sdt, out);                        \
+    }
+
+#define MOE_KERNELS(NAME, FMT)                                                                                          \
+    MOE_VEC_KERNELS(NAME, FMT, 32)                                                                                      \
+    MOE_VEC_KERNELS(NAME, FMT, 16)                                                                                      \
+    MOE_VEC_KERNELS(NAME, FMT, 8)                                                                                       \
     extern "C" __global__ void __launch_bounds__(256) moe_gate_up_scalar_##NAME(const u64* table, u32 ne, const float* x,  \
         const u32* idx, u32 k, u32 hidden, u32 inter, u32 group, int sdt, float* h) {                                    \
-        gate_up_body<FMT, false>(table, ne, x, idx, k, hidden, inter, group, sdt, h);                                    \
-    }                                                                                                                   \
-    extern "C" __global__ void __launch_bounds__(256) moe_down_vec_##NAME(const u64* table, u32 ne, const float* h,        \
-        const u32* idx, u32 hidden, u32 inter, u32 group, int sdt, float* y) {                                           \
-        down_body<FMT, true>(table, ne, h, idx, hidden, inter, group, sdt, y);                                           \
+        gate_up_body<FMT, false, 32>(table, ne, x, idx, k, hidden, inter, group, sdt, h);                                \
     }                                                                                                                   \
     extern "C" __global__ void __launch_bounds__(256) moe_down_scalar_##NAME(const u64* table, u32 ne, const float* h,     \
         const u32* idx, u32 hidden, u32 inter, u32 group, int sdt, float* y) {                                           \
-        down_body<FMT, false>(table, ne, h, idx, hidden, inter, group, sdt, y);                                          \
+        down_body<FMT, false, 32>(table, ne, h, idx, hidden, inter, group, sdt, y);                                      \
     }                                                                                                                   \
     extern "C" __global__ void __launch_bounds__(256) moe_gemm_gate_up_##NAME(const u64* table, const u32* sorted,          \
         const u32* tiles, const u32* ntiles, const float* x, u32 k, u32 hidden, u32 inter, u32 group, int sdt, float* h) { \

@@ -204,6 +204,62 @@ pub(crate) fn unregister_host(addr: usize) -> Result<(), String> {
         .map_err(|e| format!("cuMemHostUnregister failed: {e}"))
 }
 
+/// Page-locked host memory for small device -> host reads (the routing of a streamed op):
+/// into pageable memory the driver stages the copy and blocks; into this it is one DMA.
+/// Grows on demand; freed on drop (the owner keeps the context alive and idle by then).
+pub(crate) struct HostBuf {
+    ptr: *mut u8,
+    bytes: usize,
+}
+
+// SAFETY: the buffer is plain host memory owned by this value; no aliasing pointer escapes
+// beyond the borrows `slice_mut` hands out.
+unsafe impl Send for HostBuf {}
+
+impl HostBuf {
+    pub(crate) const fn empty() -> Self {
+        HostBuf {
+            ptr: std::ptr::null_mut(),
+            bytes: 0,
+        }
+    }
+
+    /// At least `bytes` of page-locked memory, as `T`s (the contents are unspecified).
+    pub(crate) fn slice_mut<T: Copy>(
+        &mut self,
+        len: usize,
+    ) -> Result<&mut [T], cudarc::driver::DriverError> {
+        let bytes = len * std::mem::size_of::<T>();
+        if bytes > self.bytes {
+            self.free();
+            let want = bytes.next_power_of_two().max(4096);
+            // SAFETY: cuMemHostAlloc with no flags; the context is bound (the caller encodes).
+            let p = unsafe { cudarc::driver::result::malloc_host(want, 0) }?;
+            self.ptr = p as *mut u8;
+            self.bytes = want;
+        }
+        debug_assert!((self.ptr as usize).is_multiple_of(std::mem::align_of::<T>()));
+        // SAFETY: ptr holds >= bytes bytes, page-aligned; T is plain data (Copy) and any bit
+        // pattern is read only after a device copy wrote it.
+        Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut T, len) })
+    }
+
+    fn free(&mut self) {
+        if !self.ptr.is_null() {
+            // SAFETY: allocated by malloc_host above and not freed since.
+            let _ = unsafe { cudarc::driver::result::free_host(self.ptr as *mut std::ffi::c_void) };
+            self.ptr = std::ptr::null_mut();
+            self.bytes = 0;
+        }
+    }
+}
+
+impl Drop for HostBuf {
+    fn drop(&mut self) {
+        self.free();
+    }
+}
+
 /// `MemAvailable` of /proc/meminfo in bytes (Linux).
 fn mem_available() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;

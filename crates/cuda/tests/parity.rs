@@ -1084,6 +1084,66 @@ fn moe_experts() {
     }
 }
 
+/// Decode-sized batches at model-like widths: rows of 2048 (gate/up: 32-lane groups over two
+/// steps), 512 (down: 16-lane groups) and 768 (down: 8-lane groups over three steps) in q4/q8,
+/// k up to 11 slots (one expert named twice) so the fused down + combine kernel spreads
+/// (slot, rows) units over its row groups in more than one round.
+#[test]
+fn moe_experts_decode_widths() {
+    let q4 = WFmt::Q(4, 64, DType::BF16);
+    let q8 = WFmt::Q(8, 64, DType::BF16);
+    for (ci, (fmt, inter, k)) in [
+        (q4, 512, 11),
+        (q4, 768, 8),
+        (q8, 512, 11),
+        (WFmt::BF16, 768, 3),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for n in [1, 2] {
+            check(
+                &format!("moe_experts decode {fmt:?} inter {inter} k {k} n {n}"),
+                480 + ci as u64,
+                2e-5,
+                &|s| {
+                    let (e, hidden) = (12, 2048);
+                    let experts = gen_experts(s, e, hidden, inter, fmt, fmt, 0);
+                    let x = s.rand(n * hidden, 1.0);
+                    let x = s.input(&x, "x");
+                    let mut ids: Vec<u32> = Vec::new();
+                    for t in 0..n {
+                        for j in 0..k {
+                            // slot 1 repeats slot 0's expert
+                            let id = if j == 1 {
+                                ids[t * k]
+                            } else {
+                                s.rng.below(e) as u32
+                            };
+                            ids.push(id);
+                        }
+                    }
+                    let idx: BufId<Idx> = s.input_u32(&ids, "idx");
+                    let w = s.rand(n * k, 1.0);
+                    let weights = s.input(&w, "weights");
+                    let out = s.output(n * hidden, "out");
+                    s.op(Op::MoeExperts {
+                        x,
+                        idx,
+                        weights,
+                        experts,
+                        out,
+                        n,
+                        k,
+                        hidden,
+                        inter,
+                    });
+                },
+            );
+        }
+    }
+}
+
 /// Expert records held in memory, served like a tiered store (budget = max_in_flight).
 #[derive(Debug)]
 struct TestStore {

@@ -7,7 +7,7 @@
 use moeflux_core::{CoreError, ExpertProvider, Matrix};
 use rayon::prelude::*;
 
-use super::moe::{Scratch, combine, run_expert};
+use super::moe::{Scratch, combine, run_expert, run_expert_par};
 use super::weights::MatView;
 
 fn view<'a>(rec: &'a [u8], m: &Matrix) -> MatView<'a> {
@@ -114,6 +114,5 @@ pub fn expert_rows(
         view(rec, &layout.up),
         view(rec, &layout.down),
     ];
-    let mut s = Scratch::default();
-    Ok(run_expert(views, x, pairs, k, hidden, inter, &mut s).to_vec())
+    Ok(run_expert_par(views, x, pairs, k, hidden, inter))
 }

@@ -19,26 +19,35 @@ use crate::pool::{CudaPool, DevMem};
 
 pub(crate) const PAIR_MAX_N: usize = 2;
 
-const GATE_UP_VEC: [&str; 5] = [
-    "moe_gate_up_vec_f32",
-    "moe_gate_up_vec_f16",
-    "moe_gate_up_vec_bf16",
-    "moe_gate_up_vec_q4",
-    "moe_gate_up_vec_q8",
-];
+/// Per-format names of a vector-path decode kernel for each lanes-per-row-group choice
+/// (index 0, 1, 2 = 32, 16, 8 lanes; see [`lanes_for`]).
+macro_rules! lane_names {
+    ($p:literal) => {
+        [
+            lane_names!(@l $p, "32"),
+            lane_names!(@l $p, "16"),
+            lane_names!(@l $p, "8"),
+        ]
+    };
+    (@l $p:literal, $l:literal) => {
+        [
+            concat!($p, "_f32_l", $l),
+            concat!($p, "_f16_l", $l),
+            concat!($p, "_bf16_l", $l),
+            concat!($p, "_q4_l", $l),
+            concat!($p, "_q8_l", $l),
+        ]
+    };
+}
+const GATE_UP_VEC: [[&str; 5]; 3] = lane_names!("moe_gate_up_vec");
+const DOWN_VEC: [[&str; 5]; 3] = lane_names!("moe_down_vec");
+const DOWN_COMBINE_VEC: [[&str; 5]; 3] = lane_names!("moe_down_combine_vec");
 const GATE_UP_SCALAR: [&str; 5] = [
     "moe_gate_up_scalar_f32",
     "moe_gate_up_scalar_f16",
     "moe_gate_up_scalar_bf16",
     "moe_gate_up_scalar_q4",
     "moe_gate_up_scalar_q8",
-];
-const DOWN_VEC: [&str; 5] = [
-    "moe_down_vec_f32",
-    "moe_down_vec_f16",
-    "moe_down_vec_bf16",
-    "moe_down_vec_q4",
-    "moe_down_vec_q8",
 ];
 const DOWN_SCALAR: [&str; 5] = [
     "moe_down_scalar_f32",
@@ -47,6 +56,88 @@ const DOWN_SCALAR: [&str; 5] = [
     "moe_down_scalar_q4",
     "moe_down_scalar_q8",
 ];
+/// Rows per row group of the vector gate/up and down kernels (`GU_R`, `DN_R` in moe.cu) and
+/// output rows per block of down_combine (`DC_RB`).
+const GU_R: usize = 2;
+const DN_R: usize = 4;
+const DC_RB: usize = 16;
+
+/// Lanes per row group of a vector-path matvec over rows of `cols` elements (`elems` per 16
+/// bytes): of 32, 16 and 8, the one whose step span (lanes x elems) pads a row least, the
+/// widest on ties. Returns (lanes, index into the `lane_names!` tables).
+fn lanes_for(cols: usize, elems: usize) -> (usize, usize) {
+    [32usize, 16, 8]
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| (l, i))
+        .min_by_key(|&(l, _)| cols.div_ceil(l * elems) * l * elems - cols)
+        .expect("three choices")
+}
+
+/// Staged-x bytes of a matvec block: `cols` floats padded to the step span of `lanes` lanes.
+fn staged_bytes(cols: usize, elems: usize, lanes: usize) -> usize {
+    cols.div_ceil(lanes * elems) * lanes * elems * 4
+}
+
+/// How one role's decode kernel runs: name, rows per block, dynamic shared memory.
+pub(crate) struct MvPlan {
+    name: &'static str,
+    rows_per_block: usize,
+    smem: usize,
+}
+
+fn mv_plan(
+    role: RoleFmt,
+    cols: usize,
+    vec_names: &[[&'static str; 5]; 3],
+    scalar_names: &[&'static str; 5],
+    rows_per_group: usize,
+) -> MvPlan {
+    if role.vec {
+        let (lanes, li) = lanes_for(cols, role.fmt.elems16());
+        MvPlan {
+            name: role.fmt.pick(&vec_names[li]),
+            rows_per_block: 8 * (32 / lanes) * rows_per_group,
+            smem: staged_bytes(cols, role.fmt.elems16(), lanes),
+        }
+    } else {
+        MvPlan {
+            name: role.fmt.pick(scalar_names),
+            rows_per_block: MV_ROWS,
+            smem: mv_smem(cols, 4),
+        }
+    }
+}
+
+/// The per-pair matrix-vector kernels (gate/up, down) when the batch is small enough and
+/// their staged inputs fit in shared memory; None means the grouped GEMMs.
+fn per_pair_plans(
+    enc: &Enc<'_>,
+    gu: RoleFmt,
+    dn: RoleFmt,
+    s: &MoeShape,
+) -> Option<(MvPlan, MvPlan)> {
+    let gu_plan = mv_plan(gu, s.hidden, &GATE_UP_VEC, &GATE_UP_SCALAR, GU_R);
+    let dn_plan = mv_plan(dn, s.inter, &DOWN_VEC, &DOWN_SCALAR, DN_R);
+    (s.n <= PAIR_MAX_N && gu_plan.smem.max(dn_plan.smem) <= enc.smem_optin)
+        .then_some((gu_plan, dn_plan))
+}
+
+/// The fused down + combine kernel for a resident table at decode, when it applies: the
+/// per-pair path, the vector path for down, and its staged h rows (k of them) plus partial
+/// sums fit in shared memory.
+fn down_combine_plan(enc: &Enc<'_>, gu: RoleFmt, dn: RoleFmt, s: &MoeShape) -> Option<MvPlan> {
+    if !dn.vec || per_pair_plans(enc, gu, dn, s).is_none() {
+        return None;
+    }
+    let (lanes, li) = lanes_for(s.inter, dn.fmt.elems16());
+    let smem = s.k * (staged_bytes(s.inter, dn.fmt.elems16(), lanes) + DC_RB * 4);
+    (smem <= enc.smem_optin).then(|| MvPlan {
+        name: dn.fmt.pick(&DOWN_COMBINE_VEC[li]),
+        rows_per_block: DC_RB,
+        smem,
+    })
+}
 const GEMM_GATE_UP: [&str; 5] = [
     "moe_gemm_gate_up_f32",
     "moe_gemm_gate_up_f16",
@@ -339,9 +430,26 @@ pub(crate) fn table_op(
         enc.buf(weights.raw())?,
         enc.buf(out.raw())?,
     );
-    zero_y(enc, &sc, base, s)?;
-    expert_pass(enc, pass, &sc, base, xp, s, op)?;
-    combine(enc, &sc, base, wp, outp, s, op)
+    // At decode the down projections and the combine run as one kernel; every pair's y row
+    // is then never materialised, so there is nothing to zero either.
+    let fused = down_combine_plan(enc, pass.gate_up, pass.down, s);
+    if fused.is_none() {
+        zero_y(enc, &sc, base, s)?;
+    }
+    let combined = expert_pass(
+        enc,
+        pass,
+        &sc,
+        base,
+        xp,
+        s,
+        op,
+        fused.map(|f| (f, wp, outp)),
+    )?;
+    if !combined {
+        combine(enc, &sc, base, wp, outp, s, op)?;
+    }
+    Ok(())
 }
 
 /// One pass of the routed experts over the pairs whose (possibly remapped) index is below
@@ -419,7 +527,11 @@ pub(crate) fn zero_y(
     .map_err(CudaError::driver("moe: zeroing y"))
 }
 
+/// Runs `pass`: gate/up then down into the scratch y rows, or, with `down_combine` (its plan,
+/// the weights and the output; decode over a table holding every routed expert), the down
+/// projections and the combine into the output in one kernel. Returns whether it combined.
 #[allow(non_snake_case)] // OP names the op in errors, as in the other op functions
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn expert_pass(
     enc: &mut Enc<'_>,
     pass: &Pass,
@@ -428,7 +540,8 @@ pub(crate) fn expert_pass(
     xp: u64,
     s: &MoeShape,
     OP: &'static str,
-) -> Result<(), CudaError> {
+    down_combine: Option<(MvPlan, u64, u64)>,
+) -> Result<bool, CudaError> {
     let (gu, dn) = (pass.gate_up, pass.down);
     let (table, ne, ip) = (pass.table, pass.num_experts, pass.idx);
     let pairs = s.n * s.k;
@@ -446,24 +559,16 @@ pub(crate) fn expert_pass(
     );
     let (gu_group, gu_sdt, dn_group, dn_sdt) = (gu.group, gu.sdt, dn.group, dn.sdt);
 
-    let gu_smem = mv_smem(s.hidden, if gu.vec { gu.fmt.elems16() } else { 4 });
-    let dn_smem = mv_smem(s.inter, if dn.vec { dn.fmt.elems16() } else { 4 });
-    let per_pair = s.n <= PAIR_MAX_N && gu_smem.max(dn_smem) <= enc.smem_optin;
-    if per_pair {
+    if let Some((gu_plan, dn_plan)) = per_pair_plans(enc, gu, dn, s) {
         let cfg = LaunchConfig {
             grid_dim: (
-                u32_of(s.inter.div_ceil(MV_ROWS), "row blocks", OP)?,
+                u32_of(s.inter.div_ceil(gu_plan.rows_per_block), "row blocks", OP)?,
                 grid_y(pairs, "pairs", OP)?,
                 1,
             ),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: gu_smem as u32,
+            shared_mem_bytes: gu_plan.smem as u32,
         };
-        let name = gu.fmt.pick(if gu.vec {
-            &GATE_UP_VEC
-        } else {
-            &GATE_UP_SCALAR
-        });
         // SAFETY: moe_gate_up_*(const u64*, u32, const float*, const u32*, u32, u32, u32, u32,
         // int, float*); the table holds 9 pointers per expert to matrices whose extents were
         // checked (Graph::validate for resident experts, the record size for streamed ones);
@@ -473,32 +578,59 @@ pub(crate) fn expert_pass(
             launch!(
                 enc,
                 "moe.cu",
-                name,
+                gu_plan.name,
                 cfg,
                 [table, ne, xp, ip, k, hidden, inter, gu_group, gu_sdt, h]
             )
         }?;
+        if let Some((plan, wp, outp)) = down_combine {
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    u32_of(s.hidden.div_ceil(plan.rows_per_block), "row blocks", OP)?,
+                    grid_y(s.n, "tokens", OP)?,
+                    1,
+                ),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: plan.smem as u32,
+            };
+            // SAFETY: moe_down_combine_vec_*(const u64*, u32, const float*, const u32*, const
+            // float*, u32, u32, u32, u32, int, float*); h holds pairs * inter floats, idx and
+            // weights n * k, out n * hidden (Graph::validate); the shared memory was sized for
+            // k staged h rows and k * DC_RB partial sums (down_combine_plan).
+            unsafe {
+                launch!(
+                    enc,
+                    "moe.cu",
+                    plan.name,
+                    cfg,
+                    [
+                        table, ne, h, ip, wp, k, hidden, inter, dn_group, dn_sdt, outp
+                    ]
+                )
+            }?;
+            return Ok(true);
+        }
         let cfg = LaunchConfig {
             grid_dim: (
-                u32_of(s.hidden.div_ceil(MV_ROWS), "row blocks", OP)?,
+                u32_of(s.hidden.div_ceil(dn_plan.rows_per_block), "row blocks", OP)?,
                 grid_y(pairs, "pairs", OP)?,
                 1,
             ),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: dn_smem as u32,
+            shared_mem_bytes: dn_plan.smem as u32,
         };
-        let name = dn.fmt.pick(if dn.vec { &DOWN_VEC } else { &DOWN_SCALAR });
         // SAFETY: moe_down_*(const u64*, u32, const float*, const u32*, u32, u32, u32, int,
         // float*); h holds pairs * inter floats and y (scratch) pairs * hidden.
         unsafe {
             launch!(
                 enc,
                 "moe.cu",
-                name,
+                dn_plan.name,
                 cfg,
                 [table, ne, h, ip, hidden, inter, dn_group, dn_sdt, y]
             )
-        }
+        }?;
+        Ok(false)
     } else {
         let route_smem = 2 * ne as usize * 4;
         if route_smem > enc.smem_optin {
@@ -566,7 +698,7 @@ pub(crate) fn expert_pass(
                 shared_mem_bytes: 0,
             };
             // SAFETY: moe_tc_down_*: the same arguments as moe_gemm_down; as above.
-            return unsafe {
+            unsafe {
                 launch!(
                     enc,
                     "gemm_tc.cu",
@@ -576,7 +708,8 @@ pub(crate) fn expert_pass(
                         table, sorted, tiles, ntiles, h, hidden, inter, dn_group, dn_sdt, y
                     ]
                 )
-            };
+            }?;
+            return Ok(false);
         }
         let cfg = LaunchConfig {
             grid_dim: (u32_of(s.inter.div_ceil(GT), "row tiles", OP)?, ty, 1),
@@ -613,7 +746,8 @@ pub(crate) fn expert_pass(
                     table, sorted, tiles, ntiles, h, hidden, inter, dn_group, dn_sdt, y
                 ]
             )
-        }
+        }?;
+        Ok(false)
     }
 }
 

@@ -34,7 +34,9 @@ use super::moe::{
 };
 use super::{Enc, Fmt, format_of, u32_of, vec_ok};
 use crate::error::CudaError;
-use crate::expert_cache::{CpuMisses, SlotTable, cpu_share, register_host, unregister_host};
+use crate::expert_cache::{
+    CpuMisses, HostBuf, SlotTable, cpu_share, register_host, unregister_host,
+};
 use crate::pool::DevMem;
 
 /// What the backend was opened with for the streamed tiers.
@@ -151,6 +153,8 @@ struct Tier {
     total: DeviceTierStats,
     pin: Option<PinBlock>,
     pinned: HashMap<usize, PinnedLayer>,
+    /// Page-locked destination of the routing (and activation) read-back.
+    readback: HostBuf,
 }
 
 impl Tier {
@@ -322,6 +326,7 @@ fn ensure_tier(
         total: DeviceTierStats::default(),
         pin,
         pinned: HashMap::new(),
+        readback: HostBuf::empty(),
     };
     if tier.cache.is_some() && opts.cpu_misses == CpuMisses::Auto {
         tier.h2d_bw = measure_h2d(&tier)?;
@@ -521,7 +526,7 @@ unsafe fn local_pass(
             .map_err(CudaError::driver("moe streamed: expert table"))?;
     }
     let pass = pass_of(f, table, ptrs.len() / 9, idx, vec, OP)?;
-    expert_pass(enc, &pass, sc, base, xp, s, OP)
+    expert_pass(enc, &pass, sc, base, xp, s, OP, None).map(|_| ())
 }
 
 /// [`Op::MoeExpertsStreamed`](moeflux_core::Op::MoeExpertsStreamed): reads the routing back
@@ -580,28 +585,34 @@ pub(crate) fn moe_experts_streamed(
                 CpuMisses::On => true,
                 CpuMisses::Auto => s.n <= 2,
             };
-        // Routing (and, when misses may run on the CPU, the activations) back to the host.
+        // Routing (and, when misses may run on the CPU, the activations) back to the host,
+        // through page-locked memory: one DMA each and one wait.
         let ip = enc.buf(idx.raw())?;
         let xp = enc.buf(x.raw())?;
-        let mut host_idx = vec![0u32; pairs];
-        let mut host_x = if cpu_possible {
-            vec![0f32; s.n * s.hidden]
-        } else {
-            Vec::new()
-        };
-        // SAFETY: idx holds n * k u32 and x n * hidden floats (Graph::validate); synchronised
-        // before either host vector is read.
+        let xs = if cpu_possible { s.n * s.hidden } else { 0 };
+        let rb = tier
+            .readback
+            .slice_mut::<u32>(pairs + xs)
+            .map_err(CudaError::driver(
+                "moe streamed: page-locked read-back buffer",
+            ))?;
+        let (rb_idx, rb_x) = rb.split_at_mut(pairs);
+        // SAFETY: idx holds n * k u32 and x n * hidden floats (Graph::validate); the buffers
+        // are page-locked host memory of the tier, not touched until the stream is
+        // synchronised below. f32 and u32 have the same size and alignment.
         unsafe {
-            drv::memcpy_dtoh_async(&mut host_idx[..], ip, enc.stream.cu_stream())
+            drv::memcpy_dtoh_async(&mut rb_idx[..], ip, enc.stream.cu_stream())
                 .map_err(CudaError::driver("moe streamed: reading routing"))?;
             if cpu_possible {
-                drv::memcpy_dtoh_async(&mut host_x[..], xp, enc.stream.cu_stream())
+                drv::memcpy_dtoh_async(&mut rb_x[..], xp, enc.stream.cu_stream())
                     .map_err(CudaError::driver("moe streamed: reading activations"))?;
             }
         }
         enc.stream
             .synchronize()
             .map_err(CudaError::driver("moe streamed: reading routing"))?;
+        let mut host_idx = rb_idx.to_vec();
+        let host_x: Vec<f32> = rb_x.iter().map(|&b| f32::from_bits(b)).collect();
         store.remap_routing(layer, s.k, &mut host_idx);
         let mut active: Vec<u32> = host_idx.clone();
         active.sort_unstable();
@@ -816,7 +827,7 @@ fn cached(
                 .collect();
             if opts.cpu_misses == CpuMisses::Auto && opts.cpu_bw.is_none() {
                 // The split follows the CPU's measured rate in this run (the first estimate
-                // times one record on one thread): half-life of one op.
+                // times one record over the pool): half-life of one op.
                 let seen =
                     (cpu_set.len() * record) as f64 / started.elapsed().as_secs_f64().max(1e-9);
                 tier.cpu_bw = Some(tier.cpu_bw.map_or(seen, |b| 0.5 * b + 0.5 * seen));
@@ -964,8 +975,8 @@ fn prefetch(
     Ok(())
 }
 
-/// Bandwidth (bytes/s) of the CPU expert kernel on one record at this batch size, times the
-/// threads that share the misses (capped: they share memory bandwidth). Overridden by
+/// Bandwidth (bytes/s) of the CPU expert kernel on one record at this batch size (the
+/// record's rows spread over the thread pool, as the misses run). Overridden by
 /// `MOEFLUX_CPU_EXPERT_BW`.
 fn measure_cpu(
     store: &Arc<dyn ExpertProvider>,
@@ -997,8 +1008,8 @@ fn measure_cpu(
         })?;
         best = best.min(t.elapsed().as_secs_f64());
     }
-    let threads = rayon::current_num_threads().clamp(1, 4) as f64;
-    Ok(record as f64 / best.max(1e-9) * threads)
+    // expert_rows spreads one expert's rows over the pool: its rate is the CPU's.
+    Ok(record as f64 / best.max(1e-9))
 }
 
 /// Without a VRAM cache: one wave of at most `max_in_flight` experts at a time, fetched,
