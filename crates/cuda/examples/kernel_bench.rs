@@ -185,6 +185,7 @@ fn main() {
             4096,
         ),
         ("matvec q4 g64 151936x2048 (lm_head)", q4, 151936, 2048),
+        ("matvec q4 g64 2048x4096 (out-proj, L2-resident)", q4, 2048, 4096),
     ] {
         let w = matrix(b, &mut rng, fmt, rows, cols);
         let x = act(b, cols);
@@ -193,9 +194,13 @@ fn main() {
         report_bytes(name, s, w.bytes() + cols * 4 + rows * 4);
     }
 
-    // MoE decode: 128 experts of [768, 2048] in q4, top-8 (Qwen3-30B-A3B-like).
-    {
-        let (e, k, hidden, inter) = (128, 8, 2048, 768);
+    // MoE: 128 experts of [768, 2048] in q4, top-8 (Qwen3-30B-A3B-like), decode and a
+    // 64-token batch; 512 experts of [512, 2048], top-10 + the shared expert as slot 11
+    // (Qwen3-Next-like), decode.
+    for (e, k, hidden, inter, ns) in [
+        (128usize, 8usize, 2048usize, 768usize, &[1usize, 64][..]),
+        (513, 11, 2048, 512, &[1][..]),
+    ] {
         let ws: Vec<ExpertWeights> = (0..e)
             .map(|_| ExpertWeights {
                 gate: matrix(b, &mut rng, q4, inter, hidden),
@@ -205,7 +210,7 @@ fn main() {
             .collect();
         let per_expert = ws[0].gate.bytes() + ws[0].up.bytes() + ws[0].down.bytes();
         let experts: Arc<[ExpertWeights]> = ws.into();
-        for n in [1usize, 64] {
+        for &n in ns {
             let x = act(b, n * hidden);
             let idx: BufId<Idx> = b
                 .pool()

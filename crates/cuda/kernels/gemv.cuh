@@ -17,6 +17,18 @@
 //    of the output are given per tile row through pointer tables, so the same code serves the
 //    dense matmul and the gathered (token, slot) pairs of the experts.
 
+#ifndef MV_STAGE_FIRST
+#define MV_STAGE_FIRST 0
+#endif
+#ifndef MV_HOIST_SCALES
+#define MV_HOIST_SCALES 1
+#endif
+#ifndef MV_U
+#define MV_U(R) ((R) >= 4 ? 1 : 4 / (R))
+#endif
+#ifndef MOE_U
+#define MOE_U 2
+#endif
 #define MV_WARPS 8
 #define MV_R 2  // rows per warp of the expert kernels; matmul picks 1, 2 or 4 per matrix
 
@@ -129,8 +141,11 @@ __device__ __forceinline__ float dot16(uint4 wv, const float4* xv) {
 // elements; U steps are issued at once (loads predicated, not branched), so U * NM * R
 // 16-byte loads (and their scales) are in flight per lane before the first is used. Rows past
 // the end are clamped to the last row (their results are discarded by the caller).
-template <int FMT, int R, int L = 32, int NM = 1, int U = 1>
-__device__ __forceinline__ void mv_vec_n(const WMat* w, const float* xs, u32 r0, float (*acc)[R]) {
+// `stage` runs once, after the first steps' loads are issued and before x is first read: the
+// caller stages x there (and synchronises), so the staging overlaps the weights' latency. Every
+// thread of the block must call this (with the same cols) when `stage` synchronises.
+template <int FMT, int R, int L, int NM, int U, typename Stage>
+__device__ __forceinline__ void mv_vec_n(const WMat* w, const float* xs, u32 r0, float (*acc)[R], Stage stage) {
     constexpr int E = elems16<FMT>();
     constexpr int F = E / 4;
     constexpr bool AFF = FMT == FMT_Q4 || FMT == FMT_Q8;
@@ -143,6 +158,7 @@ __device__ __forceinline__ void mv_vec_n(const WMat* w, const float* xs, u32 r0,
     u32 rr[R];
 #pragma unroll
     for (int j = 0; j < R; j++) rr[j] = min(r0 + j, w[0].rows - 1);
+    if (MV_STAGE_FIRST) stage();
     for (u32 base = 0; base < cols; base += U * SPAN) {
         uint4 wv[U][NM][R];
         float sc[U][NM][R], bi[U][NM][R];
@@ -157,13 +173,14 @@ __device__ __forceinline__ void mv_vec_n(const WMat* w, const float* xs, u32 r0,
                 for (int j = 0; j < R; j++) {
                     wv[u][m][j] = ok ? __ldg((const uint4*)(w[m].data + (u64)rr[j] * rb + elem_byte<FMT>(e0)))
                                      : make_uint4(0, 0, 0, 0);
-                    if (AFF) {
+                    if (AFF && MV_HOIST_SCALES) {
                         const u64 g = (u64)rr[j] * groups + gi;
                         sc[u][m][j] = load_float(w[m].scales, w[m].sdt, g);
                         bi[u][m][j] = load_float(w[m].biases, w[m].sdt, g);
                     }
                 }
         }
+        if (base == 0 && !MV_STAGE_FIRST) stage();
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const u32 e0 = base + u * SPAN + sl * E;
@@ -182,6 +199,11 @@ __device__ __forceinline__ void mv_vec_n(const WMat* w, const float* xs, u32 r0,
 #pragma unroll
                 for (int j = 0; j < R; j++) {
                     const float d = dot16<FMT>(wv[u][m][j], xv);
+                    if (AFF && !MV_HOIST_SCALES) {
+                        const u64 g = (u64)rr[j] * groups + e0 / w[0].group;
+                        sc[u][m][j] = load_float(w[m].scales, w[m].sdt, g);
+                        bi[u][m][j] = load_float(w[m].biases, w[m].sdt, g);
+                    }
                     if (AFF) acc[m][j] += sc[u][m][j] * (QS * (d - sx)) + bi[u][m][j] * sx;
                     else acc[m][j] += d;
                 }
@@ -195,19 +217,6 @@ __device__ __forceinline__ float group_sum(float v) {
 #pragma unroll
     for (int o = L / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
-}
-
-// One matrix, full-warp rows: the shape the dense matvecs use. Rows per warp R; steps in
-// flight U = 4 / R (at least 1).
-template <int FMT, int R>
-__device__ __forceinline__ void mv_vec(const WMat& w, const float* xs, u32 r0, float* acc) {
-    constexpr int U = R >= 4 ? 1 : 4 / R;
-    float a[1][R];
-#pragma unroll
-    for (int j = 0; j < R; j++) a[0][j] = acc[j];
-    mv_vec_n<FMT, R, 32, 1, U>(&w, xs, r0, a);
-#pragma unroll
-    for (int j = 0; j < R; j++) acc[j] = a[0][j];
 }
 
 // Scalar path: lanes stride over columns; x staged unpermuted.
@@ -224,17 +233,27 @@ __device__ __forceinline__ void mv_scalar(const WMat& w, const float* xs, u32 r0
 }
 
 // Stage x and compute this warp's R row dots into acc (reduced across the warp: every lane
-// holds the totals). All threads of the block must call it (it synchronises).
+// holds the totals). All threads of the block must call it (it synchronises). On the vector
+// path the first weight loads are in flight while x is staged; U = 4 / R steps at once.
 template <int FMT, bool VEC, int R>
 __device__ __forceinline__ void mv_block(const WMat& w, float* xs, const float* x, u32 r0, float* acc) {
     constexpr int E = VEC ? elems16<FMT>() : 4;
-    stage_x<E>(xs, x, w.cols, mv_padded<E>(w.cols));
-    __syncthreads();
+    auto stage = [&]() {
+        stage_x<E>(xs, x, w.cols, mv_padded<E>(w.cols));
+        __syncthreads();
+    };
 #pragma unroll
     for (int j = 0; j < R; j++) acc[j] = 0.f;
-    if (r0 < w.rows) {
-        if (VEC) mv_vec<FMT, R>(w, xs, r0, acc);
-        else mv_scalar<FMT, R>(w, xs, r0, acc);
+    if (VEC) {
+        float a[1][R];
+#pragma unroll
+        for (int j = 0; j < R; j++) a[0][j] = 0.f;
+        mv_vec_n<FMT, R, 32, 1, MV_U(R)>(&w, xs, r0, a, stage);
+#pragma unroll
+        for (int j = 0; j < R; j++) acc[j] = a[0][j];
+    } else {
+        stage();
+        if (r0 < w.rows) mv_scalar<FMT, R>(w, xs, r0, acc);
     }
 #pragma unroll
     for (int j = 0; j < R; j++) acc[j] = warp_sum(acc[j]);

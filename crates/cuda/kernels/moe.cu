@@ -194,15 +194,18 @@ __device__ __forceinline__ void gate_up_body(const u64* table, u32 num_experts, 
     if (e >= num_experts) return;  // not in this pass; uniform across the block
     const float* xt = x + (u64)(p / k) * hidden;
     WMat m[2] = {expert_mat(table, e, 0, inter, hidden, group, sdt), expert_mat(table, e, 1, inter, hidden, group, sdt)};
-    stage_x<E, L>(xs, xt, hidden, mv_padded<E, L>(hidden));
-    __syncthreads();
+    auto stage = [&]() {
+        stage_x<E, L>(xs, xt, hidden, mv_padded<E, L>(hidden));
+        __syncthreads();
+    };
     float acc[2][R];
 #pragma unroll
     for (int j = 0; j < R; j++) acc[0][j] = acc[1][j] = 0.f;
-    if (r0 < inter) {
-        if (VEC) {
-            mv_vec_n<FMT, R, L, 2, 2>(m, xs, r0, acc);  // gate and up loads issued together
-        } else {
+    if (VEC) {
+        mv_vec_n<FMT, R, L, 2, MOE_U>(m, xs, r0, acc, stage);  // gate and up loads issued together
+    } else {
+        stage();
+        if (r0 < inter) {
             mv_scalar<FMT, R>(m[0], xs, r0, acc[0]);
             mv_scalar<FMT, R>(m[1], xs, r0, acc[1]);
         }
@@ -232,14 +235,18 @@ __device__ __forceinline__ void down_body(const u64* table, u32 num_experts, con
     float* yr = y + (u64)p * hidden;
     if (e >= num_experts) return;
     WMat d = expert_mat(table, e, 2, hidden, inter, group, sdt);
-    stage_x<E, L>(xs, h + (u64)p * inter, inter, mv_padded<E, L>(inter));
-    __syncthreads();
+    auto stage = [&]() {
+        stage_x<E, L>(xs, h + (u64)p * inter, inter, mv_padded<E, L>(inter));
+        __syncthreads();
+    };
     float acc[1][R];
 #pragma unroll
     for (int j = 0; j < R; j++) acc[0][j] = 0.f;
-    if (r0 < hidden) {
-        if (VEC) mv_vec_n<FMT, R, L, 1, 2>(&d, xs, r0, acc);
-        else mv_scalar<FMT, R>(d, xs, r0, acc[0]);
+    if (VEC) {
+        mv_vec_n<FMT, R, L, 1, MOE_U>(&d, xs, r0, acc, stage);
+    } else {
+        stage();
+        if (r0 < hidden) mv_scalar<FMT, R>(d, xs, r0, acc[0]);
     }
 #pragma unroll
     for (int j = 0; j < R; j++) acc[0][j] = group_sum<L>(acc[0][j]);
@@ -280,7 +287,7 @@ __device__ __forceinline__ void down_combine_body(const u64* table, u32 ne, cons
         float acc[1][DN_R];
 #pragma unroll
         for (int jj = 0; jj < DN_R; jj++) acc[0][jj] = 0.f;
-        if (live) mv_vec_n<FMT, DN_R, L, 1, 2>(&d, xs + (u64)j * padded, rbase + g * DN_R, acc);
+        if (live) mv_vec_n<FMT, DN_R, L, 1, MOE_U>(&d, xs + (u64)j * padded, rbase + g * DN_R, acc, [] {});
 #pragma unroll
         for (int jj = 0; jj < DN_R; jj++) acc[0][jj] = group_sum<L>(acc[0][jj]);
         if (sl == 0 && u < units) {

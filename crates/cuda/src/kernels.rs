@@ -38,9 +38,22 @@ const HEADERS: &[(&str, &str)] = &[
     ("gemv.cuh", include_str!("../kernels/gemv.cuh")),
 ];
 
+/// The text of a kernel file or header: the built-in one, or, when the developer variable
+/// `MOEFLUX_KERNEL_DIR` names a directory holding a file of that name, that file (kernel
+/// experiments without a rebuild: the module cache is keyed by the source, so variants never
+/// mix).
+fn text_of(name: &str, builtin: &'static str) -> std::borrow::Cow<'static, str> {
+    if let Some(dir) = std::env::var_os("MOEFLUX_KERNEL_DIR")
+        && let Ok(t) = std::fs::read_to_string(Path::new(&dir).join(name))
+    {
+        return t.into();
+    }
+    builtin.into()
+}
+
 /// The source of `file` with our headers pasted in place of their `#include` lines.
 pub fn expanded_source(file: &str) -> Option<String> {
-    let src = FILES.iter().find(|(f, _)| *f == file)?.1;
+    let src = text_of(file, FILES.iter().find(|(f, _)| *f == file)?.1);
     let mut out = String::with_capacity(src.len() + 16 * 1024);
     for line in src.lines() {
         let t = line.trim();
@@ -49,6 +62,7 @@ pub fn expanded_source(file: &str) -> Option<String> {
             .and_then(|r| r.strip_suffix('"'));
         match header.and_then(|h| HEADERS.iter().find(|(n, _)| *n == h)) {
             Some((name, text)) => {
+                let text = text_of(name, text);
                 out.push_str(&format!(
                     "// ---- begin {name}\n{text}\n// ---- end {name}\n"
                 ));
