@@ -185,7 +185,12 @@ fn main() {
             4096,
         ),
         ("matvec q4 g64 151936x2048 (lm_head)", q4, 151936, 2048),
-        ("matvec q4 g64 2048x4096 (out-proj, L2-resident)", q4, 2048, 4096),
+        (
+            "matvec q4 g64 2048x4096 (out-proj, L2-resident)",
+            q4,
+            2048,
+            4096,
+        ),
     ] {
         let w = matrix(b, &mut rng, fmt, rows, cols);
         let x = act(b, cols);

@@ -17,18 +17,6 @@
 //    of the output are given per tile row through pointer tables, so the same code serves the
 //    dense matmul and the gathered (token, slot) pairs of the experts.
 
-#ifndef MV_STAGE_FIRST
-#define MV_STAGE_FIRST 0
-#endif
-#ifndef MV_HOIST_SCALES
-#define MV_HOIST_SCALES 1
-#endif
-#ifndef MV_U
-#define MV_U(R) ((R) >= 4 ? 1 : 4 / (R))
-#endif
-#ifndef MOE_U
-#define MOE_U 2
-#endif
 #define MV_WARPS 8
 #define MV_R 2  // rows per warp of the expert kernels; matmul picks 1, 2 or 4 per matrix
 
@@ -53,18 +41,52 @@ __device__ __forceinline__ u32 mv_padded(u32 cols) {
     return (cols + L * E - 1) / (L * E) * (L * E);
 }
 
-// Stages x[0..cols) (zero-padded to `padded`, a multiple of L * E) into shared memory,
-// permuted per span of L * E elements so that the float4 f of lane l of a row group sits at
-// span + f * 4L + 4l. For E == 4 the permutation is the identity (the scalar path's layout).
+// Stages `rows` consecutive rows of x (each `cols` floats, zero-padded to `padded`, a multiple
+// of L * E) into shared memory, row j at xs + j * padded, permuted per span of L * E elements so
+// that the float4 f of lane l of a row group sits at span + f * 4L + 4l (the four floats of one
+// input float4 stay together). For E == 4 the permutation is the identity (the scalar path's
+// layout). Loads are 16-byte and four per thread are in flight before their stores (a load
+// may not pass an earlier store to shared memory the compiler cannot tell apart from x).
+template <int E, int L = 32>
+__device__ __forceinline__ void stage_rows(float* xs, const float* x, u32 rows, u32 cols, u32 padded) {
+    const u32 pq = padded / 4, total = rows * pq;
+    const bool v4 = (cols & 3) == 0 && ((u64)x & 15) == 0;
+    for (u32 q0 = threadIdx.x; q0 < total; q0 += 4 * blockDim.x) {
+        float4 v[4];
+#pragma unroll
+        for (int b = 0; b < 4; b++) {
+            const u32 q = q0 + b * blockDim.x;
+            const u32 j = q / pq, e = 4 * (q - j * pq);
+            const float* src = x + (u64)j * cols + e;
+            if (q < total && e < cols) {
+                if (v4) {
+                    v[b] = __ldg((const float4*)src);
+                } else {
+                    v[b].x = src[0];
+                    v[b].y = e + 1 < cols ? src[1] : 0.f;
+                    v[b].z = e + 2 < cols ? src[2] : 0.f;
+                    v[b].w = e + 3 < cols ? src[3] : 0.f;
+                }
+            } else {
+                v[b] = make_float4(0.f, 0.f, 0.f, 0.f);
+            }
+        }
+#pragma unroll
+        for (int b = 0; b < 4; b++) {
+            const u32 q = q0 + b * blockDim.x;
+            if (q >= total) break;
+            const u32 j = q / pq, e = 4 * (q - j * pq);
+            const u32 base = e / (L * E) * (L * E);
+            const u32 rem = e - base;
+            const u32 lane = rem / E, f = (rem % E) >> 2;
+            *(float4*)(xs + (u64)j * padded + base + f * (4 * L) + lane * 4) = v[b];
+        }
+    }
+}
+
 template <int E, int L = 32>
 __device__ __forceinline__ void stage_x(float* xs, const float* x, u32 cols, u32 padded) {
-    for (u32 e = threadIdx.x; e < padded; e += blockDim.x) {
-        float v = e < cols ? x[e] : 0.f;
-        u32 base = e / (L * E) * (L * E);
-        u32 rem = e - base;
-        u32 lane = rem / E, f = (rem % E) >> 2, i = e & 3;
-        xs[base + f * (4 * L) + lane * 4 + i] = v;
-    }
+    stage_rows<E, L>(xs, x, 1, cols, padded);
 }
 
 // 2^23 + q, minus 2^23: exact int -> float for q < 2^23 without the (slow) I2F unit.
@@ -138,13 +160,14 @@ __device__ __forceinline__ float dot16(uint4 wv, const float4* xv) {
 // Per-lane partial dots of rows r0..r0+R of NM matrices (same rows, cols, group and format;
 // gate and up share x) with the permuted staged x (vector path). A row group of L lanes (32,
 // 16 or 8: the warp holds 32 / L of them, each with its own r0) walks a row in steps of L * E
-// elements; U steps are issued at once (loads predicated, not branched), so U * NM * R
-// 16-byte loads (and their scales) are in flight per lane before the first is used. Rows past
-// the end are clamped to the last row (their results are discarded by the caller).
-// `stage` runs once, after the first steps' loads are issued and before x is first read: the
+// elements, NM * R 16-byte loads per lane per step. Rows past the end are clamped to the last
+// row (their results are discarded by the caller).
+// `stage` runs once, after the first step's loads are issued and before x is first read: the
 // caller stages x there (and synchronises), so the staging overlaps the weights' latency. Every
 // thread of the block must call this (with the same cols) when `stage` synchronises.
-template <int FMT, int R, int L, int NM, int U, typename Stage>
+// (Measured on the H100, run 14: issuing two or four steps' loads at once, or loading the
+// scales ahead with them, raised register use and made the q4 matvecs 5-50% slower.)
+template <int FMT, int R, int L, int NM, typename Stage>
 __device__ __forceinline__ void mv_vec_n(const WMat* w, const float* xs, u32 r0, float (*acc)[R], Stage stage) {
     constexpr int E = elems16<FMT>();
     constexpr int F = E / 4;
@@ -158,56 +181,40 @@ __device__ __forceinline__ void mv_vec_n(const WMat* w, const float* xs, u32 r0,
     u32 rr[R];
 #pragma unroll
     for (int j = 0; j < R; j++) rr[j] = min(r0 + j, w[0].rows - 1);
-    if (MV_STAGE_FIRST) stage();
-    for (u32 base = 0; base < cols; base += U * SPAN) {
-        uint4 wv[U][NM][R];
-        float sc[U][NM][R], bi[U][NM][R];
+    for (u32 base = 0; base < cols; base += SPAN) {
+        const u32 e0 = base + sl * E;
+        const bool ok = e0 < cols;
+        uint4 wv[NM][R];
 #pragma unroll
-        for (int u = 0; u < U; u++) {
-            const u32 e0 = base + u * SPAN + sl * E;
-            const bool ok = e0 < cols;
-            const u32 gi = AFF ? min(e0, cols - 1) / w[0].group : 0;
+        for (int m = 0; m < NM; m++)
 #pragma unroll
-            for (int m = 0; m < NM; m++)
+            for (int j = 0; j < R; j++)
+                wv[m][j] = ok ? __ldg((const uint4*)(w[m].data + (u64)rr[j] * rb + elem_byte<FMT>(e0)))
+                              : make_uint4(0, 0, 0, 0);
+        if (base == 0) stage();
+        if (!ok) continue;
+        const float* xb = xs + base + sl * 4;
+        float4 xv[F];
 #pragma unroll
-                for (int j = 0; j < R; j++) {
-                    wv[u][m][j] = ok ? __ldg((const uint4*)(w[m].data + (u64)rr[j] * rb + elem_byte<FMT>(e0)))
-                                     : make_uint4(0, 0, 0, 0);
-                    if (AFF && MV_HOIST_SCALES) {
-                        const u64 g = (u64)rr[j] * groups + gi;
-                        sc[u][m][j] = load_float(w[m].scales, w[m].sdt, g);
-                        bi[u][m][j] = load_float(w[m].biases, w[m].sdt, g);
-                    }
-                }
+        for (int f = 0; f < F; f++) xv[f] = *(const float4*)(xb + f * (4 * L));
+        float sx = 0.f;
+        if (AFF) {
+#pragma unroll
+            for (int f = 0; f < F; f++) sx += (xv[f].x + xv[f].y) + (xv[f].z + xv[f].w);
         }
-        if (base == 0 && !MV_STAGE_FIRST) stage();
+        const u32 gi = AFF ? e0 / w[0].group : 0;
 #pragma unroll
-        for (int u = 0; u < U; u++) {
-            const u32 e0 = base + u * SPAN + sl * E;
-            if (e0 >= cols) break;  // later steps start further right
-            const float* xb = xs + base + u * SPAN + sl * 4;
-            float4 xv[F];
+        for (int m = 0; m < NM; m++)
 #pragma unroll
-            for (int f = 0; f < F; f++) xv[f] = *(const float4*)(xb + f * (4 * L));
-            float sx = 0.f;
-            if (AFF) {
-#pragma unroll
-                for (int f = 0; f < F; f++) sx += (xv[f].x + xv[f].y) + (xv[f].z + xv[f].w);
+            for (int j = 0; j < R; j++) {
+                const float d = dot16<FMT>(wv[m][j], xv);
+                if (AFF) {
+                    const u64 g = (u64)rr[j] * groups + gi;
+                    acc[m][j] += load_float(w[m].scales, w[m].sdt, g) * (QS * (d - sx)) + load_float(w[m].biases, w[m].sdt, g) * sx;
+                } else {
+                    acc[m][j] += d;
+                }
             }
-#pragma unroll
-            for (int m = 0; m < NM; m++)
-#pragma unroll
-                for (int j = 0; j < R; j++) {
-                    const float d = dot16<FMT>(wv[u][m][j], xv);
-                    if (AFF && !MV_HOIST_SCALES) {
-                        const u64 g = (u64)rr[j] * groups + e0 / w[0].group;
-                        sc[u][m][j] = load_float(w[m].scales, w[m].sdt, g);
-                        bi[u][m][j] = load_float(w[m].biases, w[m].sdt, g);
-                    }
-                    if (AFF) acc[m][j] += sc[u][m][j] * (QS * (d - sx)) + bi[u][m][j] * sx;
-                    else acc[m][j] += d;
-                }
-        }
     }
 }
 
@@ -234,7 +241,7 @@ __device__ __forceinline__ void mv_scalar(const WMat& w, const float* xs, u32 r0
 
 // Stage x and compute this warp's R row dots into acc (reduced across the warp: every lane
 // holds the totals). All threads of the block must call it (it synchronises). On the vector
-// path the first weight loads are in flight while x is staged; U = 4 / R steps at once.
+// path the first weight loads are in flight while x is staged.
 template <int FMT, bool VEC, int R>
 __device__ __forceinline__ void mv_block(const WMat& w, float* xs, const float* x, u32 r0, float* acc) {
     constexpr int E = VEC ? elems16<FMT>() : 4;
@@ -248,7 +255,7 @@ __device__ __forceinline__ void mv_block(const WMat& w, float* xs, const float* 
         float a[1][R];
 #pragma unroll
         for (int j = 0; j < R; j++) a[0][j] = 0.f;
-        mv_vec_n<FMT, R, 32, 1, MV_U(R)>(&w, xs, r0, a, stage);
+        mv_vec_n<FMT, R, 32, 1>(&w, xs, r0, a, stage);
 #pragma unroll
         for (int j = 0; j < R; j++) acc[j] = a[0][j];
     } else {

@@ -202,7 +202,7 @@ __device__ __forceinline__ void gate_up_body(const u64* table, u32 num_experts, 
 #pragma unroll
     for (int j = 0; j < R; j++) acc[0][j] = acc[1][j] = 0.f;
     if (VEC) {
-        mv_vec_n<FMT, R, L, 2, MOE_U>(m, xs, r0, acc, stage);  // gate and up loads issued together
+        mv_vec_n<FMT, R, L, 2>(m, xs, r0, acc, stage);  // gate and up loads issued together
     } else {
         stage();
         if (r0 < inter) {
@@ -243,7 +243,7 @@ __device__ __forceinline__ void down_body(const u64* table, u32 num_experts, con
 #pragma unroll
     for (int j = 0; j < R; j++) acc[0][j] = 0.f;
     if (VEC) {
-        mv_vec_n<FMT, R, L, 1, MOE_U>(&d, xs, r0, acc, stage);
+        mv_vec_n<FMT, R, L, 1>(&d, xs, r0, acc, stage);
     } else {
         stage();
         if (r0 < hidden) mv_scalar<FMT, R>(d, xs, r0, acc[0]);
@@ -273,7 +273,7 @@ __device__ __forceinline__ void down_combine_body(const u64* table, u32 ne, cons
     const u32 padded = mv_padded<E, L>(inter);
     float* xs = (float*)smem4;
     float* part = xs + (u64)k * padded;
-    for (u32 j = 0; j < k; j++) stage_x<E, L>(xs + (u64)j * padded, h + ((u64)t * k + j) * inter, inter, padded);
+    stage_rows<E, L>(xs, h + (u64)t * k * inter, k, inter, padded);
     __syncthreads();
     const u32 sub = threadIdx.x / L, sl = threadIdx.x & (L - 1);
     const u32 rbase = blockIdx.x * DC_RB;
@@ -287,7 +287,7 @@ __device__ __forceinline__ void down_combine_body(const u64* table, u32 ne, cons
         float acc[1][DN_R];
 #pragma unroll
         for (int jj = 0; jj < DN_R; jj++) acc[0][jj] = 0.f;
-        if (live) mv_vec_n<FMT, DN_R, L, 1, MOE_U>(&d, xs + (u64)j * padded, rbase + g * DN_R, acc, [] {});
+        if (live) mv_vec_n<FMT, DN_R, L, 1>(&d, xs + (u64)j * padded, rbase + g * DN_R, acc, [] {});
 #pragma unroll
         for (int jj = 0; jj < DN_R; jj++) acc[0][jj] = group_sum<L>(acc[0][jj]);
         if (sl == 0 && u < units) {

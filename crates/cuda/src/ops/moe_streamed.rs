@@ -155,6 +155,45 @@ struct Tier {
     pinned: HashMap<usize, PinnedLayer>,
     /// Page-locked destination of the routing (and activation) read-back.
     readback: HostBuf,
+    /// How often prefetched records turned out to be used (decaying counts).
+    prefetch_rate: PrefetchRate,
+}
+
+/// Decaying counts of prefetched records and of hits on them, which gate the prefetch: a
+/// prediction that keeps missing (routing with little locality: random weights route almost
+/// uniformly) only costs copy bandwidth the real misses then wait for, so below
+/// [`PrefetchRate::MIN_USED`] only one record is prefetched every [`PrefetchRate::PROBE`] ops,
+/// enough to notice when the routing turns predictable.
+#[derive(Default)]
+struct PrefetchRate {
+    issued: f64,
+    used: f64,
+    ops: u64,
+}
+
+impl PrefetchRate {
+    const MIN_USED: f64 = 0.2;
+    const PROBE: u64 = 8;
+    const DECAY: f64 = 0.97;
+
+    fn observe(&mut self, issued: u64, used: u64) {
+        self.issued = self.issued * Self::DECAY + issued as f64;
+        self.used = self.used * Self::DECAY + used as f64;
+    }
+
+    /// How many of `predicted` records to prefetch for this op.
+    fn budget(&mut self, predicted: usize) -> usize {
+        self.ops += 1;
+        // Optimistic until a few prefetches have been judged.
+        let rate = (self.used + 1.0) / (self.issued + 2.0);
+        if self.issued < 4.0 || rate >= Self::MIN_USED {
+            predicted
+        } else if self.ops.is_multiple_of(Self::PROBE) {
+            predicted.min(1)
+        } else {
+            0
+        }
+    }
 }
 
 impl Tier {
@@ -327,6 +366,7 @@ fn ensure_tier(
         pin,
         pinned: HashMap::new(),
         readback: HostBuf::empty(),
+        prefetch_rate: PrefetchRate::default(),
     };
     if tier.cache.is_some() && opts.cpu_misses == CpuMisses::Auto {
         tier.h2d_bw = measure_h2d(&tier)?;
@@ -632,6 +672,8 @@ pub(crate) fn moe_experts_streamed(
                 enc, store, layer, &host_idx, &active, x, weights, out, s, &f, &mut stats,
             )
         };
+        tier.prefetch_rate
+            .observe(stats.prefetched, stats.prefetch_used);
         tier.total.add(&stats);
         store.add_device_stats(&stats);
         res
@@ -921,8 +963,8 @@ fn pin_layer(
 }
 
 /// Copies into the VRAM cache, on the copy stream, the records the next layer used on its
-/// previous step and that are in host RAM now (no disk waits on the compute thread). Slots the
-/// current op needs are locked and never taken.
+/// previous step and that are in host RAM now (no disk waits on the compute thread), as many
+/// as [`PrefetchRate::budget`] allows. Slots the current op needs are locked and never taken.
 fn prefetch(
     tier: &mut Tier,
     store: &Arc<dyn ExpertProvider>,
@@ -933,15 +975,20 @@ fn prefetch(
     let Some((next, set)) = store.predicted_next(layer) else {
         return Ok(());
     };
+    let budget = tier.prefetch_rate.budget(set.len());
     let Some(cache) = tier.cache.as_mut() else {
         return Ok(());
     };
     let mut keep: Keep = Vec::new();
+    let mut issued = 0;
     // Resident predictions first, so the copies below cannot evict them.
     for &e in &set {
         cache.table.lock((next, e));
     }
     for &e in &set {
+        if issued == budget {
+            break;
+        }
         if cache.table.contains((next, e)) {
             continue;
         }
@@ -964,6 +1011,7 @@ fn prefetch(
             return Err(CudaError::driver("moe streamed: prefetching a record")(err));
         }
         stats.prefetched += 1;
+        issued += 1;
         stats.h2d_bytes += record as u64;
         keep.push(Box::new(rec));
     }
@@ -1097,4 +1145,35 @@ fn waves(
         drop((local, ptrs));
     }
     combine(enc, &sc, base, wp, op, s, OP)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PrefetchRate;
+
+    #[test]
+    fn prefetch_backs_off_when_predictions_miss_and_returns_when_they_hit() {
+        let mut r = PrefetchRate::default();
+        // untried: the whole prediction
+        assert_eq!(r.budget(10), 10);
+        // predictions that are almost never used: mostly nothing, a probe of one now and then
+        for _ in 0..50 {
+            let b = r.budget(10);
+            r.observe(b as u64, 0);
+        }
+        let given: usize = (0..64).map(|_| r.budget(10)).sum();
+        assert!(
+            (1..=64 / PrefetchRate::PROBE as usize).contains(&given),
+            "{given}"
+        );
+        // the routing turns predictable: the probes hit, and the full set comes back
+        let mut full = false;
+        for _ in 0..200 {
+            let b = r.budget(10);
+            r.observe(b as u64, b as u64);
+            full |= b == 10;
+        }
+        assert!(full);
+        assert_eq!(r.budget(10), 10);
+    }
 }
