@@ -268,28 +268,87 @@ fn mem_available() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// How many of `misses` records to compute on the CPU so the copies (`record / h2d_bw` each,
-/// serial on the copy engine) and the CPU work (`record / cpu_bw` each) end together.
+/// What the CPU expert path costs, as measured in this run: a lone record takes `t1` seconds
+/// (its rows spread over the pool, so it pays the pool's wake-up and split), each further
+/// record of the same op `per` more. Fed by every op that computes misses on the CPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct CpuCost {
+    pub(crate) t1: Option<f64>,
+    pub(crate) per: Option<f64>,
+}
+
+impl CpuCost {
+    /// A fixed rate (bytes/s) for records of `record` bytes, without a fixed cost.
+    pub(crate) fn fixed(record: usize, bw: f64) -> Self {
+        let per = record as f64 / bw.max(1.0);
+        CpuCost {
+            t1: Some(per),
+            per: Some(per),
+        }
+    }
+
+    /// One op computed `m` records in `secs` (moving averages, half-life of one op).
+    pub(crate) fn observe(&mut self, m: usize, secs: f64) {
+        let ema = |old: Option<f64>, v: f64| Some(old.map_or(v, |o| 0.5 * o + 0.5 * v));
+        match (m, self.t1) {
+            (0, _) => {}
+            (1, _) => self.t1 = ema(self.t1, secs),
+            (_, None) => {
+                let per = secs / m as f64;
+                self.t1 = Some(per);
+                self.per = ema(self.per, per);
+            }
+            (_, Some(t1)) => {
+                // the marginal cost of a record, not below a quarter of the average (noise)
+                let per = ((secs - t1) / (m - 1) as f64).max(0.25 * secs / m as f64);
+                self.per = ema(self.per, per);
+            }
+        }
+    }
+
+    /// Seconds for `m` records in one op (a record's marginal cost is taken as `t1` until
+    /// one op of two or more has been seen).
+    pub(crate) fn secs(&self, m: usize) -> Option<f64> {
+        let t1 = self.t1?;
+        Some(match m {
+            0 => 0.0,
+            _ => t1 + (m - 1) as f64 * self.per.unwrap_or(t1),
+        })
+    }
+}
+
+/// How many of `misses` records to compute on the CPU while the rest are copied (`copy`
+/// seconds each, serial on the copy engine): the count that makes the later of the two
+/// finish first. `explore` (every few ops) tries one more than that, so the costs of larger
+/// shares keep being measured (a model that only ever saw one record per op would never
+/// learn what a second costs).
 pub(crate) fn cpu_share(
     mode: CpuMisses,
     misses: usize,
     n: usize,
-    record: usize,
-    h2d_bw: f64,
-    cpu_bw: Option<f64>,
+    copy: f64,
+    cost: &CpuCost,
+    explore: bool,
 ) -> usize {
     match mode {
         CpuMisses::Off => 0,
         CpuMisses::On => misses.div_ceil(2),
         CpuMisses::Auto => {
-            let Some(cpu_bw) = cpu_bw else { return 0 };
-            if n > 2 || misses == 0 || h2d_bw <= 0.0 || cpu_bw <= 0.0 {
+            if n > 2 || misses == 0 || copy <= 0.0 || cost.t1.is_none() {
                 return 0;
             }
-            let (c, p) = (record as f64 / h2d_bw, record as f64 / cpu_bw);
-            // minimise max((misses - m) * c, m * p)
-            let m = (misses as f64 * c / (c + p)).round() as usize;
-            m.min(misses)
+            let time = |m: usize| {
+                let cpu = cost.secs(m).unwrap_or(f64::INFINITY);
+                ((misses - m) as f64 * copy).max(cpu)
+            };
+            let best = (0..=misses)
+                .min_by(|&a, &b| time(a).total_cmp(&time(b)))
+                .unwrap_or(0);
+            if explore {
+                (best + 1).min(misses)
+            } else {
+                best
+            }
         }
     }
 }
@@ -349,15 +408,49 @@ mod tests {
 
     #[test]
     fn cpu_share_balances_copy_and_cpu_time() {
+        let flat = |per: f64| CpuCost {
+            t1: Some(per),
+            per: Some(per),
+        };
         // equal speeds: half the misses each
-        assert_eq!(cpu_share(CpuMisses::Auto, 10, 1, 1000, 1e9, Some(1e9)), 5);
+        assert_eq!(cpu_share(CpuMisses::Auto, 10, 1, 1.0, &flat(1.0), false), 5);
         // copies 3x faster than the CPU: a quarter on the CPU
-        assert_eq!(cpu_share(CpuMisses::Auto, 8, 1, 1000, 3e9, Some(1e9)), 2);
-        assert_eq!(cpu_share(CpuMisses::Auto, 8, 64, 1000, 3e9, Some(1e9)), 0);
-        assert_eq!(cpu_share(CpuMisses::Auto, 8, 1, 1000, 3e9, None), 0);
-        assert_eq!(cpu_share(CpuMisses::Off, 8, 1, 1000, 1e9, Some(1e12)), 0);
-        assert_eq!(cpu_share(CpuMisses::On, 3, 100, 1000, 1e12, None), 2);
+        assert_eq!(cpu_share(CpuMisses::Auto, 8, 1, 1.0, &flat(3.0), false), 2);
+        assert_eq!(cpu_share(CpuMisses::Auto, 8, 64, 1.0, &flat(3.0), false), 0);
+        assert_eq!(
+            cpu_share(CpuMisses::Auto, 8, 1, 1.0, &CpuCost::default(), false),
+            0
+        );
+        assert_eq!(cpu_share(CpuMisses::Off, 8, 1, 1.0, &flat(1e-9), false), 0);
+        assert_eq!(
+            cpu_share(CpuMisses::On, 3, 100, 1.0, &CpuCost::default(), false),
+            2
+        );
+        // a large fixed cost but cheap further records: worth it only for several at once
+        let wake = CpuCost {
+            t1: Some(4.0),
+            per: Some(0.25),
+        };
+        assert_eq!(cpu_share(CpuMisses::Auto, 2, 1, 1.0, &wake, false), 0);
+        assert_eq!(cpu_share(CpuMisses::Auto, 10, 1, 1.0, &wake, false), 5);
+        // exploring asks for one more, never more than the misses
+        assert_eq!(cpu_share(CpuMisses::Auto, 2, 1, 1.0, &wake, true), 1);
+        assert_eq!(cpu_share(CpuMisses::Auto, 1, 1, 1.0, &flat(0.1), true), 1);
         assert_eq!("auto".parse::<CpuMisses>(), Ok(CpuMisses::Auto));
         assert!("maybe".parse::<CpuMisses>().is_err());
+    }
+
+    #[test]
+    fn cpu_cost_learns_the_fixed_and_the_marginal_cost() {
+        let mut c = CpuCost::default();
+        assert_eq!(c.secs(3), None);
+        c.observe(1, 5.0);
+        // until a larger op is seen, a record costs what a lone one did
+        assert_eq!(c.secs(3), Some(15.0));
+        c.observe(3, 7.0);
+        assert_eq!(c.secs(1), Some(5.0));
+        assert_eq!(c.secs(3), Some(7.0));
+        assert_eq!(c.secs(0), Some(0.0));
+        assert_eq!(CpuCost::fixed(100, 50.0).secs(2), Some(4.0));
     }
 }

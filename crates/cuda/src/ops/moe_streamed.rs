@@ -35,7 +35,7 @@ use super::moe::{
 use super::{Enc, Fmt, format_of, u32_of, vec_ok};
 use crate::error::CudaError;
 use crate::expert_cache::{
-    CpuMisses, HostBuf, SlotTable, cpu_share, register_host, unregister_host,
+    CpuCost, CpuMisses, HostBuf, SlotTable, cpu_share, register_host, unregister_host,
 };
 use crate::pool::DevMem;
 
@@ -148,7 +148,10 @@ struct Tier {
     /// Copies were enqueued that the compute stream has not waited for yet.
     copies_unwaited: bool,
     h2d_bw: f64,
-    cpu_bw: Option<f64>,
+    /// Measured (or, with `TierOptions::cpu_bw`, given) cost of CPU experts.
+    cpu_cost: CpuCost,
+    /// Ops that could have sent misses to the CPU (paces the split's exploration).
+    cpu_ops: u64,
     warned_waves: bool,
     total: DeviceTierStats,
     pin: Option<PinBlock>,
@@ -158,6 +161,10 @@ struct Tier {
     /// How often prefetched records turned out to be used (decaying counts).
     prefetch_rate: PrefetchRate,
 }
+
+/// Every this many streamed ops, the copy/CPU split tries one more record on the CPU than its
+/// model says (see [`cpu_share`]).
+const CPU_EXPLORE: u64 = 16;
 
 /// Decaying counts of prefetched records and of hits on them, which gate the prefetch: a
 /// prediction that keeps missing (routing with little locality: random weights route almost
@@ -360,7 +367,10 @@ fn ensure_tier(
         pending: Vec::new(),
         copies_unwaited: false,
         h2d_bw: 0.0,
-        cpu_bw: opts.cpu_bw,
+        cpu_cost: opts
+            .cpu_bw
+            .map_or_else(CpuCost::default, |bw| CpuCost::fixed(record, bw)),
+        cpu_ops: 0,
         warned_waves: false,
         total: DeviceTierStats::default(),
         pin,
@@ -369,7 +379,11 @@ fn ensure_tier(
         prefetch_rate: PrefetchRate::default(),
     };
     if tier.cache.is_some() && opts.cpu_misses == CpuMisses::Auto {
-        tier.h2d_bw = measure_h2d(&tier)?;
+        let (dst, bytes) = tier
+            .cache
+            .as_ref()
+            .map_or((0, 0), |c| (c.mem.ptr, c.mem.bytes));
+        tier.h2d_bw = measure_h2d(&tier, dst, bytes)?;
     }
     if let Some(p) = &tier.pin {
         tracing::info!(
@@ -395,11 +409,14 @@ fn ensure_tier(
     Ok(())
 }
 
-/// Host -> device bandwidth of the copies the cache will do (from the page-locked slab when
-/// there is one), best of three copies of up to 8 MiB into the (still empty) cache.
-fn measure_h2d(tier: &Tier) -> Result<f64, CudaError> {
-    let Some(c) = &tier.cache else { return Ok(0.0) };
-    let bytes = (8usize << 20).min(c.mem.bytes);
+/// Host -> device bandwidth of the copies the tiers will do (from the page-locked slab when
+/// there is one), best of three copies of up to 8 MiB into `dst` (the still empty cache, or
+/// the idle staging block), on the copy stream.
+fn measure_h2d(tier: &Tier, dst: u64, dst_bytes: usize) -> Result<f64, CudaError> {
+    let bytes = (8usize << 20).min(dst_bytes);
+    if bytes == 0 {
+        return Ok(0.0);
+    }
     let owned;
     let src: &[u8] = match tier.registered {
         Some((addr, len)) => {
@@ -415,9 +432,9 @@ fn measure_h2d(tier: &Tier) -> Result<f64, CudaError> {
     let mut best = 0f64;
     for _ in 0..3 {
         let t = Instant::now();
-        // SAFETY: the cache holds at least `bytes` >= src.len(); synchronised before `src`
-        // may go away.
-        unsafe { drv::memcpy_htod_async(c.mem.ptr, src, tier.copy.cu_stream()) }
+        // SAFETY: dst holds at least `bytes` >= src.len() and no queued work uses it (the
+        // callers' contract); synchronised before `src` may go away.
+        unsafe { drv::memcpy_htod_async(dst, src, tier.copy.cu_stream()) }
             .map_err(CudaError::driver("measuring host->device bandwidth"))?;
         tier.copy
             .synchronize()
@@ -619,12 +636,11 @@ pub(crate) fn moe_experts_streamed(
             return Ok(());
         }
         tier.retire()?;
-        let cpu_possible = tier.cache.is_some()
-            && match opts.cpu_misses {
-                CpuMisses::Off => false,
-                CpuMisses::On => true,
-                CpuMisses::Auto => s.n <= 2,
-            };
+        let cpu_possible = match opts.cpu_misses {
+            CpuMisses::Off => false,
+            CpuMisses::On => true,
+            CpuMisses::Auto => s.n <= 2,
+        };
         // Routing (and, when misses may run on the CPU, the activations) back to the host,
         // through page-locked memory: one DMA each and one wait.
         let ip = enc.buf(idx.raw())?;
@@ -669,7 +685,8 @@ pub(crate) fn moe_experts_streamed(
             )
         } else {
             waves(
-                enc, store, layer, &host_idx, &active, x, weights, out, s, &f, &mut stats,
+                enc, &mut tier, store, layer, &host_idx, &host_x, &active, x, weights, out, s, &f,
+                opts, &mut stats,
             )
         };
         tier.prefetch_rate
@@ -746,21 +763,7 @@ fn cached(
         }
         // Misses computed on the CPU (one chunk only: it overlaps that chunk's kernels).
         let n_cpu = if single {
-            if opts.cpu_misses == CpuMisses::Auto
-                && tier.cpu_bw.is_none()
-                && s.n <= 2
-                && let Some(&e) = misses.first()
-            {
-                tier.cpu_bw = Some(measure_cpu(store, layer, e, host_x, s, OP)?);
-            }
-            cpu_share(
-                opts.cpu_misses,
-                misses.len(),
-                s.n,
-                record,
-                tier.h2d_bw,
-                tier.cpu_bw,
-            )
+            cpu_count(tier, store, layer, &misses, host_x, s, opts)?
         } else {
             0
         };
@@ -837,66 +840,138 @@ fn cached(
         if single {
             prefetch(tier, store, layer, record, stats)?;
         }
-        if !cpu_set.is_empty() {
-            // On the host while the device runs the pass: y rows of the CPU experts' pairs.
-            let jobs: Vec<(u32, Vec<usize>)> = cpu_set
-                .iter()
-                .map(|&e| {
-                    let ps = (0..pairs).filter(|&p| host_idx[p] == e).collect();
-                    (e, ps)
-                })
-                .collect();
-            let started = Instant::now();
-            let rows: Vec<CpuRows> = jobs
-                .into_par_iter()
-                .map(|(e, ps)| {
-                    let rec = fetch(store, layer, e, record, OP)?;
-                    let y = moeflux_cpu::ops::moe_streamed::expert_rows(
-                        (*rec).as_ref(),
-                        &layout,
-                        host_x,
-                        &ps,
-                        s.k,
-                        s.hidden,
-                        s.inter,
-                    )
-                    .map_err(|err| CudaError::Unsupported {
-                        op: OP,
-                        msg: format!("expert {e} of layer {layer} on the CPU: {err}"),
-                    })?;
-                    Ok((ps, y))
-                })
-                .collect();
-            if opts.cpu_misses == CpuMisses::Auto && opts.cpu_bw.is_none() {
-                // The split follows the CPU's measured rate in this run (the first estimate
-                // times one record over the pool): half-life of one op.
-                let seen =
-                    (cpu_set.len() * record) as f64 / started.elapsed().as_secs_f64().max(1e-9);
-                tier.cpu_bw = Some(tier.cpu_bw.map_or(seen, |b| 0.5 * b + 0.5 * seen));
-            }
-            for r in rows {
-                let (ps, rows) = r?;
-                for (i, &p) in ps.iter().enumerate() {
-                    let row = &rows[i * s.hidden..(i + 1) * s.hidden];
-                    // SAFETY: y (scratch) holds pairs * hidden floats and p < pairs; `rows`
-                    // is kept until the stream passes the copy. The pass leaves these rows
-                    // alone (their local index is out of range) and ran before, in order.
-                    unsafe {
-                        drv::memcpy_htod_async(
-                            y + (p * s.hidden * 4) as u64,
-                            row,
-                            enc.stream.cu_stream(),
-                        )
-                    }
-                    .map_err(CudaError::driver("moe streamed: uploading CPU rows"))?;
-                }
-                stats.cpu_computed += 1;
-                keep.push(Box::new(rows));
-            }
-        }
+        // On the host while the device runs the pass: y rows of the CPU experts' pairs.
+        keep.extend(cpu_pass(
+            enc, tier, store, layer, host_idx, host_x, cpu_set, s, y, opts, stats,
+        )?);
         tier.keep_until(enc.stream, keep)?;
     }
     combine(enc, &sc, base, wp, op, s, OP)
+}
+
+/// How many of `misses` (the first ones) to compute on the CPU: `cpu_share` at the measured
+/// copy and CPU rates (the CPU's timed on the first miss when not known yet).
+fn cpu_count(
+    tier: &mut Tier,
+    store: &Arc<dyn ExpertProvider>,
+    layer: usize,
+    misses: &[u32],
+    host_x: &[f32],
+    s: &MoeShape,
+    opts: TierOptions,
+) -> Result<usize, CudaError> {
+    const OP: &str = "moe_experts_streamed";
+    if host_x.is_empty() {
+        return Ok(0); // the activations were not read back: no CPU work possible
+    }
+    if opts.cpu_misses == CpuMisses::Auto
+        && tier.cpu_cost.t1.is_none()
+        && s.n <= 2
+        && let Some(&e) = misses.first()
+    {
+        let secs = measure_cpu(store, layer, e, host_x, s, OP)?;
+        tier.cpu_cost.observe(1, secs);
+        tracing::info!(
+            "expert misses: copies at {:.1} GB/s, one record on the CPU in {:.0} us",
+            tier.h2d_bw / 1e9,
+            secs * 1e6
+        );
+    }
+    tier.cpu_ops += 1;
+    let copy = store.record_bytes() as f64 / tier.h2d_bw.max(1.0);
+    let explore = opts.cpu_bw.is_none() && tier.cpu_ops.is_multiple_of(CPU_EXPLORE);
+    let n = cpu_share(
+        opts.cpu_misses,
+        misses.len(),
+        s.n,
+        if tier.h2d_bw > 0.0 { copy } else { 0.0 },
+        &tier.cpu_cost,
+        explore,
+    );
+    Ok(n.min(misses.len()))
+}
+
+/// Computes on the host the y rows of the pairs routed to `cpu_set` (the CPU expert kernels,
+/// one expert's rows spread over the pool) and queues their upload into y (scratch, pairs *
+/// hidden floats) on the compute stream, after the device pass already queued (which leaves
+/// these rows alone: their local index is out of range). Learns the CPU's rate. The returned
+/// host rows must live until the stream has passed the uploads.
+#[allow(clippy::too_many_arguments)]
+fn cpu_pass(
+    enc: &mut Enc<'_>,
+    tier: &mut Tier,
+    store: &Arc<dyn ExpertProvider>,
+    layer: usize,
+    host_idx: &[u32],
+    host_x: &[f32],
+    cpu_set: &[u32],
+    s: &MoeShape,
+    y: u64,
+    opts: TierOptions,
+    stats: &mut DeviceTierStats,
+) -> Result<Keep, CudaError> {
+    const OP: &str = "moe_experts_streamed";
+    let mut keep: Keep = Vec::new();
+    if cpu_set.is_empty() {
+        return Ok(keep);
+    }
+    let layout = store.layout();
+    let record = store.record_bytes();
+    let pairs = s.n * s.k;
+    let jobs: Vec<(u32, Vec<usize>)> = cpu_set
+        .iter()
+        .map(|&e| {
+            let ps = (0..pairs).filter(|&p| host_idx[p] == e).collect();
+            (e, ps)
+        })
+        .collect();
+    let started = Instant::now();
+    let rows: Vec<CpuRows> = jobs
+        .into_par_iter()
+        .map(|(e, ps)| {
+            let rec = fetch(store, layer, e, record, OP)?;
+            let y = moeflux_cpu::ops::moe_streamed::expert_rows(
+                (*rec).as_ref(),
+                &layout,
+                host_x,
+                &ps,
+                s.k,
+                s.hidden,
+                s.inter,
+            )
+            .map_err(|err| CudaError::Unsupported {
+                op: OP,
+                msg: format!("expert {e} of layer {layer} on the CPU: {err}"),
+            })?;
+            Ok((ps, y))
+        })
+        .collect();
+    if opts.cpu_misses == CpuMisses::Auto && opts.cpu_bw.is_none() {
+        // The split follows the CPU's cost measured in this run.
+        let secs = started.elapsed().as_secs_f64();
+        tier.cpu_cost.observe(cpu_set.len(), secs);
+        tracing::debug!(
+            "layer {layer}: {} records on the CPU in {:.0} us; cost now {:?}",
+            cpu_set.len(),
+            secs * 1e6,
+            tier.cpu_cost
+        );
+    }
+    for r in rows {
+        let (ps, rows) = r?;
+        for (i, &p) in ps.iter().enumerate() {
+            let row = &rows[i * s.hidden..(i + 1) * s.hidden];
+            // SAFETY: y holds pairs * hidden floats and p < pairs; `rows` is kept by the caller
+            // until the stream passes the copy.
+            unsafe {
+                drv::memcpy_htod_async(y + (p * s.hidden * 4) as u64, row, enc.stream.cu_stream())
+            }
+            .map_err(CudaError::driver("moe streamed: uploading CPU rows"))?;
+        }
+        stats.cpu_computed += 1;
+        keep.push(Box::new(rows));
+    }
+    Ok(keep)
 }
 
 /// Copies every record of `layer` into the next free layer of the pinned block and builds its
@@ -1023,9 +1098,9 @@ fn prefetch(
     Ok(())
 }
 
-/// Bandwidth (bytes/s) of the CPU expert kernel on one record at this batch size (the
-/// record's rows spread over the thread pool, as the misses run). Overridden by
-/// `MOEFLUX_CPU_EXPERT_BW`.
+/// Seconds the CPU expert path takes for one record at this batch size (its rows spread over
+/// the thread pool, as the misses run), best of two. Not used when `MOEFLUX_CPU_EXPERT_BW`
+/// gives a rate.
 fn measure_cpu(
     store: &Arc<dyn ExpertProvider>,
     layer: usize,
@@ -1056,24 +1131,27 @@ fn measure_cpu(
         })?;
         best = best.min(t.elapsed().as_secs_f64());
     }
-    // expert_rows spreads one expert's rows over the pool: its rate is the CPU's.
-    Ok(record as f64 / best.max(1e-9))
+    Ok(best)
 }
 
 /// Without a VRAM cache: one wave of at most `max_in_flight` experts at a time, fetched,
-/// copied into staging and run; synchronised after each wave (staging is reused).
+/// copied into staging and run; synchronised after each wave (staging is reused). Like the
+/// cached path, some experts may run on the CPU instead (during the last wave).
 #[allow(clippy::too_many_arguments)]
 fn waves(
     enc: &mut Enc<'_>,
+    tier: &mut Tier,
     store: &Arc<dyn ExpertProvider>,
     layer: usize,
     host_idx: &[u32],
+    host_x: &[f32],
     active: &[u32],
     x: BufId<Act>,
     weights: BufId<Act>,
     out: BufId<Act>,
     s: &MoeShape,
     f: &Formats,
+    opts: TierOptions,
     stats: &mut DeviceTierStats,
 ) -> Result<(), CudaError> {
     const OP: &str = "moe_experts_streamed";
@@ -1099,13 +1177,40 @@ fn waves(
                 "expert staging",
             )?);
         }
-        enc.staging.mem.as_ref().map(|m| m.ptr).unwrap_or(0)
+        enc.staging
+            .mem
+            .as_ref()
+            .map(|m| (m.ptr, m.bytes))
+            .unwrap_or((0, 0))
     };
+    if !host_x.is_empty() && opts.cpu_misses == CpuMisses::Auto && tier.h2d_bw <= 0.0 {
+        // The staging block's zeroing runs on the compute stream: done before the copy stream
+        // writes it.
+        enc.stream
+            .synchronize()
+            .map_err(CudaError::driver("moe streamed: measuring copies"))?;
+        tier.h2d_bw = measure_h2d(tier, stage.0, stage.1)?;
+    }
+    let stage = stage.0;
     let xp = enc.buf(x.raw())?;
     let (wp, op) = (enc.buf(weights.raw())?, enc.buf(out.raw())?);
     zero_y(enc, &sc, base, s)?;
+    let y = base + sc.y as u64;
 
-    for wave in active.chunks(wave_max) {
+    // Some experts on the CPU while the device copies and runs the others (the last wave).
+    let n_cpu = cpu_count(tier, store, layer, active, host_x, s, opts)?;
+    let (cpu_set, gpu_set) = active.split_at(n_cpu);
+    let n_waves = gpu_set.len().div_ceil(wave_max);
+    if n_waves == 0 {
+        let keep = cpu_pass(
+            enc, tier, store, layer, host_idx, host_x, cpu_set, s, y, opts, stats,
+        )?;
+        enc.stream
+            .synchronize()
+            .map_err(CudaError::driver("moe streamed: CPU rows"))?;
+        drop(keep);
+    }
+    for (wi, wave) in gpu_set.chunks(wave_max).enumerate() {
         // Fetch (host) and stage (device) this wave's records; they stay referenced until the
         // wave's kernels have run.
         let mut records = Vec::with_capacity(wave.len());
@@ -1136,13 +1241,20 @@ fn waves(
         // SAFETY: wave_idx holds `pairs` u32 and wave_table wave_n * 9 u64 of scratch; both
         // host vectors live until the synchronisation below.
         unsafe { local_pass(enc, f, &sc, base, xp, s, &local, &ptrs, vec) }?;
+        let keep = if wi + 1 == n_waves {
+            cpu_pass(
+                enc, tier, store, layer, host_idx, host_x, cpu_set, s, y, opts, stats,
+            )?
+        } else {
+            Vec::new()
+        };
         // The staging slots, the wave's routing and table are rewritten by the next wave, and
-        // the records may be dropped: wait for this wave's kernels.
+        // the records may be dropped: wait for this wave's kernels (and the CPU rows' uploads).
         enc.stream
             .synchronize()
             .map_err(CudaError::driver("moe streamed: wave"))?;
         drop(records);
-        drop((local, ptrs));
+        drop((local, ptrs, keep));
     }
     combine(enc, &sc, base, wp, op, s, OP)
 }
