@@ -188,12 +188,14 @@ if [ -x "$BIN/moeflux" ]; then
         # run of the same 8 layers is the reference; the half budget also runs without layer
         # pinning (one LRU over every layer).
         run_check "bench next-80b x8 resident (reference)" 60 "$LOGS/bench_store80_resident.log" "$BIN/moeflux" bench --preset qwen3-next-80b-a3b --layers 8 --device cuda --prompt 0 --gen 64 --context 0,64 --json "$OUT/bench_store80_resident.json"
+        # RUST_LOG=moeflux_cuda=info: the measured copy and CPU costs of the split go in the log.
         S80=(bench --preset qwen3-next-80b-a3b --layers 8 --device cuda --store /tmp/moeflux-store80 --host-mem 12GiB --preload-experts --prompt 0 --gen 128 --context 0,64)
-        run_check "bench store next-80b x8: VRAM all" 200 "$LOGS/bench_store80_all.log" "$BIN/moeflux" "${S80[@]}" --gpu-mem 8GiB --json "$OUT/bench_store80_all.json"
-        run_check "bench store next-80b x8: VRAM half" 100 "$LOGS/bench_store80_half.log" "$BIN/moeflux" "${S80[@]}" --gpu-mem 3625MiB --json "$OUT/bench_store80_half.json"
-        run_check "bench store next-80b x8: VRAM half, no pinning" 100 "$LOGS/bench_store80_half_lru.log" env MOEFLUX_PIN_LAYERS=0 "$BIN/moeflux" "${S80[@]}" --gpu-mem 3625MiB --json "$OUT/bench_store80_half_lru.json"
+        run_check "bench store next-80b x8: VRAM all" 200 "$LOGS/bench_store80_all.log" env RUST_LOG=moeflux_cuda=info "$BIN/moeflux" "${S80[@]}" --gpu-mem 8GiB --json "$OUT/bench_store80_all.json"
+        run_check "bench store next-80b x8: VRAM half" 100 "$LOGS/bench_store80_half.log" env RUST_LOG=moeflux_cuda=info "$BIN/moeflux" "${S80[@]}" --gpu-mem 3625MiB --json "$OUT/bench_store80_half.json"
+        run_check "bench store next-80b x8: VRAM half, no pinning" 100 "$LOGS/bench_store80_half_lru.log" env MOEFLUX_PIN_LAYERS=0 RUST_LOG=moeflux_cuda=info "$BIN/moeflux" "${S80[@]}" --gpu-mem 3625MiB --json "$OUT/bench_store80_half_lru.json"
         run_check "bench store next-80b x8: VRAM half, no CPU misses" 100 "$LOGS/bench_store80_half_nocpu.log" env MOEFLUX_CPU_MISSES=0 "$BIN/moeflux" "${S80[@]}" --gpu-mem 3625MiB --json "$OUT/bench_store80_half_nocpu.json"
-        run_check "bench store next-80b x8: VRAM none" 100 "$LOGS/bench_store80_none.log" "$BIN/moeflux" "${S80[@]}" --gpu-mem 0 --json "$OUT/bench_store80_none.json"
+        run_check "bench store next-80b x8: VRAM none" 100 "$LOGS/bench_store80_none.log" env RUST_LOG=moeflux_cuda=info "$BIN/moeflux" "${S80[@]}" --gpu-mem 0 --json "$OUT/bench_store80_none.json"
+        run_check "bench store next-80b x8: VRAM none, no CPU misses" 100 "$LOGS/bench_store80_none_nocpu.log" env MOEFLUX_CPU_MISSES=0 "$BIN/moeflux" "${S80[@]}" --gpu-mem 0 --json "$OUT/bench_store80_none_nocpu.json"
         S397=(bench --preset qwen3.5-397b-a17b --layers 2 --device cuda --store /tmp/moeflux-store397 --host-mem 8GiB --gpu-mem 2GiB --prompt 0 --gen 32)
         run_check "bench store 397b x2: uniform" 200 "$LOGS/bench_store397_uniform.log" "$BIN/moeflux" "${S397[@]}" --json "$OUT/bench_store397_uniform.json"
         run_check "bench store 397b x2: locality 0.67" 100 "$LOGS/bench_store397_local.log" "$BIN/moeflux" "${S397[@]}" --routing-locality 0.67 --json "$OUT/bench_store397_local.json"
@@ -232,13 +234,13 @@ fi
     printf '%s\n' "${ROWS[@]}"
     echo
     echo "Logs: logs.tar.gz (one log per check)"
-    for b in bench_next80b bench_30b bench_store80_resident bench_store80_all bench_store80_half bench_store80_half_lru bench_store80_half_nocpu bench_store80_none bench_store397_uniform bench_store397_local; do
+    for b in bench_next80b bench_30b bench_store80_resident bench_store80_all bench_store80_half bench_store80_half_lru bench_store80_half_nocpu bench_store80_none bench_store80_none_nocpu bench_store397_uniform bench_store397_local; do
         if [ -s "$LOGS/$b.log" ]; then
             echo
             echo "## $b"
             echo
             echo '```'
-            grep -E '^preset|^prefill|^decode|built in|experts|tier|VRAM|RAM|disk|pinned|^error' "$LOGS/$b.log" | head -24
+            grep -E '^preset|^prefill|^decode|built in|experts|tier|VRAM|RAM|disk|pinned|^error|expert misses' "$LOGS/$b.log" | head -24
             echo '```'
         fi
     done

@@ -2,6 +2,7 @@
 //
 //   rms_norm_f32:       out = x / rms(x) * (w + offset)
 //   gated_rms_norm_f32: out = x / rms(x) * (w + offset) * silu(gate)
+//   add_rms_norm_vec_f32: sum = x + y and out = rms_norm(sum), in one pass (below)
 // over `rows` rows of `dim` f32 (per-head norms pass rows = n * heads). `w` is a stored vector
 // of dtype `wdt` (DT_* in common.cuh). Grid (rows), block min(256, dim rounded up to 32): one
 // block per row. Each thread writes only elements it read itself, after the reduction, so
@@ -35,9 +36,11 @@ extern "C" __global__ void gated_rms_norm_f32(const float* x, const float* gate,
 // (so dim <= 16384), 16-byte aligned rows: each thread holds at most 4 float4 of its row in
 // registers, so x (and the gate) are read once, with 16-byte loads. Block ceil(dim / 4 / 4)
 // rounded up to 32 at least, at most 1024.
+// With `y` (add_rms_norm_vec_f32), the row normalised is x + y, and that sum is also written to
+// `sum` (the residual stream of a block: Op::Add followed by the next Op::RmsNorm of the sum).
 template <bool GATED>
 __device__ __forceinline__ void rms_norm_vec(const float* x, const float* gate, const void* w, int wdt, float* out, u32 dim,
-                                             float eps, float offset) {
+                                             float eps, float offset, const float* y = nullptr, float* sum = nullptr) {
     __shared__ float red[32];
     const u64 base = (u64)blockIdx.x * dim;
     const u32 d4 = dim >> 2;
@@ -49,6 +52,14 @@ __device__ __forceinline__ void rms_norm_vec(const float* x, const float* gate, 
         const u32 c = threadIdx.x + j * blockDim.x;
         if (c < d4) {
             v[j] = xr[c];
+            if (y != nullptr) {
+                const float4 b = ((const float4*)(y + base))[c];
+                v[j].x += b.x;
+                v[j].y += b.y;
+                v[j].z += b.z;
+                v[j].w += b.w;
+                ((float4*)(sum + base))[c] = v[j];
+            }
             ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
         }
     }
@@ -84,4 +95,12 @@ extern "C" __global__ void rms_norm_vec_f32(const float* x, const void* w, int w
 extern "C" __global__ void gated_rms_norm_vec_f32(const float* x, const float* gate, const void* w, int wdt, float* out, u32 dim,
                                                   float eps, float offset) {
     rms_norm_vec<true>(x, gate, w, wdt, out, dim, eps, offset);
+}
+
+// add_rms_norm_vec_f32: sum = x + y, out = sum / rms(sum) * (w + offset), with the conditions
+// of rms_norm_vec_f32 (every pointer 16-byte aligned). One pass over x and y instead of an
+// add kernel and a norm kernel that re-reads the sum.
+extern "C" __global__ void add_rms_norm_vec_f32(const float* x, const float* y, float* sum, const void* w, int wdt, float* out,
+                                                u32 dim, float eps, float offset) {
+    rms_norm_vec<false>(x, nullptr, w, wdt, out, dim, eps, offset, y, sum);
 }

@@ -34,7 +34,7 @@ use std::time::Instant;
 use cudarc::driver::sys::CUdevice_attribute_enum;
 use cudarc::driver::{CudaContext, CudaStream};
 use moeflux_core::backend::OpProfile;
-use moeflux_core::{Backend, BufferPool, CoreError, Graph, Lifetime, Op, Plan};
+use moeflux_core::{Act, Backend, BufId, BufferPool, CoreError, Graph, Lifetime, Op, Plan};
 
 pub use error::CudaError;
 pub use expert_cache::CpuMisses;
@@ -148,8 +148,8 @@ pub struct CudaBackend {
     graphs: bool,
     /// Capture state of every graph executed so far (a handful: one per step shape).
     captures: Vec<Capture>,
-    /// Merge consecutive decode matvecs of one input into one launch (`MOEFLUX_CUDA_MERGE=0`
-    /// turns it off).
+    /// Merge consecutive decode matvecs of one input into one launch, and a residual add
+    /// with the norm of its sum (`MOEFLUX_CUDA_MERGE=0` turns both off).
     merge_matvecs: bool,
     /// (graph address, first, end): nodes `first + 1 .. end` of that graph were launched
     /// together with node `first` and are skipped.
@@ -576,6 +576,9 @@ impl CudaBackend {
     /// (up to 4 in all, see [`ops::matmul::matvec_multi`]): the number of nodes launched, or 0
     /// when the node runs alone.
     fn merge_run(&mut self, graph: &Graph, index: usize) -> Result<usize, CudaError> {
+        if let Op::Add { a, b, out, len } = &graph.nodes[index].1 {
+            return self.fuse_add_norm(graph, index, (*a, *b, *out, *len));
+        }
         let Op::Matmul { x, n, .. } = &graph.nodes[index].1 else {
             return Ok(0);
         };
@@ -604,6 +607,51 @@ impl CudaBackend {
         let (x, n) = (*x, *n);
         let merged = ops::matmul::matvec_multi(&mut self.enc(), x, &parts, n)?;
         Ok(if merged { parts.len() } else { 0 })
+    }
+
+    /// Launches the Add at node `index` and the RmsNorm of its sum that follows it as one
+    /// kernel (the residual add of a block and the next block's input norm): 2 nodes launched,
+    /// or 0 when they run apart.
+    fn fuse_add_norm(
+        &mut self,
+        graph: &Graph,
+        index: usize,
+        (a, b, sum, len): (BufId<Act>, BufId<Act>, BufId<Act>, usize),
+    ) -> Result<usize, CudaError> {
+        if !self.merge_matvecs {
+            return Ok(0);
+        }
+        let Some((
+            _,
+            Op::RmsNorm {
+                x,
+                weight,
+                out,
+                rows,
+                dim,
+                eps,
+                offset,
+            },
+        )) = graph.nodes.get(index + 1)
+        else {
+            return Ok(0);
+        };
+        if *x != sum || rows.checked_mul(*dim) != Some(len) {
+            return Ok(0);
+        }
+        let fused = ops::rms_norm::add_rms_norm(
+            &mut self.enc(),
+            a,
+            b,
+            sum,
+            weight,
+            *out,
+            *rows,
+            *dim,
+            *eps,
+            *offset,
+        )?;
+        Ok(if fused { 2 } else { 0 })
     }
 
     fn encode_one(&mut self, op: &Op) -> Result<(), CudaError> {

@@ -430,6 +430,54 @@ fn embed() {
     }
 }
 
+/// An add whose sum the next op normalises (the residual stream of a block) runs as one
+/// kernel on CUDA when the rows take the vector path: both the sum and the norm must match,
+/// in place (sum into an input) and when the shape falls back to two kernels (dim 1002).
+#[test]
+fn add_then_rms_norm() {
+    for (rows, dim, in_place) in [
+        (1, 2048, false),
+        (3, 4096, true),
+        (2, 1002, false),
+        (1, 12288, true),
+    ] {
+        check(
+            &format!("add + rms_norm {rows}x{dim} in place {in_place}"),
+            9,
+            1e-5,
+            &|s| {
+                let len = rows * dim;
+                let (a, b) = (s.rand(len, 1.0), s.rand(len, 1.0));
+                let (a, b) = (s.input(&a, "a"), s.input(&b, "b"));
+                let sum = if in_place {
+                    s.watch(a, len, "sum (in a)", Kind::F32);
+                    a
+                } else {
+                    s.output(len, "sum")
+                };
+                let w = s.rand(dim, 1.0);
+                let weight = gen_vector(s, &w, DType::BF16, "w");
+                let out = s.output(len, "out");
+                s.op(Op::Add {
+                    a,
+                    b,
+                    out: sum,
+                    len,
+                });
+                s.op(Op::RmsNorm {
+                    x: sum,
+                    weight,
+                    out,
+                    rows,
+                    dim,
+                    eps: 1e-6,
+                    offset: 1.0,
+                });
+            },
+        );
+    }
+}
+
 #[test]
 fn rms_norm() {
     // 1002: the scalar kernel (dim % 4 != 0); 12288: several float4 per thread.
