@@ -1900,7 +1900,11 @@ fn streamed_tiers_no_cache_waves() {
             };
             if moeflux_cuda::available() {
                 assert_eq!(st.vram_hits, 0, "{st:?}");
-                assert_eq!(st.cpu_computed, 0, "{st:?}");
+                // without a cache, misses still go to the CPU when allowed (during the waves)
+                match cpu {
+                    CpuMisses::Off => assert_eq!(st.cpu_computed, 0, "{st:?}"),
+                    _ => assert!(st.cpu_computed > 0, "{st:?}"),
+                }
             }
         }
     }
