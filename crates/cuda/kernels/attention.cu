@@ -23,7 +23,7 @@
 #define ATT_MAXD 8
 
 extern "C" __global__ void kv_append_f32(const float* k, const float* v, const u32* pos, float* kc, float* vc, u32 n, u32 kv_dim,
-                                         u32 max_ctx) {
+                                         u32 max_ctx) { pdl_prologue();
     const u64 total = (u64)n * kv_dim;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
         u32 t = (u32)(i / kv_dim), c = (u32)(i % kv_dim);
@@ -36,7 +36,7 @@ extern "C" __global__ void kv_append_f32(const float* k, const float* v, const u
 
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attention_f32(const float* q, const u32* pos, const float* kc,
                                                                           const float* vc, float* out, u32 heads, u32 kv_heads,
-                                                                          u32 head_dim, float scale, u32 max_ctx) {
+                                                                          u32 head_dim, float scale, u32 max_ctx) { pdl_prologue();
     __shared__ float s_m[ATT_WARPS], s_l[ATT_WARPS];
     __shared__ float s_acc[ATT_WARPS][ATT_MAXD * 32];
     const u32 h = blockIdx.x, t = blockIdx.y;
@@ -105,7 +105,7 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attention_f32(const
 
 extern "C" __global__ void __launch_bounds__(AS_WARPS * 32) attention_split_f32(const float* q, const u32* pos, const float* kc,
                                                                                const float* vc, float* part, u32 heads, u32 kv_heads,
-                                                                               u32 head_dim, float scale, u32 max_ctx, u32 splits) {
+                                                                               u32 head_dim, float scale, u32 max_ctx, u32 splits) { pdl_prologue();
     __shared__ float s_m[AS_WARPS], s_l[AS_WARPS];
     __shared__ float s_acc[AS_WARPS][ATT_MAXD * 32];
     const u32 h = blockIdx.x, t = blockIdx.y, sp = blockIdx.z;
@@ -206,7 +206,7 @@ extern "C" __global__ void __launch_bounds__(AS_WARPS * 32) attention_split_f32(
     }
 }
 
-extern "C" __global__ void attention_merge_f32(const float* part, float* out, u32 heads, u32 head_dim, u32 splits) {
+extern "C" __global__ void attention_merge_f32(const float* part, float* out, u32 heads, u32 head_dim, u32 splits) { pdl_prologue();
     const u32 h = blockIdx.x, t = blockIdx.y;
     const u64 stride = head_dim + 2;
     const float* P = part + ((u64)t * heads + h) * splits * stride;
@@ -244,7 +244,7 @@ extern "C" __global__ void attention_merge_f32(const float* part, float* out, u3
 
 extern "C" __global__ void __launch_bounds__(256) attention_tiled_f32(const float* q, const u32* pos, const float* kc,
                                                                      const float* vc, float* out, u32 n, u32 heads,
-                                                                     u32 kv_heads, u32 head_dim, float scale, u32 max_ctx) {
+                                                                     u32 kv_heads, u32 head_dim, float scale, u32 max_ctx) { pdl_prologue();
     float* qs = (float*)smem4;          // [AT_Q][AT_DP]
     float* ks = qs + AT_Q * AT_DP;      // [AT_K][AT_DP]
     float* vs = ks + AT_K * AT_DP;      // [AT_K][AT_D]

@@ -6,7 +6,7 @@
 // Grid: a few blocks per SM, block 256.
 #include "common.cuh"
 
-extern "C" __global__ void read_sum_f32(const float4* x, u64 n4, float* out) {
+extern "C" __global__ void read_sum_f32(const float4* x, u64 n4, float* out) { pdl_prologue();
     __shared__ float red[32];
     float a = 0.f, b = 0.f, c = 0.f, d = 0.f;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n4; i += (u64)gridDim.x * blockDim.x) {

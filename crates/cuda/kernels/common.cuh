@@ -32,6 +32,18 @@ typedef unsigned long long u64;
 // Dynamic shared memory of every kernel that takes some (16-byte aligned).
 extern __shared__ float4 smem4[];
 
+// Programmatic dependent launch (sm_90+): every kernel starts with this. The host launches
+// kernels with programmatic stream serialisation, so a kernel may be scheduled while the one
+// before it is still running; `griddepcontrol.wait` holds it until that kernel has finished
+// and its writes are visible, then `launch_dependents` lets the next kernel be scheduled in
+// turn (at most one kernel waits ahead). Without the launch attribute both are no-ops.
+__device__ __forceinline__ void pdl_prologue() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
 __device__ __forceinline__ float bf16_to_f32(u32 h) { return __uint_as_float(h << 16); }
 
 __device__ __forceinline__ float f16_to_f32(u16 h) {

@@ -11,7 +11,7 @@
 #define CONV_MAXK 8
 
 extern "C" __global__ void conv1d_silu_f32(const float* x, float* state, const void* w, int wdt, float* out, u32 n, u32 channels,
-                                           u32 kernel) {
+                                           u32 kernel) { pdl_prologue();
     const u32 c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= channels) return;
     const u32 hist = kernel - 1;

@@ -13,15 +13,15 @@
 
 #define GRID_STRIDE(i, len) for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < (len); i += (u64)gridDim.x * blockDim.x)
 
-extern "C" __global__ void add_f32(const float* a, const float* b, float* out, u64 len) {
+extern "C" __global__ void add_f32(const float* a, const float* b, float* out, u64 len) { pdl_prologue();
     GRID_STRIDE(i, len) out[i] = a[i] + b[i];
 }
 
-extern "C" __global__ void swiglu_f32(const float* gate, const float* up, float* out, u64 len) {
+extern "C" __global__ void swiglu_f32(const float* gate, const float* up, float* out, u64 len) { pdl_prologue();
     GRID_STRIDE(i, len) out[i] = silu_f(gate[i]) * up[i];
 }
 
-extern "C" __global__ void sigmoid_gate_f32(const float* x, const float* gate, float* out, u64 len, u32 width, u32 gate_width) {
+extern "C" __global__ void sigmoid_gate_f32(const float* x, const float* gate, float* out, u64 len, u32 width, u32 gate_width) { pdl_prologue();
     GRID_STRIDE(i, len) {
         u64 r = i / width;
         u32 j = (u32)(i - r * width);
@@ -44,7 +44,7 @@ struct ScatterParts {
 };
 
 extern "C" __global__ void scatter_parts_f32(const float* x, ScatterParts a, u64 len, u32 groups, u32 row, u32 group_w, u32 col0,
-                                             u32 cols) {
+                                             u32 cols) { pdl_prologue();
     GRID_STRIDE(i, len) {
         const u32 c = (u32)(i % cols);
         const u64 tg = i / cols;

@@ -16,7 +16,7 @@ __device__ __forceinline__ void embed_body(const WMat& t, const u32* tokens, flo
 }
 
 #define EMBED_KERNEL(NAME, FMT) \
-    extern "C" __global__ void embed_##NAME(WMat t, const u32* tokens, float* out) { embed_body<FMT>(t, tokens, out); }
+    extern "C" __global__ void embed_##NAME(WMat t, const u32* tokens, float* out) { pdl_prologue(); embed_body<FMT>(t, tokens, out); }
 
 EMBED_KERNEL(f32, FMT_F32)
 EMBED_KERNEL(f16, FMT_F16)

@@ -22,7 +22,7 @@ __device__ __forceinline__ float softplus_f(float x) { return x > 20.f ? x : log
 
 extern "C" __global__ void __launch_bounds__(256) gated_delta_f32(const float* qkv, const float* a, const float* b, const void* a_log,
                                                                  const void* dt_bias, int vdt, float* state, float* out, u32 n,
-                                                                 u32 k_heads, u32 v_heads, u32 dk, u32 dv) {
+                                                                 u32 k_heads, u32 v_heads, u32 dk, u32 dv) { pdl_prologue();
     __shared__ float qs[256], ks[256];
     __shared__ float red[32];
     __shared__ float part[GD_WARPS][32];

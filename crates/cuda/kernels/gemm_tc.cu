@@ -314,16 +314,16 @@ __device__ __forceinline__ void moe_tc_body(const u64* table, const u32* sorted,
 
 #define TC_MOE(NAME, FMT, TM)                                                                                              \
     extern "C" __global__ void __launch_bounds__(128) moe_tc_gate_up_##NAME##_m##TM(const u64* table, const u32* sorted,  \
-        const u32* tiles, const u32* ntiles, const float* x, u32 k, u32 hidden, u32 inter, u32 group, int sdt, float* h) { \
+        const u32* tiles, const u32* ntiles, const float* x, u32 k, u32 hidden, u32 inter, u32 group, int sdt, float* h) { pdl_prologue(); \
         moe_tc_body<FMT, 2, TM>(table, sorted, tiles, ntiles, x, k, hidden, inter, hidden, group, sdt, h, inter);          \
     }                                                                                                                      \
     extern "C" __global__ void __launch_bounds__(128) moe_tc_down_##NAME##_m##TM(const u64* table, const u32* sorted,     \
-        const u32* tiles, const u32* ntiles, const float* h, u32 hidden, u32 inter, u32 group, int sdt, float* y) {       \
+        const u32* tiles, const u32* ntiles, const float* h, u32 hidden, u32 inter, u32 group, int sdt, float* y) { pdl_prologue();       \
         moe_tc_body<FMT, 1, TM>(table, sorted, tiles, ntiles, h, 1, inter, hidden, inter, group, sdt, y, hidden);          \
     }
 
 #define TC_KERNELS(NAME, FMT)                                                                                              \
-    extern "C" __global__ void __launch_bounds__(128) gemm_tc_##NAME(WMat w, const float* x, float* out, u32 n) {         \
+    extern "C" __global__ void __launch_bounds__(128) gemm_tc_##NAME(WMat w, const float* x, float* out, u32 n) { pdl_prologue();         \
         gemm_tc_body<FMT>(w, x, out, n);                                                                                   \
     }                                                                                                                      \
     TC_MOE(NAME, FMT, 32)                                                                                                  \

@@ -53,10 +53,10 @@ __device__ __forceinline__ void gemm_body(const WMat& w, const float* x, float* 
 }
 
 #define MATVEC_KERNEL(NAME, FMT, VEC, KIND, R)                                                      \
-    extern "C" __global__ void __launch_bounds__(256) matvec_##KIND##_##NAME##_r##R(WMat w, const float* x, float* out) { \
+    extern "C" __global__ void __launch_bounds__(256) matvec_##KIND##_##NAME##_r##R(WMat w, const float* x, float* out) { pdl_prologue(); \
         matvec_body<FMT, VEC, R>(w, x, out, blockIdx.x);                                            \
     }                                                                                               \
-    extern "C" __global__ void __launch_bounds__(256) matvec_multi_##KIND##_##NAME##_r##R(MvParts a, const float* x) { \
+    extern "C" __global__ void __launch_bounds__(256) matvec_multi_##KIND##_##NAME##_r##R(MvParts a, const float* x) { pdl_prologue(); \
         u32 p = 0;                                                                                  \
         _Pragma("unroll") for (u32 q = 1; q < MV_PARTS; q++) if (q < a.count && blockIdx.x >= a.start[q]) p = q; \
         WMat w = a.w[0];                                                                            \
@@ -71,7 +71,7 @@ __device__ __forceinline__ void gemm_body(const WMat& w, const float* x, float* 
     MATVEC_KERNEL(NAME, FMT, true, vec, 4)                                                          \
     MATVEC_KERNEL(NAME, FMT, false, scalar, 1)                                                      \
     MATVEC_KERNEL(NAME, FMT, false, scalar, 4)                                                      \
-    extern "C" __global__ void __launch_bounds__(256) gemm_##NAME(WMat w, const float* x, float* out, u32 n) { \
+    extern "C" __global__ void __launch_bounds__(256) gemm_##NAME(WMat w, const float* x, float* out, u32 n) { pdl_prologue(); \
         gemm_body<FMT>(w, x, out, n);                                                               \
     }
 

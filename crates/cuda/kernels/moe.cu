@@ -48,7 +48,7 @@ __device__ __forceinline__ void warp_argmax(float& v, u32& i) {
 }
 
 extern "C" __global__ void router_topk_f32(const float* logits, const float* shared, u32* idx, float* weights, u32 n, u32 experts,
-                                           u32 k, int renorm) {
+                                           u32 k, int renorm) { pdl_prologue();
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const u32 t = blockIdx.x * 4 + warp;
     if (t >= n) return;
@@ -102,7 +102,7 @@ extern "C" __global__ void router_topk_f32(const float* logits, const float* sha
 //   end. One warp per token, 4 warps per block, no shared memory.
 #define TOPK_PER_LANE 16
 extern "C" __global__ void router_topk_reg_f32(const float* logits, const float* shared, u32* idx, float* weights, u32 n,
-                                               u32 experts, u32 k, int renorm) {
+                                               u32 experts, u32 k, int renorm) { pdl_prologue();
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const u32 t = blockIdx.x * 4 + warp;
     if (t >= n) return;
@@ -306,7 +306,7 @@ __device__ __forceinline__ void down_combine_body(const u64* table, u32 ne, cons
     }
 }
 
-extern "C" __global__ void moe_route(const u32* idx, u32 pairs, u32 num_experts, u32 tm, u32* sorted, u32* tiles, u32* ntiles) {
+extern "C" __global__ void moe_route(const u32* idx, u32 pairs, u32 num_experts, u32 tm, u32* sorted, u32* tiles, u32* ntiles) { pdl_prologue();
     u32* cnt = (u32*)smem4;
     u32* fill = cnt + num_experts;
     for (u32 e = threadIdx.x; e < num_experts; e += blockDim.x) cnt[e] = 0;
@@ -355,16 +355,16 @@ __device__ __forceinline__ void moe_gemm_body(const u64* table, const u32* sorte
 
 #define MOE_VEC_KERNELS(NAME, FMT, L)                                                                                   \
     extern "C" __global__ void __launch_bounds__(256) moe_gate_up_vec_##NAME##_l##L(const u64* table, u32 ne, const float* x, \
-        const u32* idx, u32 k, u32 hidden, u32 inter, u32 group, int sdt, float* h) {                                    \
+        const u32* idx, u32 k, u32 hidden, u32 inter, u32 group, int sdt, float* h) { pdl_prologue();                                    \
         gate_up_body<FMT, true, L>(table, ne, x, idx, k, hidden, inter, group, sdt, h);                                  \
     }                                                                                                                   \
     extern "C" __global__ void __launch_bounds__(256) moe_down_vec_##NAME##_l##L(const u64* table, u32 ne, const float* h,  \
-        const u32* idx, u32 hidden, u32 inter, u32 group, int sdt, float* y) {                                           \
+        const u32* idx, u32 hidden, u32 inter, u32 group, int sdt, float* y) { pdl_prologue();                                           \
         down_body<FMT, true, L>(table, ne, h, idx, hidden, inter, group, sdt, y);                                        \
     }                                                                                                                   \
     extern "C" __global__ void __launch_bounds__(256) moe_down_combine_vec_##NAME##_l##L(const u64* table, u32 ne,          \
         const float* h, const u32* idx, const float* weights, u32 k, u32 hidden, u32 inter, u32 group, int sdt,           \
-        float* out) {                                                                                                   \
+        float* out) { pdl_prologue();                                                                                                   \
         down_combine_body<FMT, L>(table, ne, h, idx, weights, k, hidden, inter, group, sdt, out);                        \
     }
 
@@ -373,19 +373,19 @@ __device__ __forceinline__ void moe_gemm_body(const u64* table, const u32* sorte
     MOE_VEC_KERNELS(NAME, FMT, 16)                                                                                      \
     MOE_VEC_KERNELS(NAME, FMT, 8)                                                                                       \
     extern "C" __global__ void __launch_bounds__(256) moe_gate_up_scalar_##NAME(const u64* table, u32 ne, const float* x,  \
-        const u32* idx, u32 k, u32 hidden, u32 inter, u32 group, int sdt, float* h) {                                    \
+        const u32* idx, u32 k, u32 hidden, u32 inter, u32 group, int sdt, float* h) { pdl_prologue();                                    \
         gate_up_body<FMT, false, 32>(table, ne, x, idx, k, hidden, inter, group, sdt, h);                                \
     }                                                                                                                   \
     extern "C" __global__ void __launch_bounds__(256) moe_down_scalar_##NAME(const u64* table, u32 ne, const float* h,     \
-        const u32* idx, u32 hidden, u32 inter, u32 group, int sdt, float* y) {                                           \
+        const u32* idx, u32 hidden, u32 inter, u32 group, int sdt, float* y) { pdl_prologue();                                           \
         down_body<FMT, false, 32>(table, ne, h, idx, hidden, inter, group, sdt, y);                                      \
     }                                                                                                                   \
     extern "C" __global__ void __launch_bounds__(256) moe_gemm_gate_up_##NAME(const u64* table, const u32* sorted,          \
-        const u32* tiles, const u32* ntiles, const float* x, u32 k, u32 hidden, u32 inter, u32 group, int sdt, float* h) { \
+        const u32* tiles, const u32* ntiles, const float* x, u32 k, u32 hidden, u32 inter, u32 group, int sdt, float* h) { pdl_prologue(); \
         moe_gemm_body<FMT, 2>(table, sorted, tiles, ntiles, x, k, hidden, k, inter, hidden, group, sdt, h, inter);       \
     }                                                                                                                   \
     extern "C" __global__ void __launch_bounds__(256) moe_gemm_down_##NAME(const u64* table, const u32* sorted,             \
-        const u32* tiles, const u32* ntiles, const float* h, u32 hidden, u32 inter, u32 group, int sdt, float* y) {       \
+        const u32* tiles, const u32* ntiles, const float* h, u32 hidden, u32 inter, u32 group, int sdt, float* y) { pdl_prologue();       \
         moe_gemm_body<FMT, 1>(table, sorted, tiles, ntiles, h, 1, inter, 1, hidden, inter, group, sdt, y, hidden);       \
     }
 
@@ -395,7 +395,7 @@ MOE_KERNELS(bf16, FMT_BF16)
 MOE_KERNELS(q4, FMT_Q4)
 MOE_KERNELS(q8, FMT_Q8)
 
-extern "C" __global__ void moe_combine_f32(const float* y, const float* weights, float* out, u32 n, u32 k, u32 hidden) {
+extern "C" __global__ void moe_combine_f32(const float* y, const float* weights, float* out, u32 n, u32 k, u32 hidden) { pdl_prologue();
     const u64 total = (u64)n * hidden;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
         u64 t = i / hidden;

@@ -16,7 +16,7 @@ __device__ __forceinline__ float row_inv_rms(const float* xr, u32 dim, float eps
     return 1.0f / sqrtf(ss / (float)dim + eps);
 }
 
-extern "C" __global__ void rms_norm_f32(const float* x, const void* w, int wdt, float* out, u32 dim, float eps, float offset) {
+extern "C" __global__ void rms_norm_f32(const float* x, const void* w, int wdt, float* out, u32 dim, float eps, float offset) { pdl_prologue();
     __shared__ float red[32];
     const u64 base = (u64)blockIdx.x * dim;
     const float r = row_inv_rms(x + base, dim, eps, red);
@@ -24,7 +24,7 @@ extern "C" __global__ void rms_norm_f32(const float* x, const void* w, int wdt, 
 }
 
 extern "C" __global__ void gated_rms_norm_f32(const float* x, const float* gate, const void* w, int wdt, float* out, u32 dim,
-                                              float eps, float offset) {
+                                              float eps, float offset) { pdl_prologue();
     __shared__ float red[32];
     const u64 base = (u64)blockIdx.x * dim;
     const float r = row_inv_rms(x + base, dim, eps, red);
@@ -88,12 +88,12 @@ __device__ __forceinline__ void rms_norm_vec(const float* x, const float* gate, 
     }
 }
 
-extern "C" __global__ void rms_norm_vec_f32(const float* x, const void* w, int wdt, float* out, u32 dim, float eps, float offset) {
+extern "C" __global__ void rms_norm_vec_f32(const float* x, const void* w, int wdt, float* out, u32 dim, float eps, float offset) { pdl_prologue();
     rms_norm_vec<false>(x, nullptr, w, wdt, out, dim, eps, offset);
 }
 
 extern "C" __global__ void gated_rms_norm_vec_f32(const float* x, const float* gate, const void* w, int wdt, float* out, u32 dim,
-                                                  float eps, float offset) {
+                                                  float eps, float offset) { pdl_prologue();
     rms_norm_vec<true>(x, gate, w, wdt, out, dim, eps, offset);
 }
 
@@ -101,6 +101,6 @@ extern "C" __global__ void gated_rms_norm_vec_f32(const float* x, const float* g
 // of rms_norm_vec_f32 (every pointer 16-byte aligned). One pass over x and y instead of an
 // add kernel and a norm kernel that re-reads the sum.
 extern "C" __global__ void add_rms_norm_vec_f32(const float* x, const float* y, float* sum, const void* w, int wdt, float* out,
-                                                u32 dim, float eps, float offset) {
+                                                u32 dim, float eps, float offset) { pdl_prologue();
     rms_norm_vec<false>(x, nullptr, w, wdt, out, dim, eps, offset, y, sum);
 }

@@ -6,7 +6,7 @@
 // Grid-stride over n * heads * rotary_dim/2 pairs, block 256.
 #include "common.cuh"
 
-extern "C" __global__ void rope_f32(float* x, const u32* pos, u32 n, u32 heads, u32 head_dim, u32 rotary_dim, float theta) {
+extern "C" __global__ void rope_f32(float* x, const u32* pos, u32 n, u32 heads, u32 head_dim, u32 rotary_dim, float theta) { pdl_prologue();
     const u32 half = rotary_dim / 2;
     const u64 total = (u64)n * heads * half;
     for (u64 k = (u64)blockIdx.x * blockDim.x + threadIdx.x; k < total; k += (u64)gridDim.x * blockDim.x) {

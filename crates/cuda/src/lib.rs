@@ -154,6 +154,8 @@ pub struct CudaBackend {
     /// (graph address, first, end): nodes `first + 1 .. end` of that graph were launched
     /// together with node `first` and are skipped.
     merged: Option<(usize, usize, usize)>,
+    /// Programmatic dependent launches (see `ops::launch_raw`).
+    pdl: bool,
 }
 
 /// What `execute` knows about one graph. Keyed by the graph's address, name and node count;
@@ -303,6 +305,7 @@ impl CudaBackend {
             captures: Vec::new(),
             merge_matvecs: std::env::var("MOEFLUX_CUDA_MERGE").map_or(true, |v| v != "0"),
             merged: None,
+            pdl: major >= 9 && std::env::var("MOEFLUX_CUDA_PDL").map_or(true, |v| v != "0"),
         })
     }
 
@@ -670,6 +673,7 @@ impl CudaBackend {
             smem_optin: self.smem_optin,
             sm_count: self.sm_count,
             recent: &mut self.recent,
+            pdl: self.pdl,
         }
     }
 }

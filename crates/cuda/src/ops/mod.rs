@@ -36,14 +36,59 @@ macro_rules! launch {
         if cfg.shared_mem_bytes as usize > 48 * 1024 {
             $enc.kernels.allow_smem(name, &f, cfg.shared_mem_bytes as usize)?;
         }
-        let mut b = $enc.stream.launch_builder(&f);
-        $( cudarc::driver::PushKernelArg::arg(&mut b, &$arg); )*
-        let r = b.launch(cfg);
+        let mut params: Vec<*mut std::ffi::c_void> =
+            vec![$( (&$arg) as *const _ as *mut std::ffi::c_void ),*];
+        let r = crate::ops::launch_raw(&f, cfg, $enc.stream, $enc.pdl, &mut params);
         $enc.recent.push(name);
-        r.map(|_| ()).map_err(|err| crate::error::CudaError::Launch { kernel: name, err })
+        r.map_err(|err| crate::error::CudaError::Launch { kernel: name, err })
     }};
 }
 pub(crate) use launch;
+
+/// Launches `f` on `stream` with `cuLaunchKernelEx`; with `pdl`, as a programmatic dependent
+/// launch (every kernel of ours starts with `pdl_prologue()`, see common.cuh): the kernel may
+/// be scheduled while the previous one runs and waits on the device for it, which hides the
+/// launch gap between the many small kernels of a decode step, in streams and in captured
+/// graphs alike.
+///
+/// # Safety
+/// `params` point at live values whose types match the kernel's parameters, in order; the
+/// kernel's memory accesses are within the buffers they name.
+pub(crate) unsafe fn launch_raw(
+    f: &cudarc::driver::CudaFunction,
+    cfg: LaunchConfig,
+    stream: &CudaStream,
+    pdl: bool,
+    params: &mut [*mut std::ffi::c_void],
+) -> Result<(), cudarc::driver::DriverError> {
+    use cudarc::driver::sys;
+    // SAFETY: a plain C struct (ids and a union of plain values); all-zero is valid.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: u32::from(pdl),
+    };
+    // SAFETY: the caller's contract; `config` and `attr` outlive the call.
+    unsafe {
+        sys::cuLaunchKernelEx(
+            &config,
+            f.cu_function(),
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    }
+    .result()
+}
 
 /// Kernel-side weight format codes (`FMT_*` in common.cuh).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -211,6 +256,8 @@ pub(crate) struct Enc<'a> {
     pub sm_count: usize,
     /// Kernels enqueued since the last synchronisation (named in execution errors).
     pub recent: &'a mut Vec<&'static str>,
+    /// Launch kernels as programmatic dependent launches (sm_90+, `MOEFLUX_CUDA_PDL=0` off).
+    pub pdl: bool,
 }
 
 impl Enc<'_> {
