@@ -155,7 +155,7 @@ pub struct CudaBackend {
     /// together with node `first` and are skipped.
     merged: Option<(usize, usize, usize)>,
     /// Programmatic dependent launches (see `ops::launch_raw`).
-    pdl: bool,
+    pdl: ops::Pdl,
 }
 
 /// What `execute` knows about one graph. Keyed by the graph's address, name and node count;
@@ -305,7 +305,7 @@ impl CudaBackend {
             captures: Vec::new(),
             merge_matvecs: std::env::var("MOEFLUX_CUDA_MERGE").map_or(true, |v| v != "0"),
             merged: None,
-            pdl: major >= 9 && std::env::var("MOEFLUX_CUDA_PDL").map_or(true, |v| v != "0"),
+            pdl: ops::Pdl::from_env(major, sm_count),
         })
     }
 

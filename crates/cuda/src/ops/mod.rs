@@ -38,7 +38,8 @@ macro_rules! launch {
         }
         let mut params: Vec<*mut std::ffi::c_void> =
             vec![$( (&$arg) as *const _ as *mut std::ffi::c_void ),*];
-        let r = crate::ops::launch_raw(&f, cfg, $enc.stream, $enc.pdl, &mut params);
+        let pdl = $enc.pdl.applies(&cfg);
+        let r = crate::ops::launch_raw(&f, cfg, $enc.stream, pdl, &mut params);
         $enc.recent.push(name);
         r.map_err(|err| crate::error::CudaError::Launch { kernel: name, err })
     }};
@@ -256,8 +257,42 @@ pub(crate) struct Enc<'a> {
     pub sm_count: usize,
     /// Kernels enqueued since the last synchronisation (named in execution errors).
     pub recent: &'a mut Vec<&'static str>,
-    /// Launch kernels as programmatic dependent launches (sm_90+, `MOEFLUX_CUDA_PDL=0` off).
-    pub pdl: bool,
+    /// Which kernels launch as programmatic dependent launches.
+    pub pdl: Pdl,
+}
+
+/// Programmatic dependent launch policy (sm_90+; `MOEFLUX_CUDA_PDL=0|small|all`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Pdl {
+    Off,
+    /// Kernels of at most this many blocks: the decode kernels, whose launch gap is a large
+    /// part of their time; big grids amortise it.
+    Small(u32),
+    All,
+}
+
+impl Pdl {
+    pub(crate) fn from_env(major: i32, sm_count: usize) -> Self {
+        if major < 9 {
+            return Pdl::Off;
+        }
+        match std::env::var("MOEFLUX_CUDA_PDL").as_deref() {
+            Ok("0") | Ok("off") => Pdl::Off,
+            Ok("all") => Pdl::All,
+            _ => Pdl::Small((4 * sm_count).min(u32::MAX as usize) as u32),
+        }
+    }
+
+    pub(crate) fn applies(self, cfg: &LaunchConfig) -> bool {
+        match self {
+            Pdl::Off => false,
+            Pdl::All => true,
+            Pdl::Small(max) => {
+                let (x, y, z) = cfg.grid_dim;
+                (x as u64) * (y as u64) * (z as u64) <= max as u64
+            }
+        }
+    }
 }
 
 impl Enc<'_> {
