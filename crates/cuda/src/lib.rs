@@ -154,8 +154,10 @@ pub struct CudaBackend {
     /// (graph address, first, end): nodes `first + 1 .. end` of that graph were launched
     /// together with node `first` and are skipped.
     merged: Option<(usize, usize, usize)>,
-    /// Programmatic dependent launches (see `ops::launch_raw`).
+    /// Programmatic dependent launches (see `ops::launch_raw`), for decode graphs.
     pdl: ops::Pdl,
+    /// (address, is a decode step) of the graph being encoded.
+    pdl_graph: Option<(usize, bool)>,
 }
 
 /// What `execute` knows about one graph. Keyed by the graph's address, name and node count;
@@ -306,6 +308,7 @@ impl CudaBackend {
             merge_matvecs: std::env::var("MOEFLUX_CUDA_MERGE").map_or(true, |v| v != "0"),
             merged: None,
             pdl: ops::Pdl::from_env(major, sm_count),
+            pdl_graph: None,
         })
     }
 
@@ -673,9 +676,23 @@ impl CudaBackend {
             smem_optin: self.smem_optin,
             sm_count: self.sm_count,
             recent: &mut self.recent,
-            pdl: self.pdl,
+            pdl: if self.pdl_graph.is_some_and(|(_, decode)| decode) {
+                self.pdl
+            } else {
+                ops::Pdl::Off
+            },
         }
     }
+}
+
+/// Whether `graph` is a decode step: every matmul takes the matrix-vector path. Programmatic
+/// dependent launches pay off there (many short kernels); measured on the H100 (run 18) they
+/// cost a 512-token prefill of qwen3-30b ~6%, so prefill graphs launch plainly.
+fn is_decode(graph: &Graph) -> bool {
+    graph.nodes.iter().all(|(_, op)| match op {
+        Op::Matmul { n, .. } => *n <= ops::matmul::MATVEC_MAX_N,
+        _ => true,
+    })
 }
 
 impl Drop for CudaBackend {
@@ -718,6 +735,9 @@ impl Backend for CudaBackend {
             msg: e.to_string(),
         };
         let addr = graph as *const Graph as usize;
+        if self.pdl_graph.is_none_or(|(g, _)| g != addr) {
+            self.pdl_graph = Some((addr, is_decode(graph)));
+        }
         if let Some((g, first, end)) = self.merged
             && g == addr
             && first < index

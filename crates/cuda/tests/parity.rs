@@ -169,26 +169,39 @@ fn run(b: &mut dyn Backend, seed: u64, build: Build) -> Vec<(String, Kind, Vec<u
     res
 }
 
-/// The CUDA backend, or `None` after printing why the test is skipped.
-/// `MOEFLUX_PARITY_SELFTEST=1` substitutes a second CPU backend, to check the harness and the
-/// cases themselves on a machine without a GPU.
-fn device() -> Option<Box<dyn Backend>> {
+/// One test at a time on the device: `cargo test` runs tests on parallel threads, and a test
+/// whose VRAM cache takes "free memory minus a reserve" would leave the others too little to
+/// open a backend (seen once as 2 of 30 failures on the H100).
+static GPU: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn gpu_lock() -> std::sync::MutexGuard<'static, ()> {
+    GPU.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The device lock to hold while using it and the CUDA backend, or `None` after printing why
+/// the test is skipped. `MOEFLUX_PARITY_SELFTEST=1` substitutes a second CPU backend, to check
+/// the harness and the cases themselves on a machine without a GPU.
+fn device() -> Option<(std::sync::MutexGuard<'static, ()>, Box<dyn Backend>)> {
     if std::env::var("MOEFLUX_PARITY_SELFTEST").is_ok_and(|v| v == "1") {
-        return Some(Box::new(CpuBackend::new()));
+        return Some((gpu_lock(), Box::new(CpuBackend::new())));
     }
     if let Some(why) = moeflux_cuda::unavailable_reason() {
         eprintln!("skipping: no CUDA device ({why})");
         return None;
     }
+    let lock = gpu_lock();
     match CudaBackend::new(0) {
-        Ok(b) => Some(Box::new(b)),
+        Ok(b) => Some((lock, Box::new(b))),
         Err(e) => panic!("a device is present but the backend failed to open: {e}"),
     }
 }
 
 /// Runs `build` on both backends and compares every watched buffer.
 fn check(name: &str, seed: u64, tol: f32, build: Build) {
-    let Some(mut gpu) = device() else { return };
+    // the lock is bound first, so it is released after the backend is dropped
+    let Some((_device, mut gpu)) = device() else {
+        return;
+    };
     let mut cpu = CpuBackend::new();
     let want = run(&mut cpu, seed, build);
     let got = run(gpu.as_mut(), seed, build);
@@ -1376,7 +1389,10 @@ fn moe_block_chain() {
 
 #[test]
 fn pool_semantics() {
-    let Some(mut gpu) = device() else { return };
+    // the lock is bound first, so it is released after the backend is dropped
+    let Some((_device, mut gpu)) = device() else {
+        return;
+    };
     let is_cuda = gpu.name() == "cuda";
     let pool = gpu.pool();
     // zeroed on allocation, prefix upload/download, zero
@@ -1441,7 +1457,10 @@ fn pool_semantics() {
 
 #[test]
 fn bandwidth_probe() {
-    let Some(mut gpu) = device() else { return };
+    // the lock is bound first, so it is released after the backend is dropped
+    let Some((_device, mut gpu)) = device() else {
+        return;
+    };
     if gpu.name() != "cuda" {
         return;
     }
@@ -1454,7 +1473,10 @@ fn bandwidth_probe() {
 /// after every run (conv window and delta state advance; KV cache grows).
 #[test]
 fn replay_keeps_state() {
-    let Some(mut gpu) = device() else { return };
+    // the lock is bound first, so it is released after the backend is dropped
+    let Some((_device, mut gpu)) = device() else {
+        return;
+    };
     let mut cpu = CpuBackend::new();
     let (n, channels, kernel) = (2, 128, 4);
     let (k_heads, v_heads, dk, dv) = (1, 2, 32, 32);
@@ -1704,6 +1726,7 @@ fn streamed_tiers_case(
         tell_layers: pin,
     });
     let selftest = moeflux_cuda::unavailable_reason().is_some();
+    let _device = gpu_lock();
     let mut cuda: Option<CudaBackend> = None;
     let mut self_b = CpuBackend::new();
     if !selftest {
