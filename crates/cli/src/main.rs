@@ -494,23 +494,12 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
     Ok(())
 }
 
-/// Engine warnings (a budget that forces waves, a slab that could not be page-locked, ...) go
-/// to stderr; `RUST_LOG` sets the level (default `warn`; `serve` logs at `info`).
-fn init_cli_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .try_init();
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if !matches!(cli.cmd, Cmd::Serve(_)) {
-        init_cli_logging();
+        // Engine warnings (a budget that forces waves, a slab that could not be page-locked)
+        // reach stderr; `RUST_LOG` sets the level (`serve` logs at `info`).
+        moeflux_server::init_logging_with("warn");
     }
     let r = match cli.cmd {
         Cmd::Generate(a) => cmd_generate(a),

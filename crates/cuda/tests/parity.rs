@@ -1092,6 +1092,34 @@ fn gen_experts(
     ws.into()
 }
 
+/// A MoeExperts op over random x and weights for the routing `ids` (n * k), watching its
+/// output; `shape` is (n, k, hidden, inter).
+fn moe_op(
+    s: &mut Setup,
+    experts: Arc<[ExpertWeights]>,
+    ids: &[u32],
+    shape: (usize, usize, usize, usize),
+) {
+    let (n, k, hidden, inter) = shape;
+    let x = s.rand(n * hidden, 1.0);
+    let x = s.input(&x, "x");
+    let idx: BufId<Idx> = s.input_u32(ids, "idx");
+    let w = s.rand(n * k, 1.0);
+    let weights = s.input(&w, "weights");
+    let out = s.output(n * hidden, "out");
+    s.op(Op::MoeExperts {
+        x,
+        idx,
+        weights,
+        experts,
+        out,
+        n,
+        k,
+        hidden,
+        inter,
+    });
+}
+
 #[test]
 fn moe_experts() {
     let q4 = WFmt::Q(4, 32, DType::BF16);
@@ -1114,8 +1142,6 @@ fn moe_experts() {
                     &|s| {
                         let (e, k, hidden, inter) = (8, 2, 256, 96);
                         let experts = gen_experts(s, e, hidden, inter, gu, dn, skew);
-                        let x = s.rand(n * hidden, 1.0);
-                        let x = s.input(&x, "x");
                         // k distinct experts per token
                         let mut ids = Vec::new();
                         for _ in 0..n {
@@ -1123,21 +1149,7 @@ fn moe_experts() {
                             let b = (a + 1 + s.rng.below(e - 1)) % e;
                             ids.extend([a as u32, b as u32]);
                         }
-                        let idx: BufId<Idx> = s.input_u32(&ids, "idx");
-                        let w = s.rand(n * k, 1.0);
-                        let weights = s.input(&w, "weights");
-                        let out = s.output(n * hidden, "out");
-                        s.op(Op::MoeExperts {
-                            x,
-                            idx,
-                            weights,
-                            experts,
-                            out,
-                            n,
-                            k,
-                            hidden,
-                            inter,
-                        });
+                        moe_op(s, experts, &ids, (n, k, hidden, inter));
                     },
                 );
             }
@@ -1170,8 +1182,6 @@ fn moe_experts_decode_widths() {
                 &|s| {
                     let (e, hidden) = (12, 2048);
                     let experts = gen_experts(s, e, hidden, inter, fmt, fmt, 0);
-                    let x = s.rand(n * hidden, 1.0);
-                    let x = s.input(&x, "x");
                     let mut ids: Vec<u32> = Vec::new();
                     for t in 0..n {
                         for j in 0..k {
@@ -1184,21 +1194,7 @@ fn moe_experts_decode_widths() {
                             ids.push(id);
                         }
                     }
-                    let idx: BufId<Idx> = s.input_u32(&ids, "idx");
-                    let w = s.rand(n * k, 1.0);
-                    let weights = s.input(&w, "weights");
-                    let out = s.output(n * hidden, "out");
-                    s.op(Op::MoeExperts {
-                        x,
-                        idx,
-                        weights,
-                        experts,
-                        out,
-                        n,
-                        k,
-                        hidden,
-                        inter,
-                    });
+                    moe_op(s, experts, &ids, (n, k, hidden, inter));
                 },
             );
         }

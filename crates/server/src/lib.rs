@@ -271,8 +271,14 @@ pub async fn shutdown_signal() {
 
 /// Logs to stderr as `tracing` events; `RUST_LOG` overrides the default `info` level.
 pub fn init_logging() {
+    init_logging_with("info");
+}
+
+/// Logs to stderr as `tracing` events at `default` (a `RUST_LOG`-style filter) unless
+/// `RUST_LOG` is set. A second call does nothing.
+pub fn init_logging_with(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

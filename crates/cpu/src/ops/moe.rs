@@ -128,11 +128,7 @@ pub(crate) fn run_expert<'s>(
     s: &'s mut Scratch,
 ) -> &'s [f32] {
     let m = pairs.len();
-    s.xs.clear();
-    for &p in pairs {
-        let t = p / k;
-        s.xs.extend_from_slice(&x[t * hidden..(t + 1) * hidden]);
-    }
+    gather_rows(x, pairs, k, hidden, &mut s.xs);
     // gate and up read the same activations: lay them out once
     let lay = Layout::new(&g, m);
     qdot::prepare(&s.xs, &lay, &mut s.prep);
@@ -152,6 +148,15 @@ pub(crate) fn run_expert<'s>(
     &s.xs[..m * hidden]
 }
 
+/// The activation row of each (token, slot) pair's token (token = pair / k), in pair order.
+fn gather_rows(x: &[f32], pairs: &[usize], k: usize, hidden: usize, out: &mut Vec<f32>) {
+    out.clear();
+    for &p in pairs {
+        let t = p / k;
+        out.extend_from_slice(&x[t * hidden..(t + 1) * hidden]);
+    }
+}
+
 /// [`run_expert`] with each matrix's rows spread over the thread pool (gate and up side by
 /// side, then down): one expert's latency shrinks with the threads, which is what a device
 /// backend computing a few missed experts while its copies run needs. Per row the same
@@ -166,10 +171,7 @@ pub(crate) fn run_expert_par(
 ) -> Vec<f32> {
     let m = pairs.len();
     let mut xs = Vec::with_capacity(m * hidden);
-    for &p in pairs {
-        let t = p / k;
-        xs.extend_from_slice(&x[t * hidden..(t + 1) * hidden]);
-    }
+    gather_rows(x, pairs, k, hidden, &mut xs);
     let (mut gate, mut up) = (vec![0f32; m * inter], vec![0f32; m * inter]);
     rayon::join(
         || matmul(&xs, m, &g, &mut gate),
