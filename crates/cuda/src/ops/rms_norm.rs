@@ -95,7 +95,7 @@ pub(crate) fn rms_norm(
 /// Rows in registers, 16-byte loads: dim a multiple of 4 up to 16384, aligned rows (null
 /// pointers stand for absent operands).
 fn vec_ok(dim: usize, ptrs: &[u64]) -> bool {
-    dim % 4 == 0 && dim <= 16384 && ptrs.iter().all(|p| p % 16 == 0)
+    dim.is_multiple_of(4) && dim <= 16384 && ptrs.iter().all(|p| p.is_multiple_of(16))
 }
 
 /// Threads of a vector-path block: one float4 per thread up to 1024 threads, then up to 4.
