@@ -23,7 +23,7 @@ pub struct BenchArgs {
     /// Prompt lengths to time prefill at (comma-separated).
     #[arg(long, default_value = "512", value_delimiter = ',')]
     prompt: Vec<usize>,
-    /// Tokens decoded per context length.
+    /// Tokens decoded per context length (0: prefill only).
     #[arg(long = "gen", default_value_t = 32)]
     gen_tokens: usize,
     /// Context lengths to time decode at (comma-separated).
@@ -183,7 +183,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         .unwrap_or(0);
     let lins = spec.layers.len() - full;
     s.set_profiling(a.profile);
-    for &c in &a.context {
+    // `--gen 0` times prefill only.
+    let contexts: &[usize] = if a.gen_tokens == 0 { &[] } else { &a.context };
+    for &c in contexts {
         s.reset()?;
         s.seek(c)?;
         let mut tok = tokens(1, vocab, 11)[0];

@@ -136,6 +136,39 @@ fn bench_runs_on_a_small_preset() {
     );
 }
 
+/// `--gen 0` times prefill only: no decode row (before, a 0 tok/s decode row was printed).
+#[test]
+fn bench_gen_zero_times_prefill_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("b.json");
+    let (ok, out, err) = moeflux(&[
+        "bench",
+        "--preset",
+        "qwen3-30b-a3b",
+        "--layers",
+        "1",
+        "--device",
+        "cpu",
+        "--prompt",
+        "4",
+        "--gen",
+        "0",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("prefill") && !out.contains("decode"), "{out}");
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let kinds: Vec<&str> = j["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["prefill"], "{j}");
+}
+
 #[test]
 fn bench_rejects_unknown_preset() {
     let (ok, _, err) = moeflux(&["bench", "--preset", "gpt-5"]);
