@@ -914,6 +914,32 @@ mod tests {
         );
     }
 
+    /// Decode graphs launch every kernel as a programmatic dependent launch, which is only
+    /// safe when the kernel waits for its predecessor before touching memory: each kernel's
+    /// body must open with `pdl_prologue();`.
+    #[test]
+    fn every_kernel_starts_with_the_pdl_prologue() {
+        let mut kernels = 0;
+        for (file, _) in kernels::FILES {
+            let s = kernels::expanded_source(file).unwrap();
+            let mut rest = s.as_str();
+            while let Some(i) = rest.find("extern \"C\" __global__") {
+                rest = &rest[i..];
+                let open = rest.find('{').expect("a kernel body");
+                let head: String = rest[..open].chars().filter(|c| *c != '\n').collect();
+                let body = rest[open + 1..].trim_start();
+                assert!(
+                    body.starts_with("pdl_prologue();"),
+                    "{file}: kernel `{}` does not start with pdl_prologue()",
+                    head.split('(').next().unwrap_or(&head).trim()
+                );
+                kernels += 1;
+                rest = &rest[open..];
+            }
+        }
+        assert!(kernels >= 30, "{kernels} kernels found");
+    }
+
     #[test]
     fn new_errors_cleanly_without_a_device() {
         if available() {
