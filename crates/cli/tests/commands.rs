@@ -100,14 +100,15 @@ fn info_reports_layout_and_counts() {
     assert!(out.contains("8 routed (top 2, renormalised)"), "{out}");
 }
 
-#[test]
-fn bench_runs_on_a_small_preset() {
+/// `moeflux bench --preset P --layers 1 --device cpu --prompt 4 --gen N --json F`: stdout
+/// and the JSON report (the run must succeed).
+fn bench_one_layer(preset: &str, gen_tokens: &str) -> (String, serde_json::Value) {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("b.json");
     let (ok, out, err) = moeflux(&[
         "bench",
         "--preset",
-        "qwen3-next-80b-a3b",
+        preset,
         "--layers",
         "1",
         "--device",
@@ -115,14 +116,19 @@ fn bench_runs_on_a_small_preset() {
         "--prompt",
         "4",
         "--gen",
-        "2",
+        gen_tokens,
         "--json",
         json.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
+    let j = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    (out, j)
+}
+
+#[test]
+fn bench_runs_on_a_small_preset() {
+    let (out, j) = bench_one_layer("qwen3-next-80b-a3b", "2");
     assert!(out.contains("decode") && out.contains("of floor"), "{out}");
-    let j: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let dec = j["results"]
         .as_array()
         .unwrap()
@@ -139,27 +145,8 @@ fn bench_runs_on_a_small_preset() {
 /// `--gen 0` times prefill only: no decode row (before, a 0 tok/s decode row was printed).
 #[test]
 fn bench_gen_zero_times_prefill_only() {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("b.json");
-    let (ok, out, err) = moeflux(&[
-        "bench",
-        "--preset",
-        "qwen3-30b-a3b",
-        "--layers",
-        "1",
-        "--device",
-        "cpu",
-        "--prompt",
-        "4",
-        "--gen",
-        "0",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    assert!(ok, "{err}");
+    let (out, j) = bench_one_layer("qwen3-30b-a3b", "0");
     assert!(out.contains("prefill") && !out.contains("decode"), "{out}");
-    let j: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let kinds: Vec<&str> = j["results"]
         .as_array()
         .unwrap()
