@@ -150,7 +150,7 @@ pub struct CudaBackend {
     captures: Vec<Capture>,
     /// Merge consecutive decode matvecs of one input into one launch, and a residual add
     /// with the norm of its sum (`MOEFLUX_CUDA_MERGE=0` turns both off).
-    merge_matvecs: bool,
+    merge_nodes: bool,
     /// (graph address, first, end): nodes `first + 1 .. end` of that graph were launched
     /// together with node `first` and are skipped.
     merged: Option<(usize, usize, usize)>,
@@ -305,7 +305,7 @@ impl CudaBackend {
             profile: Vec::new(),
             graphs: opts.graphs,
             captures: Vec::new(),
-            merge_matvecs: std::env::var("MOEFLUX_CUDA_MERGE").map_or(true, |v| v != "0"),
+            merge_nodes: std::env::var("MOEFLUX_CUDA_MERGE").map_or(true, |v| v != "0"),
             merged: None,
             pdl: ops::Pdl::from_env(major, sm_count),
             pdl_graph: None,
@@ -578,17 +578,21 @@ impl CudaBackend {
         }
     }
 
-    /// Launches node `index` together with the decode matvecs of the same input that follow it
-    /// (up to 4 in all, see [`ops::matmul::matvec_multi`]): the number of nodes launched, or 0
-    /// when the node runs alone.
+    /// Launches node `index` together with the nodes after it that one kernel can serve: the
+    /// decode matvecs of the same input (up to 4 in all, see [`ops::matmul::matvec_multi`]),
+    /// or the RMS norm of an add's sum. The number of nodes launched, or 0 when the node runs
+    /// alone.
     fn merge_run(&mut self, graph: &Graph, index: usize) -> Result<usize, CudaError> {
+        if !self.merge_nodes {
+            return Ok(0);
+        }
         if let Op::Add { a, b, out, len } = &graph.nodes[index].1 {
             return self.fuse_add_norm(graph, index, (*a, *b, *out, *len));
         }
         let Op::Matmul { x, n, .. } = &graph.nodes[index].1 else {
             return Ok(0);
         };
-        if !self.merge_matvecs || *n > ops::matmul::MATVEC_MAX_N {
+        if *n > ops::matmul::MATVEC_MAX_N {
             return Ok(0);
         }
         let parts: Vec<(
@@ -624,9 +628,6 @@ impl CudaBackend {
         index: usize,
         (a, b, sum, len): (BufId<Act>, BufId<Act>, BufId<Act>, usize),
     ) -> Result<usize, CudaError> {
-        if !self.merge_matvecs {
-            return Ok(0);
-        }
         let Some((
             _,
             Op::RmsNorm {

@@ -140,12 +140,17 @@ pub(crate) fn run_expert<'s>(
     } else {
         matmul_serial(&s.xs, m, &u, &mut s.up, &mut s.prep);
     }
-    for (gv, uv) in s.gate.iter_mut().zip(&s.up) {
-        *gv = silu(*gv) * uv;
-    }
+    swiglu_in_place(&mut s.gate, &s.up);
     s.xs.resize(m * hidden, 0.0);
     matmul_serial(&s.gate, m, &d, &mut s.xs, &mut s.prep);
     &s.xs[..m * hidden]
+}
+
+/// `gate = silu(gate) * up`, elementwise.
+fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = silu(*g) * u;
+    }
 }
 
 /// The activation row of each (token, slot) pair's token (token = pair / k), in pair order.
@@ -177,9 +182,7 @@ pub(crate) fn run_expert_par(
         || matmul(&xs, m, &g, &mut gate),
         || matmul(&xs, m, &u, &mut up),
     );
-    for (gv, uv) in gate.iter_mut().zip(&up) {
-        *gv = silu(*gv) * uv;
-    }
+    swiglu_in_place(&mut gate, &up);
     let mut y = vec![0f32; m * hidden];
     matmul(&gate, m, &d, &mut y);
     y

@@ -36,8 +36,7 @@ macro_rules! launch {
         if cfg.shared_mem_bytes as usize > 48 * 1024 {
             $enc.kernels.allow_smem(name, &f, cfg.shared_mem_bytes as usize)?;
         }
-        let mut params: Vec<*mut std::ffi::c_void> =
-            vec![$( (&$arg) as *const _ as *mut std::ffi::c_void ),*];
+        let mut params = [$( (&$arg) as *const _ as *mut std::ffi::c_void ),*];
         let pdl = $enc.pdl.applies(&cfg);
         let r = crate::ops::launch_raw(&f, cfg, $enc.stream, pdl, &mut params);
         $enc.recent.push(name);

@@ -86,6 +86,27 @@ pub(crate) struct MvPlan {
     smem: usize,
 }
 
+impl MvPlan {
+    /// 256-thread blocks over `rows` output rows, `y` blocks deep (pairs or tokens).
+    fn cfg(
+        &self,
+        rows: usize,
+        y: usize,
+        y_what: &str,
+        op: &'static str,
+    ) -> Result<LaunchConfig, CudaError> {
+        Ok(LaunchConfig {
+            grid_dim: (
+                u32_of(rows.div_ceil(self.rows_per_block), "row blocks", op)?,
+                grid_y(y, y_what, op)?,
+                1,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: self.smem as u32,
+        })
+    }
+}
+
 fn mv_plan(
     role: RoleFmt,
     cols: usize,
@@ -560,15 +581,7 @@ pub(crate) fn expert_pass(
     let (gu_group, gu_sdt, dn_group, dn_sdt) = (gu.group, gu.sdt, dn.group, dn.sdt);
 
     if let Some((gu_plan, dn_plan)) = per_pair_plans(enc, gu, dn, s) {
-        let cfg = LaunchConfig {
-            grid_dim: (
-                u32_of(s.inter.div_ceil(gu_plan.rows_per_block), "row blocks", OP)?,
-                grid_y(pairs, "pairs", OP)?,
-                1,
-            ),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: gu_plan.smem as u32,
-        };
+        let cfg = gu_plan.cfg(s.inter, pairs, "pairs", OP)?;
         // SAFETY: moe_gate_up_*(const u64*, u32, const float*, const u32*, u32, u32, u32, u32,
         // int, float*); the table holds 9 pointers per expert to matrices whose extents were
         // checked (Graph::validate for resident experts, the record size for streamed ones);
@@ -584,15 +597,7 @@ pub(crate) fn expert_pass(
             )
         }?;
         if let Some((plan, wp, outp)) = down_combine {
-            let cfg = LaunchConfig {
-                grid_dim: (
-                    u32_of(s.hidden.div_ceil(plan.rows_per_block), "row blocks", OP)?,
-                    grid_y(s.n, "tokens", OP)?,
-                    1,
-                ),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: plan.smem as u32,
-            };
+            let cfg = plan.cfg(s.hidden, s.n, "tokens", OP)?;
             // SAFETY: moe_down_combine_vec_*(const u64*, u32, const float*, const u32*, const
             // float*, u32, u32, u32, u32, int, float*); h holds pairs * inter floats, idx and
             // weights n * k, out n * hidden (Graph::validate); the shared memory was sized for
@@ -610,15 +615,7 @@ pub(crate) fn expert_pass(
             }?;
             return Ok(true);
         }
-        let cfg = LaunchConfig {
-            grid_dim: (
-                u32_of(s.hidden.div_ceil(dn_plan.rows_per_block), "row blocks", OP)?,
-                grid_y(pairs, "pairs", OP)?,
-                1,
-            ),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: dn_plan.smem as u32,
-        };
+        let cfg = dn_plan.cfg(s.hidden, pairs, "pairs", OP)?;
         // SAFETY: moe_down_*(const u64*, u32, const float*, const u32*, u32, u32, u32, int,
         // float*); h holds pairs * inter floats and y (scratch) pairs * hidden.
         unsafe {

@@ -678,15 +678,33 @@ pub(crate) fn moe_experts_streamed(
             &active.iter().map(|&e| e as usize).collect::<Vec<_>>(),
         );
         let mut stats = DeviceTierStats::default();
+        let routed = Routed {
+            store,
+            layer,
+            idx: &host_idx,
+            x: &host_x,
+            s,
+            opts,
+        };
         let res = if tier.cache.is_some() {
             cached(
-                enc, &mut tier, store, layer, &host_idx, &host_x, &active, x, weights, out, s, &f,
-                opts, &mut stats,
+                enc,
+                &mut tier,
+                &routed,
+                &active,
+                (x, weights, out),
+                &f,
+                &mut stats,
             )
         } else {
             waves(
-                enc, &mut tier, store, layer, &host_idx, &host_x, &active, x, weights, out, s, &f,
-                opts, &mut stats,
+                enc,
+                &mut tier,
+                &routed,
+                &active,
+                (x, weights, out),
+                &f,
+                &mut stats,
             )
         };
         tier.prefetch_rate
@@ -699,26 +717,38 @@ pub(crate) fn moe_experts_streamed(
     r
 }
 
+/// What the host knows of one streamed op once its routing is back: the store and layer, the
+/// expert of each (token, slot) pair (after the store's remapping), the activations (empty
+/// when no miss may run on the CPU), the op's shape and the tier options.
+#[derive(Clone, Copy)]
+struct Routed<'a> {
+    store: &'a Arc<dyn ExpertProvider>,
+    layer: usize,
+    idx: &'a [u32],
+    x: &'a [f32],
+    s: &'a MoeShape,
+    opts: TierOptions,
+}
+
 /// The cached path: the active set in chunks of at most the cache's slot count (one chunk,
 /// hence one pass of the expert kernels, whenever it fits).
-#[allow(clippy::too_many_arguments)]
 fn cached(
     enc: &mut Enc<'_>,
     tier: &mut Tier,
-    store: &Arc<dyn ExpertProvider>,
-    layer: usize,
-    host_idx: &[u32],
-    host_x: &[f32],
+    r: &Routed<'_>,
     active: &[u32],
-    x: BufId<Act>,
-    weights: BufId<Act>,
-    out: BufId<Act>,
-    s: &MoeShape,
+    (x, weights, out): (BufId<Act>, BufId<Act>, BufId<Act>),
     f: &Formats,
-    opts: TierOptions,
     stats: &mut DeviceTierStats,
 ) -> Result<(), CudaError> {
     const OP: &str = "moe_experts_streamed";
+    let Routed {
+        store,
+        layer,
+        idx: host_idx,
+        s,
+        ..
+    } = *r;
     let layout = store.layout();
     let record = store.record_bytes();
     let pairs = s.n * s.k;
@@ -763,7 +793,7 @@ fn cached(
         }
         // Misses computed on the CPU (one chunk only: it overlaps that chunk's kernels).
         let n_cpu = if single {
-            cpu_count(tier, store, layer, &misses, host_x, s, opts)?
+            cpu_count(tier, r, &misses)?
         } else {
             0
         };
@@ -841,9 +871,7 @@ fn cached(
             prefetch(tier, store, layer, record, stats)?;
         }
         // On the host while the device runs the pass: y rows of the CPU experts' pairs.
-        keep.extend(cpu_pass(
-            enc, tier, store, layer, host_idx, host_x, cpu_set, s, y, opts, stats,
-        )?);
+        keep.extend(cpu_pass(enc, tier, r, cpu_set, y, stats)?);
         tier.keep_until(enc.stream, keep)?;
     }
     combine(enc, &sc, base, wp, op, s, OP)
@@ -851,16 +879,16 @@ fn cached(
 
 /// How many of `misses` (the first ones) to compute on the CPU: `cpu_share` at the measured
 /// copy and CPU rates (the CPU's timed on the first miss when not known yet).
-fn cpu_count(
-    tier: &mut Tier,
-    store: &Arc<dyn ExpertProvider>,
-    layer: usize,
-    misses: &[u32],
-    host_x: &[f32],
-    s: &MoeShape,
-    opts: TierOptions,
-) -> Result<usize, CudaError> {
+fn cpu_count(tier: &mut Tier, r: &Routed<'_>, misses: &[u32]) -> Result<usize, CudaError> {
     const OP: &str = "moe_experts_streamed";
+    let Routed {
+        store,
+        layer,
+        x: host_x,
+        s,
+        opts,
+        ..
+    } = *r;
     if host_x.is_empty() {
         return Ok(0); // the activations were not read back: no CPU work possible
     }
@@ -878,13 +906,18 @@ fn cpu_count(
         );
     }
     tier.cpu_ops += 1;
-    let copy = store.record_bytes() as f64 / tier.h2d_bw.max(1.0);
+    // seconds per copied record; 0 (no split) while the copy rate is unknown
+    let copy = if tier.h2d_bw > 0.0 {
+        store.record_bytes() as f64 / tier.h2d_bw
+    } else {
+        0.0
+    };
     let explore = opts.cpu_bw.is_none() && tier.cpu_ops.is_multiple_of(CPU_EXPLORE);
     let n = cpu_share(
         opts.cpu_misses,
         misses.len(),
         s.n,
-        if tier.h2d_bw > 0.0 { copy } else { 0.0 },
+        copy,
         &tier.cpu_cost,
         explore,
     );
@@ -896,21 +929,23 @@ fn cpu_count(
 /// hidden floats) on the compute stream, after the device pass already queued (which leaves
 /// these rows alone: their local index is out of range). Learns the CPU's rate. The returned
 /// host rows must live until the stream has passed the uploads.
-#[allow(clippy::too_many_arguments)]
 fn cpu_pass(
     enc: &mut Enc<'_>,
     tier: &mut Tier,
-    store: &Arc<dyn ExpertProvider>,
-    layer: usize,
-    host_idx: &[u32],
-    host_x: &[f32],
+    r: &Routed<'_>,
     cpu_set: &[u32],
-    s: &MoeShape,
     y: u64,
-    opts: TierOptions,
     stats: &mut DeviceTierStats,
 ) -> Result<Keep, CudaError> {
     const OP: &str = "moe_experts_streamed";
+    let Routed {
+        store,
+        layer,
+        idx: host_idx,
+        x: host_x,
+        s,
+        opts,
+    } = *r;
     let mut keep: Keep = Vec::new();
     if cpu_set.is_empty() {
         return Ok(keep);
@@ -1137,24 +1172,24 @@ fn measure_cpu(
 /// Without a VRAM cache: one wave of at most `max_in_flight` experts at a time, fetched,
 /// copied into staging and run; synchronised after each wave (staging is reused). Like the
 /// cached path, some experts may run on the CPU instead (during the last wave).
-#[allow(clippy::too_many_arguments)]
 fn waves(
     enc: &mut Enc<'_>,
     tier: &mut Tier,
-    store: &Arc<dyn ExpertProvider>,
-    layer: usize,
-    host_idx: &[u32],
-    host_x: &[f32],
+    r: &Routed<'_>,
     active: &[u32],
-    x: BufId<Act>,
-    weights: BufId<Act>,
-    out: BufId<Act>,
-    s: &MoeShape,
+    (x, weights, out): (BufId<Act>, BufId<Act>, BufId<Act>),
     f: &Formats,
-    opts: TierOptions,
     stats: &mut DeviceTierStats,
 ) -> Result<(), CudaError> {
     const OP: &str = "moe_experts_streamed";
+    let Routed {
+        store,
+        layer,
+        idx: host_idx,
+        x: host_x,
+        s,
+        opts,
+    } = *r;
     let layout = store.layout();
     let record = store.record_bytes();
     let slot = align256(record);
@@ -1198,13 +1233,11 @@ fn waves(
     let y = base + sc.y as u64;
 
     // Some experts on the CPU while the device copies and runs the others (the last wave).
-    let n_cpu = cpu_count(tier, store, layer, active, host_x, s, opts)?;
+    let n_cpu = cpu_count(tier, r, active)?;
     let (cpu_set, gpu_set) = active.split_at(n_cpu);
     let n_waves = gpu_set.len().div_ceil(wave_max);
     if n_waves == 0 {
-        let keep = cpu_pass(
-            enc, tier, store, layer, host_idx, host_x, cpu_set, s, y, opts, stats,
-        )?;
+        let keep = cpu_pass(enc, tier, r, cpu_set, y, stats)?;
         enc.stream
             .synchronize()
             .map_err(CudaError::driver("moe streamed: CPU rows"))?;
@@ -1242,9 +1275,7 @@ fn waves(
         // host vectors live until the synchronisation below.
         unsafe { local_pass(enc, f, &sc, base, xp, s, &local, &ptrs, vec) }?;
         let keep = if wi + 1 == n_waves {
-            cpu_pass(
-                enc, tier, store, layer, host_idx, host_x, cpu_set, s, y, opts, stats,
-            )?
+            cpu_pass(enc, tier, r, cpu_set, y, stats)?
         } else {
             Vec::new()
         };

@@ -105,9 +105,9 @@ fn vec_block(dim: usize) -> u32 {
 }
 
 /// `sum = a + b` (an Op::Add of `rows * dim` floats) and `out = rms_norm(sum)` (the
-/// Op::RmsNorm that follows it) in one launch, when the vector path applies and `out` is
-/// not an input of the add (the kernel writes `out` after every read of its rows, but `sum`
-/// may not alias `out`). Returns false, launching nothing, when it does not apply.
+/// Op::RmsNorm that follows it) in one launch, when the vector path applies and the norm
+/// does not write over the sum (`out` may be `a` or `b`: each thread writes only elements it
+/// has read). Returns false, launching nothing, when it does not apply.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn add_rms_norm(
     enc: &mut Enc<'_>,
