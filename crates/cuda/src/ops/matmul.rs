@@ -130,41 +130,27 @@ pub(crate) fn matmul(
         }
     }
     let n_u = u32_of(n, "n", OP)?;
-    if tc_ok(enc, fmt, wa.data, w.cols, wa.group) {
-        let cfg = LaunchConfig {
-            grid_dim: (
-                u32_of(w.rows.div_ceil(GT), "row tiles", OP)?,
-                grid_y(n.div_ceil(GT), "token tiles", OP)?,
-                1,
-            ),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: gemm_tc_*(WMat, const float*, float*, u32); x holds n * cols floats and out
-        // n * rows (Graph::validate); cols % 32 == 0 and 16-byte aligned rows (tc_ok; pool
-        // buffers are 256-byte aligned); tiles past n or rows are masked in the kernel.
-        return unsafe {
-            launch!(
-                enc,
-                "gemm_tc.cu",
-                fmt.pick(&GEMM_TC),
-                cfg,
-                [wa, xp, op, n_u]
-            )
-        };
-    }
+    // Tensor-core tiles (bf16 mma, 4 warps) where the format and alignment allow them (tc_ok),
+    // else the f32 SIMT tiles (8 warps); both 64 x 64 output tiles.
+    let (file, name, threads) = if tc_ok(enc, fmt, wa.data, w.cols, wa.group) {
+        ("gemm_tc.cu", fmt.pick(&GEMM_TC), 128)
+    } else {
+        ("matmul.cu", fmt.pick(&GEMM), 256)
+    };
     let cfg = LaunchConfig {
         grid_dim: (
             u32_of(w.rows.div_ceil(GT), "row tiles", OP)?,
             grid_y(n.div_ceil(GT), "token tiles", OP)?,
             1,
         ),
-        block_dim: (256, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: gemm_*(WMat, const float*, float*, u32); sizes as above; tiles past n or rows are
-    // masked in the kernel.
-    unsafe { launch!(enc, "matmul.cu", fmt.pick(&GEMM), cfg, [wa, xp, op, n_u]) }
+    // SAFETY: gemm_tc_* / gemm_*(WMat, const float*, float*, u32); x holds n * cols floats and
+    // out n * rows (Graph::validate); for gemm_tc, cols % 32 == 0 and 16-byte aligned rows
+    // (tc_ok; pool buffers are 256-byte aligned); tiles past n or rows are masked in the
+    // kernels.
+    unsafe { launch!(enc, file, name, cfg, [wa, xp, op, n_u]) }
 }
 
 /// Parts of one `matvec_multi_*` launch (C struct MvParts in matmul.cu).

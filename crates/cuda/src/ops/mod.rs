@@ -29,9 +29,9 @@ use crate::pool::{CudaPool, DevMem};
 /// kernel's C parameter types exactly (u64 for pointers, u32, i32, f32, WMatArg). Must be used
 /// inside an `unsafe` block carrying a `// SAFETY:` comment.
 macro_rules! launch {
-    ($enc:expr, $file:literal, $name:expr, $cfg:expr, [$($arg:ident),* $(,)?]) => {{
-        let name: &'static str = $name;
-        let f = $enc.kernels.get($file, name)?;
+    ($enc:expr, $file:expr, $name:expr, $cfg:expr, [$($arg:ident),* $(,)?]) => {{
+        let (file, name): (&'static str, &'static str) = ($file, $name);
+        let f = $enc.kernels.get(file, name)?;
         let cfg: cudarc::driver::LaunchConfig = $cfg;
         if cfg.shared_mem_bytes as usize > 48 * 1024 {
             $enc.kernels.allow_smem(name, &f, cfg.shared_mem_bytes as usize)?;

@@ -663,63 +663,46 @@ pub(crate) fn expert_pass(
             )
         }?;
         let ty = grid_y(sc.max_tiles, "expert tiles", OP)?;
-        if tc {
-            let (gu_name, dn_name) = if tm == 64 {
-                (gu.fmt.pick(&TC_GATE_UP_M64), dn.fmt.pick(&TC_DOWN_M64))
-            } else {
-                (gu.fmt.pick(&TC_GATE_UP_M32), dn.fmt.pick(&TC_DOWN_M32))
-            };
-            let cfg = LaunchConfig {
-                grid_dim: (u32_of(s.inter.div_ceil(32), "row tiles", OP)?, ty, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: moe_tc_gate_up_*(const u64*, const u32*, const u32*, const u32*, const
-            // float*, u32, u32, u32, u32, int, float*), the same arguments as moe_gemm_gate_up;
-            // tiles hold at most tm pairs (moe_route above); hidden, inter and the group are
-            // multiples of 32 and every expert's data 16-byte aligned (tc_roles).
-            unsafe {
-                launch!(
-                    enc,
-                    "gemm_tc.cu",
-                    gu_name,
-                    cfg,
-                    [
-                        table, sorted, tiles, ntiles, xp, k, hidden, inter, gu_group, gu_sdt, h
-                    ]
-                )
-            }?;
-            let cfg = LaunchConfig {
-                grid_dim: (u32_of(s.hidden.div_ceil(GT), "row tiles", OP)?, ty, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: moe_tc_down_*: the same arguments as moe_gemm_down; as above.
-            unsafe {
-                launch!(
-                    enc,
-                    "gemm_tc.cu",
-                    dn_name,
-                    cfg,
-                    [
-                        table, sorted, tiles, ntiles, h, hidden, inter, dn_group, dn_sdt, y
-                    ]
-                )
-            }?;
-            return Ok(false);
-        }
+        // Tensor-core tiles (4 warps; gate/up 32 rows per tile, down 64) or the f32 SIMT tiles
+        // (8 warps, 64 rows), over the same arguments.
+        let (file, gu_name, dn_name, threads, gu_rows) = match (tc, tm) {
+            (true, 64) => (
+                "gemm_tc.cu",
+                gu.fmt.pick(&TC_GATE_UP_M64),
+                dn.fmt.pick(&TC_DOWN_M64),
+                128,
+                32,
+            ),
+            (true, _) => (
+                "gemm_tc.cu",
+                gu.fmt.pick(&TC_GATE_UP_M32),
+                dn.fmt.pick(&TC_DOWN_M32),
+                128,
+                32,
+            ),
+            (false, _) => (
+                "moe.cu",
+                gu.fmt.pick(&GEMM_GATE_UP),
+                dn.fmt.pick(&GEMM_DOWN),
+                256,
+                GT,
+            ),
+        };
         let cfg = LaunchConfig {
-            grid_dim: (u32_of(s.inter.div_ceil(GT), "row tiles", OP)?, ty, 1),
-            block_dim: (256, 1, 1),
+            grid_dim: (u32_of(s.inter.div_ceil(gu_rows), "row tiles", OP)?, ty, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: moe_gemm_gate_up_*(const u64*, const u32*, const u32*, const u32*, const
-        // float*, u32, u32, u32, u32, int, float*); tiles beyond *ntiles exit; rows as above.
+        // SAFETY: moe_tc_gate_up_* / moe_gemm_gate_up_*(const u64*, const u32*, const u32*,
+        // const u32*, const float*, u32, u32, u32, u32, int, float*); tiles beyond *ntiles
+        // exit and hold at most tm pairs (moe_route above); x n * hidden, h pairs * inter
+        // floats; for the tensor-core kernels hidden, inter and the group are multiples of 32
+        // and every expert's data 16-byte aligned (tc_roles).
         unsafe {
             launch!(
                 enc,
-                "moe.cu",
-                gu.fmt.pick(&GEMM_GATE_UP),
+                file,
+                gu_name,
                 cfg,
                 [
                     table, sorted, tiles, ntiles, xp, k, hidden, inter, gu_group, gu_sdt, h
@@ -728,16 +711,17 @@ pub(crate) fn expert_pass(
         }?;
         let cfg = LaunchConfig {
             grid_dim: (u32_of(s.hidden.div_ceil(GT), "row tiles", OP)?, ty, 1),
-            block_dim: (256, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: moe_gemm_down_*(const u64*, const u32*, const u32*, const u32*, const float*,
-        // u32, u32, u32, int, float*); h pairs * inter, y pairs * hidden floats.
+        // SAFETY: moe_tc_down_* / moe_gemm_down_*(const u64*, const u32*, const u32*, const
+        // u32*, const float*, u32, u32, u32, int, float*); h pairs * inter, y pairs * hidden
+        // floats; as above.
         unsafe {
             launch!(
                 enc,
-                "moe.cu",
-                dn.fmt.pick(&GEMM_DOWN),
+                file,
+                dn_name,
                 cfg,
                 [
                     table, sorted, tiles, ntiles, h, hidden, inter, dn_group, dn_sdt, y
