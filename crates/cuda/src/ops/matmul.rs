@@ -69,10 +69,10 @@ pub(crate) const MV_ROWS: usize = 16;
 pub(crate) const GT: usize = 64;
 pub(crate) const MOE_TM: usize = 16;
 
-/// Dynamic shared memory of a matrix-vector block over `cols` inputs (x staged, padded to the
-/// warp span of one step).
-pub(crate) fn mv_smem(cols: usize, elems: usize) -> usize {
-    cols.div_ceil(32 * elems) * 32 * elems * 4
+/// Dynamic shared memory of a matrix-vector block over `cols` inputs: x staged, padded to the
+/// span of one step of a `lanes`-lane row group (32: a whole warp) over `elems` elements each.
+pub(crate) fn mv_smem(cols: usize, elems: usize, lanes: usize) -> usize {
+    cols.div_ceil(lanes * elems) * lanes * elems * 4
 }
 
 /// Rows per warp of the matrix-vector kernels (4, 2 or 1; 2 only on the vector path): as many
@@ -104,7 +104,7 @@ pub(crate) fn matmul(
     let (xp, op) = (enc.buf(x.raw())?, enc.buf(out.raw())?);
     if n <= MATVEC_MAX_N {
         let vec = vec_ok(fmt, wa.data, w.cols, wa.group);
-        let smem = mv_smem(w.cols, if vec { fmt.elems16() } else { 4 });
+        let smem = mv_smem(w.cols, if vec { fmt.elems16() } else { 4 }, 32);
         if smem <= enc.smem_optin {
             let r = rows_per_warp(w.rows, n, enc.sm_count, vec);
             let names = match (vec, r) {
@@ -227,7 +227,7 @@ pub(crate) fn matvec_multi(
     if !disjoint || !vec || ws.iter().any(|w| w.3 != vec || w.0.group != group) {
         return Ok(false);
     }
-    let smem = mv_smem(cols, fmt.elems16());
+    let smem = mv_smem(cols, fmt.elems16(), 32);
     if smem > enc.smem_optin {
         return Ok(false);
     }

@@ -74,11 +74,6 @@ fn lanes_for(cols: usize, elems: usize) -> (usize, usize) {
         .expect("three choices")
 }
 
-/// Staged-x bytes of a matvec block: `cols` floats padded to the step span of `lanes` lanes.
-fn staged_bytes(cols: usize, elems: usize, lanes: usize) -> usize {
-    cols.div_ceil(lanes * elems) * lanes * elems * 4
-}
-
 /// How one role's decode kernel runs: name, rows per block, dynamic shared memory.
 pub(crate) struct MvPlan {
     name: &'static str,
@@ -119,13 +114,13 @@ fn mv_plan(
         MvPlan {
             name: role.fmt.pick(&vec_names[li]),
             rows_per_block: 8 * (32 / lanes) * rows_per_group,
-            smem: staged_bytes(cols, role.fmt.elems16(), lanes),
+            smem: mv_smem(cols, role.fmt.elems16(), lanes),
         }
     } else {
         MvPlan {
             name: role.fmt.pick(scalar_names),
             rows_per_block: MV_ROWS,
-            smem: mv_smem(cols, 4),
+            smem: mv_smem(cols, 4, 32),
         }
     }
 }
@@ -152,7 +147,7 @@ fn down_combine_plan(enc: &Enc<'_>, gu: RoleFmt, dn: RoleFmt, s: &MoeShape) -> O
         return None;
     }
     let (lanes, li) = lanes_for(s.inter, dn.fmt.elems16());
-    let smem = s.k * (staged_bytes(s.inter, dn.fmt.elems16(), lanes) + DC_RB * 4);
+    let smem = s.k * (mv_smem(s.inter, dn.fmt.elems16(), lanes) + DC_RB * 4);
     (smem <= enc.smem_optin).then(|| MvPlan {
         name: dn.fmt.pick(&DOWN_COMBINE_VEC[li]),
         rows_per_block: DC_RB,
