@@ -332,3 +332,203 @@ __device__ __forceinline__ void moe_tc_body(const u64* table, const u32* sorted,
 TC_KERNELS(bf16, FMT_BF16)
 TC_KERNELS(q4, FMT_Q4)
 TC_KERNELS(q8, FMT_Q8)
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core matrix-vector products of 4-bit weights (decode).
+//
+// Why: the SIMT matvec (gemv.cuh) spends a shift, a mask and an FMA on every 4-bit element;
+// with 64 integer lanes per SM that caps it near the memory's speed even when every load is
+// in flight, and in practice (kernel_bench, run 20) at 2.7x its bandwidth floor. Here one
+// LOP3 turns two codes into a bf16x2 (0x4300 | q = 128 + q), one bf16x2 FMA takes the 128
+// away (exactly), and one mma.sync multiplies 16 rows x 16 columns by all three parts of x.
+//
+// Layout. A warp works on row blocks of 16 rows and 64-column slices. Lane (g, c) (g = lane /
+// 4, c = lane % 4) loads 8 bytes (16 codes, columns 16c..16c+15 of the slice) of rows g and
+// g + 8; word i's nibbles (j, j + 4) form one bf16x2, so mma m (0..3) takes word m / 2 at
+// shift 8 (m % 2) (A k-slots 2c, 2c + 1) and 4 more (k-slots 2c + 8, 2c + 9). The B operand
+// has x's three bf16 parts (the exact split of gemm_tc) in columns n = 0, 1, 2 and zeros in
+// 3..7, so one mma covers every part, and C[r][0..2] summed is sum q x over the slice for row
+// r. A slice lies in one quantization group (group % 64 == 0): s * that + b * sum x is added
+// in f32 (by lane c == 0 for the bias), and the lanes' partial sums meet at the end.
+// x is staged once per block in shared memory, already split and in B-fragment order: slice
+// s, part p, lane c -> 8 u32 (mma m: b0 = columns (j, j + 4), b1 = (j + 1, j + 5), j = 8 (m /
+// 2) + 2 (m % 2)), plus the slice's sum of x.
+// Block: 256 threads = 8 warps over RB row blocks (16 RB rows); warps take slices w, w + 8, ...
+// (the next slice's codes and scales are loaded while the current one is multiplied), and the
+// eight partial sums of a row meet in shared memory.
+#define MT_WARPS 8
+
+// bf16x2 of the codes in bits 0..3 and 16..19 of v.
+__device__ __forceinline__ u32 q4pair_bf16(u32 v) {
+    const u32 t = (v & 0x000F000Fu) | 0x43004300u;  // 128 + q
+    u32 r;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(t), "r"(0x3F803F80u), "r"(0xC300C300u));
+    return r;
+}
+
+// Dynamic shared memory of a tensor-core matvec block over `slices` 64-column slices.
+__device__ __host__ constexpr u32 mt_smem_bytes(u32 slices, u32 rb) { return slices * (96 * 4 + 4) + MT_WARPS * rb * 16 * 4; }
+
+// Stages x (slices * 64 floats, 16-byte aligned) into xb (B fragments) and xsum (per slice).
+// Every thread of the block calls it; the caller synchronises.
+__device__ __forceinline__ void mt_stage(u32* xb, float* xsum, const float* x, u32 slices) {
+    for (u32 i0 = 0; i0 < slices * 4; i0 += blockDim.x) {
+        const u32 i = i0 + threadIdx.x;
+        const bool ok = i < slices * 4;
+        const u32 s = i >> 2, c = i & 3;
+        float v[16];
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            const float4 f = ok ? __ldg((const float4*)(x + s * 64 + c * 16) + q) : make_float4(0.f, 0.f, 0.f, 0.f);
+            v[4 * q] = f.x;
+            v[4 * q + 1] = f.y;
+            v[4 * q + 2] = f.z;
+            v[4 * q + 3] = f.w;
+        }
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < 16; j++) sum += v[j];
+        // The 4 lanes of a slice are consecutive lanes of one warp; the whole warp is here.
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        if (!ok) continue;
+        if (c == 0) xsum[s] = sum;
+        u32 p[16][TC_SPLIT];
+#pragma unroll
+        for (int j = 0; j < 16; j++) split3(v[j], p[j]);
+#pragma unroll
+        for (int part = 0; part < TC_SPLIT; part++) {
+            u32 o[8];
+#pragma unroll
+            for (int m = 0; m < 4; m++) {
+                const int j = 8 * (m >> 1) + 2 * (m & 1);
+                o[2 * m] = p[j][part] | (p[j + 4][part] << 16);
+                o[2 * m + 1] = p[j + 1][part] | (p[j + 5][part] << 16);
+            }
+            uint4* dst = (uint4*)(xb + ((s * TC_SPLIT + part) * 4 + c) * 8);
+            dst[0] = make_uint4(o[0], o[1], o[2], o[3]);
+            dst[1] = make_uint4(o[4], o[5], o[6], o[7]);
+        }
+    }
+}
+
+// Codes and scales of one slice for the lane's rows (rows g and g + 8 of each row block).
+template <int RB>
+struct MtSlice {
+    uint2 q[RB][2];
+    float s[RB][2], b[RB][2];
+};
+
+template <int RB>
+__device__ __forceinline__ void mt_load(MtSlice<RB>& t, const WMat& w, const u32 (*row)[2], u32 slice) {
+    const u32 c = threadIdx.x & 3;
+    const u64 rbytes = w.cols >> 1;
+    const u32 groups = w.cols / w.group, gi = slice * 64 / w.group;
+#pragma unroll
+    for (int rb = 0; rb < RB; rb++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            t.q[rb][h] = __ldg((const uint2*)(w.data + row[rb][h] * rbytes + slice * 32 + c * 8));
+            const u64 gidx = (u64)row[rb][h] * groups + gi;
+            t.s[rb][h] = load_float(w.scales, w.sdt, gidx);
+            t.b[rb][h] = load_float(w.biases, w.sdt, gidx);
+        }
+}
+
+// acc[rb][h] (row g + 8h of row block rb, partial over this lane's c and the warp's slices) +=
+// the slice's dot.
+template <int RB>
+__device__ __forceinline__ void mt_mma(const MtSlice<RB>& t, const u32* xb, const float* xsum, u32 slice, float (*acc)[2]) {
+    const u32 lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    u32 b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (g < TC_SPLIT) {
+        const uint4* src = (const uint4*)(xb + ((slice * TC_SPLIT + g) * 4 + c) * 8);
+        const uint4 lo = src[0], hi = src[1];
+        b[0] = lo.x, b[1] = lo.y, b[2] = lo.z, b[3] = lo.w;
+        b[4] = hi.x, b[5] = hi.y, b[6] = hi.z, b[7] = hi.w;
+    }
+    const float sx = c == 0 ? xsum[slice] : 0.f;
+#pragma unroll
+    for (int rb = 0; rb < RB; rb++) {
+        float d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int m = 0; m < 4; m++) {
+            const u32 wa = (m >> 1) ? t.q[rb][0].y : t.q[rb][0].x;
+            const u32 wb = (m >> 1) ? t.q[rb][1].y : t.q[rb][1].x;
+            const int sh = 8 * (m & 1);
+            const u32 a[4] = {q4pair_bf16(wa >> sh), q4pair_bf16(wb >> sh), q4pair_bf16(wa >> (sh + 4)),
+                              q4pair_bf16(wb >> (sh + 4))};
+            mma_bf16(d, a, b[2 * m], b[2 * m + 1]);
+        }
+        acc[rb][0] += t.s[rb][0] * (d[0] + d[1]) + t.b[rb][0] * sx;
+        acc[rb][1] += t.s[rb][1] * (d[2] + d[3]) + t.b[rb][1] * sx;
+    }
+}
+
+// out[r0 .. r0 + 16 RB) = W x for one token (x: w.cols floats). Every thread of the block
+// calls it.
+template <int RB>
+__device__ __forceinline__ void mt_q4_body(const WMat& w, const float* x, float* out, u32 r0) {
+    const u32 slices = w.cols >> 6;
+    u32* xb = (u32*)smem4;
+    float* xsum = (float*)(xb + slices * 96);
+    float* red = xsum + slices;
+    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    u32 row[RB][2];
+#pragma unroll
+    for (int rb = 0; rb < RB; rb++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) row[rb][h] = min(r0 + rb * 16 + g + 8 * h, w.rows - 1);
+    float acc[RB][2];
+#pragma unroll
+    for (int rb = 0; rb < RB; rb++) acc[rb][0] = acc[rb][1] = 0.f;
+    MtSlice<RB> cur, next;
+    u32 s = warp;
+    if (s < slices) mt_load<RB>(cur, w, row, s);
+    mt_stage(xb, xsum, x, slices);
+    __syncthreads();
+    for (; s < slices; s += MT_WARPS) {
+        if (s + MT_WARPS < slices) mt_load<RB>(next, w, row, s + MT_WARPS);
+        mt_mma<RB>(cur, xb, xsum, s, acc);
+        cur = next;
+    }
+#pragma unroll
+    for (int rb = 0; rb < RB; rb++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            float v = acc[rb][h];
+            v += __shfl_xor_sync(0xffffffffu, v, 1);
+            v += __shfl_xor_sync(0xffffffffu, v, 2);
+            if (c == 0) red[(warp * RB + rb) * 16 + g + 8 * h] = v;
+        }
+    __syncthreads();
+    if (threadIdx.x < RB * 16) {
+        float v = 0.f;
+#pragma unroll
+        for (int k = 0; k < MT_WARPS; k++) v += red[k * RB * 16 + threadIdx.x];
+        const u32 r = r0 + threadIdx.x;
+        if (r < w.rows) out[r] = v;
+    }
+}
+
+// matvec_tc_q4_rbRB(WMat w, const float* x, float* out): grid (ceil(rows / (16 RB)), n), 256
+// threads, dynamic shared memory mt_smem_bytes(cols / 64, RB). matvec_tc_multi_q4_rbRB(MvParts,
+// x): up to MV_PARTS matrices of one x, blocks as in matmul.cu's matvec_multi_*.
+// Host-checked: cols % 64 == 0, group % 64 == 0, data 8-byte aligned, x rows 16-byte aligned.
+#define MT_KERNELS(RB)                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(256) matvec_tc_q4_rb##RB(WMat w, const float* x, float* out) {            \
+        pdl_prologue();                                                                                                    \
+        const u32 t = blockIdx.y;                                                                                          \
+        mt_q4_body<RB>(w, x + (u64)t * w.cols, out + (u64)t * w.rows, blockIdx.x * 16 * RB);                               \
+    }                                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(256) matvec_tc_multi_q4_rb##RB(MvParts a, const float* x) {               \
+        pdl_prologue();                                                                                                    \
+        const u32 p = mv_part(a, blockIdx.x), t = blockIdx.y;                                                              \
+        WMat w = a.w[0];                                                                                                   \
+        float* out = a.out[0];                                                                                             \
+        _Pragma("unroll") for (u32 q = 1; q < MV_PARTS; q++) if (q == p) { w = a.w[q]; out = a.out[q]; }                  \
+        mt_q4_body<RB>(w, x + (u64)t * w.cols, out + (u64)t * w.rows, (blockIdx.x - a.start[p]) * 16 * RB);               \
+    }
+
+MT_KERNELS(1)
+MT_KERNELS(2)
