@@ -482,9 +482,6 @@ __device__ __forceinline__ void mt_q4_body(const WMat& w, const float* x, float*
     float acc[RB][2];
 #pragma unroll
     for (int rb = 0; rb < RB; rb++) acc[rb][0] = acc[rb][1] = 0.f;
-    // A warp reads an eighth of each of its rows: the block asks L2 for its rows whole first.
-    if (MV_L2_PREFETCH && threadIdx.x < RB * 16)
-        l2_prefetch(w.data + (u64)min(r0 + threadIdx.x, w.rows - 1) * (w.cols >> 1), w.cols >> 1);
     MtSlice<RB> cur, next;
     u32 s = warp;
     if (s < slices) mt_load<RB>(cur, w, row, s);

@@ -177,21 +177,6 @@ __device__ __forceinline__ float dot16(uint4 wv, const float4* xv) {
     return d;
 }
 
-// Asks L2 to fetch `bytes` (a multiple of 16, 16-byte aligned) at p from DRAM now, without
-// waiting and without registers: one instruction on sm_90 (bulk prefetch), else one per 128-byte
-// line.
-__device__ __forceinline__ void l2_prefetch(const void* p, u32 bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-#else
-    for (u32 o = 0; o < bytes; o += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"((const u8*)p + o));
-#endif
-}
-
-#ifndef MV_L2_PREFETCH
-#define MV_L2_PREFETCH 1
-#endif
-
 // Per-lane partial dots of rows r0..r0+R of NM matrices (same rows, cols, group and format;
 // gate and up share x) with the permuted staged x (vector path). A row group of L lanes (32,
 // 16 or 8: the warp holds 32 / L of them, each with its own r0) walks a row in steps of L * E
@@ -216,16 +201,6 @@ __device__ __forceinline__ void mv_vec_n(const WMat* w, const float* xs, u32 r0,
     u32 rr[R];
 #pragma unroll
     for (int j = 0; j < R; j++) rr[j] = min(r0 + j, w[0].rows - 1);
-    // A row group holds one step of loads in registers at a time (more cost occupancy, see
-    // above), and a step waits a full DRAM round trip. So the first lane of each row group
-    // asks L2 for the rest of its rows up front: the later steps then wait on L2 only.
-    constexpr u32 STEP_BYTES = L * 16;
-    if (MV_L2_PREFETCH && sl == 0 && rb > STEP_BYTES) {
-#pragma unroll
-        for (int m = 0; m < NM; m++)
-#pragma unroll
-            for (int j = 0; j < R; j++) l2_prefetch(w[m].data + (u64)rr[j] * rb + STEP_BYTES, (u32)(rb - STEP_BYTES));
-    }
     for (u32 base = 0; base < cols; base += SPAN) {
         const u32 e0 = base + sl * E;
         const bool ok = e0 < cols;

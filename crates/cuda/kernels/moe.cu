@@ -273,16 +273,6 @@ __device__ __forceinline__ void down_combine_body(const u64* table, u32 ne, cons
     const u32 padded = mv_padded<E, L>(inter);
     float* xs = (float*)smem4;
     float* part = xs + (u64)k * padded;
-    // Each unit is a single step of its rows, so mv_vec_n has nothing to prefetch: the block
-    // asks L2 for all k * DC_RB rows now, and the later rounds wait on L2 only.
-    if (MV_L2_PREFETCH && threadIdx.x < k * DC_RB) {
-        const u32 j = threadIdx.x / DC_RB, r = min(blockIdx.x * DC_RB + threadIdx.x % DC_RB, hidden - 1);
-        const u32 e = idx[(u64)t * k + j];
-        if (e < ne) {
-            const WMat d = expert_mat(table, e, 2, hidden, inter, group, sdt);
-            l2_prefetch(d.data + (u64)r * row_bytes<FMT>(inter), (u32)row_bytes<FMT>(inter));
-        }
-    }
     stage_rows<E, L>(xs, h + (u64)t * k * inter, k, inter, padded);
     __syncthreads();
     const u32 sub = threadIdx.x / L, sl = threadIdx.x & (L - 1);
