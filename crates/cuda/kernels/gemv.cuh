@@ -18,26 +18,6 @@
 //    dense matmul and the gathered (token, slot) pairs of the experts.
 
 #define MV_WARPS 8
-
-// Up to MV_PARTS matvecs of one x in one launch (matmul.cu's matvec_multi_*, gemm_tc.cu's
-// matvec_tc_multi_*): the grid's x blocks are the parts' row blocks one after the other, part
-// q starting at block start[q].
-#define MV_PARTS 4
-struct MvParts {
-    WMat w[MV_PARTS];
-    float* out[MV_PARTS];
-    u32 start[MV_PARTS];
-    u32 count;
-};
-
-// The part of an MvParts launch that block `bx` belongs to.
-__device__ __forceinline__ u32 mv_part(const MvParts& a, u32 bx) {
-    u32 p = 0;
-#pragma unroll
-    for (u32 q = 1; q < MV_PARTS; q++)
-        if (q < a.count && bx >= a.start[q]) p = q;
-    return p;
-}
 #define MV_R 2  // rows per warp of the expert kernels; matmul picks 1, 2 or 4 per matrix
 
 // Elements of one format held by 16 bytes.

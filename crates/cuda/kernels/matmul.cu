@@ -14,6 +14,13 @@
 #include "common.cuh"
 #include "gemv.cuh"
 
+#define MV_PARTS 4
+struct MvParts {
+    WMat w[MV_PARTS];
+    float* out[MV_PARTS];
+    u32 start[MV_PARTS];
+    u32 count;
+};
 
 template <int FMT, bool VEC, int R>
 __device__ __forceinline__ void matvec_body(const WMat& w, const float* x, float* out, u32 bx) {
@@ -50,7 +57,8 @@ __device__ __forceinline__ void gemm_body(const WMat& w, const float* x, float* 
         matvec_body<FMT, VEC, R>(w, x, out, blockIdx.x);                                            \
     }                                                                                               \
     extern "C" __global__ void __launch_bounds__(256) matvec_multi_##KIND##_##NAME##_r##R(MvParts a, const float* x) { pdl_prologue(); \
-        const u32 p = mv_part(a, blockIdx.x);                                                       \
+        u32 p = 0;                                                                                  \
+        _Pragma("unroll") for (u32 q = 1; q < MV_PARTS; q++) if (q < a.count && blockIdx.x >= a.start[q]) p = q; \
         WMat w = a.w[0];                                                                            \
         float* out = a.out[0];                                                                      \
         _Pragma("unroll") for (u32 q = 1; q < MV_PARTS; q++) if (q == p) { w = a.w[q]; out = a.out[q]; } \

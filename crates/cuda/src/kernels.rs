@@ -207,12 +207,6 @@ impl Kernels {
         major >= 8 && std::env::var("MOEFLUX_CUDA_TC").map_or(true, |v| v != "0")
     }
 
-    /// Whether 4-bit decode matvecs may take the tensor-core kernels (`matvec_tc_*` in
-    /// gemm_tc.cu): tensor cores, and not switched off with `MOEFLUX_CUDA_TC_MATVEC=0`.
-    pub fn tc_matvec(&self) -> bool {
-        self.tensor_cores() && std::env::var("MOEFLUX_CUDA_TC_MATVEC").map_or(true, |v| v != "0")
-    }
-
     fn cache_path(&self, file: &str, src: &str) -> Option<PathBuf> {
         let dir = self.cache_dir.as_ref()?;
         let opts = compile_options(&self.arch).join(" ");

@@ -593,15 +593,11 @@ fn matmul() {
 fn matmul_same_input_runs() {
     let q4 = WFmt::Q(4, 32, DType::BF16);
     let q8 = WFmt::Q(8, 32, DType::F32);
-    // 4-bit with group 64: the tensor-core matvecs (sm_80+).
-    let q4t = WFmt::Q(4, 64, DType::BF16);
-    let cases: [&[(WFmt, usize)]; 6] = [
+    let cases: [&[(WFmt, usize)]; 4] = [
         &[(q4, 700), (q4, 64)],
         &[(q8, 512), (q8, 1)],
         &[(q4, 96), (q4, 32), (q4, 33), (q4, 8), (q4, 300)],
         &[(WFmt::BF16, 40), (q4, 72), (q4, 72)],
-        &[(q4t, 700), (q4t, 64), (q4t, 40)],
-        &[(q4t, 96), (q4t, 32), (q4t, 33), (q4t, 8), (q4t, 300)],
     ];
     for (ci, parts) in cases.into_iter().enumerate() {
         for n in [1, 2] {
@@ -632,8 +628,6 @@ fn matmul_odd_shapes() {
         (WFmt::BF16, 33, 40),
         (WFmt::Q(4, 32, DType::BF16), 7, 64),
         (WFmt::Q(8, 32, DType::F32), 3, 96),
-        // Tensor-core matvec: fewer 64-column slices than warps, a group of two slices.
-        (WFmt::Q(4, 128, DType::F16), 9, 384),
     ] {
         for n in [1, 5] {
             check(

@@ -63,42 +63,6 @@ pub(crate) fn tc_ok(enc: &Enc<'_>, fmt: Fmt, data: u64, cols: usize, group: u32)
         && (!fmt.affine() || (group as usize).is_multiple_of(32))
 }
 
-/// Tensor-core matvecs (gemm_tc.cu) by row blocks of 16 per block (1 or 2).
-const MATVEC_TC: [&str; 2] = ["matvec_tc_q4_rb1", "matvec_tc_q4_rb2"];
-const MATVEC_TC_MULTI: [&str; 2] = ["matvec_tc_multi_q4_rb1", "matvec_tc_multi_q4_rb2"];
-
-/// Row blocks of 16 per block of a tensor-core matvec over `rows` (summed over the parts of a
-/// multi launch) for `n` tokens, or `None` when the matrix cannot take one: 4-bit codes,
-/// 64-column slices inside one quantization group, 8-byte aligned data, and the staged x
-/// within the shared memory a block may have. Two row blocks when that still gives every SM
-/// two blocks (x is staged once per block).
-fn tc_matvec_rb(
-    enc: &Enc<'_>,
-    fmt: Fmt,
-    data: u64,
-    cols: usize,
-    group: u32,
-    rows: usize,
-    n: usize,
-) -> Option<usize> {
-    let ok = enc.kernels.tc_matvec()
-        && fmt == Fmt::Q4
-        && cols.is_multiple_of(64)
-        && (group as usize).is_multiple_of(64)
-        && data.is_multiple_of(8);
-    let rb = if rows.div_ceil(32) * n >= 2 * enc.sm_count {
-        2
-    } else {
-        1
-    };
-    (ok && mt_smem(cols, rb) <= enc.smem_optin).then_some(rb)
-}
-
-/// Dynamic shared memory of a tensor-core matvec block (`mt_smem_bytes` in gemm_tc.cu).
-fn mt_smem(cols: usize, rb: usize) -> usize {
-    cols / 64 * (96 * 4 + 4) + 8 * rb * 16 * 4
-}
-
 /// Rows per block of the expert matrix-vector kernels (8 warps x `MV_R` = 2 in gemv.cuh), the
 /// dense GEMM tile (`GT_M` = `GT_N`) and the expert GEMM's pairs per tile (`MOE_TM`).
 pub(crate) const MV_ROWS: usize = 16;
@@ -138,23 +102,6 @@ pub(crate) fn matmul(
     }
     let (wa, fmt) = enc.wmat(w, OP)?;
     let (xp, op) = (enc.buf(x.raw())?, enc.buf(out.raw())?);
-    if n <= MATVEC_MAX_N
-        && let Some(rb) = tc_matvec_rb(enc, fmt, wa.data, w.cols, wa.group, w.rows, n)
-    {
-        let cfg = LaunchConfig {
-            grid_dim: (
-                u32_of(w.rows.div_ceil(16 * rb), "row blocks", OP)?,
-                n as u32,
-                1,
-            ),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: mt_smem(w.cols, rb) as u32,
-        };
-        // SAFETY: matvec_tc_q4_rb*(WMat, const float*, float*); x holds n * cols floats and
-        // out n * rows (Graph::validate); tc_matvec_rb checked the codes' alignment and the
-        // slices; x rows are 16-byte aligned (pool buffers are 256-byte aligned, cols % 64 == 0).
-        return unsafe { launch!(enc, "gemm_tc.cu", MATVEC_TC[rb - 1], cfg, [wa, xp, op]) };
-    }
     if n <= MATVEC_MAX_N {
         let vec = vec_ok(fmt, wa.data, w.cols, wa.group);
         let smem = mv_smem(w.cols, if vec { fmt.elems16() } else { 4 }, 32);
@@ -204,24 +151,6 @@ pub(crate) fn matmul(
     // (tc_ok; pool buffers are 256-byte aligned); tiles past n or rows are masked in the
     // kernels.
     unsafe { launch!(enc, file, name, cfg, [wa, xp, op, n_u]) }
-}
-
-/// The launch argument of a multi-matrix matvec whose blocks cover `block_rows` rows each,
-/// and the blocks in all.
-fn mv_parts(
-    ws: &[(WMatArg, Fmt, u64, bool)],
-    block_rows: usize,
-) -> Result<(MvPartsArg, usize), CudaError> {
-    let mut a = MvPartsArg::default();
-    let mut blocks = 0usize;
-    for (i, (wa, _, op, _)) in ws.iter().enumerate() {
-        a.w[i] = *wa;
-        a.out[i] = *op;
-        a.start[i] = u32_of(blocks, "row blocks", "matmul")?;
-        blocks += (wa.rows as usize).div_ceil(block_rows);
-    }
-    a.count = ws.len() as u32;
-    Ok((a, blocks))
 }
 
 /// Parts of one `matvec_multi_*` launch (C struct MvParts in matmul.cu).
@@ -295,36 +224,24 @@ pub(crate) fn matvec_multi(
         .enumerate()
         .all(|(i, a)| ranges[i + 1..].iter().all(|b| a.1 <= b.0 || b.1 <= a.0));
     let (fmt, vec, group) = (ws[0].1, ws[0].3, ws[0].0.group);
-    if !disjoint || ws.iter().any(|w| w.3 != vec || w.0.group != group) {
-        return Ok(false);
-    }
-    let rows: usize = parts.iter().map(|(w, _)| w.rows).sum();
-    let tc = ws
-        .iter()
-        .map(|w| tc_matvec_rb(enc, fmt, w.0.data, cols, group, rows, n))
-        .collect::<Option<Vec<_>>>()
-        .map(|rbs| rbs[0]);
-    if let Some(rb) = tc {
-        let (a, blocks) = mv_parts(&ws, 16 * rb)?;
-        let cfg = LaunchConfig {
-            grid_dim: (u32_of(blocks, "row blocks", OP)?, n as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: mt_smem(cols, rb) as u32,
-        };
-        // SAFETY: matvec_tc_multi_q4_rb*(MvParts, const float*); as below, with every matrix
-        // checked by tc_matvec_rb.
-        unsafe { launch!(enc, "gemm_tc.cu", MATVEC_TC_MULTI[rb - 1], cfg, [a, xp]) }?;
-        return Ok(true);
-    }
-    if !vec {
+    if !disjoint || !vec || ws.iter().any(|w| w.3 != vec || w.0.group != group) {
         return Ok(false);
     }
     let smem = mv_smem(cols, fmt.elems16(), 32);
     if smem > enc.smem_optin {
         return Ok(false);
     }
+    let rows: usize = parts.iter().map(|(w, _)| w.rows).sum();
     let r = rows_per_warp(rows, n, enc.sm_count, true);
-    let (a, blocks) = mv_parts(&ws, 8 * r)?;
+    let mut a = MvPartsArg::default();
+    let mut blocks = 0usize;
+    for (i, (wa, _, op, _)) in ws.iter().enumerate() {
+        a.w[i] = *wa;
+        a.out[i] = *op;
+        a.start[i] = u32_of(blocks, "row blocks", OP)?;
+        blocks += (wa.rows as usize).div_ceil(8 * r);
+    }
+    a.count = parts.len() as u32;
     let names = match r {
         4 => &MATVEC_MULTI_VEC_R4,
         2 => &MATVEC_MULTI_VEC_R2,
