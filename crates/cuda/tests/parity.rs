@@ -593,11 +593,13 @@ fn matmul() {
 fn matmul_same_input_runs() {
     let q4 = WFmt::Q(4, 32, DType::BF16);
     let q8 = WFmt::Q(8, 32, DType::F32);
-    let cases: [&[(WFmt, usize)]; 4] = [
+    let q4g64 = WFmt::Q(4, 64, DType::BF16);
+    let cases: [&[(WFmt, usize)]; 5] = [
         &[(q4, 700), (q4, 64)],
         &[(q8, 512), (q8, 1)],
         &[(q4, 96), (q4, 32), (q4, 33), (q4, 8), (q4, 300)],
         &[(WFmt::BF16, 40), (q4, 72), (q4, 72)],
+        &[(q4g64, 96), (q4g64, 32), (q4g64, 33), (q4g64, 8), (q4g64, 300)],
     ];
     for (ci, parts) in cases.into_iter().enumerate() {
         for n in [1, 2] {
@@ -628,6 +630,7 @@ fn matmul_odd_shapes() {
         (WFmt::BF16, 33, 40),
         (WFmt::Q(4, 32, DType::BF16), 7, 64),
         (WFmt::Q(8, 32, DType::F32), 3, 96),
+        (WFmt::Q(4, 128, DType::F16), 9, 384),
     ] {
         for n in [1, 5] {
             check(
