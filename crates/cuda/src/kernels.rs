@@ -21,6 +21,10 @@ use crate::error::CudaError;
 /// `(file name, source)` of every kernel program.
 pub const FILES: &[(&str, &str)] = &[
     ("attention.cu", include_str!("../kernels/attention.cu")),
+    (
+        "attention_tc.cu",
+        include_str!("../kernels/attention_tc.cu"),
+    ),
     ("bandwidth.cu", include_str!("../kernels/bandwidth.cu")),
     ("conv1d.cu", include_str!("../kernels/conv1d.cu")),
     ("elementwise.cu", include_str!("../kernels/elementwise.cu")),
@@ -205,6 +209,12 @@ impl Kernels {
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
         major >= 8 && std::env::var("MOEFLUX_CUDA_TC").map_or(true, |v| v != "0")
+    }
+
+    /// Whether prefill attention may take the tensor-core kernel (`attention_tc.cu`): tensor
+    /// cores, and not switched off with `MOEFLUX_CUDA_TC_ATTN=0`.
+    pub fn tc_attention(&self) -> bool {
+        self.tensor_cores() && std::env::var("MOEFLUX_CUDA_TC_ATTN").map_or(true, |v| v != "0")
     }
 
     fn cache_path(&self, file: &str, src: &str) -> Option<PathBuf> {

@@ -599,7 +599,13 @@ fn matmul_same_input_runs() {
         &[(q8, 512), (q8, 1)],
         &[(q4, 96), (q4, 32), (q4, 33), (q4, 8), (q4, 300)],
         &[(WFmt::BF16, 40), (q4, 72), (q4, 72)],
-        &[(q4g64, 96), (q4g64, 32), (q4g64, 33), (q4g64, 8), (q4g64, 300)],
+        &[
+            (q4g64, 96),
+            (q4g64, 32),
+            (q4g64, 33),
+            (q4g64, 8),
+            (q4g64, 300),
+        ],
     ];
     for (ci, parts) in cases.into_iter().enumerate() {
         for n in [1, 2] {
@@ -896,11 +902,14 @@ fn kv_append() {
 #[test]
 fn attention() {
     // (heads, kv_heads, head_dim, positions)
-    // Up to 4 queries take the split (flash-decoding) kernels; more take the tiled kernel
-    // (head_dim <= 128, a multiple of 4) or else the one-pass kernel (hd 256, 66).
+    // Up to 4 queries take the split (flash-decoding) kernels; more take the tensor-core
+    // kernel (sm_80+, head_dim 64 or 128), the tiled kernel (head_dim <= 128, a multiple of
+    // 4) or else the one-pass kernel (hd 256, 66).
     let prefill: Vec<u32> = (40..110).collect(); // 70 queries: two full tiles and a partial one
     let scattered: Vec<u32> = (0..37u32).map(|i| (i * 7919) % 523).collect();
-    let cases: [(usize, usize, usize, Vec<u32>); 10] = [
+    let cases: [(usize, usize, usize, Vec<u32>); 12] = [
+        (4, 2, 64, prefill.clone()),
+        (8, 4, 128, scattered.clone()),
         (8, 2, 64, vec![0, 17, 299]),
         (4, 4, 80, vec![250]),
         (16, 2, 128, vec![5, 6, 7, 8, 9, 10]),

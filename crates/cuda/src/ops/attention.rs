@@ -21,6 +21,28 @@ const TILED_Q: usize = 32;
 const TILED_K: usize = 32;
 const TILED_D: usize = 128;
 
+/// attention_tc_f32_d* (attention_tc.cu): queries per block (TA_Q) and keys per tile (TA_K).
+const TC_Q: usize = 64;
+const TC_K: usize = 32;
+
+/// The tensor-core prefill kernel for `head_dim`, where there is one and the device may run it.
+fn tc_attention_kernel(enc: &Enc<'_>, head_dim: usize) -> Option<&'static str> {
+    if !enc.kernels.tc_attention() {
+        return None;
+    }
+    match head_dim {
+        64 => Some("attention_tc_f32_d64"),
+        128 => Some("attention_tc_f32_d128"),
+        _ => None,
+    }
+}
+
+/// Dynamic shared memory of attention_tc_f32_d{head_dim}: q, K and V tiles (rows padded by 4,
+/// 4 and 8 floats) and the warps' P tiles.
+fn tc_attention_smem(head_dim: usize) -> usize {
+    (TC_Q * (head_dim + 4) + TC_K * (head_dim + 4) + TC_K * (head_dim + 8) + TC_Q * (TC_K + 4)) * 4
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn kv_append(
     enc: &mut Enc<'_>,
@@ -155,6 +177,32 @@ pub(crate) fn attention(
                 [part, op, h, hd, sp]
             )
         };
+    }
+    if let Some(name) = tc_attention_kernel(enc, s.head_dim) {
+        let smem = tc_attention_smem(s.head_dim);
+        if smem <= enc.smem_optin {
+            let n_u = u32_of(s.n, "tokens", OP)?;
+            let cfg = LaunchConfig {
+                grid_dim: (u32_of(s.n.div_ceil(TC_Q), "query tiles", OP)?, h, 1),
+                block_dim: (TC_Q as u32 / 16 * 32, 1, 1),
+                shared_mem_bytes: smem as u32,
+            };
+            // SAFETY: attention_tc_f32_d*(const float*, const u32*, const float*, const float*,
+            // float*, u32, u32, u32, float, u32); q/out hold n * heads * head_dim floats,
+            // caches max_ctx * kv_heads * head_dim (Graph::validate); heads % kv_heads == 0
+            // (check_shapes); head_dim is the kernel's D (tc_attention_kernel), so every row is
+            // 16-byte aligned in the 256-byte aligned pool buffers; keys are clamped to max_ctx
+            // and rows past n masked in the kernel.
+            return unsafe {
+                launch!(
+                    enc,
+                    "attention_tc.cu",
+                    name,
+                    cfg,
+                    [qp, pp, kc, vc, op, n_u, h, kvh, scale, mc]
+                )
+            };
+        }
     }
     if s.head_dim <= TILED_D && s.head_dim.is_multiple_of(4) {
         let smem =

@@ -1,0 +1,210 @@
+// attention_tc.cu: causal GQA attention over the KV cache for wide batches (prefill) on the
+// tensor cores (mma.sync m16n8k8 tf32, f32 accumulate). Needs sm_80 or newer; the host picks
+// it only there, for head_dim 64 or 128, and keeps it in its own program.
+//
+// Same computation and layouts as attention_tiled_f32 in attention.cu: caches f32 [max_ctx,
+// kv_heads * head_dim], q / out f32 [n, heads * head_dim], query t attends keys 0..=pos[t]
+// (clamped to max_ctx), q scaled by `scale` before the dot, online softmax over key tiles.
+//
+// Exactness. Every operand is split into tf32 parts a = hi + lo (hi = a rounded to tf32, lo =
+// the f32 remainder, which the mma reads as tf32), and each product is hi*hi + hi*lo + lo*hi:
+// the dropped lo*lo and the truncation of lo leave ~2^-21 relative, far below the 1e-5 of
+// the parity test and near what the f32 SIMT kernels round to. So a score or output costs
+// three mma per 8-deep step.
+//
+// attention_tc_f32_dD: grid (ceil(n / TA_Q), heads), block TA_WARPS * 32. Warp w owns queries
+//   t0 + 16w .. + 15 (mma rows g and g + 8, g = lane / 4, c = lane % 4). Per key tile of
+//   TA_K keys: K and V staged in shared memory, S = Q K^T (16 x TA_K per warp: TA_K / 8 mma
+//   tiles of C, c's columns 2c, 2c + 1), masked past each query's position, online softmax
+//   (row max and sum over the 4 lanes of a row), P written to the warp's shared-memory tile and
+//   read back as A fragments, O += P V (D / 8 mma tiles). Dynamic shared memory:
+//   (TA_Q * (D + 4) + TA_K * (D + 4) + TA_K * (D + 8) + TA_Q * (TA_K + 4)) floats; the
+//   paddings keep the fragment reads of a warp in distinct banks.
+#include "common.cuh"
+
+#define TA_WARPS 4
+#define TA_Q (16 * TA_WARPS)
+#define TA_K 32
+#define TA_PP (TA_K + 4)
+
+__device__ __forceinline__ u32 tf32_rn(float f) {
+    u32 r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(f));
+    return r;
+}
+
+// a = hi + lo, both as tf32 operand bits.
+__device__ __forceinline__ void tf32_split(float a, u32& hi, u32& lo) {
+    hi = tf32_rn(a);
+    lo = tf32_rn(a - __uint_as_float(hi));
+}
+
+__device__ __forceinline__ void mma_tf32(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// c += a b with a (4 floats, A fragment) and b (2 floats, B fragment) split into tf32 parts.
+__device__ __forceinline__ void mma3(float* c, const float* a, float b0, float b1) {
+    u32 ah[4], al[4], bh0, bl0, bh1, bl1;
+#pragma unroll
+    for (int i = 0; i < 4; i++) tf32_split(a[i], ah[i], al[i]);
+    tf32_split(b0, bh0, bl0);
+    tf32_split(b1, bh1, bl1);
+    mma_tf32(c, al, bh0, bh1);
+    mma_tf32(c, ah, bl0, bl1);
+    mma_tf32(c, ah, bh0, bh1);
+}
+
+template <int D>
+__device__ __forceinline__ void attention_tc_body(const float* q, const u32* pos, const float* kc, const float* vc, float* out,
+                                                  u32 n, u32 heads, u32 kv_heads, float scale, u32 max_ctx) {
+    constexpr u32 QP = D + 4, KP = D + 4, VP = D + 8;
+    float* qs = (float*)smem4;    // [TA_Q][QP]
+    float* ks = qs + TA_Q * QP;   // [TA_K][KP]
+    float* vs = ks + TA_K * KP;   // [TA_K][VP]
+    float* ps = vs + TA_K * VP;   // [TA_Q][TA_PP], 16 rows per warp
+    __shared__ u32 s_len;
+    const u32 h = blockIdx.y, t0 = blockIdx.x * TA_Q;
+    const u32 tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
+    const u32 kvh = h / (heads / kv_heads);
+    const u64 kv_dim = (u64)kv_heads * D;
+    if (tid == 0) s_len = 0;
+    for (u32 i = tid; i < TA_Q * D / 4; i += blockDim.x) {
+        const u32 qr = i / (D / 4), d = 4 * (i % (D / 4));
+        const u32 tq = t0 + qr;
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (tq < n) {
+            v = *(const float4*)(q + ((u64)tq * heads + h) * D + d);
+            v.x *= scale, v.y *= scale, v.z *= scale, v.w *= scale;
+        }
+        *(float4*)(qs + qr * QP + d) = v;
+    }
+    // This lane's two query rows and their attended lengths (0 past n).
+    const u32 ra = 16 * warp + g, rb = ra + 8;
+    const u32 la = t0 + ra < n ? min(pos[t0 + ra] + 1, max_ctx) : 0;
+    const u32 lb = t0 + rb < n ? min(pos[t0 + rb] + 1, max_ctx) : 0;
+    __syncthreads();
+    if (c == 0) atomicMax(&s_len, max(la, lb));
+    __syncthreads();
+    const u32 kmax = s_len;
+
+    float o[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float ma = NEG_INF, mb = NEG_INF, sa = 0.f, sb = 0.f;  // running max and (lane-partial) sum
+    const float* qa = qs + ra * QP;
+    const float* qb = qs + rb * QP;
+    float* pw = ps + 16 * warp * TA_PP;
+    for (u32 k0 = 0; k0 < kmax; k0 += TA_K) {
+        for (u32 i = tid; i < TA_K * D / 4; i += blockDim.x) {
+            const u32 kr = i / (D / 4), d = 4 * (i % (D / 4));
+            const u32 j = k0 + kr;
+            float4 kv = make_float4(0.f, 0.f, 0.f, 0.f), vv = kv;
+            if (j < kmax) {
+                const u64 off = (u64)j * kv_dim + (u64)kvh * D + d;
+                kv = *(const float4*)(kc + off);
+                vv = *(const float4*)(vc + off);
+            }
+            *(float4*)(ks + kr * KP + d) = kv;
+            *(float4*)(vs + kr * VP + d) = vv;
+        }
+        __syncthreads();
+        // S = Q K^T: tile nt holds keys 8 nt + 2c, + 1 of rows ra (s[nt][0..1]) and rb ([2..3]).
+        float s[TA_K / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < TA_K / 8; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll 4
+        for (u32 kk = 0; kk < D / 8; kk++) {
+            const u32 d = 8 * kk + c;
+            const float a[4] = {qa[d], qb[d], qa[d + 4], qb[d + 4]};
+#pragma unroll
+            for (int nt = 0; nt < TA_K / 8; nt++) {
+                const float* kr = ks + (8 * nt + g) * KP + d;
+                mma3(s[nt], a, kr[0], kr[4]);
+            }
+        }
+        // Mask, then the online softmax of rows ra and rb over this tile.
+        float ta = NEG_INF, tb = NEG_INF;
+#pragma unroll
+        for (int nt = 0; nt < TA_K / 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const u32 j = k0 + 8 * nt + 2 * c + e;
+                if (j >= la) s[nt][e] = NEG_INF;
+                if (j >= lb) s[nt][2 + e] = NEG_INF;
+                ta = fmaxf(ta, s[nt][e]);
+                tb = fmaxf(tb, s[nt][2 + e]);
+            }
+#pragma unroll
+        for (int x = 1; x < 4; x <<= 1) {
+            ta = fmaxf(ta, __shfl_xor_sync(0xffffffffu, ta, x));
+            tb = fmaxf(tb, __shfl_xor_sync(0xffffffffu, tb, x));
+        }
+        const float na = fmaxf(ma, ta), nb = fmaxf(mb, tb);
+        // A row with no key yet (max -inf) keeps everything at zero.
+        const float ca = na == NEG_INF ? 1.f : expf(ma - na), cb = nb == NEG_INF ? 1.f : expf(mb - nb);
+        sa *= ca;
+        sb *= cb;
+#pragma unroll
+        for (int nt = 0; nt < TA_K / 8; nt++) {
+            float p[4];
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                p[e] = s[nt][e] == NEG_INF ? 0.f : expf(s[nt][e] - na);
+                p[2 + e] = s[nt][2 + e] == NEG_INF ? 0.f : expf(s[nt][2 + e] - nb);
+            }
+            sa += p[0] + p[1];
+            sb += p[2] + p[3];
+            *(float2*)(pw + g * TA_PP + 8 * nt + 2 * c) = make_float2(p[0], p[1]);
+            *(float2*)(pw + (g + 8) * TA_PP + 8 * nt + 2 * c) = make_float2(p[2], p[3]);
+        }
+        ma = na;
+        mb = nb;
+#pragma unroll
+        for (int i = 0; i < D / 8; i++) {
+            o[i][0] *= ca, o[i][1] *= ca;
+            o[i][2] *= cb, o[i][3] *= cb;
+        }
+        __syncwarp();
+        // O += P V: k-steps of 8 keys, output tiles of 8 dims (dims 8i + 2c, + 1).
+#pragma unroll
+        for (int kk = 0; kk < TA_K / 8; kk++) {
+            const u32 j = 8 * kk + c;
+            const float a[4] = {pw[g * TA_PP + j], pw[(g + 8) * TA_PP + j], pw[g * TA_PP + j + 4], pw[(g + 8) * TA_PP + j + 4]};
+            const float* v0 = vs + j * VP + g;
+            const float* v1 = v0 + 4 * VP;
+#pragma unroll
+            for (int i = 0; i < D / 8; i++) mma3(o[i], a, v0[8 * i], v1[8 * i]);
+        }
+        __syncthreads();
+    }
+    sa += __shfl_xor_sync(0xffffffffu, sa, 1);
+    sa += __shfl_xor_sync(0xffffffffu, sa, 2);
+    sb += __shfl_xor_sync(0xffffffffu, sb, 1);
+    sb += __shfl_xor_sync(0xffffffffu, sb, 2);
+    const float ia = sa > 0.f ? 1.f / sa : 0.f, ib = sb > 0.f ? 1.f / sb : 0.f;
+    if (t0 + ra < n) {
+        float* orow = out + ((u64)(t0 + ra) * heads + h) * D;
+#pragma unroll
+        for (int i = 0; i < D / 8; i++) *(float2*)(orow + 8 * i + 2 * c) = make_float2(o[i][0] * ia, o[i][1] * ia);
+    }
+    if (t0 + rb < n) {
+        float* orow = out + ((u64)(t0 + rb) * heads + h) * D;
+#pragma unroll
+        for (int i = 0; i < D / 8; i++) *(float2*)(orow + 8 * i + 2 * c) = make_float2(o[i][2] * ib, o[i][3] * ib);
+    }
+}
+
+#define ATTENTION_TC(D)                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(TA_WARPS * 32) attention_tc_f32_d##D(                                    \
+        const float* q, const u32* pos, const float* kc, const float* vc, float* out, u32 n, u32 heads, u32 kv_heads,      \
+        float scale, u32 max_ctx) {                                                                                        \
+        pdl_prologue();                                                                                                    \
+        attention_tc_body<D>(q, pos, kc, vc, out, n, heads, kv_heads, scale, max_ctx);                                     \
+    }
+
+ATTENTION_TC(64)
+ATTENTION_TC(128)
