@@ -17,15 +17,28 @@
 //   TA_K keys: K and V staged in shared memory, S = Q K^T (16 x TA_K per warp: TA_K / 8 mma
 //   tiles of C, c's columns 2c, 2c + 1), masked past each query's position, online softmax
 //   (row max and sum over the 4 lanes of a row), P written to the warp's shared-memory tile and
-//   read back as A fragments, O += P V (D / 8 mma tiles). Dynamic shared memory:
-//   (TA_Q * (D + 4) + TA_K * (D + 4) + TA_K * (D + 8) + TA_Q * (TA_K + 4)) floats; the
-//   paddings keep the fragment reads of a warp in distinct banks.
+//   read back as A fragments, O += P V (D / 8 mma tiles).
+// Shared-memory layouts are chosen so that each lane reads both floats of a fragment pair with
+// one 8-byte load: q, K and P rows hold each group of 8 columns in the order 0 4 1 5 2 6 3 7
+// (columns c and c + 4 side by side), and V is stored by key pairs (j, j + 4) of each group of
+// 8 keys, dim by dim. Row strides are 8 floats past a multiple of 32, which puts the 16 lanes
+// of each half-warp in distinct banks. Dynamic shared memory: TA_Q * (D + 8) + TA_K * (D + 8)
+// + TA_K / 2 * (2 D + 8) + TA_Q * (TA_K + 8) floats.
 #include "common.cuh"
 
 #define TA_WARPS 4
 #define TA_Q (16 * TA_WARPS)
 #define TA_K 32
-#define TA_PP (TA_K + 4)
+#define TA_PP (TA_K + 8)
+
+// Position of column k within its group of 8 in the paired order 0 4 1 5 2 6 3 7.
+__device__ __forceinline__ u32 pair_pos(u32 k) { return 2 * (k & 3) + ((k >> 2) & 1); }
+
+// Stores 8 consecutive columns (a: 0..3, b: 4..7) at dst in the paired order.
+__device__ __forceinline__ void store_paired(float* dst, float4 a, float4 b) {
+    *(float4*)dst = make_float4(a.x, b.x, a.y, b.y);
+    *(float4*)(dst + 4) = make_float4(a.z, b.z, a.w, b.w);
+}
 
 __device__ __forceinline__ u32 tf32_rn(float f) {
     u32 r;
@@ -61,26 +74,29 @@ __device__ __forceinline__ void mma3(float* c, const float* a, float b0, float b
 template <int D>
 __device__ __forceinline__ void attention_tc_body(const float* q, const u32* pos, const float* kc, const float* vc, float* out,
                                                   u32 n, u32 heads, u32 kv_heads, float scale, u32 max_ctx) {
-    constexpr u32 QP = D + 4, KP = D + 4, VP = D + 8;
-    float* qs = (float*)smem4;    // [TA_Q][QP]
-    float* ks = qs + TA_Q * QP;   // [TA_K][KP]
-    float* vs = ks + TA_K * KP;   // [TA_K][VP]
-    float* ps = vs + TA_K * VP;   // [TA_Q][TA_PP], 16 rows per warp
+    constexpr u32 QP = D + 8, KP = D + 8, VP = 2 * D + 8;
+    float* qs = (float*)smem4;        // [TA_Q][QP], paired columns
+    float* ks = qs + TA_Q * QP;       // [TA_K][KP], paired columns
+    float* vs = ks + TA_K * KP;       // [TA_K / 2][VP]: key pair p, dim d at p * VP + 2 d
+    float* ps = vs + TA_K / 2 * VP;   // [TA_Q][TA_PP], paired columns, 16 rows per warp
     __shared__ u32 s_len;
     const u32 h = blockIdx.y, t0 = blockIdx.x * TA_Q;
     const u32 tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
     const u32 kvh = h / (heads / kv_heads);
     const u64 kv_dim = (u64)kv_heads * D;
     if (tid == 0) s_len = 0;
-    for (u32 i = tid; i < TA_Q * D / 4; i += blockDim.x) {
-        const u32 qr = i / (D / 4), d = 4 * (i % (D / 4));
+    for (u32 i = tid; i < TA_Q * D / 8; i += blockDim.x) {
+        const u32 qr = i / (D / 8), d = 8 * (i % (D / 8));
         const u32 tq = t0 + qr;
-        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        float4 a = make_float4(0.f, 0.f, 0.f, 0.f), b = a;
         if (tq < n) {
-            v = *(const float4*)(q + ((u64)tq * heads + h) * D + d);
-            v.x *= scale, v.y *= scale, v.z *= scale, v.w *= scale;
+            const float* src = q + ((u64)tq * heads + h) * D + d;
+            a = *(const float4*)src;
+            b = *(const float4*)(src + 4);
+            a.x *= scale, a.y *= scale, a.z *= scale, a.w *= scale;
+            b.x *= scale, b.y *= scale, b.z *= scale, b.w *= scale;
         }
-        *(float4*)(qs + qr * QP + d) = v;
+        store_paired(qs + qr * QP + d, a, b);
     }
     // This lane's two query rows and their attended lengths (0 past n).
     const u32 ra = 16 * warp + g, rb = ra + 8;
@@ -99,17 +115,25 @@ __device__ __forceinline__ void attention_tc_body(const float* q, const u32* pos
     const float* qb = qs + rb * QP;
     float* pw = ps + 16 * warp * TA_PP;
     for (u32 k0 = 0; k0 < kmax; k0 += TA_K) {
-        for (u32 i = tid; i < TA_K * D / 4; i += blockDim.x) {
-            const u32 kr = i / (D / 4), d = 4 * (i % (D / 4));
+        for (u32 i = tid; i < TA_K * D / 8; i += blockDim.x) {
+            const u32 kr = i / (D / 8), d = 8 * (i % (D / 8));
             const u32 j = k0 + kr;
-            float4 kv = make_float4(0.f, 0.f, 0.f, 0.f), vv = kv;
+            float4 a = make_float4(0.f, 0.f, 0.f, 0.f), b = a;
             if (j < kmax) {
-                const u64 off = (u64)j * kv_dim + (u64)kvh * D + d;
-                kv = *(const float4*)(kc + off);
-                vv = *(const float4*)(vc + off);
+                const float* src = kc + (u64)j * kv_dim + (u64)kvh * D + d;
+                a = *(const float4*)src;
+                b = *(const float4*)(src + 4);
             }
-            *(float4*)(ks + kr * KP + d) = kv;
-            *(float4*)(vs + kr * VP + d) = vv;
+            store_paired(ks + kr * KP + d, a, b);
+        }
+        for (u32 i = tid; i < TA_K / 2 * D / 4; i += blockDim.x) {
+            const u32 p = i / (D / 4), d = 4 * (i % (D / 4));
+            const u32 j = k0 + 8 * (p >> 2) + (p & 3);  // keys j and j + 4
+            float4 a = make_float4(0.f, 0.f, 0.f, 0.f), b = a;
+            const float* src = vc + (u64)j * kv_dim + (u64)kvh * D + d;
+            if (j < kmax) a = *(const float4*)src;
+            if (j + 4 < kmax) b = *(const float4*)(src + 4 * kv_dim);
+            store_paired(vs + p * VP + 2 * d, a, b);
         }
         __syncthreads();
         // S = Q K^T: tile nt holds keys 8 nt + 2c, + 1 of rows ra (s[nt][0..1]) and rb ([2..3]).
@@ -118,12 +142,13 @@ __device__ __forceinline__ void attention_tc_body(const float* q, const u32* pos
         for (int nt = 0; nt < TA_K / 8; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll 4
         for (u32 kk = 0; kk < D / 8; kk++) {
-            const u32 d = 8 * kk + c;
-            const float a[4] = {qa[d], qb[d], qa[d + 4], qb[d + 4]};
+            const u32 d = 8 * kk + 2 * c;  // dims 8 kk + c and + 4, paired
+            const float2 x = *(const float2*)(qa + d), y = *(const float2*)(qb + d);
+            const float a[4] = {x.x, y.x, x.y, y.y};
 #pragma unroll
             for (int nt = 0; nt < TA_K / 8; nt++) {
-                const float* kr = ks + (8 * nt + g) * KP + d;
-                mma3(s[nt], a, kr[0], kr[4]);
+                const float2 k2 = *(const float2*)(ks + (8 * nt + g) * KP + d);
+                mma3(s[nt], a, k2.x, k2.y);
             }
         }
         // Mask, then the online softmax of rows ra and rb over this tile.
@@ -158,8 +183,11 @@ __device__ __forceinline__ void attention_tc_body(const float* q, const u32* pos
             }
             sa += p[0] + p[1];
             sb += p[2] + p[3];
-            *(float2*)(pw + g * TA_PP + 8 * nt + 2 * c) = make_float2(p[0], p[1]);
-            *(float2*)(pw + (g + 8) * TA_PP + 8 * nt + 2 * c) = make_float2(p[2], p[3]);
+            const u32 c0 = 8 * nt + pair_pos(2 * c), c1 = 8 * nt + pair_pos(2 * c + 1);
+            pw[g * TA_PP + c0] = p[0];
+            pw[g * TA_PP + c1] = p[1];
+            pw[(g + 8) * TA_PP + c0] = p[2];
+            pw[(g + 8) * TA_PP + c1] = p[3];
         }
         ma = na;
         mb = nb;
@@ -172,12 +200,15 @@ __device__ __forceinline__ void attention_tc_body(const float* q, const u32* pos
         // O += P V: k-steps of 8 keys, output tiles of 8 dims (dims 8i + 2c, + 1).
 #pragma unroll
         for (int kk = 0; kk < TA_K / 8; kk++) {
-            const u32 j = 8 * kk + c;
-            const float a[4] = {pw[g * TA_PP + j], pw[(g + 8) * TA_PP + j], pw[g * TA_PP + j + 4], pw[(g + 8) * TA_PP + j + 4]};
-            const float* v0 = vs + j * VP + g;
-            const float* v1 = v0 + 4 * VP;
+            const u32 j = 8 * kk + 2 * c;  // keys 8 kk + c and + 4, paired
+            const float2 x = *(const float2*)(pw + g * TA_PP + j), y = *(const float2*)(pw + (g + 8) * TA_PP + j);
+            const float a[4] = {x.x, y.x, x.y, y.y};
+            const float* vp = vs + (4 * kk + c) * VP + 2 * g;
 #pragma unroll
-            for (int i = 0; i < D / 8; i++) mma3(o[i], a, v0[8 * i], v1[8 * i]);
+            for (int i = 0; i < D / 8; i++) {
+                const float2 v2 = *(const float2*)(vp + 16 * i);  // dim 8 i + g of keys j, j + 4
+                mma3(o[i], a, v2.x, v2.y);
+            }
         }
         __syncthreads();
     }

@@ -37,10 +37,14 @@ fn tc_attention_kernel(enc: &Enc<'_>, head_dim: usize) -> Option<&'static str> {
     }
 }
 
-/// Dynamic shared memory of attention_tc_f32_d{head_dim}: q, K and V tiles (rows padded by 4,
-/// 4 and 8 floats) and the warps' P tiles.
+/// Dynamic shared memory of attention_tc_f32_d{head_dim}: q and K tiles, V by key pairs, and
+/// the warps' P tiles, every row padded by 8 floats.
 fn tc_attention_smem(head_dim: usize) -> usize {
-    (TC_Q * (head_dim + 4) + TC_K * (head_dim + 4) + TC_K * (head_dim + 8) + TC_Q * (TC_K + 4)) * 4
+    (TC_Q * (head_dim + 8)
+        + TC_K * (head_dim + 8)
+        + TC_K / 2 * (2 * head_dim + 8)
+        + TC_Q * (TC_K + 8))
+        * 4
 }
 
 #[allow(clippy::too_many_arguments)]
