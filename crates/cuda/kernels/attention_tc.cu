@@ -1,6 +1,7 @@
 // attention_tc.cu: causal GQA attention over the KV cache for wide batches (prefill) on the
 // tensor cores (mma.sync m16n8k8 tf32, f32 accumulate). Needs sm_80 or newer; the host picks
-// it only there, for head_dim 64 or 128, and keeps it in its own program.
+// it only there, for head_dim 64, 128 or 256, and keeps it in its own program. (At 256 a lane
+// holds 128 output accumulators: ~210 registers and one 145 KB block per SM.)
 //
 // Same computation and layouts as attention_tiled_f32 in attention.cu: caches f32 [max_ctx,
 // kv_heads * head_dim], q / out f32 [n, heads * head_dim], query t attends keys 0..=pos[t]
@@ -239,3 +240,4 @@ __device__ __forceinline__ void attention_tc_body(const float* q, const u32* pos
 
 ATTENTION_TC(64)
 ATTENTION_TC(128)
+ATTENTION_TC(256)

@@ -33,6 +33,7 @@ fn tc_attention_kernel(enc: &Enc<'_>, head_dim: usize) -> Option<&'static str> {
     match head_dim {
         64 => Some("attention_tc_f32_d64"),
         128 => Some("attention_tc_f32_d128"),
+        256 => Some("attention_tc_f32_d256"),
         _ => None,
     }
 }
