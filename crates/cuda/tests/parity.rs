@@ -904,8 +904,7 @@ fn attention() {
     // (heads, kv_heads, head_dim, positions)
     // Up to 4 queries take the split (flash-decoding) kernels; more take the tensor-core
     // kernel (sm_80+, head_dim 64, 128 or 256), the tiled kernel (head_dim <= 128, a multiple of
-    // 4) or else the one-pass kernel (hd 66; 256
-    // without tensor cores).
+    // 4) or else the one-pass kernel (hd 66, and 256 without tensor cores).
     let prefill: Vec<u32> = (40..110).collect(); // 70 queries: two full tiles and a partial one
     let scattered: Vec<u32> = (0..37u32).map(|i| (i * 7919) % 523).collect();
     let cases: [(usize, usize, usize, Vec<u32>); 12] = [

@@ -60,7 +60,7 @@ const DOWN_SCALAR: [&str; 5] = [
 /// output rows per block of down_combine (`DC_RB`).
 const GU_R: usize = 2;
 const DN_R: usize = 4;
-const DC_RB: usize = 16;
+const DC_RB: usize = 8;
 
 /// Lanes per row group of a vector-path matvec over rows of `cols` elements (`elems` per 16
 /// bytes): of 32, 16 and 8, the one whose step span (lanes x elems) pads a row least, the
