@@ -29,8 +29,9 @@ pub struct BenchArgs {
     /// Context lengths to time decode at (comma-separated).
     #[arg(long, default_value = "0", value_delimiter = ',')]
     context: Vec<usize>,
-    /// Widest prefill chunk.
-    #[arg(long, default_value_t = 512)]
+    /// Widest prefill chunk (rounded down to a power of two); 0 = automatic: 4096 on CUDA,
+    /// 256 on the CPU.
+    #[arg(long, default_value_t = 0)]
     prefill_chunk: usize,
     /// Write the results as JSON here.
     #[arg(long)]

@@ -51,8 +51,9 @@ struct RunArgs {
     /// Maximum sequence length (KV cache rows); 0 = min(model limit, 4096).
     #[arg(long, default_value_t = 0)]
     max_context: usize,
-    /// Widest prefill chunk (a power of two).
-    #[arg(long, default_value_t = 256)]
+    /// Widest prefill chunk (rounded down to a power of two); 0 = automatic: 4096 on CUDA,
+    /// 256 on the CPU.
+    #[arg(long, default_value_t = 0)]
     prefill_chunk: usize,
     /// RAM budget for the expert cache of a packed model (e.g. 512MiB, 20GiB).
     #[arg(long, value_parser = moeflux_engine::parse_size)]

@@ -94,7 +94,8 @@ pub struct SessionOptions {
     pub device: Device,
     /// Maximum tokens in the sequence (KV cache rows). 0 = min(model limit, 4096).
     pub max_context: usize,
-    /// Widest prefill chunk (rounded down to a power of two).
+    /// Widest prefill chunk (rounded down to a power of two); 0 = automatic (see
+    /// [`resolve_prefill_chunk`]).
     pub prefill_chunk: usize,
     /// RAM budget for the expert cache of a packed model (bytes; `None` = unbounded).
     pub host_mem: Option<usize>,
@@ -108,7 +109,7 @@ impl Default for SessionOptions {
         SessionOptions {
             device: Device::Auto,
             max_context: 0,
-            prefill_chunk: 256,
+            prefill_chunk: 0,
             host_mem: None,
             gpu_mem: None,
         }
@@ -179,7 +180,26 @@ pub struct Session {
     chunk: usize,
 }
 
+/// The prefill chunk a session on backend `backend` uses when asked for `requested` tokens
+/// (0 = automatic): the largest power of two not above it. Automatic is 4096 on CUDA, where
+/// wide chunks fill the expert GEMM tiles (a 4096-token prompt of qwen3-next prefills ~1.4x
+/// faster in one chunk than in chunks of 512), and 256 on the CPU, whose GEMMs gain nothing
+/// from wider chunks and whose activations then stay small.
+pub fn resolve_prefill_chunk(backend: &str, requested: usize) -> usize {
+    let want = match (requested, backend) {
+        (0, "cuda") => 4096,
+        (0, _) => 256,
+        (n, _) => n,
+    };
+    1usize << (usize::BITS - 1 - want.leading_zeros())
+}
+
 impl Session {
+    /// The widest prefill chunk this session uses.
+    pub fn prefill_chunk(&self) -> usize {
+        self.chunk
+    }
+
     pub fn open(dir: &Path, opts: &SessionOptions) -> Result<Self, EngineError> {
         let mut backend = open_backend_with(opts.device, opts.gpu_mem)?;
         let load = moeflux_model::LoadOptions {
@@ -201,7 +221,7 @@ impl Session {
             opts.max_context
         };
         let state = model.alloc_state(backend.pool(), max_ctx)?;
-        let chunk = 1usize << (usize::BITS - 1 - opts.prefill_chunk.max(1).leading_zeros());
+        let chunk = resolve_prefill_chunk(backend.name(), opts.prefill_chunk);
         Ok(Session {
             backend,
             model,
@@ -404,5 +424,19 @@ impl Session {
         let mut out = Vec::new();
         self.run_chunk(&[token], LogitsRows::Last, &mut out)?;
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resolve_prefill_chunk;
+
+    #[test]
+    fn prefill_chunk_is_automatic_per_backend_and_a_power_of_two() {
+        assert_eq!(resolve_prefill_chunk("cuda", 0), 4096);
+        assert_eq!(resolve_prefill_chunk("cpu", 0), 256);
+        assert_eq!(resolve_prefill_chunk("cpu", 1000), 512);
+        assert_eq!(resolve_prefill_chunk("cuda", 64), 64);
+        assert_eq!(resolve_prefill_chunk("cuda", 1), 1);
     }
 }
