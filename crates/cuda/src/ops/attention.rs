@@ -1,4 +1,9 @@
-//! Op::KvAppend and Op::Attention -> kernels/attention.cu
+//! Op::KvAppend and Op::Attention -> kernels/attention.cu, and kernels/attention_tc.cu for
+//! prefill on the tensor cores.
+//!
+//! Which attention kernel: up to [`SPLIT_MAX_N`] queries take split-K flash-decoding; wider
+//! batches take the tensor-core kernel (sm_80+, head_dim 64, 128 or 256), else the tiled SIMT
+//! kernel (head_dim <= 128, a multiple of 4), else the one-pass kernel.
 
 use cudarc::driver::LaunchConfig;
 use moeflux_core::{Act, BufId, Cache, Pos};
