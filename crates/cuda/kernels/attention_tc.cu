@@ -233,8 +233,7 @@ __device__ __forceinline__ void attention_tc_body(const float* q, const u32* pos
 #define ATTENTION_TC(D)                                                                                                    \
     extern "C" __global__ void __launch_bounds__(TA_WARPS * 32) attention_tc_f32_d##D(                                    \
         const float* q, const u32* pos, const float* kc, const float* vc, float* out, u32 n, u32 heads, u32 kv_heads,      \
-        float scale, u32 max_ctx) {                                                                                        \
-        pdl_prologue();                                                                                                    \
+        float scale, u32 max_ctx) { pdl_prologue();                                                                        \
         attention_tc_body<D>(q, pos, kc, vc, out, n, heads, kv_heads, scale, max_ctx);                                     \
     }
 
