@@ -9,7 +9,9 @@
 //! each group of `x` becomes 24-bit fixed point (`x ~ d_g * V`, `|V| <= 127 * 2^16`,
 //! error at most `2^-24 max|x_g|`, below f32 rounding of the larger elements), stored as
 //! three signed bytes so `vpdpbusd` forms `sum q V` exactly in 32-bit integers
-//! ([`Kind::Q4I`]); elsewhere the codes are turned into floats ([`Kind::Q4`]).
+//! ([`Kind::Q4I`]); AVX2 machines form the same sums with `vpmaddubsw` + `vpmaddwd` for
+//! one or two tokens ([`Kind::Q4IY`]); elsewhere the codes are turned into floats
+//! ([`Kind::Q4`], [`Kind::Q4Y`]).
 //!
 //! The caller first lays the activations out for the matrix's format ([`Layout`],
 //! [`prepare`]); one prepared buffer serves every matrix of the same format and width
@@ -109,7 +111,10 @@ enum Kind {
     Q4A,
     Q8,
     Dense(DType),
-    /// AVX2 versions of `Q4` (64-element chunks), `Q8` and `Dense`.
+    /// `Q4I`'s arithmetic on AVX2 (`vpmaddubsw` + `vpmaddwd`; 64-element chunks), for up
+    /// to [`Q4IY_MAX_TOKENS`] tokens.
+    Q4IY,
+    /// AVX2 versions of `Q4` (64-element chunks, wider batches), `Q8` and `Dense`.
     Q4Y,
     Q8Y,
     DenseY(DType),
@@ -127,7 +132,7 @@ fn kind_for(isa: Isa, format: WeightFormat) -> Kind {
                 scale_dtype,
             },
         ) if group_size % 8 == 0 && group_size > 0 && scales_ok(scale_dtype) => {
-            return Kind::Q4Y;
+            return Kind::Q4IY;
         }
         (
             Isa::Avx2,
@@ -199,6 +204,10 @@ pub struct Layout {
 /// Smallest batch sent to the AMX kernel.
 const AMX_MIN_TOKENS: usize = 4;
 
+/// Largest batch the AVX2 fixed-point kernel takes; wider ones convert each chunk's codes
+/// to floats once for all their tokens ([`Kind::Q4Y`]), which then costs less per token.
+const Q4IY_MAX_TOKENS: usize = 2;
+
 /// Largest fixed-point activation magnitude: `127 * 2^16`, three signed bytes.
 const VMAX: f32 = 8_323_072.0;
 
@@ -218,6 +227,9 @@ impl Layout {
         {
             kind = Kind::Q4A;
         }
+        if kind == Kind::Q4IY && n > Q4IY_MAX_TOKENS {
+            kind = Kind::Q4Y;
+        }
         let group_size = match format {
             WeightFormat::Affine { group_size, .. } => group_size as usize,
             WeightFormat::Dense(_) => 0,
@@ -230,7 +242,7 @@ impl Layout {
                 (cols.div_ceil(128) * 128, groups.div_ceil(16) * 16, 1)
             }
             // 3 bytes per element
-            Kind::Q4I => (cols.div_ceil(128) * 96, groups.div_ceil(16) * 16, 2),
+            Kind::Q4I | Kind::Q4IY => (cols.div_ceil(128) * 96, groups.div_ceil(16) * 16, 2),
             // 3 planes of 64 bytes per 64 elements
             Kind::Q4A => (cols.div_ceil(64) * 48, groups.div_ceil(16) * 16, 2),
         };
@@ -299,12 +311,12 @@ pub fn prepare(x: &[f32], lay: &Layout, buf: &mut Vec<f32>) {
                     }
                 }
             }
-            Kind::Q4I | Kind::Q4A => {
+            Kind::Q4I | Kind::Q4A | Kind::Q4IY => {
                 let dst: &mut [u8] = bytemuck::cast_slice_mut(dst);
                 let steps = &mut gp[lay.gstride..];
                 let amx = (lay.kind == Kind::Q4A).then_some((t, n));
                 #[cfg(target_arch = "x86_64")]
-                if lay.group_size.is_multiple_of(16) {
+                if lay.kind != Kind::Q4IY && lay.group_size.is_multiple_of(16) {
                     // SAFETY: Q4I/Q4A are only chosen on AVX-512 (VNNI) machines; the
                     // slices are the ones `prepare_q4i` fills.
                     unsafe { avx512::prepare_q4i(src, dst, steps, lay.group_size, amx) };
@@ -393,7 +405,7 @@ pub unsafe fn rows_raw(
     match lay.kind {
         Kind::Scalar => unsafe { rows_scalar(w, lay, buf, r0, r1, out, ostride) },
         #[cfg(target_arch = "x86_64")]
-        Kind::Q4Y | Kind::Q8Y | Kind::DenseY(_) => unsafe {
+        Kind::Q4IY | Kind::Q4Y | Kind::Q8Y | Kind::DenseY(_) => unsafe {
             avx2::rows(w, lay, buf, r0, r1, out, ostride)
         },
         #[cfg(target_arch = "x86_64")]

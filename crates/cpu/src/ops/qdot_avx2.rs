@@ -1,12 +1,23 @@
-//! AVX2 + FMA (+ F16C) row kernels for x86_64 machines without AVX-512: exact f32
-//! arithmetic like the AVX-512 `Q4`/`Q8`/dense kernels, 8 lanes wide.
+//! AVX2 + FMA (+ F16C) row kernels for x86_64 machines without AVX-512, 8 lanes wide.
 //!
-//! 4-bit layout ([`Kind::Q4Y`]): a 32-byte chunk holds 64 elements; as 8 dwords, lane
-//! `k` holds elements `8k..8k+8`, so the activations of a chunk are stored transposed
-//! (`xp[8j + k] = x[8k + j]`) and nibble `j` of every lane (shift, mask, convert) meets
-//! its activation in one FMA. Lanes are scaled per group after the chunk; the bias term
-//! uses per-group sums of `x`. Tails that a full-width load would run past (the last
-//! scales of a matrix, a row's last partial chunk) go through a small stack copy.
+//! 4-bit ([`Kind::Q4IY`]): the arithmetic of the AVX-512 VNNI kernel (`Q4I`) on AVX2. The
+//! activations are the same 24-bit fixed point in three signed byte planes (same layout,
+//! made by [`super::prepare_q4i`]); `vpdpbusd` is emulated by `vpmaddubsw` (codes x bytes,
+//! pairs summed in 16 bits: |15 * 128 * 2| < 2^15, so it never saturates) and `vpmaddwd`
+//! against ones. A 32-byte chunk of codes holds 64 elements; dword lane `k` holds elements
+//! `8k..8k+8` (low nibbles the even ones, high nibbles the odd ones), so a lane's sum stays in
+//! one group and is scaled per group after the chunk; the bias term uses per-group sums of
+//! `x`. The integer sums are exact, so results equal the VNNI kernel's up to f32 summation
+//! order. Compared with turning codes into floats (shift, mask, convert, FMA per 8
+//! elements) this issues about half the instructions per byte of weights.
+//! Batches of 3+ tokens take [`Kind::Q4Y`] instead, exact f32 like the AVX-512 `Q4`: a
+//! 32-byte chunk's codes are turned into floats once (shift, mask, convert) and meet each
+//! token's activations, stored transposed per chunk (`xp[8j + k] = x[8k + j]`), in one FMA
+//! per 8 elements, which costs less per token than the integer planes once the conversion
+//! is shared.
+//! 8-bit and dense formats: exact f32 like the AVX-512 `Q8`/dense kernels.
+//! Tails that a full-width load would run past (the last scales of a matrix, a row's last
+//! partial chunk) go through a small stack copy.
 
 use std::arch::x86_64::*;
 
@@ -50,10 +61,30 @@ pub(super) unsafe fn rows(
                         out.add(t0 * ostride),
                         ostride,
                     ),
+                    (Kind::Q4IY, 1) => q4i::<1>(
+                        w,
+                        &xs[t0..],
+                        &ss[t0..],
+                        lay.gstride,
+                        r,
+                        re,
+                        out.add(t0 * ostride),
+                        ostride,
+                    ),
                     (Kind::Q4Y, 2) => q4::<2>(
                         w,
                         &xs[t0..],
                         &ss[t0..],
+                        r,
+                        re,
+                        out.add(t0 * ostride),
+                        ostride,
+                    ),
+                    (Kind::Q4IY, 2) => q4i::<2>(
+                        w,
+                        &xs[t0..],
+                        &ss[t0..],
+                        lay.gstride,
                         r,
                         re,
                         out.add(t0 * ostride),
@@ -68,10 +99,30 @@ pub(super) unsafe fn rows(
                         out.add(t0 * ostride),
                         ostride,
                     ),
+                    (Kind::Q4IY, 3) => q4i::<3>(
+                        w,
+                        &xs[t0..],
+                        &ss[t0..],
+                        lay.gstride,
+                        r,
+                        re,
+                        out.add(t0 * ostride),
+                        ostride,
+                    ),
                     (Kind::Q4Y, _) => q4::<4>(
                         w,
                         &xs[t0..],
                         &ss[t0..],
+                        r,
+                        re,
+                        out.add(t0 * ostride),
+                        ostride,
+                    ),
+                    (Kind::Q4IY, _) => q4i::<4>(
+                        w,
+                        &xs[t0..],
+                        &ss[t0..],
+                        lay.gstride,
                         r,
                         re,
                         out.add(t0 * ostride),
@@ -201,6 +252,95 @@ fn geo(w: &MatView<'_>) -> Geo {
         groups,
         gs,
         sdt: scale_dtype,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4i<const N: usize>(
+    w: &MatView<'_>,
+    xs: &[*const f32],
+    ss: &[*const f32],
+    gstride: usize,
+    r0: usize,
+    r1: usize,
+    out: *mut f32,
+    ostride: usize,
+) {
+    unsafe {
+        let g = geo(w);
+        let x: [*const u8; N] = std::array::from_fn(|t| xs[t] as *const u8);
+        let xsum: [*const f32; N] = std::array::from_fn(|t| ss[t]);
+        let steps: [*const f32; N] = std::array::from_fn(|t| ss[t].add(gstride));
+        // lane -> group within its 8-group window, per chunk of the window
+        let wchunks = g.gs / 8;
+        let tab: Vec<__m256i> = (0..wchunks)
+            .map(|co| {
+                let v: [i32; 8] = std::array::from_fn(|k| ((co * 64 + 8 * k) / g.gs) as i32);
+                _mm256_loadu_si256(v.as_ptr() as *const _)
+            })
+            .collect();
+        let m0f = _mm256_set1_epi8(0x0f);
+        let ones = _mm256_set1_epi16(1);
+        let nchunks = g.row_bytes.div_ceil(32);
+        let tail = g.row_bytes % 32;
+        for r in r0..r1 {
+            let row = g.data.add(r * g.row_bytes);
+            let sp = g.scales.add(r * g.groups * g.sdt.size());
+            let bp = g.biases.add(r * g.groups * g.sdt.size());
+            let mut tot = [_mm256_setzero_ps(); N];
+            let mut c = 0;
+            let mut g0 = 0;
+            while g0 < g.groups {
+                let ng = (g.groups - g0).min(8);
+                let s8 = load8(sp, g.sdt, g0, ng);
+                let b8 = load8(bp, g.sdt, g0, ng);
+                let mut sd = [_mm256_setzero_ps(); N];
+                for t in 0..N {
+                    tot[t] = _mm256_fmadd_ps(b8, _mm256_loadu_ps(xsum[t].add(g0)), tot[t]);
+                    sd[t] = _mm256_mul_ps(s8, _mm256_loadu_ps(steps[t].add(g0)));
+                }
+                let cend = (c + wchunks).min(nchunks);
+                let mut co = 0;
+                while c < cend {
+                    let wv = if c + 1 == nchunks && tail != 0 {
+                        let mut tmp = [0u8; 32];
+                        std::ptr::copy_nonoverlapping(row.add(32 * c), tmp.as_mut_ptr(), tail);
+                        _mm256_loadu_si256(tmp.as_ptr() as *const _)
+                    } else {
+                        _mm256_loadu_si256(row.add(32 * c) as *const _)
+                    };
+                    let lo = _mm256_and_si256(wv, m0f);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(wv), m0f);
+                    for t in 0..N {
+                        // this chunk's 32 even and 32 odd activations of each byte plane
+                        let xb = x[t].add(384 * (c / 2) + 32 * (c % 2));
+                        let ld = |o: usize| _mm256_loadu_si256(xb.add(o) as *const _);
+                        let plane = |o: usize| {
+                            let p = _mm256_add_epi16(
+                                _mm256_maddubs_epi16(lo, ld(o)),
+                                _mm256_maddubs_epi16(hi, ld(o + 64)),
+                            );
+                            _mm256_madd_epi16(p, ones)
+                        };
+                        let mut acc = _mm256_slli_epi32::<8>(plane(0));
+                        acc = _mm256_slli_epi32::<8>(_mm256_add_epi32(acc, plane(128)));
+                        acc = _mm256_add_epi32(acc, plane(256));
+                        tot[t] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(acc),
+                            _mm256_permutevar8x32_ps(sd[t], tab[co]),
+                            tot[t],
+                        );
+                    }
+                    c += 1;
+                    co += 1;
+                }
+                g0 += 8;
+            }
+            for t in 0..N {
+                *out.add(t * ostride + r) = hsum(tot[t]);
+            }
+        }
     }
 }
 
