@@ -217,6 +217,35 @@ unsafe fn hsum(v: __m256) -> f32 {
     }
 }
 
+/// Per chunk of a window of 8 groups, the group (within the window) of each dword lane of a
+/// 64-element chunk: lane `k` holds elements `8k..8k+8`.
+#[inline(always)]
+unsafe fn lane_groups(gs: usize) -> Vec<__m256i> {
+    unsafe {
+        (0..gs / 8)
+            .map(|co| {
+                let v: [i32; 8] = std::array::from_fn(|k| ((co * 64 + 8 * k) / gs) as i32);
+                _mm256_loadu_si256(v.as_ptr() as *const _)
+            })
+            .collect()
+    }
+}
+
+/// The 32 code bytes of chunk `c` of a row (`tail` bytes, zero padded, for a last partial
+/// chunk).
+#[inline(always)]
+unsafe fn code_chunk(row: *const u8, c: usize, nchunks: usize, tail: usize) -> __m256i {
+    unsafe {
+        if c + 1 == nchunks && tail != 0 {
+            let mut tmp = [0u8; 32];
+            std::ptr::copy_nonoverlapping(row.add(32 * c), tmp.as_mut_ptr(), tail);
+            _mm256_loadu_si256(tmp.as_ptr() as *const _)
+        } else {
+            _mm256_loadu_si256(row.add(32 * c) as *const _)
+        }
+    }
+}
+
 struct Geo {
     data: *const u8,
     scales: *const u8,
@@ -272,14 +301,9 @@ unsafe fn q4i<const N: usize>(
         let x: [*const u8; N] = std::array::from_fn(|t| xs[t] as *const u8);
         let xsum: [*const f32; N] = std::array::from_fn(|t| ss[t]);
         let steps: [*const f32; N] = std::array::from_fn(|t| ss[t].add(gstride));
-        // lane -> group within its 8-group window, per chunk of the window
+        // chunks per window of 8 groups
         let wchunks = g.gs / 8;
-        let tab: Vec<__m256i> = (0..wchunks)
-            .map(|co| {
-                let v: [i32; 8] = std::array::from_fn(|k| ((co * 64 + 8 * k) / g.gs) as i32);
-                _mm256_loadu_si256(v.as_ptr() as *const _)
-            })
-            .collect();
+        let tab = lane_groups(g.gs);
         let m0f = _mm256_set1_epi8(0x0f);
         let ones = _mm256_set1_epi16(1);
         let nchunks = g.row_bytes.div_ceil(32);
@@ -303,13 +327,7 @@ unsafe fn q4i<const N: usize>(
                 let cend = (c + wchunks).min(nchunks);
                 let mut co = 0;
                 while c < cend {
-                    let wv = if c + 1 == nchunks && tail != 0 {
-                        let mut tmp = [0u8; 32];
-                        std::ptr::copy_nonoverlapping(row.add(32 * c), tmp.as_mut_ptr(), tail);
-                        _mm256_loadu_si256(tmp.as_ptr() as *const _)
-                    } else {
-                        _mm256_loadu_si256(row.add(32 * c) as *const _)
-                    };
+                    let wv = code_chunk(row, c, nchunks, tail);
                     let lo = _mm256_and_si256(wv, m0f);
                     let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(wv), m0f);
                     for t in 0..N {
@@ -358,14 +376,9 @@ unsafe fn q4<const N: usize>(
         let g = geo(w);
         let x: [*const f32; N] = std::array::from_fn(|t| xs[t]);
         let xsum: [*const f32; N] = std::array::from_fn(|t| ss[t]);
-        // lane -> group within its 8-group window, per chunk of the window
+        // chunks per window of 8 groups
         let wchunks = g.gs / 8;
-        let tab: Vec<__m256i> = (0..wchunks)
-            .map(|co| {
-                let v: [i32; 8] = std::array::from_fn(|k| ((co * 64 + 8 * k) / g.gs) as i32);
-                _mm256_loadu_si256(v.as_ptr() as *const _)
-            })
-            .collect();
+        let tab = lane_groups(g.gs);
         let m0f = _mm256_set1_epi32(0xf);
         let nchunks = g.row_bytes.div_ceil(32);
         let tail = g.row_bytes % 32;
@@ -386,13 +399,7 @@ unsafe fn q4<const N: usize>(
                 let cend = (c + wchunks).min(nchunks);
                 let mut co = 0;
                 while c < cend {
-                    let wv = if c + 1 == nchunks && tail != 0 {
-                        let mut tmp = [0u8; 32];
-                        std::ptr::copy_nonoverlapping(row.add(32 * c), tmp.as_mut_ptr(), tail);
-                        _mm256_loadu_si256(tmp.as_ptr() as *const _)
-                    } else {
-                        _mm256_loadu_si256(row.add(32 * c) as *const _)
-                    };
+                    let wv = code_chunk(row, c, nchunks, tail);
                     let sv = _mm256_permutevar8x32_ps(s8, tab[co]);
                     let mut a0 = [_mm256_setzero_ps(); N];
                     let mut a1 = [_mm256_setzero_ps(); N];
