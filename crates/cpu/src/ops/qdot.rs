@@ -316,9 +316,10 @@ pub fn prepare(x: &[f32], lay: &Layout, buf: &mut Vec<f32>) {
                 let steps = &mut gp[lay.gstride..];
                 let amx = (lay.kind == Kind::Q4A).then_some((t, n));
                 #[cfg(target_arch = "x86_64")]
-                if lay.kind != Kind::Q4IY && lay.group_size.is_multiple_of(16) {
-                    // SAFETY: Q4I/Q4A are only chosen on AVX-512 (VNNI) machines; the
-                    // slices are the ones `prepare_q4i` fills.
+                if matches!(lay.kind, Kind::Q4I | Kind::Q4A) && lay.group_size.is_multiple_of(16) {
+                    // SAFETY: Q4I/Q4A are only chosen on AVX-512 (VNNI) machines (AVX2 ones,
+                    // Q4IY, take the portable code below); the slices are the ones
+                    // `prepare_q4i` fills.
                     unsafe { avx512::prepare_q4i(src, dst, steps, lay.group_size, amx) };
                 } else {
                     prepare_q4i(src, dst, steps, lay.group_size, amx);
