@@ -60,12 +60,6 @@ __device__ __forceinline__ void l2_prefetch(const void* p, u64 bytes) {
 #endif
 }
 
-// Slice `part` of `parts` of [p, p + bytes) (16-byte multiples, so aligned ranges stay aligned).
-__device__ __forceinline__ void l2_prefetch_part(const void* p, u64 bytes, u32 part, u32 parts) {
-    const u64 slice = ((bytes + parts - 1) / parts + 15) & ~(u64)15, off = part * slice;
-    if (off < bytes) l2_prefetch((const u8*)p + off, min(slice, bytes - off));
-}
-
 __device__ __forceinline__ float bf16_to_f32(u32 h) { return __uint_as_float(h << 16); }
 
 __device__ __forceinline__ float f16_to_f32(u16 h) {

@@ -14,7 +14,7 @@
 //    for L = 32, 16, 8 lanes per row group (suffix _lL; the host picks L for the row width so
 //    that short rows keep every lane loading); rows per block = 8 * (32 / L) * R.
 //      moe_gate_up_vec_FG_lL / _scalar_FG: grid (row blocks of inter, P), R = 2 (gate and up
-//        rows loaded together): h[p] = silu(G x_t) * (U x_t). The blocks of pair p also ask L2 for
+//        rows loaded together): h[p] = silu(G x_t) * (U x_t). Block (0, p) also asks L2 for
 //        pair p's down matrix (dn_bytes of data, dn_sbytes of scales and of biases; 0: none).
 //      moe_down_vec_FD_lL / _scalar_FD: grid (row blocks of hidden, P), R = 4: y[p] = D h[p]
 //      moe_down_combine_vec_FD_lL: grid (ceil(hidden / DC_RB), n): the down projections of all
@@ -103,11 +103,7 @@ extern "C" __global__ void router_topk_f32(const float* logits, const float* sha
 //   end. One warp per token, 4 warps per block, no shared memory.
 //   With `pf.table` (the expert table of the MoE op this routing feeds; decode only), each
 //   chosen expert's gate, up and down matrices are asked of L2 as soon as they are known, so
-//   they stream in at full bandwidth ahead of the expert kernels. One SM's bulk-copy unit
-//   moves only a few hundred GB/s (measured, run 31: one block asking for all of ~20 MB made
-//   every layer ~70 us slower), so the grid then holds `reps` copies of the ceil(n / 4)
-//   token blocks: every copy ranks the experts (cheap), copy r asks for slice r of every
-//   range, and copy 0 alone writes the results.
+//   they stream in while the expert kernels' launches and staging go on.
 #define TOPK_PER_LANE 16
 struct ExpertPrefetch {
     const u64* table;  // 9 pointers per expert (see expert_mat), or null: no prefetch
@@ -117,23 +113,22 @@ struct ExpertPrefetch {
     u64 dn_sbytes;
 };
 
-__device__ __forceinline__ void prefetch_expert(const ExpertPrefetch& pf, u32 e, u32 part, u32 parts) {
+__device__ __forceinline__ void prefetch_expert(const ExpertPrefetch& pf, u32 e) {
     const u64* p = pf.table + (u64)e * 9;
 #pragma unroll
     for (int m = 0; m < 3; m++) {
         const u64 data = m == 2 ? pf.dn_bytes : pf.gu_bytes, sc = m == 2 ? pf.dn_sbytes : pf.gu_sbytes;
-        l2_prefetch_part((const void*)p[3 * m], data, part, parts);
-        l2_prefetch_part((const void*)p[3 * m + 1], sc, part, parts);
-        l2_prefetch_part((const void*)p[3 * m + 2], sc, part, parts);
+        l2_prefetch((const void*)p[3 * m], data);
+        l2_prefetch((const void*)p[3 * m + 1], sc);
+        l2_prefetch((const void*)p[3 * m + 2], sc);
     }
 }
 
 extern "C" __global__ void router_topk_reg_f32(const float* logits, const float* shared, u32* idx, float* weights, u32 n,
                                                u32 experts, u32 k, int renorm, ExpertPrefetch pf) { pdl_prologue();
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const u32 tblocks = (n + 3) / 4, rep = blockIdx.x / tblocks, reps = gridDim.x / tblocks;
-    const u32 t = (blockIdx.x - rep * tblocks) * 4 + warp;
-    if (t >= n || rep >= reps) return;
+    const u32 t = blockIdx.x * 4 + warp;
+    if (t >= n) return;
     const u32 width = shared != 0 ? k + 1 : k;
     const float* l = logits + (u64)t * experts;
     float v[TOPK_PER_LANE];
@@ -192,10 +187,9 @@ extern "C" __global__ void router_topk_reg_f32(const float* logits, const float*
         }
     }
     if (pf.table != 0) {
-        if (lane < k) prefetch_expert(pf, mine_i, rep, reps);
-        if (lane == 31 && shared != 0) prefetch_expert(pf, experts, rep, reps);
+        if (lane < k) prefetch_expert(pf, mine_i);
+        if (lane == 31 && shared != 0) prefetch_expert(pf, experts);
     }
-    if (rep != 0) return;
     if (lane < k) {
         idx[(u64)t * width + lane] = mine_i;
         weights[(u64)t * width + lane] = renorm ? mine_w / tot : mine_w;
@@ -227,14 +221,13 @@ __device__ __forceinline__ void gate_up_body(const u64* table, u32 num_experts, 
     const u32 r0 = ((blockIdx.x * MV_WARPS + warp) * (32 / L) + lane / L) * R;
     float* hr = h + (u64)p * inter;
     if (e >= num_experts) return;  // not in this pass; uniform across the block
-    if (threadIdx.x == 0) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
         // The down kernel reads this expert's down matrix next: ask L2 for it now, while the
-        // gate/up loads leave most of the memory bandwidth unused (a slice per block: one
-        // SM's bulk-copy unit is slow, see router_topk_reg_f32).
+        // gate/up loads leave most of the memory bandwidth unused.
         const u64* d = table + (u64)e * 9 + 6;
-        l2_prefetch_part((const void*)d[0], dn_bytes, blockIdx.x, gridDim.x);
-        l2_prefetch_part((const void*)d[1], dn_sbytes, blockIdx.x, gridDim.x);
-        l2_prefetch_part((const void*)d[2], dn_sbytes, blockIdx.x, gridDim.x);
+        l2_prefetch((const void*)d[0], dn_bytes);
+        l2_prefetch((const void*)d[1], dn_sbytes);
+        l2_prefetch((const void*)d[2], dn_sbytes);
     }
     const float* xt = x + (u64)(p / k) * hidden;
     WMat m[2] = {expert_mat(table, e, 0, inter, hidden, group, sdt), expert_mat(table, e, 1, inter, hidden, group, sdt)};

@@ -267,14 +267,8 @@ pub(crate) fn router_topk(
             msg: format!("{experts} experts exceed the kernel's shared memory"),
         });
     }
-    // With a prefetch, the register kernel runs one copy of its token blocks per SM, each
-    // asking L2 for a slice of the picked experts (see router_topk_reg_f32).
-    let reps = match in_regs && prefetch.table != 0 {
-        true => enc.sm_count.max(1),
-        false => 1,
-    };
     let cfg = LaunchConfig {
-        grid_dim: (u32_of(n.div_ceil(4) * reps, "blocks", OP)?, 1, 1),
+        grid_dim: (u32_of(n.div_ceil(4), "blocks", OP)?, 1, 1),
         block_dim: (128, 1, 1),
         shared_mem_bytes: smem as u32,
     };
