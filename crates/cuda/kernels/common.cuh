@@ -44,22 +44,6 @@ __device__ __forceinline__ void pdl_prologue() {
 #endif
 }
 
-// Asks L2 to fetch [p, p + bytes) ahead of use: sm_90's bulk prefetch, a hint with nothing to
-// wait for. The range is trimmed inward to 16-byte bounds (the instruction's rule), so no byte
-// outside it is touched. Weights do not depend on the kernel before, so a kernel may ask for
-// its weights before `griddepcontrol.wait` and have them stream in while that kernel finishes.
-__device__ __forceinline__ void l2_prefetch(const void* p, u64 bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (p == 0) return;
-    u64 a = ((u64)p + 15) & ~(u64)15;
-    const u64 end = ((u64)p + bytes) & ~(u64)15;
-    for (; a < end; a += 65536) {
-        const u32 n = (u32)(end - a < 65536 ? end - a : 65536);
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a), "r"(n) : "memory");
-    }
-#endif
-}
-
 __device__ __forceinline__ float bf16_to_f32(u32 h) { return __uint_as_float(h << 16); }
 
 __device__ __forceinline__ float f16_to_f32(u16 h) {

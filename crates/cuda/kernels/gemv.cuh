@@ -35,21 +35,6 @@ __device__ __forceinline__ u64 elem_byte(u32 e) {
     return e;
 }
 
-// Asks L2 for rows [r0, r0 + n) of w (clamped to its rows): the data and, for the affine
-// formats, their scales and biases. Rows are contiguous, so these are three ranges.
-template <int FMT>
-__device__ __forceinline__ void prefetch_rows(const WMat& w, u32 r0, u32 n) {
-    if (r0 >= w.rows) return;
-    n = min(n, w.rows - r0);
-    const u64 rb = row_bytes<FMT>(w.cols);
-    l2_prefetch(w.data + (u64)r0 * rb, (u64)n * rb);
-    if (FMT == FMT_Q4 || FMT == FMT_Q8) {
-        const u64 sb = (u64)(w.cols / w.group) * (w.sdt == DT_F32 ? 4 : 2);
-        l2_prefetch(w.scales + (u64)r0 * sb, (u64)n * sb);
-        l2_prefetch(w.biases + (u64)r0 * sb, (u64)n * sb);
-    }
-}
-
 // Round cols up to the span of one step of an L-lane row group (L lanes x E elements).
 template <int E, int L = 32>
 __device__ __forceinline__ u32 mv_padded(u32 cols) {

@@ -22,43 +22,6 @@ struct MvParts {
     u32 count;
 };
 
-// The part of a multi-matvec that block blockIdx.x computes: its matrix and output, and the
-// block's index within the part. (Selected by unrolled compares: indexing the parameter array
-// with a run-time value would copy it to local memory.)
-__device__ __forceinline__ u32 part_of(const MvParts& a, WMat& w, float*& out) {
-    u32 p = 0;
-#pragma unroll
-    for (u32 q = 1; q < MV_PARTS; q++)
-        if (q < a.count && blockIdx.x >= a.start[q]) p = q;
-    w = a.w[0];
-    out = a.out[0];
-    u32 start = 0;
-#pragma unroll
-    for (u32 q = 1; q < MV_PARTS; q++)
-        if (q == p) {
-            w = a.w[q];
-            out = a.out[q];
-            start = a.start[q];
-        }
-    return blockIdx.x - start;
-}
-
-// pdl_prologue, after asking L2 for the block's weight rows: they do not depend on the kernel
-// before, so they stream in while it finishes.
-template <int FMT, int R>
-__device__ __forceinline__ void pdl_prologue_rows(const WMat& w, u32 bx) {
-    if (threadIdx.x == 0) prefetch_rows<FMT>(w, bx * (MV_WARPS * R), MV_WARPS * R);
-    pdl_prologue();
-}
-
-template <int FMT, int R>
-__device__ __forceinline__ void pdl_prologue_part(const MvParts& a) {
-    WMat w;
-    float* out;
-    const u32 bx = part_of(a, w, out);
-    pdl_prologue_rows<FMT, R>(w, bx);
-}
-
 template <int FMT, bool VEC, int R>
 __device__ __forceinline__ void matvec_body(const WMat& w, const float* x, float* out, u32 bx) {
     float* xs = (float*)smem4;
@@ -97,14 +60,16 @@ __device__ __forceinline__ void gemm_body(const WMat& w, const float* x, float* 
 #define LB_FOUR __launch_bounds__(256, 4)
 
 #define MATVEC_KERNEL(NAME, FMT, VEC, KIND, R, LB)                                                  \
-    extern "C" __global__ void LB matvec_##KIND##_##NAME##_r##R(WMat w, const float* x, float* out) { pdl_prologue_rows<FMT, R>(w, blockIdx.x); \
+    extern "C" __global__ void LB matvec_##KIND##_##NAME##_r##R(WMat w, const float* x, float* out) { pdl_prologue(); \
         matvec_body<FMT, VEC, R>(w, x, out, blockIdx.x);                                            \
     }                                                                                               \
-    extern "C" __global__ void LB matvec_multi_##KIND##_##NAME##_r##R(MvParts a, const float* x) { pdl_prologue_part<FMT, R>(a); \
-        WMat w;                                                                                     \
-        float* out;                                                                                 \
-        const u32 bx = part_of(a, w, out);                                                          \
-        matvec_body<FMT, VEC, R>(w, x, out, bx);                                                    \
+    extern "C" __global__ void LB matvec_multi_##KIND##_##NAME##_r##R(MvParts a, const float* x) { pdl_prologue(); \
+        u32 p = 0;                                                                                  \
+        _Pragma("unroll") for (u32 q = 1; q < MV_PARTS; q++) if (q < a.count && blockIdx.x >= a.start[q]) p = q; \
+        WMat w = a.w[0];                                                                            \
+        float* out = a.out[0];                                                                      \
+        _Pragma("unroll") for (u32 q = 1; q < MV_PARTS; q++) if (q == p) { w = a.w[q]; out = a.out[q]; } \
+        matvec_body<FMT, VEC, R>(w, x, out, blockIdx.x - a.start[p]);                               \
     }
 
 #define MATMUL_KERNELS(NAME, FMT, LB_R4)                                                            \

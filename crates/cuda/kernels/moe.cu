@@ -14,8 +14,7 @@
 //    for L = 32, 16, 8 lanes per row group (suffix _lL; the host picks L for the row width so
 //    that short rows keep every lane loading); rows per block = 8 * (32 / L) * R.
 //      moe_gate_up_vec_FG_lL / _scalar_FG: grid (row blocks of inter, P), R = 2 (gate and up
-//        rows loaded together): h[p] = silu(G x_t) * (U x_t). Block (0, p) also asks L2 for
-//        pair p's down matrix (dn_bytes of data, dn_sbytes of scales and of biases; 0: none).
+//        rows loaded together): h[p] = silu(G x_t) * (U x_t)
 //      moe_down_vec_FD_lL / _scalar_FD: grid (row blocks of hidden, P), R = 4: y[p] = D h[p]
 //      moe_down_combine_vec_FD_lL: grid (ceil(hidden / DC_RB), n): the down projections of all
 //        k slots of a token and the combine below in one launch (resident tables).
@@ -101,31 +100,9 @@ extern "C" __global__ void router_topk_f32(const float* logits, const float* sha
 //   each lane's (at most 16) probabilities in registers: a selection costs one warp arg-max and
 //   a rescan of the winning lane's values only, and lanes < k write the results together at the
 //   end. One warp per token, 4 warps per block, no shared memory.
-//   With `pf.table` (the expert table of the MoE op this routing feeds; decode only), each
-//   chosen expert's gate, up and down matrices are asked of L2 as soon as they are known, so
-//   they stream in while the expert kernels' launches and staging go on.
 #define TOPK_PER_LANE 16
-struct ExpertPrefetch {
-    const u64* table;  // 9 pointers per expert (see expert_mat), or null: no prefetch
-    u64 gu_bytes;      // data bytes of one gate (= up) matrix
-    u64 gu_sbytes;     // scale (= bias) bytes of one gate matrix
-    u64 dn_bytes;
-    u64 dn_sbytes;
-};
-
-__device__ __forceinline__ void prefetch_expert(const ExpertPrefetch& pf, u32 e) {
-    const u64* p = pf.table + (u64)e * 9;
-#pragma unroll
-    for (int m = 0; m < 3; m++) {
-        const u64 data = m == 2 ? pf.dn_bytes : pf.gu_bytes, sc = m == 2 ? pf.dn_sbytes : pf.gu_sbytes;
-        l2_prefetch((const void*)p[3 * m], data);
-        l2_prefetch((const void*)p[3 * m + 1], sc);
-        l2_prefetch((const void*)p[3 * m + 2], sc);
-    }
-}
-
 extern "C" __global__ void router_topk_reg_f32(const float* logits, const float* shared, u32* idx, float* weights, u32 n,
-                                               u32 experts, u32 k, int renorm, ExpertPrefetch pf) { pdl_prologue();
+                                               u32 experts, u32 k, int renorm) { pdl_prologue();
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const u32 t = blockIdx.x * 4 + warp;
     if (t >= n) return;
@@ -186,10 +163,6 @@ extern "C" __global__ void router_topk_reg_f32(const float* logits, const float*
             }
         }
     }
-    if (pf.table != 0) {
-        if (lane < k) prefetch_expert(pf, mine_i);
-        if (lane == 31 && shared != 0) prefetch_expert(pf, experts);
-    }
     if (lane < k) {
         idx[(u64)t * width + lane] = mine_i;
         weights[(u64)t * width + lane] = renorm ? mine_w / tot : mine_w;
@@ -211,7 +184,7 @@ extern "C" __global__ void router_topk_reg_f32(const float* logits, const float*
 
 template <int FMT, bool VEC, int L>
 __device__ __forceinline__ void gate_up_body(const u64* table, u32 num_experts, const float* x, const u32* idx, u32 k, u32 hidden,
-                                             u32 inter, u32 group, int sdt, float* h, u64 dn_bytes, u64 dn_sbytes) {
+                                             u32 inter, u32 group, int sdt, float* h) {
     constexpr int E = VEC ? elems16<FMT>() : 4;
     constexpr int R = VEC ? GU_R : MV_R;
     float* xs = (float*)smem4;
@@ -221,14 +194,6 @@ __device__ __forceinline__ void gate_up_body(const u64* table, u32 num_experts, 
     const u32 r0 = ((blockIdx.x * MV_WARPS + warp) * (32 / L) + lane / L) * R;
     float* hr = h + (u64)p * inter;
     if (e >= num_experts) return;  // not in this pass; uniform across the block
-    if (blockIdx.x == 0 && threadIdx.x == 0) {
-        // The down kernel reads this expert's down matrix next: ask L2 for it now, while the
-        // gate/up loads leave most of the memory bandwidth unused.
-        const u64* d = table + (u64)e * 9 + 6;
-        l2_prefetch((const void*)d[0], dn_bytes);
-        l2_prefetch((const void*)d[1], dn_sbytes);
-        l2_prefetch((const void*)d[2], dn_sbytes);
-    }
     const float* xt = x + (u64)(p / k) * hidden;
     WMat m[2] = {expert_mat(table, e, 0, inter, hidden, group, sdt), expert_mat(table, e, 1, inter, hidden, group, sdt)};
     auto stage = [&]() {
@@ -392,8 +357,8 @@ __device__ __forceinline__ void moe_gemm_body(const u64* table, const u32* sorte
 
 #define MOE_VEC_KERNELS(NAME, FMT, L)                                                                                   \
     extern "C" __global__ void __launch_bounds__(256) moe_gate_up_vec_##NAME##_l##L(const u64* table, u32 ne, const float* x, \
-        const u32* idx, u32 k, u32 hidden, u32 inter, u32 group, int sdt, float* h, u64 dn_bytes, u64 dn_sbytes) { pdl_prologue();                                    \
-        gate_up_body<FMT, true, L>(table, ne, x, idx, k, hidden, inter, group, sdt, h, dn_bytes, dn_sbytes);                                  \
+        const u32* idx, u32 k, u32 hidden, u32 inter, u32 group, int sdt, float* h) { pdl_prologue();                                    \
+        gate_up_body<FMT, true, L>(table, ne, x, idx, k, hidden, inter, group, sdt, h);                                  \
     }                                                                                                                   \
     extern "C" __global__ void __launch_bounds__(256) moe_down_vec_##NAME##_l##L(const u64* table, u32 ne, const float* h,  \
         const u32* idx, u32 hidden, u32 inter, u32 group, int sdt, float* y) { pdl_prologue();                                           \
@@ -410,8 +375,8 @@ __device__ __forceinline__ void moe_gemm_body(const u64* table, const u32* sorte
     MOE_VEC_KERNELS(NAME, FMT, 16)                                                                                      \
     MOE_VEC_KERNELS(NAME, FMT, 8)                                                                                       \
     extern "C" __global__ void __launch_bounds__(256) moe_gate_up_scalar_##NAME(const u64* table, u32 ne, const float* x,  \
-        const u32* idx, u32 k, u32 hidden, u32 inter, u32 group, int sdt, float* h, u64 dn_bytes, u64 dn_sbytes) { pdl_prologue();                                    \
-        gate_up_body<FMT, false, 32>(table, ne, x, idx, k, hidden, inter, group, sdt, h, dn_bytes, dn_sbytes);                                \
+        const u32* idx, u32 k, u32 hidden, u32 inter, u32 group, int sdt, float* h) { pdl_prologue();                                    \
+        gate_up_body<FMT, false, 32>(table, ne, x, idx, k, hidden, inter, group, sdt, h);                                \
     }                                                                                                                   \
     extern "C" __global__ void __launch_bounds__(256) moe_down_scalar_##NAME(const u64* table, u32 ne, const float* h,     \
         const u32* idx, u32 hidden, u32 inter, u32 group, int sdt, float* y) { pdl_prologue();                                           \

@@ -143,8 +143,6 @@ pub struct CudaBackend {
     sync_each_op: bool,
     /// Kernels enqueued since the last synchronisation.
     recent: Vec<&'static str>,
-    /// The L2 prefetch for the router op being encoded (see `router_prefetch_for`).
-    router_prefetch: ops::moe::ExpertPrefetch,
     profiling: bool,
     profile: Vec<(&'static str, u64, f64)>,
     graphs: bool,
@@ -303,7 +301,6 @@ impl CudaBackend {
             arch,
             sync_each_op: opts.sync_each_op,
             recent: Vec::new(),
-            router_prefetch: Default::default(),
             profiling: false,
             profile: Vec::new(),
             graphs: opts.graphs,
@@ -668,40 +665,6 @@ impl CudaBackend {
         ops::encode_op(&mut self.enc(), op)
     }
 
-    /// For a router at node `index`: the L2 prefetch of the experts it picks, when one of the
-    /// next few nodes is the resident MoE op that reads its routing.
-    fn router_prefetch_for(
-        &mut self,
-        graph: &Graph,
-        index: usize,
-    ) -> Result<ops::moe::ExpertPrefetch, CudaError> {
-        let Some((_, Op::RouterTopK { idx: routed, .. })) = graph.nodes.get(index) else {
-            return Ok(Default::default());
-        };
-        for (_, op) in graph.nodes.iter().skip(index + 1).take(4) {
-            if let Op::MoeExperts {
-                idx,
-                experts,
-                n,
-                k,
-                hidden,
-                inter,
-                ..
-            } = op
-                && idx == routed
-            {
-                let shape = ops::moe::MoeShape {
-                    n: *n,
-                    k: *k,
-                    hidden: *hidden,
-                    inter: *inter,
-                };
-                return ops::moe::router_prefetch(&mut self.enc(), experts, &shape);
-            }
-        }
-        Ok(Default::default())
-    }
-
     /// What the op encoders see of the backend.
     fn enc(&mut self) -> ops::Enc<'_> {
         ops::Enc {
@@ -714,7 +677,6 @@ impl CudaBackend {
             smem_optin: self.smem_optin,
             sm_count: self.sm_count,
             recent: &mut self.recent,
-            router_prefetch: self.router_prefetch,
             pdl: if self.pdl_graph.is_some_and(|(_, decode)| decode) {
                 self.pdl
             } else {
@@ -787,12 +749,7 @@ impl Backend for CudaBackend {
         self.merged = None;
         let t0 = self.profiling.then(Instant::now);
         let r = match self.merge_run(graph, index) {
-            Ok(0) => self.router_prefetch_for(graph, index).and_then(|pf| {
-                self.router_prefetch = pf;
-                let r = self.encode_one(op);
-                self.router_prefetch = Default::default();
-                r
-            }),
+            Ok(0) => self.encode_one(op),
             Ok(len) => {
                 self.merged = Some((addr, index, index + len));
                 Ok(())
@@ -960,8 +917,7 @@ mod tests {
 
     /// Decode graphs launch every kernel as a programmatic dependent launch, which is only
     /// safe when the kernel waits for its predecessor before touching memory: each kernel's
-    /// body must open with `pdl_prologue();` or a `pdl_prologue_*` variant (those only ask L2
-    /// for weights, which no kernel writes, before they wait).
+    /// body must open with `pdl_prologue();`.
     #[test]
     fn every_kernel_starts_with_the_pdl_prologue() {
         let mut kernels = 0;
@@ -974,7 +930,7 @@ mod tests {
                 let head: String = rest[..open].chars().filter(|c| *c != '\n').collect();
                 let body = rest[open + 1..].trim_start();
                 assert!(
-                    body.starts_with("pdl_prologue();") || body.starts_with("pdl_prologue_"),
+                    body.starts_with("pdl_prologue();"),
                     "{file}: kernel `{}` does not start with pdl_prologue()",
                     head.split('(').next().unwrap_or(&head).trim()
                 );

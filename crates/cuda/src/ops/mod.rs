@@ -258,9 +258,6 @@ pub(crate) struct Enc<'a> {
     pub recent: &'a mut Vec<&'static str>,
     /// Which kernels launch as programmatic dependent launches.
     pub pdl: Pdl,
-    /// For a router op: the L2 prefetch of the experts it picks (set by the backend, which
-    /// sees the MoE op the routing feeds).
-    pub router_prefetch: moe::ExpertPrefetch,
 }
 
 /// Programmatic dependent launch policy (sm_90+; `MOEFLUX_CUDA_PDL=0|small|all`).
@@ -495,19 +492,15 @@ pub(crate) fn encode_op(enc: &mut Enc<'_>, op: &Op) -> Result<(), CudaError> {
             k,
             renorm,
             shared_gate,
-        } => {
-            let prefetch = enc.router_prefetch;
-            moe::router_topk(
-                enc,
-                *logits,
-                *shared_gate,
-                *idx,
-                *weights,
-                (*n, *experts, *k),
-                *renorm,
-                prefetch,
-            )
-        }
+        } => moe::router_topk(
+            enc,
+            *logits,
+            *shared_gate,
+            *idx,
+            *weights,
+            (*n, *experts, *k),
+            *renorm,
+        ),
         Op::MoeExpertsStreamed {
             x,
             idx,

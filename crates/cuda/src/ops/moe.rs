@@ -197,52 +197,7 @@ const GEMM_DOWN: [&str; 5] = [
     "moe_gemm_down_q8",
 ];
 
-/// The router's L2 prefetch of the experts it picks (`ExpertPrefetch` in moe.cu): the table
-/// of the resident MoE op that the routing feeds, and the byte sizes of one expert's gate (=
-/// up) and down data and scales. All zero: no prefetch.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct ExpertPrefetch {
-    table: u64,
-    gu_bytes: u64,
-    gu_sbytes: u64,
-    dn_bytes: u64,
-    dn_sbytes: u64,
-}
-
-// SAFETY: #[repr(C)] plain-old-data with the layout of the C struct ExpertPrefetch (one
-// pointer and four unsigned 64-bit integers).
-unsafe impl cudarc::driver::DeviceRepr for ExpertPrefetch {}
-
-/// The prefetch for a router feeding the resident experts `experts` at `n` tokens: decode
-/// only (the per-pair path; a prefill reads every expert anyway, and its picks would not fit
-/// in L2), and only for vector-path roles (whose byte sizes are whole 16-byte units).
-pub(crate) fn router_prefetch(
-    enc: &mut Enc<'_>,
-    experts: &Arc<[ExpertWeights]>,
-    s: &MoeShape,
-) -> Result<ExpertPrefetch, CudaError> {
-    if s.n > PAIR_MAX_N {
-        return Ok(ExpertPrefetch::default());
-    }
-    let ti = enc.tables.index(enc.pool, enc.stream, experts)?;
-    let t = &enc.tables.tables[ti];
-    let (gu_bytes, gu_sbytes) = t.gate_up.prefetch_bytes(s.inter, s.hidden);
-    let (dn_bytes, dn_sbytes) = t.down.prefetch_bytes(s.hidden, s.inter);
-    if gu_bytes == 0 || dn_bytes == 0 {
-        return Ok(ExpertPrefetch::default());
-    }
-    Ok(ExpertPrefetch {
-        table: t.mem.ptr,
-        gu_bytes,
-        gu_sbytes,
-        dn_bytes,
-        dn_sbytes,
-    })
-}
-
-/// `shape` is (tokens, routed experts, k). `prefetch`: see [`router_prefetch`].
-#[allow(clippy::too_many_arguments)]
+/// `shape` is (tokens, routed experts, k).
 pub(crate) fn router_topk(
     enc: &mut Enc<'_>,
     logits: BufId<Act>,
@@ -251,7 +206,6 @@ pub(crate) fn router_topk(
     weights: BufId<Act>,
     shape: (usize, usize, usize),
     renorm: bool,
-    prefetch: ExpertPrefetch,
 ) -> Result<(), CudaError> {
     const OP: &str = "router_topk";
     let (n, experts, k) = shape;
@@ -287,30 +241,22 @@ pub(crate) fn router_topk(
         u32_of(k, "k", OP)?,
         renorm as i32,
     );
-    // SAFETY: router_topk_f32(const float*, const float*, u32*, float*, u32, u32, u32, int)
-    // and router_topk_reg_f32(the same, ExpertPrefetch), the register one only for experts <=
-    // 512 and k <= 32; logits hold n * experts floats, the shared gate (or null) n,
-    // idx/weights n * (k + 1 if shared else k) (Graph::validate), 1 <= k <= experts
-    // (check_shapes); a prefetch table holds an entry for every index the routing writes
-    // (the MoE op it feeds was validated against the same idx buffer).
+    // SAFETY: router_topk_{reg_,}f32(const float*, const float*, u32*, float*, u32, u32, u32,
+    // int), the register one only for experts <= 512 and k <= 32;
+    // logits hold n * experts floats, the shared gate (or null) n, idx/weights n * (k + 1 if
+    // shared else k) (Graph::validate), 1 <= k <= experts (check_shapes).
     unsafe {
-        if in_regs {
-            launch!(
-                enc,
-                "moe.cu",
-                "router_topk_reg_f32",
-                cfg,
-                [lp, gp, ip, wp, n_, e, k_, r, prefetch]
-            )
-        } else {
-            launch!(
-                enc,
-                "moe.cu",
-                "router_topk_f32",
-                cfg,
-                [lp, gp, ip, wp, n_, e, k_, r]
-            )
-        }
+        launch!(
+            enc,
+            "moe.cu",
+            if in_regs {
+                "router_topk_reg_f32"
+            } else {
+                "router_topk_f32"
+            },
+            cfg,
+            [lp, gp, ip, wp, n_, e, k_, r]
+        )
     }
 }
 
@@ -321,23 +267,6 @@ pub(crate) struct RoleFmt {
     pub(crate) group: u32,
     pub(crate) sdt: i32,
     pub(crate) vec: bool,
-}
-
-impl RoleFmt {
-    /// Bytes of one expert's matrix of this role, `rows` x `cols`: (data, scales) (biases are
-    /// as large as scales). Only for the vector path (its rows are whole 16-byte units); the
-    /// kernels use these as L2 prefetch ranges, (0, 0) asks for none.
-    fn prefetch_bytes(&self, rows: usize, cols: usize) -> (u64, u64) {
-        if !self.vec {
-            return (0, 0);
-        }
-        let data = rows * cols / self.fmt.elems16() * 16;
-        let scales = match self.fmt.affine() {
-            true => rows * (cols / self.group.max(1) as usize) * if self.sdt == 0 { 4 } else { 2 },
-            false => 0,
-        };
-        (data as u64, scales as u64)
-    }
 }
 
 pub(crate) struct ExpertTable {
@@ -648,22 +577,18 @@ pub(crate) fn expert_pass(
 
     if let Some((gu_plan, dn_plan)) = per_pair_plans(enc, gu, dn, s) {
         let cfg = gu_plan.cfg(s.inter, pairs, "pairs", OP)?;
-        let (dn_bytes, dn_sbytes) = dn.prefetch_bytes(s.hidden, s.inter);
         // SAFETY: moe_gate_up_*(const u64*, u32, const float*, const u32*, u32, u32, u32, u32,
-        // int, float*, u64, u64); the table holds 9 pointers per expert to matrices whose
-        // extents were checked (Graph::validate for resident experts, the record size for
-        // streamed ones), and the down matrix's extents are the two byte counts (prefetched
-        // into L2, trimmed inward); x holds n * hidden floats, idx n * k; h (scratch) pairs *
-        // inter. Pairs with an index >= ne are skipped.
+        // int, float*); the table holds 9 pointers per expert to matrices whose extents were
+        // checked (Graph::validate for resident experts, the record size for streamed ones);
+        // x holds n * hidden floats, idx n * k; h (scratch) pairs * inter. Pairs with an index
+        // >= ne are skipped.
         unsafe {
             launch!(
                 enc,
                 "moe.cu",
                 gu_plan.name,
                 cfg,
-                [
-                    table, ne, xp, ip, k, hidden, inter, gu_group, gu_sdt, h, dn_bytes, dn_sbytes
-                ]
+                [table, ne, xp, ip, k, hidden, inter, gu_group, gu_sdt, h]
             )
         }?;
         if let Some((plan, wp, outp)) = down_combine {
