@@ -79,16 +79,65 @@ __device__ __forceinline__ void split3(float v, u32* part) {
 // Exact bf16 of a small integer code.
 __device__ __forceinline__ u32 code_bf16(u32 q) { return __float_as_uint(qf(q)) >> 16; }
 
-// Stages x for one K stage: TM tokens x 32 floats, split into parts, and their sums.
-template <int TM>
-__device__ __forceinline__ void tc_stage_x(TcSmem& sm, const float* const* xr, u32 k0) {
+// One K stage's global data, held in registers from the moment its loads are issued until
+// it is converted into shared memory: the tile issues stage s + 1's loads before it computes
+// stage s, so their latency hides behind the mma work (one stage of software pipelining;
+// before, every stage waited for its own loads).
+template <int FMT, int TM>
+struct TcRaw {
+    static constexpr int XI = TM * 8 / 128;  // float4 of x per thread
+    static constexpr int CH = FMT == FMT_Q4 ? 1 : FMT == FMT_Q8 ? 2 : 4;  // 16-byte chunks per row
+    static constexpr int WI = (64 * CH + 127) / 128;  // weight chunks per thread
+    float4 x[XI];
+    uint4 w[WI];
+    float sb;  // a scale (threads 0..63) or bias (64..127) of the stage
+};
+
+// Issues the loads of stage k0: TM tokens x 32 floats of x, 64 weight rows (`w0` rows r0..,
+// or for NMAT == 2 rows 0..31 of the tile from w0 and 32..63 from w1, both from r0) and
+// their scales and biases.
+template <int FMT, int NMAT, int TM>
+__device__ __forceinline__ void tc_load(TcRaw<FMT, TM>& raw, const float* const* xr, const WMat& w0, const WMat& w1, u32 r0,
+                                        u32 k0) {
+    typedef TcRaw<FMT, TM> R;
     const u32 tid = threadIdx.x;
 #pragma unroll
-    for (int it = 0; it < TM * 8 / 128; it++) {
+    for (int it = 0; it < R::XI; it++) {
         const u32 i = tid + 128 * it;
         const u32 tok = i >> 3, q = i & 7;
         const float* src = xr[tok];
-        float4 v = src != 0 ? *(const float4*)(src + k0 + q * 4) : make_float4(0.f, 0.f, 0.f, 0.f);
+        raw.x[it] = src != 0 ? *(const float4*)(src + k0 + q * 4) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int it = 0; it < R::WI; it++) {
+        const u32 i = tid + 128 * it;
+        const u32 tr = i / R::CH, c = i % R::CH;
+        const WMat& w = (NMAT == 2 && tr >= 32) ? w1 : w0;
+        const u32 r = r0 + (NMAT == 2 ? (tr & 31) : tr);
+        raw.w[it] = make_uint4(0, 0, 0, 0);
+        if (i < 64 * R::CH && r < w.rows)
+            raw.w[it] = __ldg((const uint4*)(w.data + (u64)r * row_bytes<FMT>(w.cols) + elem_byte<FMT>(k0) + 16 * c));
+    }
+    if (FMT == FMT_Q4 || FMT == FMT_Q8) {
+        const u32 tr = tid & 63;
+        const WMat& w = (NMAT == 2 && tr >= 32) ? w1 : w0;
+        const u32 r = r0 + (NMAT == 2 ? (tr & 31) : tr);
+        raw.sb = 0.f;
+        if (r < w.rows) raw.sb = load_float(tid < 64 ? w.scales : w.biases, w.sdt, (u64)r * (w.cols / w.group) + k0 / w.group);
+    }
+}
+
+// Converts a stage into shared memory: x split into its parts with per-token sums, codes
+// into bf16, scales and biases.
+template <int FMT, int TM>
+__device__ __forceinline__ void tc_store(TcSmem& sm, const TcRaw<FMT, TM>& raw) {
+    typedef TcRaw<FMT, TM> R;
+    const u32 tid = threadIdx.x;
+#pragma unroll
+    for (int it = 0; it < R::XI; it++) {
+        const u32 i = tid + 128 * it;
+        const u32 tok = i >> 3, q = i & 7;
+        const float4 v = raw.x[it];
         float vs[4] = {v.x, v.y, v.z, v.w};
         u32 parts[4][TC_SPLIT];
 #pragma unroll
@@ -105,25 +154,12 @@ __device__ __forceinline__ void tc_stage_x(TcSmem& sm, const float* const* xr, u
         sum += __shfl_xor_sync(0xffffffffu, sum, 4);
         if (q == 0) sm.sx[tok] = sum;
     }
-}
-
-// Stages 64 weight rows (`w0` rows r0.., or for NMAT == 2 rows 0..31 of the tile from w0 and
-// 32..63 from w1, both starting at r0) for one K stage, with their scales and biases.
-template <int FMT, int NMAT>
-__device__ __forceinline__ void tc_stage_w(TcSmem& sm, const WMat& w0, const WMat& w1, u32 r0, u32 k0) {
-    const u32 tid = threadIdx.x;
-    constexpr bool AFF = FMT == FMT_Q4 || FMT == FMT_Q8;
-    // 16-byte chunks per row per stage: q4 1, q8 2, bf16 4.
-    constexpr int CH = FMT == FMT_Q4 ? 1 : FMT == FMT_Q8 ? 2 : 4;
 #pragma unroll
-    for (int it = 0; it < (64 * CH + 127) / 128; it++) {
+    for (int it = 0; it < R::WI; it++) {
         const u32 i = tid + 128 * it;
-        if (i >= 64 * CH) break;
-        const u32 tr = i / CH, c = i % CH;
-        const WMat& w = (NMAT == 2 && tr >= 32) ? w1 : w0;
-        const u32 r = r0 + (NMAT == 2 ? (tr & 31) : tr);
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (r < w.rows) v = __ldg((const uint4*)(w.data + (u64)r * row_bytes<FMT>(w.cols) + elem_byte<FMT>(k0) + 16 * c));
+        if (i >= 64 * R::CH) break;
+        const u32 tr = i / R::CH, c = i % R::CH;
+        const uint4 v = raw.w[it];
         u32 ws[4] = {v.x, v.y, v.z, v.w};
         if (FMT == FMT_Q4) {
             // 32 codes -> 32 bf16 (16 words)
@@ -152,17 +188,9 @@ __device__ __forceinline__ void tc_stage_w(TcSmem& sm, const WMat& w0, const WMa
             *(uint4*)&sm.ws[tr][8 * c] = v;
         }
     }
-    if (AFF) {
-        const u32 tr = tid & 63;
-        const WMat& w = (NMAT == 2 && tr >= 32) ? w1 : w0;
-        const u32 r = r0 + (NMAT == 2 ? (tr & 31) : tr);
-        float val = 0.f;
-        if (r < w.rows) {
-            u64 g = (u64)r * (w.cols / w.group) + k0 / w.group;
-            val = load_float(tid < 64 ? w.scales : w.biases, w.sdt, g);
-        }
-        if (tid < 64) sm.sc[tr] = val;
-        else sm.bi[tr] = val;
+    if (FMT == FMT_Q4 || FMT == FMT_Q8) {
+        if (tid < 64) sm.sc[tid] = raw.sb;
+        else sm.bi[tid & 63] = raw.sb;
     }
 }
 
@@ -185,10 +213,12 @@ __device__ __forceinline__ void tc_tile(const WMat& w0, const WMat& w1, const fl
 #pragma unroll
             for (int e = 0; e < 4; e++) acc[m][n][e] = 0.f;
 
+    TcRaw<FMT, TM> raw;
+    tc_load<FMT, NMAT, TM>(raw, xr, w0, w1, r0, 0);
     for (u32 k0 = 0; k0 < K; k0 += TC_K) {
-        tc_stage_x<TM>(sm, xr, k0);
-        tc_stage_w<FMT, NMAT>(sm, w0, w1, r0, k0);
+        tc_store<FMT, TM>(sm, raw);
         __syncthreads();
+        if (k0 + TC_K < K) tc_load<FMT, NMAT, TM>(raw, xr, w0, w1, r0, k0 + TC_K);
 #pragma unroll
         for (int m = 0; m < MT; m++)
 #pragma unroll
