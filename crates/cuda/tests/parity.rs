@@ -1143,6 +1143,9 @@ fn moe_experts() {
         (q8, q8),
         (q4, q8),
         (WFmt::F16, WFmt::F16),
+        // Gate/up scale groups spanning four K stages of the tensor-core GEMMs (the dense
+        // GEMM's groups of 64 and 128 are in `matmul`).
+        (WFmt::Q(4, 128, DType::BF16), WFmt::Q(4, 32, DType::F16)),
     ];
     for (ci, (gu, dn)) in combos.into_iter().enumerate() {
         for skew in [0, 4] {
