@@ -4,10 +4,9 @@
 //
 // Exactness. The SIMT kernels compute in f32; these must agree with them (and the CPU
 // reference) to ~1e-6, so nothing is rounded to bf16 that the f32 path keeps:
-//  * affine weights (q4, q8): W[r, c] = s[r, g] * q[r, c] + b[r, g], and per group
+//  * affine weights (q4, q8): W[r, c] = s[r, g] * q[r, c] + b[r, g], and per group slice
 //    sum_c W x = s * sum_c q x + b * sum_c x. The codes q (0..255) are exact in bf16, so the
-//    tensor cores compute sum q x over the group's stages, and s, b and sum x are applied in
-//    f32 once per group.
+//    tensor cores compute sum q x, and s, b and sum x are applied in f32 per 32-column slice.
 //  * bf16 weights are exact in bf16 as they are.
 //  * x (f32) is split into three bf16 parts x = hi + mid + lo (each the rounded remainder of
 //    the previous), exact to ~2^-27 relative; every product of a bf16 weight or code with a
@@ -134,7 +133,7 @@ __device__ __forceinline__ void tc_load(TcRaw<FMT, TM>& raw, const float* const*
 // Converts a stage into shared memory: x split into its parts with per-token sums, codes
 // into bf16, scales and biases.
 template <int FMT, int TM>
-__device__ __forceinline__ void tc_store(TcSmem& sm, const TcRaw<FMT, TM>& raw, bool group_start) {
+__device__ __forceinline__ void tc_store(TcSmem& sm, const TcRaw<FMT, TM>& raw) {
     typedef TcRaw<FMT, TM> R;
     const u32 tid = threadIdx.x;
 #pragma unroll
@@ -156,7 +155,7 @@ __device__ __forceinline__ void tc_store(TcSmem& sm, const TcRaw<FMT, TM>& raw, 
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
         sum += __shfl_xor_sync(0xffffffffu, sum, 4);
-        if (q == 0) sm.sx[tok] = group_start ? sum : sm.sx[tok] + sum;  // same thread every stage
+        if (q == 0) sm.sx[tok] = sum;
     }
 #pragma unroll
     for (int it = 0; it < R::WI; it++) {
@@ -217,24 +216,18 @@ __device__ __forceinline__ void tc_tile(const WMat& w0, const WMat& w1, const fl
 #pragma unroll
             for (int e = 0; e < 4; e++) acc[m][n][e] = 0.f;
 
-    // Columns per scale group: the code sums of a whole group (1, 2 or 4 stages) gather in
-    // `part` and are scaled once per group.
-    const u32 gsz = AFF ? w0.group : TC_K;
     TcRaw<FMT, TM> raw;
     tc_load<FMT, NMAT, TM>(raw, xr, w0, w1, r0, 0);
     for (u32 k0 = 0; k0 < K; k0 += TC_K) {
-        const bool gstart = k0 % gsz == 0, gend = (k0 + TC_K) % gsz == 0 || k0 + TC_K >= K;
-        tc_store<FMT, TM>(sm, raw, gstart);
+        tc_store<FMT, TM>(sm, raw);
         __syncthreads();
         if (k0 + TC_K < K) tc_load<FMT, NMAT, TM>(raw, xr, w0, w1, r0, k0 + TC_K);
-        if (gstart) {
 #pragma unroll
-            for (int m = 0; m < MT; m++)
+        for (int m = 0; m < MT; m++)
 #pragma unroll
-                for (int n = 0; n < 4; n++)
+            for (int n = 0; n < 4; n++)
 #pragma unroll
-                    for (int e = 0; e < 4; e++) part[m][n][e] = 0.f;
-        }
+                for (int e = 0; e < 4; e++) part[m][n][e] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < 2; kk++) {
             // B fragments of the warp's four n8 tiles (two ldmatrix.x4, each two tiles).
@@ -261,7 +254,7 @@ __device__ __forceinline__ void tc_tile(const WMat& w0, const WMat& w1, const fl
                     for (int n = 0; n < 4; n++) mma_bf16(AFF ? part[m][n] : acc[m][n], a, b[n][0], b[n][1]);
                 }
         }
-        if (AFF && gend) {
+        if (AFF) {
 #pragma unroll
             for (int m = 0; m < MT; m++)
 #pragma unroll
