@@ -192,9 +192,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let mut tok = tokens(1, vocab, 11)[0];
         // Warm-up, untimed: the first steps run eagerly, then capture and instantiate the
         // decode graph (tens of ms); and a GPU idle during the model build needs a moment to
-        // come back to full clocks. At least three steps and 100 ms, then back to context c.
+        // come back to full clocks. At least three steps and 100 ms, then back to context c
+        // (at most --gen steps: the timed run then writes over the same positions, so the
+        // session's context is never exceeded).
         let t = Instant::now();
-        for i in 0..256 {
+        for i in 0..a.gen_tokens.min(256) {
             if i >= 3 && t.elapsed().as_secs_f64() >= 0.1 {
                 break;
             }

@@ -125,6 +125,29 @@ fn bench_one_layer(preset: &str, gen_tokens: &str) -> (String, serde_json::Value
     (out, j)
 }
 
+/// The untimed warm-up before each decode row (graph capture, clocks) must stay inside the
+/// session's context: at most --gen steps from context c, which the timed run then reuses.
+#[test]
+fn bench_warm_up_stays_within_the_context() {
+    let (ok, out, err) = moeflux(&[
+        "bench",
+        "--preset",
+        "qwen3-30b-a3b",
+        "--layers",
+        "1",
+        "--device",
+        "cpu",
+        "--prompt",
+        "0",
+        "--gen",
+        "2",
+        "--context",
+        "0,8",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(out.matches("decode   ctx").count(), 2, "{out}");
+}
+
 #[test]
 fn bench_runs_on_a_small_preset() {
     let (out, j) = bench_one_layer("qwen3-next-80b-a3b", "2");
