@@ -100,12 +100,12 @@ fn info_reports_layout_and_counts() {
     assert!(out.contains("8 routed (top 2, renormalised)"), "{out}");
 }
 
-/// `moeflux bench --preset P --layers 1 --device cpu --prompt 4 --gen N --json F`: stdout
-/// and the JSON report (the run must succeed).
-fn bench_one_layer(preset: &str, gen_tokens: &str) -> (String, serde_json::Value) {
+/// `moeflux bench --preset P --layers 1 --device cpu --prompt 4 --gen N --json F [extra]`:
+/// stdout and the JSON report (the run must succeed).
+fn bench_one_layer(preset: &str, gen_tokens: &str, extra: &[&str]) -> (String, serde_json::Value) {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("b.json");
-    let (ok, out, err) = moeflux(&[
+    let mut args = vec![
         "bench",
         "--preset",
         preset,
@@ -119,7 +119,9 @@ fn bench_one_layer(preset: &str, gen_tokens: &str) -> (String, serde_json::Value
         gen_tokens,
         "--json",
         json.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let (ok, out, err) = moeflux(&args);
     assert!(ok, "{err}");
     let j = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     (out, j)
@@ -129,28 +131,13 @@ fn bench_one_layer(preset: &str, gen_tokens: &str) -> (String, serde_json::Value
 /// session's context: at most --gen steps from context c, which the timed run then reuses.
 #[test]
 fn bench_warm_up_stays_within_the_context() {
-    let (ok, out, err) = moeflux(&[
-        "bench",
-        "--preset",
-        "qwen3-30b-a3b",
-        "--layers",
-        "1",
-        "--device",
-        "cpu",
-        "--prompt",
-        "0",
-        "--gen",
-        "2",
-        "--context",
-        "0,8",
-    ]);
-    assert!(ok, "{err}");
+    let (out, _) = bench_one_layer("qwen3-30b-a3b", "2", &["--context", "0,8"]);
     assert_eq!(out.matches("decode   ctx").count(), 2, "{out}");
 }
 
 #[test]
 fn bench_runs_on_a_small_preset() {
-    let (out, j) = bench_one_layer("qwen3-next-80b-a3b", "2");
+    let (out, j) = bench_one_layer("qwen3-next-80b-a3b", "2", &[]);
     assert!(out.contains("decode") && out.contains("of floor"), "{out}");
     let dec = j["results"]
         .as_array()
@@ -168,7 +155,7 @@ fn bench_runs_on_a_small_preset() {
 /// `--gen 0` times prefill only: no decode row (before, a 0 tok/s decode row was printed).
 #[test]
 fn bench_gen_zero_times_prefill_only() {
-    let (out, j) = bench_one_layer("qwen3-30b-a3b", "0");
+    let (out, j) = bench_one_layer("qwen3-30b-a3b", "0", &[]);
     assert!(out.contains("prefill") && !out.contains("decode"), "{out}");
     let kinds: Vec<&str> = j["results"]
         .as_array()
