@@ -991,11 +991,19 @@ fn conv1d_silu() {
 #[test]
 fn gated_delta() {
     // (n, k_heads, v_heads, dk, dv, vector dtype)
+    // Up to 7 tokens take the token-serial kernel; 8 or more with dk <= 128 (a multiple of 4)
+    // the chunked one (64-token chunks): one partial chunk, exactly one, several with a partial
+    // last one, and Qwen3-Next's head shape over three chunks. dk 200 stays token-serial.
     for (n, k_heads, v_heads, dk, dv, dt) in [
         (1, 2, 6, 32, 48, DType::F32),
         (6, 2, 6, 32, 48, DType::BF16),
         (3, 2, 4, 128, 128, DType::F32),
         (2, 1, 2, 200, 16, DType::F32),
+        (9, 2, 6, 32, 48, DType::BF16),
+        (64, 1, 3, 64, 40, DType::F32),
+        (150, 2, 4, 128, 128, DType::F32),
+        (70, 1, 2, 200, 16, DType::F32),
+        (192, 16, 32, 128, 128, DType::BF16),
     ] {
         check(
             &format!("gated_delta n {n} kh {k_heads} vh {v_heads} dk {dk} dv {dv}"),
