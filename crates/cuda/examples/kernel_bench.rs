@@ -351,7 +351,7 @@ fn main() {
         let s = time(b, Op::Matmul { x, w, out, n });
         let flops = 2.0 * (n * rows * cols) as f64;
         println!(
-            "\nprefill gemm q4 4096x4096, n=256: {:.1} us, {:.1} TFLOP/s (tensor cores on sm_80+, three bf16 mma per product; dense bf16 peak ~790)",
+            "\nprefill gemm q4 4096x4096, n=256: {:.1} us, {:.1} TFLOP/s (tensor cores on sm_80+: x split once into two f16 parts, two mma per product; dense f16 peak ~790)",
             s * 1e6,
             flops / s / 1e12
         );

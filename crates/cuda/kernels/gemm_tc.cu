@@ -1,4 +1,4 @@
-// gemm_tc.cu: prefill GEMMs on the tensor cores (mma.sync m16n8k16, bf16 in, f32 accumulate).
+// gemm_tc.cu: prefill GEMMs on the tensor cores (mma.sync m16n8k16, f16 or bf16 in, f32 accumulate).
 // Needs sm_80 or newer; the host only picks these kernels on such devices, and keeps them in
 // their own program so an older GPU loses nothing else.
 //
@@ -8,9 +8,17 @@
 //    sum_c W x = s * sum_c q x + b * sum_c x. The codes q (0..255) are exact in bf16, so the
 //    tensor cores compute sum q x, and s, b and sum x are applied in f32 per 32-column slice.
 //  * bf16 weights are exact in bf16 as they are.
-//  * x (f32) is split into three bf16 parts x = hi + mid + lo (each the rounded remainder of
-//    the previous), exact to ~2^-27 relative; every product of a bf16 weight or code with a
-//    part is exact in the f32 accumulator. So one output costs three mma per k16 step.
+//  * bf16 weights: x (f32) is split in the tile into three bf16 parts x = hi + mid + lo (each
+//    the rounded remainder of the previous), exact to ~2^-27 relative; every product of a bf16
+//    weight with a part is exact in the f32 accumulator. Three mma per k16 step.
+//  * affine weights: x is split once per call, before the GEMM, by tc_split_f16 (not once per
+//    tile, which cost about half of the tile's instructions): each row is scaled by a power of
+//    two 2^e that puts its largest magnitude in [2^14, 2^15), then split into two f16 parts
+//    hi + lo. That keeps 22 bits of every element (error <= 2^-22 |x| + 2^-40 max|x|, the
+//    second term from f16 subnormals), codes 0..255 are exact in f16, and f16 x f16 products
+//    are exact in f32. Two mma per k16 step; the output is scaled back by 2^-e (exact).
+//    Split row layout (floats): [2^-e, 0, 0, 0] then per 32-column stage 36 floats: 32 f16 hi,
+//    32 f16 lo, the stage's sum of the scaled x, 3 of padding (tc_split_stride).
 //
 // Tile: TM tokens (32 or 64) x 64 weight rows, K in stages of 32, 128 threads = 4 warps as
 // 2 (tokens) x 2 (rows); a warp owns TM/2 tokens x 32 rows = (TM/32) x 4 mma tiles.
@@ -22,6 +30,8 @@
 // same tile serves the dense GEMM and the expert-grouped pairs of the MoE.
 //
 // Kernels (F in q4, q8, bf16):
+//   tc_split_f16(const float* x, u32 rows, u32 cols, float* dst): grid (rows); the split x that
+//     the q4 and q8 kernels below take in place of x (their x_width / cols name the f32 row).
 //   gemm_tc_F(WMat w, const float* x, float* out, u32 n): grid (ceil(rows / 64), ceil(n / 64)).
 //   moe_tc_gate_up_F / moe_tc_down_F: as moe_gemm_* in moe.cu (tiles of up to TM pairs of one
 //     expert from moe_route), TM = 32 or 64 by name suffix. gate_up: a block computes 32 rows
@@ -35,6 +45,11 @@
 #define TC_K 32
 #define TC_LD 40  // bf16 per shared-memory row (32 + 8 padding)
 #define TC_SPLIT 3
+// Whether a weight format takes the pre-split f16 x (affine codes) rather than bf16 parts.
+#define TC_PRE(FMT) ((FMT) == FMT_Q4 || (FMT) == FMT_Q8)
+
+// Floats per row of split x (layout above).
+__device__ __forceinline__ u32 tc_split_stride(u32 cols) { return 4 + cols / 32 * 36; }
 
 struct TcSmem {
     u16 xs[TC_SPLIT][64][TC_LD];  // x parts, [token][k]
@@ -62,6 +77,78 @@ __device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+__device__ __forceinline__ void mma_f16(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ u32 f16_rn(float f) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+// Two codes (< 1024) as packed exact f16: 1024 + q has q in the mantissa of 2^10, and the
+// f16x2 subtraction of 1024 is exact.
+__device__ __forceinline__ u32 codes_f16x2(u32 lo, u32 hi) {
+    u32 r;
+    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(lo | (hi << 16) | 0x64006400u), "r"(0x64006400u));
+    return r;
+}
+
+// x [rows, cols] f32 -> split rows (layout above). Grid (rows), block 256; cols % 32 == 0,
+// rows of x 16-byte aligned.
+extern "C" __global__ void __launch_bounds__(256) tc_split_f16(const float* x, u32 rows, u32 cols, float* dst) { pdl_prologue();
+    __shared__ float red[32];
+    const u32 r = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const float4* xr = (const float4*)(x + (u64)r * cols);
+    float* d = dst + (u64)r * tc_split_stride(cols);
+    const u32 n4 = cols / 4;
+    float m = 0.f;
+    for (u32 i = tid; i < n4; i += 256) {
+        const float4 v = xr[i];
+        m = fmaxf(m, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
+    }
+    m = warp_max(m);
+    if (lane == 0) red[warp] = m;
+    __syncthreads();
+    m = warp_max(lane < 8 ? red[lane] : 0.f);
+    int e = 0;
+    if (m > 0.f) {
+        int ex;
+        frexpf(m, &ex);  // m < 2^ex
+        e = min(max(15 - ex, -100), 100);
+    }
+    const float sc = ldexpf(1.f, e);
+    if (tid < 4) d[tid] = tid == 0 ? ldexpf(1.f, -e) : 0.f;
+    // Eight consecutive lanes hold one 32-column stage (n4 is a multiple of 8).
+    for (u32 base = 0; base < n4; base += 256) {
+        const u32 i = base + tid;
+        const bool ok = i < n4;
+        const float4 v = ok ? xr[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+        const float y[4] = {v.x * sc, v.y * sc, v.z * sc, v.w * sc};
+        u32 hi[4], lo[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            hi[j] = f16_rn(y[j]);
+            lo[j] = f16_rn(y[j] - f16_to_f32((u16)hi[j]));
+        }
+        float sum = (y[0] + y[1]) + (y[2] + y[3]);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+        if (ok) {
+            const u32 st = i >> 3, q = i & 7;
+            float* sd = d + 4 + st * 36;
+            *(uint2*)(sd + q * 2) = make_uint2(hi[0] | (hi[1] << 16), hi[2] | (hi[3] << 16));
+            *(uint2*)(sd + 16 + q * 2) = make_uint2(lo[0] | (lo[1] << 16), lo[2] | (lo[3] << 16));
+            if (q == 0) sd[32] = sum;
+        }
+    }
+}
+
 // Round-to-nearest-even f32 -> bf16 bits (finite inputs).
 __device__ __forceinline__ u32 bf16_rn(float f) {
     u32 b = __float_as_uint(f);
@@ -79,8 +166,6 @@ __device__ __forceinline__ void split3(float v, u32* part) {
     part[2] = bf16_rn(r2);
 }
 
-// Exact bf16 of a small integer code.
-__device__ __forceinline__ u32 code_bf16(u32 q) { return __float_as_uint(qf(q)) >> 16; }
 
 // One K stage's global data, held in registers from the moment its loads are issued until
 // it is converted into shared memory: the tile issues stage s + 1's loads before it computes
@@ -91,9 +176,11 @@ struct TcRaw {
     static constexpr int XI = TM * 8 / 128;  // float4 of x per thread
     static constexpr int CH = FMT == FMT_Q4 ? 1 : FMT == FMT_Q8 ? 2 : 4;  // 16-byte chunks per row
     static constexpr int WI = (64 * CH + 127) / 128;  // weight chunks per thread
-    float4 x[XI];
+    float4 x[XI];   // f32 x (bf16 weights)
+    uint4 xp[XI];   // split x: 8 uint4 per token, hi then lo (affine weights)
     uint4 w[WI];
     float sb;  // a scale (threads 0..63) or bias (64..127) of the stage
+    float sx;  // split x: the stage's sum for token `tid` (tid < TM)
 };
 
 // Issues the loads of stage k0: TM tokens x 32 floats of x, 64 weight rows (`w0` rows r0..,
@@ -104,12 +191,25 @@ __device__ __forceinline__ void tc_load(TcRaw<FMT, TM>& raw, const float* const*
                                         u32 k0) {
     typedef TcRaw<FMT, TM> R;
     const u32 tid = threadIdx.x;
+    if (TC_PRE(FMT)) {
+        const u32 so = 4 + (k0 / 32) * 36;  // the stage's floats in a split row
 #pragma unroll
-    for (int it = 0; it < R::XI; it++) {
-        const u32 i = tid + 128 * it;
-        const u32 tok = i >> 3, q = i & 7;
-        const float* src = xr[tok];
-        raw.x[it] = src != 0 ? *(const float4*)(src + k0 + q * 4) : make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int it = 0; it < R::XI; it++) {
+            const u32 i = tid + 128 * it;
+            const u32 tok = i >> 3, j = i & 7;
+            const float* src = xr[tok];
+            raw.xp[it] = src != 0 ? *(const uint4*)(src + so + j * 4) : make_uint4(0, 0, 0, 0);
+        }
+        raw.sx = 0.f;
+        if (tid < TM && xr[tid] != 0) raw.sx = xr[tid][so + 32];
+    } else {
+#pragma unroll
+        for (int it = 0; it < R::XI; it++) {
+            const u32 i = tid + 128 * it;
+            const u32 tok = i >> 3, q = i & 7;
+            const float* src = xr[tok];
+            raw.x[it] = src != 0 ? *(const float4*)(src + k0 + q * 4) : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
     }
 #pragma unroll
     for (int it = 0; it < R::WI; it++) {
@@ -136,8 +236,17 @@ template <int FMT, int TM>
 __device__ __forceinline__ void tc_store(TcSmem& sm, const TcRaw<FMT, TM>& raw) {
     typedef TcRaw<FMT, TM> R;
     const u32 tid = threadIdx.x;
+    if (TC_PRE(FMT)) {
 #pragma unroll
-    for (int it = 0; it < R::XI; it++) {
+        for (int it = 0; it < R::XI; it++) {
+            const u32 i = tid + 128 * it;
+            const u32 tok = i >> 3, j = i & 7;
+            *(uint4*)&sm.xs[j >> 2][tok][(j & 3) * 8] = raw.xp[it];
+        }
+        if (tid < TM) sm.sx[tid] = raw.sx;
+    }
+#pragma unroll
+    for (int it = 0; it < (TC_PRE(FMT) ? 0 : R::XI); it++) {
         const u32 i = tid + 128 * it;
         const u32 tok = i >> 3, q = i & 7;
         const float4 v = raw.x[it];
@@ -172,7 +281,7 @@ __device__ __forceinline__ void tc_store(TcSmem& sm, const TcRaw<FMT, TM>& raw) 
 #pragma unroll
                 for (int b = 0; b < 4; b++) {
                     u32 byte = (ws[j] >> (8 * b)) & 0xffu;
-                    o[4 * j + b] = code_bf16(byte & 15u) | (code_bf16(byte >> 4) << 16);
+                    o[4 * j + b] = codes_f16x2(byte & 15u, byte >> 4);
                 }
             uint4* dst = (uint4*)&sm.ws[tr][0];
 #pragma unroll
@@ -181,8 +290,8 @@ __device__ __forceinline__ void tc_store(TcSmem& sm, const TcRaw<FMT, TM>& raw) 
             u32 o[8];
 #pragma unroll
             for (int j = 0; j < 4; j++) {
-                o[2 * j] = code_bf16(ws[j] & 0xffu) | (code_bf16((ws[j] >> 8) & 0xffu) << 16);
-                o[2 * j + 1] = code_bf16((ws[j] >> 16) & 0xffu) | (code_bf16(ws[j] >> 24) << 16);
+                o[2 * j] = codes_f16x2(ws[j] & 0xffu, (ws[j] >> 8) & 0xffu);
+                o[2 * j + 1] = codes_f16x2((ws[j] >> 16) & 0xffu, ws[j] >> 24);
             }
             uint4* dst = (uint4*)&sm.ws[tr][16 * c];
             dst[0] = make_uint4(o[0], o[1], o[2], o[3]);
@@ -244,14 +353,17 @@ __device__ __forceinline__ void tc_tile(const WMat& w0, const WMat& w1, const fl
                 b[2 * h + 1][1] = t[3];
             }
 #pragma unroll
-            for (int s = 0; s < TC_SPLIT; s++)
+            for (int s = 0; s < (AFF ? 2 : TC_SPLIT); s++)
 #pragma unroll
                 for (int m = 0; m < MT; m++) {
                     u32 a[4];
                     const u32 row = wm * (TM / 2) + m * 16 + (lane & 15);
                     ldm4(a, &sm.xs[s][row][kk * 16 + (lane >> 4) * 8]);
 #pragma unroll
-                    for (int n = 0; n < 4; n++) mma_bf16(AFF ? part[m][n] : acc[m][n], a, b[n][0], b[n][1]);
+                    for (int n = 0; n < 4; n++) {
+                        if (AFF) mma_f16(part[m][n], a, b[n][0], b[n][1]);
+                        else mma_bf16(acc[m][n], a, b[n][0], b[n][1]);
+                    }
                 }
         }
         if (AFF) {
@@ -277,11 +389,12 @@ __device__ __forceinline__ void tc_tile(const WMat& w0, const WMat& w1, const fl
                 const u32 tok = wm * (TM / 2) + m * 16 + g + h * 8;
                 float* o = orow[tok];
                 if (o == 0) continue;
+                const float inv = AFF ? xr[tok][0] : 1.f;  // 2^-e of split x
 #pragma unroll
                 for (int n = 0; n < 4; n++) {
                     const u32 r = r0 + wn * 32 + n * 8 + tig * 2;
-                    if (r < w0.rows) o[r] = acc[m][n][2 * h];
-                    if (r + 1 < w0.rows) o[r + 1] = acc[m][n][2 * h + 1];
+                    if (r < w0.rows) o[r] = acc[m][n][2 * h] * inv;
+                    if (r + 1 < w0.rows) o[r + 1] = acc[m][n][2 * h + 1] * inv;
                 }
             }
     } else {
@@ -305,11 +418,12 @@ __device__ __forceinline__ void tc_tile(const WMat& w0, const WMat& w1, const fl
                     const u32 tok = wm * (TM / 2) + m * 16 + g + (e >> 1) * 8;
                     float* o = orow[tok];
                     if (o == 0) continue;
+                    const float inv = AFF ? xr[tok][0] : 1.f;  // 2^-e of split x
 #pragma unroll
                     for (int n = 0; n < 4; n++) {
                         const u32 c = n * 8 + tig * 2 + (e & 1);
                         const u32 r = r0 + c;
-                        if (r < w0.rows) o[r] = silu_f(ep[tok][c]) * acc[m][n][e];
+                        if (r < w0.rows) o[r] = silu_f(ep[tok][c] * inv) * (acc[m][n][e] * inv);
                     }
                 }
         }
@@ -324,7 +438,7 @@ __device__ __forceinline__ void gemm_tc_body(const WMat& w, const float* x, floa
     const u32 t0 = blockIdx.y * 64;
     if (threadIdx.x < 64) {
         u32 t = t0 + threadIdx.x;
-        xr[threadIdx.x] = t < n ? x + (u64)t * w.cols : 0;
+        xr[threadIdx.x] = t < n ? x + (u64)t * (TC_PRE(FMT) ? tc_split_stride(w.cols) : w.cols) : 0;
         orow[threadIdx.x] = t < n ? out + (u64)t * w.rows : 0;
     }
     __syncthreads();
@@ -338,7 +452,8 @@ __device__ __forceinline__ void moe_tc_body(const u64* table, const u32* sorted,
     __shared__ TcSmem sm;
     __shared__ const float* xr[TM];
     __shared__ float* orow[TM];
-    const u32 e = expert_tile_rows<TM>(sorted, tiles, ntiles, x, gather_div, x_width, out, out_width, xr, orow);
+    const u32 xw = TC_PRE(FMT) ? tc_split_stride(x_width) : x_width;
+    const u32 e = expert_tile_rows<TM>(sorted, tiles, ntiles, x, gather_div, xw, out, out_width, xr, orow);
     if (e == 0xffffffffu) return;  // past the tile count, uniform across the block
     WMat w0 = expert_mat(table, e, NMAT == 2 ? 0 : 2, rows, cols, group, sdt);
     WMat w1 = NMAT == 2 ? expert_mat(table, e, 1, rows, cols, group, sdt) : w0;

@@ -586,6 +586,37 @@ fn matmul() {
     }
 }
 
+/// Prefill GEMMs with affine weights split x into scaled f16 parts (gemm_tc.cu): activations
+/// from tiny to large, and rows that mix magnitudes five orders apart, stay at f32 accuracy.
+#[test]
+fn matmul_activation_range() {
+    for (i, f) in [WFmt::Q(4, 64, DType::BF16), WFmt::Q(8, 32, DType::F16)]
+        .into_iter()
+        .enumerate()
+    {
+        for scale in [1e-7f32, 1.0, 3e4] {
+            check(
+                &format!("matmul range {f:?} scale {scale:e}"),
+                450 + i as u64,
+                2e-5,
+                &|s| {
+                    let (n, rows, cols) = (70, 96, 1024);
+                    let mut x = s.rand(n * cols, scale);
+                    for (j, v) in x.iter_mut().enumerate() {
+                        if j % 7 == 3 {
+                            *v *= 1e-5;
+                        }
+                    }
+                    let x = s.input(&x, "x");
+                    let w = matrix(s, f, rows, cols, 0);
+                    let out = s.output(n * rows, "out");
+                    s.op(Op::Matmul { x, w, out, n });
+                },
+            );
+        }
+    }
+}
+
 /// Consecutive matvecs of one input (merged into one launch on CUDA when formats agree): 2 to 5
 /// of them (5: a run longer than one launch takes), rows from 1 to 700, and a run broken by a
 /// matrix of another format.

@@ -63,6 +63,37 @@ pub(crate) fn tc_ok(enc: &Enc<'_>, fmt: Fmt, data: u64, cols: usize, group: u32)
         && (!fmt.affine() || (group as usize).is_multiple_of(32))
 }
 
+/// Bytes of `rows` rows of `cols` f32 split for the affine tensor-core kernels
+/// (`tc_split_stride` in gemm_tc.cu).
+pub(crate) fn tc_split_bytes(rows: usize, cols: usize) -> usize {
+    rows * (4 + cols / 32 * 36) * 4
+}
+
+/// Splits `rows` rows of `cols` f32 at `x` into f16 parts at `dst` (tc_split_bytes of
+/// scratch), the x operand of the affine tensor-core kernels.
+pub(crate) fn tc_split(
+    enc: &mut Enc<'_>,
+    x: u64,
+    rows: usize,
+    cols: usize,
+    dst: u64,
+    op: &'static str,
+) -> Result<(), CudaError> {
+    if rows == 0 {
+        return Ok(());
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (u32_of(rows, "split rows", op)?, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (r, c) = (u32_of(rows, "rows", op)?, u32_of(cols, "cols", op)?);
+    // SAFETY: tc_split_f16(const float*, u32, u32, float*); x holds rows * cols floats with
+    // 16-byte aligned rows and cols % 32 == 0 (tc_ok: pool and scratch buffers are 256-byte
+    // aligned, rows are cols * 4 bytes); dst holds tc_split_bytes(rows, cols).
+    unsafe { launch!(enc, "gemm_tc.cu", "tc_split_f16", cfg, [x, r, c, dst]) }
+}
+
 /// Rows per block of the expert matrix-vector kernels (8 warps x `MV_R` = 2 in gemv.cuh), the
 /// dense GEMM tile (`GT_M` = `GT_N`) and the expert GEMM's pairs per tile (`MOE_TM`).
 pub(crate) const MV_ROWS: usize = 16;
@@ -132,10 +163,19 @@ pub(crate) fn matmul(
     let n_u = u32_of(n, "n", OP)?;
     // Tensor-core tiles (bf16 mma, 4 warps) where the format and alignment allow them (tc_ok),
     // else the f32 SIMT tiles (8 warps); both 64 x 64 output tiles.
-    let (file, name, threads) = if tc_ok(enc, fmt, wa.data, w.cols, wa.group) {
+    let tc = tc_ok(enc, fmt, wa.data, w.cols, wa.group);
+    let (file, name, threads) = if tc {
         ("gemm_tc.cu", fmt.pick(&GEMM_TC), 128)
     } else {
         ("matmul.cu", fmt.pick(&GEMM), 256)
+    };
+    // The affine tensor-core kernels take x split once into f16 parts (gemm_tc.cu).
+    let xp = if tc && fmt.affine() {
+        let dst = enc.scratch.get(enc.stream, tc_split_bytes(n, w.cols))?;
+        tc_split(enc, xp, n, w.cols, dst, OP)?;
+        dst
+    } else {
+        xp
     };
     let cfg = LaunchConfig {
         grid_dim: (
@@ -146,8 +186,9 @@ pub(crate) fn matmul(
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: gemm_tc_* / gemm_*(WMat, const float*, float*, u32); x holds n * cols floats and
-    // out n * rows (Graph::validate); for gemm_tc, cols % 32 == 0 and 16-byte aligned rows
+    // SAFETY: gemm_tc_* / gemm_*(WMat, const float*, float*, u32); x holds n * cols floats (for
+    // gemm_tc_q4/q8 its split, n rows of scratch) and out n * rows (Graph::validate); for
+    // gemm_tc, cols % 32 == 0 and 16-byte aligned rows
     // (tc_ok; pool buffers are 256-byte aligned); tiles past n or rows are masked in the
     // kernels.
     unsafe { launch!(enc, file, name, cfg, [wa, xp, op, n_u]) }

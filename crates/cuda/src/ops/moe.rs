@@ -12,7 +12,7 @@ use cudarc::driver::result as drv;
 use cudarc::driver::{CudaStream, LaunchConfig};
 use moeflux_core::{Act, BufId, ExpertWeights, Idx, Matrix};
 
-use super::matmul::{GT, MOE_TM, MV_ROWS, mv_smem, tc_ok};
+use super::matmul::{GT, MOE_TM, MV_ROWS, mv_smem, tc_ok, tc_split, tc_split_bytes};
 use super::{Enc, Fmt, format_of, grid_1d, grid_y, launch, u32_of, vec_ok};
 use crate::error::CudaError;
 use crate::pool::{CudaPool, DevMem};
@@ -480,9 +480,11 @@ pub(crate) struct Pass {
 }
 
 /// Byte offsets in the scratch block: h [pairs, inter] | y [pairs, hidden] | sorted [pairs] |
-/// tiles [max_tiles * 3] | ntiles | (streamed) idx [pairs] | table [wave * 9 u64].
+/// tiles [max_tiles * 3] | ntiles | (streamed) idx [pairs] | table [wave * 9 u64] | split x
+/// of the affine tensor-core GEMMs (x, then h: the larger of the two).
 pub(crate) struct ScratchLayout {
     pub(crate) h: usize,
+    pub(crate) split: usize,
     pub(crate) y: usize,
     pub(crate) sorted: usize,
     pub(crate) tiles: usize,
@@ -509,9 +511,12 @@ impl ScratchLayout {
         let ntiles = tiles + align256(max_tiles * 12);
         let wave_idx = ntiles + 256;
         let wave_table = wave_idx + align256(wave_idx_pairs * 4);
-        let total = wave_table + align256(wave_experts * 9 * 8);
+        let split = wave_table + align256(wave_experts * 9 * 8);
+        let total = split
+            + align256(tc_split_bytes(s.n, s.hidden).max(tc_split_bytes(pairs, s.inter)));
         ScratchLayout {
             h,
+            split,
             y,
             sorted,
             tiles,
@@ -683,6 +688,14 @@ pub(crate) fn expert_pass(
                 GT,
             ),
         };
+        // The affine tensor-core kernels take their x split into f16 parts (gemm_tc.cu).
+        let split = base + sc.split as u64;
+        let gu_x = if tc && gu.fmt.affine() {
+            tc_split(enc, xp, s.n, s.hidden, split, OP)?;
+            split
+        } else {
+            xp
+        };
         let cfg = LaunchConfig {
             grid_dim: (u32_of(s.inter.div_ceil(gu_rows), "row tiles", OP)?, ty, 1),
             block_dim: (threads, 1, 1),
@@ -690,9 +703,10 @@ pub(crate) fn expert_pass(
         };
         // SAFETY: moe_tc_gate_up_* / moe_gemm_gate_up_*(const u64*, const u32*, const u32*,
         // const u32*, const float*, u32, u32, u32, u32, int, float*); tiles beyond *ntiles
-        // exit and hold at most tm pairs (moe_route above); x n * hidden, h pairs * inter
-        // floats; for the tensor-core kernels hidden, inter and the group are multiples of 32
-        // and every expert's data 16-byte aligned (tc_roles).
+        // exit and hold at most tm pairs (moe_route above); x n * hidden floats (affine
+        // tensor-core kernels: its split, n rows in scratch), h pairs * inter floats; for the
+        // tensor-core kernels hidden, inter and the group are multiples of 32 and every
+        // expert's data 16-byte aligned (tc_roles).
         unsafe {
             launch!(
                 enc,
@@ -700,18 +714,26 @@ pub(crate) fn expert_pass(
                 gu_name,
                 cfg,
                 [
-                    table, sorted, tiles, ntiles, xp, k, hidden, inter, gu_group, gu_sdt, h
+                    table, sorted, tiles, ntiles, gu_x, k, hidden, inter, gu_group, gu_sdt, h
                 ]
             )
         }?;
+        let dn_x = if tc && dn.fmt.affine() {
+            // After gate/up in stream order, so the split of x is no longer read.
+            tc_split(enc, h, pairs, s.inter, split, OP)?;
+            split
+        } else {
+            h
+        };
         let cfg = LaunchConfig {
             grid_dim: (u32_of(s.hidden.div_ceil(GT), "row tiles", OP)?, ty, 1),
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: moe_tc_down_* / moe_gemm_down_*(const u64*, const u32*, const u32*, const
-        // u32*, const float*, u32, u32, u32, int, float*); h pairs * inter, y pairs * hidden
-        // floats; as above.
+        // u32*, const float*, u32, u32, u32, int, float*); h pairs * inter floats (affine
+        // tensor-core kernels: its split, pairs rows in scratch), y pairs * hidden floats; as
+        // above.
         unsafe {
             launch!(
                 enc,
@@ -719,7 +741,7 @@ pub(crate) fn expert_pass(
                 dn_name,
                 cfg,
                 [
-                    table, sorted, tiles, ntiles, h, hidden, inter, dn_group, dn_sdt, y
+                    table, sorted, tiles, ntiles, dn_x, hidden, inter, dn_group, dn_sdt, y
                 ]
             )
         }?;
