@@ -2,12 +2,14 @@
 
 use moeflux_core::{Act, BufId, State, Vector};
 
-use super::{BLOCK, Enc, launch, u32_of};
+use super::{BLOCK, Enc, grid_y, launch, u32_of};
 use crate::error::CudaError;
 use cudarc::driver::LaunchConfig;
 
 /// `CONV_MAXK` in conv1d.cu.
 const MAX_KERNEL: usize = 8;
+/// Tokens per block row (`CONV_T` in conv1d.cu).
+const TOKENS_PER_BLOCK: usize = 64;
 
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn conv1d_silu(
@@ -31,7 +33,11 @@ pub(crate) fn conv1d_silu(
         return Ok(());
     }
     let cfg = LaunchConfig {
-        grid_dim: (channels.div_ceil(BLOCK as usize) as u32, 1, 1),
+        grid_dim: (
+            u32_of(channels.div_ceil(BLOCK as usize), "channel blocks", OP)?,
+            grid_y(n.div_ceil(TOKENS_PER_BLOCK).max(1), "token blocks", OP)?,
+            1,
+        ),
         block_dim: (BLOCK, 1, 1),
         shared_mem_bytes: 0,
     };

@@ -640,10 +640,14 @@ pub(crate) fn expert_pass(
         // Tensor cores when both roles allow them; their tile takes 32 or 64 pairs of one
         // expert (64 once experts average enough pairs to fill it).
         let tc = tc_roles(enc, gu, dn, s);
-        let tm: u32 = match tc {
-            false => MOE_TM as u32,
-            true if pairs >= 48 * (ne as usize).min(pairs) => 64,
-            true => 32,
+        // (`MOEFLUX_CUDA_MOE_TM=32|64` forces one, for measurements.)
+        let forced = std::env::var("MOEFLUX_CUDA_MOE_TM").ok();
+        let tm: u32 = match (tc, forced.as_deref()) {
+            (false, _) => MOE_TM as u32,
+            (true, Some("32")) => 32,
+            (true, Some("64")) => 64,
+            (true, _) if pairs >= 48 * (ne as usize).min(pairs) => 64,
+            (true, _) => 32,
         };
         let cfg = LaunchConfig {
             grid_dim: (1, 1, 1),
