@@ -22,7 +22,9 @@
 //      moe_route: one block of 1024 threads: counts per expert, expert-sorted pair list, and a
 //        list of tiles (expert, first, count <= tm: MOE_TM for the kernels below, 32 or 64 for
 //        the tensor-core ones in gemm_tc.cu) with their number; dynamic shared memory
-//        2 * experts u32.
+//        2 * experts u32. With tiles_b (non-null), an expert's last tile of at most tm / 2
+//        pairs goes to that second list instead (run with the half-size kernels), so experts
+//        with, say, 88 pairs fill one tile of 64 and one of 32 rather than two of 64.
 //      moe_gemm_gate_up_FG: grid (ceil(inter / 64), max_tiles); blocks past the tile count exit.
 //      moe_gemm_down_FD:    grid (ceil(hidden / 64), max_tiles).
 //  * moe_combine_f32: out[t] = sum_slot weights[t, slot] * y[t * k + slot], in slot order
@@ -308,7 +310,8 @@ __device__ __forceinline__ void down_combine_body(const u64* table, u32 ne, cons
     }
 }
 
-extern "C" __global__ void moe_route(const u32* idx, u32 pairs, u32 num_experts, u32 tm, u32* sorted, u32* tiles, u32* ntiles) { pdl_prologue();
+extern "C" __global__ void moe_route(const u32* idx, u32 pairs, u32 num_experts, u32 tm, u32* sorted, u32* tiles, u32* ntiles,
+                                     u32* tiles_b, u32* ntiles_b) { pdl_prologue();
     u32* cnt = (u32*)smem4;
     u32* fill = cnt + num_experts;
     for (u32 e = threadIdx.x; e < num_experts; e += blockDim.x) cnt[e] = 0;
@@ -319,19 +322,29 @@ extern "C" __global__ void moe_route(const u32* idx, u32 pairs, u32 num_experts,
     }
     __syncthreads();
     if (threadIdx.x == 0) {
-        u32 off = 0, nt = 0;
+        u32 off = 0, nt = 0, nb = 0;
         for (u32 e = 0; e < num_experts; e++) {
             u32 c = cnt[e];
             fill[e] = off;
             for (u32 s = 0; s < c; s += tm) {
+                const u32 cnt = min(c - s, tm);
+                if (tiles_b != 0 && cnt <= tm / 2) {
+                    // A short remainder goes to the list of half-size tiles.
+                    tiles_b[3 * nb] = e;
+                    tiles_b[3 * nb + 1] = off + s;
+                    tiles_b[3 * nb + 2] = cnt;
+                    nb++;
+                    continue;
+                }
                 tiles[3 * nt] = e;
                 tiles[3 * nt + 1] = off + s;
-                tiles[3 * nt + 2] = min(c - s, tm);
+                tiles[3 * nt + 2] = cnt;
                 nt++;
             }
             off += c;
         }
         *ntiles = nt;
+        if (ntiles_b != 0) *ntiles_b = nb;
     }
     __syncthreads();
     // Order inside an expert's range does not matter: each pair's row is computed alone.

@@ -1197,7 +1197,9 @@ fn moe_experts() {
     ];
     for (ci, (gu, dn)) in combos.into_iter().enumerate() {
         for skew in [0, 4] {
-            for n in [1, 2, 5, 70, 200] {
+            // 200 and 300 tokens take 64-pair tensor-core tiles; at 300 (~75 pairs per
+            // expert) most experts end in a remainder that takes a 32-pair tile.
+            for n in [1, 2, 5, 70, 200, 300] {
                 check(
                     &format!("moe_experts {gu:?}/{dn:?} skew {skew} n {n}"),
                     400 + ci as u64,

@@ -185,7 +185,9 @@ fn gated_delta_chunked(
             "gated_delta.cu",
             "gated_delta_prep_f32",
             cfg,
-            [qp, ap, bp, al, dt, vdt, qn, kn, kt, gc, pm, op, n, kh, vh, dk, dv]
+            [
+                qp, ap, bp, al, dt, vdt, qn, kn, kt, gc, pm, op, n, kh, vh, dk, dv
+            ]
         )
     }?;
     let cfg = LaunchConfig {

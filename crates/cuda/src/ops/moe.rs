@@ -480,7 +480,8 @@ pub(crate) struct Pass {
 }
 
 /// Byte offsets in the scratch block: h [pairs, inter] | y [pairs, hidden] | sorted [pairs] |
-/// tiles [max_tiles * 3] | ntiles | (streamed) idx [pairs] | table [wave * 9 u64] | split x
+/// tiles [max_tiles * 3] | ntiles | tiles_b [min(experts, pairs) * 3] | ntiles_b | (streamed)
+/// idx [pairs] | table [wave * 9 u64] | split x
 /// of the affine tensor-core GEMMs (x, then h: the larger of the two).
 pub(crate) struct ScratchLayout {
     pub(crate) h: usize,
@@ -489,6 +490,9 @@ pub(crate) struct ScratchLayout {
     pub(crate) sorted: usize,
     pub(crate) tiles: usize,
     pub(crate) ntiles: usize,
+    /// Half-size remainder tiles (at most one per expert) and their count.
+    pub(crate) tiles_b: usize,
+    pub(crate) ntiles_b: usize,
     pub(crate) wave_idx: usize,
     pub(crate) wave_table: usize,
     pub(crate) total: usize,
@@ -509,11 +513,13 @@ impl ScratchLayout {
         let sorted = y + align256(pairs * s.hidden * 4);
         let tiles = sorted + align256(pairs * 4);
         let ntiles = tiles + align256(max_tiles * 12);
-        let wave_idx = ntiles + 256;
+        let tiles_b = ntiles + 256;
+        let ntiles_b = tiles_b + align256(num_experts.min(pairs) * 12);
+        let wave_idx = ntiles_b + 256;
         let wave_table = wave_idx + align256(wave_idx_pairs * 4);
         let split = wave_table + align256(wave_experts * 9 * 8);
-        let total = split
-            + align256(tc_split_bytes(s.n, s.hidden).max(tc_split_bytes(pairs, s.inter)));
+        let total =
+            split + align256(tc_split_bytes(s.n, s.hidden).max(tc_split_bytes(pairs, s.inter)));
         ScratchLayout {
             h,
             split,
@@ -521,6 +527,8 @@ impl ScratchLayout {
             sorted,
             tiles,
             ntiles,
+            tiles_b,
+            ntiles_b,
             wave_idx,
             wave_table,
             total,
@@ -649,33 +657,58 @@ pub(crate) fn expert_pass(
             (true, _) if pairs >= 48 * (ne as usize).min(pairs) => 64,
             (true, _) => 32,
         };
+        // With 64-pair tiles, an expert's remainder of at most 32 pairs takes a 32-pair tile
+        // from a second list (moe_route), run by the m32 kernels after the m64 ones
+        // (`MOEFLUX_CUDA_MOE_HALVES=0`: not, for measurements).
+        let halves =
+            tc && tm == 64 && std::env::var("MOEFLUX_CUDA_MOE_HALVES").map_or(true, |v| v != "0");
+        let (tiles_b, ntiles_b) = match halves {
+            true => (base + sc.tiles_b as u64, base + sc.ntiles_b as u64),
+            false => (0u64, 0u64),
+        };
         let cfg = LaunchConfig {
             grid_dim: (1, 1, 1),
             block_dim: (1024, 1, 1),
             shared_mem_bytes: route_smem as u32,
         };
-        // SAFETY: moe_route(const u32*, u32, u32, u32, u32*, u32*, u32*); idx holds pairs
-        // entries; sorted / tiles / ntiles are scratch sized pairs, 3 * max_tiles and 1
-        // (max_tiles bounds the tile count for any tm >= MOE_TM).
+        // SAFETY: moe_route(const u32*, u32, u32, u32, u32*, u32*, u32*, u32*, u32*); idx holds
+        // pairs entries; sorted / tiles / ntiles are scratch sized pairs, 3 * max_tiles and 1
+        // (max_tiles bounds the tile count for any tm >= MOE_TM); tiles_b / ntiles_b are null
+        // or scratch sized 3 * min(experts, pairs) and 1 (one remainder tile per expert).
         unsafe {
             launch!(
                 enc,
                 "moe.cu",
                 "moe_route",
                 cfg,
-                [ip, p_u, ne, tm, sorted, tiles, ntiles]
+                [ip, p_u, ne, tm, sorted, tiles, ntiles, tiles_b, ntiles_b]
             )
         }?;
-        let ty = grid_y(sc.max_tiles, "expert tiles", OP)?;
         // Tensor-core tiles (4 warps; gate/up 32 rows per tile, down 64) or the f32 SIMT tiles
-        // (8 warps, 64 rows), over the same arguments.
-        let (file, gu_name, dn_name, threads, gu_rows) = match (tc, tm) {
+        // (8 warps, 64 rows), over the same arguments: (file, gate/up kernel, down kernel,
+        // threads, gate/up rows per block, tile list, its count, grid rows).
+        type Launch = (
+            &'static str,
+            &'static str,
+            &'static str,
+            u32,
+            usize,
+            u64,
+            u64,
+            u32,
+        );
+        let mut lists: Vec<Launch> = Vec::with_capacity(2);
+        let ty = grid_y(sc.max_tiles, "expert tiles", OP)?;
+        lists.push(match (tc, tm) {
             (true, 64) => (
                 "gemm_tc.cu",
                 gu.fmt.pick(&TC_GATE_UP_M64),
                 dn.fmt.pick(&TC_DOWN_M64),
                 128,
                 32,
+                tiles,
+                ntiles,
+                ty,
             ),
             (true, _) => (
                 "gemm_tc.cu",
@@ -683,6 +716,9 @@ pub(crate) fn expert_pass(
                 dn.fmt.pick(&TC_DOWN_M32),
                 128,
                 32,
+                tiles,
+                ntiles,
+                ty,
             ),
             (false, _) => (
                 "moe.cu",
@@ -690,8 +726,24 @@ pub(crate) fn expert_pass(
                 dn.fmt.pick(&GEMM_DOWN),
                 256,
                 GT,
+                tiles,
+                ntiles,
+                ty,
             ),
-        };
+        });
+        if halves {
+            let ty_b = grid_y((ne as usize).min(pairs), "remainder tiles", OP)?;
+            lists.push((
+                "gemm_tc.cu",
+                gu.fmt.pick(&TC_GATE_UP_M32),
+                dn.fmt.pick(&TC_DOWN_M32),
+                128,
+                32,
+                tiles_b,
+                ntiles_b,
+                ty_b,
+            ));
+        }
         // The affine tensor-core kernels take their x split into f16 parts (gemm_tc.cu).
         let split = base + sc.split as u64;
         let gu_x = if tc && gu.fmt.affine() {
@@ -700,28 +752,30 @@ pub(crate) fn expert_pass(
         } else {
             xp
         };
-        let cfg = LaunchConfig {
-            grid_dim: (u32_of(s.inter.div_ceil(gu_rows), "row tiles", OP)?, ty, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: moe_tc_gate_up_* / moe_gemm_gate_up_*(const u64*, const u32*, const u32*,
-        // const u32*, const float*, u32, u32, u32, u32, int, float*); tiles beyond *ntiles
-        // exit and hold at most tm pairs (moe_route above); x n * hidden floats (affine
-        // tensor-core kernels: its split, n rows in scratch), h pairs * inter floats; for the
-        // tensor-core kernels hidden, inter and the group are multiples of 32 and every
-        // expert's data 16-byte aligned (tc_roles).
-        unsafe {
-            launch!(
-                enc,
-                file,
-                gu_name,
-                cfg,
-                [
-                    table, sorted, tiles, ntiles, gu_x, k, hidden, inter, gu_group, gu_sdt, h
-                ]
-            )
-        }?;
+        for &(file, gu_name, _, threads, gu_rows, tl, nt, ty) in &lists {
+            let cfg = LaunchConfig {
+                grid_dim: (u32_of(s.inter.div_ceil(gu_rows), "row tiles", OP)?, ty, 1),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: moe_tc_gate_up_* / moe_gemm_gate_up_*(const u64*, const u32*, const u32*,
+            // const u32*, const float*, u32, u32, u32, u32, int, float*); tiles beyond the
+            // list's count exit and hold at most the kernel's tile size of pairs (moe_route
+            // above); x n * hidden floats (affine tensor-core kernels: its split, n rows in
+            // scratch), h pairs * inter floats; for the tensor-core kernels hidden, inter and
+            // the group are multiples of 32 and every expert's data 16-byte aligned (tc_roles).
+            unsafe {
+                launch!(
+                    enc,
+                    file,
+                    gu_name,
+                    cfg,
+                    [
+                        table, sorted, tl, nt, gu_x, k, hidden, inter, gu_group, gu_sdt, h
+                    ]
+                )
+            }?;
+        }
         let dn_x = if tc && dn.fmt.affine() {
             // After gate/up in stream order, so the split of x is no longer read.
             tc_split(enc, h, pairs, s.inter, split, OP)?;
@@ -729,26 +783,28 @@ pub(crate) fn expert_pass(
         } else {
             h
         };
-        let cfg = LaunchConfig {
-            grid_dim: (u32_of(s.hidden.div_ceil(GT), "row tiles", OP)?, ty, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: moe_tc_down_* / moe_gemm_down_*(const u64*, const u32*, const u32*, const
-        // u32*, const float*, u32, u32, u32, int, float*); h pairs * inter floats (affine
-        // tensor-core kernels: its split, pairs rows in scratch), y pairs * hidden floats; as
-        // above.
-        unsafe {
-            launch!(
-                enc,
-                file,
-                dn_name,
-                cfg,
-                [
-                    table, sorted, tiles, ntiles, dn_x, hidden, inter, dn_group, dn_sdt, y
-                ]
-            )
-        }?;
+        for &(file, _, dn_name, threads, _, tl, nt, ty) in &lists {
+            let cfg = LaunchConfig {
+                grid_dim: (u32_of(s.hidden.div_ceil(GT), "row tiles", OP)?, ty, 1),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: moe_tc_down_* / moe_gemm_down_*(const u64*, const u32*, const u32*, const
+            // u32*, const float*, u32, u32, u32, int, float*); h pairs * inter floats (affine
+            // tensor-core kernels: its split, pairs rows in scratch), y pairs * hidden floats;
+            // as above.
+            unsafe {
+                launch!(
+                    enc,
+                    file,
+                    dn_name,
+                    cfg,
+                    [
+                        table, sorted, tl, nt, dn_x, hidden, inter, dn_group, dn_sdt, y
+                    ]
+                )
+            }?;
+        }
         Ok(false)
     }
 }
