@@ -24,6 +24,60 @@ pub(crate) struct DeltaShape {
     pub dv: usize,
 }
 
+/// Device addresses and 32-bit shape arguments shared by both forms' kernels.
+struct Args {
+    al: u64,
+    vdt: i32,
+    dt: u64,
+    qp: u64,
+    ap: u64,
+    bp: u64,
+    sp: u64,
+    op: u64,
+    n: u32,
+    kh: u32,
+    vh: u32,
+    dk: u32,
+    dv: u32,
+}
+
+impl Args {
+    /// `acts` = [qkv, a, b, out].
+    fn new(
+        enc: &mut Enc<'_>,
+        acts: [BufId<Act>; 4],
+        a_log: &Vector,
+        dt_bias: &Vector,
+        state: BufId<State>,
+        s: &DeltaShape,
+    ) -> Result<Self, CudaError> {
+        const OP: &str = "gated_delta";
+        let (al, vdt) = enc.vector(a_log, OP)?;
+        let (dt, _) = enc.vector(dt_bias, OP)?;
+        let [qp, ap, bp, op] = [
+            enc.buf(acts[0].raw())?,
+            enc.buf(acts[1].raw())?,
+            enc.buf(acts[2].raw())?,
+            enc.buf(acts[3].raw())?,
+        ];
+        Ok(Args {
+            al,
+            vdt,
+            dt,
+            qp,
+            ap,
+            bp,
+            sp: enc.buf(state.raw())?,
+            op,
+            n: u32_of(s.n, "n", OP)?,
+            kh: u32_of(s.k_heads, "k_heads", OP)?,
+            vh: u32_of(s.v_heads, "v_heads", OP)?,
+            dk: u32_of(s.dk, "dk", OP)?,
+            dv: u32_of(s.dv, "dv", OP)?,
+        })
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gated_delta(
     enc: &mut Enc<'_>,
@@ -55,8 +109,9 @@ pub(crate) fn gated_delta(
     if s.v_heads == 0 || s.dv == 0 {
         return Ok(());
     }
+    let d = Args::new(enc, [qkv, a, b, out], a_log, dt_bias, state, s)?;
     if chunked_applies(enc, s) {
-        return gated_delta_chunked(enc, qkv, a, b, a_log, dt_bias, state, out, s);
+        return gated_delta_chunked(enc, &d, s);
     }
     let cfg = LaunchConfig {
         grid_dim: (
@@ -67,22 +122,6 @@ pub(crate) fn gated_delta(
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    let (al, vdt) = enc.vector(a_log, OP)?;
-    let (dt, _) = enc.vector(dt_bias, OP)?;
-    let (qp, ap, bp, sp, op) = (
-        enc.buf(qkv.raw())?,
-        enc.buf(a.raw())?,
-        enc.buf(b.raw())?,
-        enc.buf(state.raw())?,
-        enc.buf(out.raw())?,
-    );
-    let (n, kh, vh, dk, dv) = (
-        u32_of(s.n, "n", OP)?,
-        u32_of(s.k_heads, "k_heads", OP)?,
-        u32_of(s.v_heads, "v_heads", OP)?,
-        u32_of(s.dk, "dk", OP)?,
-        u32_of(s.dv, "dv", OP)?,
-    );
     // SAFETY: gated_delta_f32(const float*, const float*, const float*, const void*, const
     // void*, int, float*, float*, u32 x5); qkv/a/b/out/state sizes checked by Graph::validate,
     // v_heads % k_heads == 0 and the vector lengths by check_shapes, dk <= 256 above.
@@ -92,7 +131,9 @@ pub(crate) fn gated_delta(
             "gated_delta.cu",
             "gated_delta_f32",
             cfg,
-            [qp, ap, bp, al, dt, vdt, sp, op, n, kh, vh, dk, dv]
+            [
+                d.qp, d.ap, d.bp, d.al, d.dt, d.vdt, d.sp, d.op, d.n, d.kh, d.vh, d.dk, d.dv
+            ]
         )
     }
 }
@@ -138,40 +179,13 @@ fn scratch_layout(s: &DeltaShape) -> ([usize; 5], usize) {
     (offs, at)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn gated_delta_chunked(
-    enc: &mut Enc<'_>,
-    qkv: BufId<Act>,
-    a: BufId<Act>,
-    b: BufId<Act>,
-    a_log: &Vector,
-    dt_bias: &Vector,
-    state: BufId<State>,
-    out: BufId<Act>,
-    s: &DeltaShape,
-) -> Result<(), CudaError> {
+fn gated_delta_chunked(enc: &mut Enc<'_>, d: &Args, s: &DeltaShape) -> Result<(), CudaError> {
     const OP: &str = "gated_delta";
     let (offs, total) = scratch_layout(s);
     let base = enc.scratch.get(enc.stream, total)?;
     let [qn, kn, kt, gc, pm] = offs.map(|o| base + o as u64);
-    let (al, vdt) = enc.vector(a_log, OP)?;
-    let (dt, _) = enc.vector(dt_bias, OP)?;
-    let (qp, ap, bp, sp, op) = (
-        enc.buf(qkv.raw())?,
-        enc.buf(a.raw())?,
-        enc.buf(b.raw())?,
-        enc.buf(state.raw())?,
-        enc.buf(out.raw())?,
-    );
-    let (n, kh, vh, dk, dv) = (
-        u32_of(s.n, "n", OP)?,
-        u32_of(s.k_heads, "k_heads", OP)?,
-        u32_of(s.v_heads, "v_heads", OP)?,
-        u32_of(s.dk, "dk", OP)?,
-        u32_of(s.dv, "dv", OP)?,
-    );
     let cfg = LaunchConfig {
-        grid_dim: (vh, grid_y(s.n.div_ceil(CHUNK), "chunks", OP)?, 1),
+        grid_dim: (d.vh, grid_y(s.n.div_ceil(CHUNK), "chunks", OP)?, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: prep_smem(s.dk) as u32,
     };
@@ -186,12 +200,17 @@ fn gated_delta_chunked(
             "gated_delta_prep_f32",
             cfg,
             [
-                qp, ap, bp, al, dt, vdt, qn, kn, kt, gc, pm, op, n, kh, vh, dk, dv
+                d.qp, d.ap, d.bp, d.al, d.dt, d.vdt, qn, kn, kt, gc, pm, d.op, d.n, d.kh, d.vh,
+                d.dk, d.dv
             ]
         )
     }?;
     let cfg = LaunchConfig {
-        grid_dim: (vh, grid_y(s.dv.div_ceil(32), "value column blocks", OP)?, 1),
+        grid_dim: (
+            d.vh,
+            grid_y(s.dv.div_ceil(32), "value column blocks", OP)?,
+            1,
+        ),
         block_dim: (256, 1, 1),
         shared_mem_bytes: chunks_smem(s.dk) as u32,
     };
@@ -204,7 +223,7 @@ fn gated_delta_chunked(
             "gated_delta.cu",
             "gated_delta_chunks_f32",
             cfg,
-            [qn, kn, kt, gc, pm, sp, op, n, kh, vh, dk, dv]
+            [qn, kn, kt, gc, pm, d.sp, d.op, d.n, d.kh, d.vh, d.dk, d.dv]
         )
     }
 }

@@ -24,19 +24,20 @@ use crate::error::CudaError;
 use crate::kernels::Kernels;
 use crate::pool::{CudaPool, DevMem};
 
-/// Launches a kernel of `$file` with the listed local variables as arguments, in order.
-/// Arguments must be locals (they are borrowed until the launch) whose Rust types match the
-/// kernel's C parameter types exactly (u64 for pointers, u32, i32, f32, WMatArg). Must be used
-/// inside an `unsafe` block carrying a `// SAFETY:` comment.
+/// Launches a kernel of `$file` with the listed places (locals, or fields of locals: never
+/// temporaries, whose addresses would dangle) as arguments, in order. They are borrowed until
+/// the launch, and their Rust types must match the kernel's C parameter types exactly (u64 for
+/// pointers, u32, i32, f32, WMatArg). Must be used inside an
+/// `unsafe` block carrying a `// SAFETY:` comment.
 macro_rules! launch {
-    ($enc:expr, $file:expr, $name:expr, $cfg:expr, [$($arg:ident),* $(,)?]) => {{
+    ($enc:expr, $file:expr, $name:expr, $cfg:expr, [$($arg:ident $(. $field:ident)?),* $(,)?]) => {{
         let (file, name): (&'static str, &'static str) = ($file, $name);
         let f = $enc.kernels.get(file, name)?;
         let cfg: cudarc::driver::LaunchConfig = $cfg;
         if cfg.shared_mem_bytes as usize > 48 * 1024 {
             $enc.kernels.allow_smem(name, &f, cfg.shared_mem_bytes as usize)?;
         }
-        let mut params = [$( (&$arg) as *const _ as *mut std::ffi::c_void ),*];
+        let mut params = [$( (&$arg $(. $field)?) as *const _ as *mut std::ffi::c_void ),*];
         let pdl = $enc.pdl.applies(&cfg);
         let r = crate::ops::launch_raw(&f, cfg, $enc.stream, pdl, &mut params);
         $enc.recent.push(name);
