@@ -30,7 +30,8 @@
 // same tile serves the dense GEMM and the expert-grouped pairs of the MoE.
 //
 // Kernels (F in q4, q8, bf16):
-//   tc_split_f16(const float* x, u32 rows, u32 cols, float* dst): grid (rows); the split x that
+//   tc_split_f16(const float* x, const u32* live, u32 ne, u32 rows, u32 cols, float* dst): grid
+//     (rows); the split x that
 //     the q4 and q8 kernels below take in place of x (their x_width / cols name the f32 row).
 //   gemm_tc_F(WMat w, const float* x, float* out, u32 n): grid (ceil(rows / 64), ceil(n / 64)).
 //   moe_tc_gate_up_F / moe_tc_down_F: as moe_gemm_* in moe.cu (tiles of up to TM pairs of one
@@ -99,10 +100,13 @@ __device__ __forceinline__ u32 codes_f16x2(u32 lo, u32 hi) {
 }
 
 // x [rows, cols] f32 -> split rows (layout above). Grid (rows), block 256; cols % 32 == 0,
-// rows of x 16-byte aligned.
-extern "C" __global__ void __launch_bounds__(256) tc_split_f16(const float* x, u32 rows, u32 cols, float* dst) { pdl_prologue();
+// rows of x 16-byte aligned. With `live` (non-null), row r is an expert pair and is skipped
+// when live[r] >= ne, as the expert kernels skip it (another wave's pair).
+extern "C" __global__ void __launch_bounds__(256) tc_split_f16(const float* x, const u32* live, u32 ne, u32 rows, u32 cols,
+                                                               float* dst) { pdl_prologue();
     __shared__ float red[32];
     const u32 r = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    if (live != 0 && live[r] >= ne) return;  // uniform across the block
     const float4* xr = (const float4*)(x + (u64)r * cols);
     float* d = dst + (u64)r * tc_split_stride(cols);
     const u32 n4 = cols / 4;

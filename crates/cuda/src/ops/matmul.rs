@@ -70,10 +70,13 @@ pub(crate) fn tc_split_bytes(rows: usize, cols: usize) -> usize {
 }
 
 /// Splits `rows` rows of `cols` f32 at `x` into f16 parts at `dst` (tc_split_bytes of
-/// scratch), the x operand of the affine tensor-core kernels.
+/// scratch), the x operand of the affine tensor-core kernels. With `live` = (device `[rows]`
+/// expert indices, experts), rows whose index is out of range are skipped (another wave's
+/// expert pairs, which the expert kernels skip too).
 pub(crate) fn tc_split(
     enc: &mut Enc<'_>,
     x: u64,
+    live: Option<(u64, u32)>,
     rows: usize,
     cols: usize,
     dst: u64,
@@ -88,10 +91,20 @@ pub(crate) fn tc_split(
         shared_mem_bytes: 0,
     };
     let (r, c) = (u32_of(rows, "rows", op)?, u32_of(cols, "cols", op)?);
-    // SAFETY: tc_split_f16(const float*, u32, u32, float*); x holds rows * cols floats with
-    // 16-byte aligned rows and cols % 32 == 0 (tc_ok: pool and scratch buffers are 256-byte
-    // aligned, rows are cols * 4 bytes); dst holds tc_split_bytes(rows, cols).
-    unsafe { launch!(enc, "gemm_tc.cu", "tc_split_f16", cfg, [x, r, c, dst]) }
+    let (idx, ne) = live.unwrap_or((0, 0));
+    // SAFETY: tc_split_f16(const float*, const u32*, u32, u32, u32, float*); x holds rows * cols
+    // floats with 16-byte aligned rows and cols % 32 == 0 (tc_ok: pool and scratch buffers are
+    // 256-byte aligned, rows are cols * 4 bytes); idx is null or holds rows entries; dst holds
+    // tc_split_bytes(rows, cols).
+    unsafe {
+        launch!(
+            enc,
+            "gemm_tc.cu",
+            "tc_split_f16",
+            cfg,
+            [x, idx, ne, r, c, dst]
+        )
+    }
 }
 
 /// Rows per block of the expert matrix-vector kernels (8 warps x `MV_R` = 2 in gemv.cuh), the
@@ -172,7 +185,7 @@ pub(crate) fn matmul(
     // The affine tensor-core kernels take x split once into f16 parts (gemm_tc.cu).
     let xp = if tc && fmt.affine() {
         let dst = enc.scratch.get(enc.stream, tc_split_bytes(n, w.cols))?;
-        tc_split(enc, xp, n, w.cols, dst, OP)?;
+        tc_split(enc, xp, None, n, w.cols, dst, OP)?;
         dst
     } else {
         xp

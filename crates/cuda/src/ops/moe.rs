@@ -458,6 +458,7 @@ pub(crate) fn table_op(
         &sc,
         base,
         xp,
+        &mut XSplit::default(),
         s,
         op,
         fused.map(|f| (f, wp, outp)),
@@ -467,6 +468,11 @@ pub(crate) fn table_op(
     }
     Ok(())
 }
+
+/// Whether the op's x has been split (`ScratchLayout::x_split`) by an earlier pass: one per op,
+/// shared by its passes (the waves of a streamed op all read the same x).
+#[derive(Default)]
+pub(crate) struct XSplit(pub(crate) bool);
 
 /// One pass of the routed experts over the pairs whose (possibly remapped) index is below
 /// `num_experts`: h and y rows of those pairs are written, the others are left alone.
@@ -481,11 +487,12 @@ pub(crate) struct Pass {
 
 /// Byte offsets in the scratch block: h [pairs, inter] | y [pairs, hidden] | sorted [pairs] |
 /// tiles [max_tiles * 3] | ntiles | tiles_b [min(experts, pairs) * 3] | ntiles_b | (streamed)
-/// idx [pairs] | table [wave * 9 u64] | split x
-/// of the affine tensor-core GEMMs (x, then h: the larger of the two).
+/// idx [pairs] | table [wave * 9 u64] | the f16 splits of x [n rows] and of h [pairs rows] for
+/// the affine tensor-core GEMMs.
 pub(crate) struct ScratchLayout {
     pub(crate) h: usize,
-    pub(crate) split: usize,
+    pub(crate) x_split: usize,
+    pub(crate) h_split: usize,
     pub(crate) y: usize,
     pub(crate) sorted: usize,
     pub(crate) tiles: usize,
@@ -517,12 +524,13 @@ impl ScratchLayout {
         let ntiles_b = tiles_b + align256(num_experts.min(pairs) * 12);
         let wave_idx = ntiles_b + 256;
         let wave_table = wave_idx + align256(wave_idx_pairs * 4);
-        let split = wave_table + align256(wave_experts * 9 * 8);
-        let total =
-            split + align256(tc_split_bytes(s.n, s.hidden).max(tc_split_bytes(pairs, s.inter)));
+        let x_split = wave_table + align256(wave_experts * 9 * 8);
+        let h_split = x_split + align256(tc_split_bytes(s.n, s.hidden));
+        let total = h_split + align256(tc_split_bytes(pairs, s.inter));
         ScratchLayout {
             h,
-            split,
+            x_split,
+            h_split,
             y,
             sorted,
             tiles,
@@ -567,6 +575,7 @@ pub(crate) fn expert_pass(
     sc: &ScratchLayout,
     base: u64,
     xp: u64,
+    x_split: &mut XSplit,
     s: &MoeShape,
     OP: &'static str,
     down_combine: Option<(MvPlan, u64, u64)>,
@@ -744,10 +753,14 @@ pub(crate) fn expert_pass(
                 ty_b,
             ));
         }
-        // The affine tensor-core kernels take their x split into f16 parts (gemm_tc.cu).
-        let split = base + sc.split as u64;
+        // The affine tensor-core kernels take their x split into f16 parts (gemm_tc.cu): made
+        // by the first pass of the op that needs it, reused by its later waves.
         let gu_x = if tc && gu.fmt.affine() {
-            tc_split(enc, xp, s.n, s.hidden, split, OP)?;
+            let split = base + sc.x_split as u64;
+            if !x_split.0 {
+                tc_split(enc, xp, None, s.n, s.hidden, split, OP)?;
+                x_split.0 = true;
+            }
             split
         } else {
             xp
@@ -777,8 +790,9 @@ pub(crate) fn expert_pass(
             }?;
         }
         let dn_x = if tc && dn.fmt.affine() {
-            // After gate/up in stream order, so the split of x is no longer read.
-            tc_split(enc, h, pairs, s.inter, split, OP)?;
+            // Only this pass's pairs: h rows of other waves' pairs are not computed here.
+            let split = base + sc.h_split as u64;
+            tc_split(enc, h, Some((ip, ne)), pairs, s.inter, split, OP)?;
             split
         } else {
             h

@@ -30,7 +30,8 @@ use moeflux_core::{Act, BufId, ExpertProvider, ExpertWeights, Idx, SharedBytes};
 use rayon::prelude::*;
 
 use super::moe::{
-    MoeShape, Pass, RoleFmt, ScratchLayout, align256, combine, expert_pass, table_op, zero_y,
+    MoeShape, Pass, RoleFmt, ScratchLayout, XSplit, align256, combine, expert_pass, table_op,
+    zero_y,
 };
 use super::{Enc, Fmt, format_of, u32_of, vec_ok};
 use crate::error::CudaError;
@@ -568,6 +569,7 @@ unsafe fn local_pass(
     sc: &ScratchLayout,
     base: u64,
     xp: u64,
+    x_split: &mut XSplit,
     s: &MoeShape,
     local: &[u32],
     ptrs: &[u64],
@@ -583,7 +585,7 @@ unsafe fn local_pass(
             .map_err(CudaError::driver("moe streamed: expert table"))?;
     }
     let pass = pass_of(f, table, ptrs.len() / 9, idx, vec, OP)?;
-    expert_pass(enc, &pass, sc, base, xp, s, OP, None).map(|_| ())
+    expert_pass(enc, &pass, sc, base, xp, x_split, s, OP, None).map(|_| ())
 }
 
 /// [`Op::MoeExpertsStreamed`](moeflux_core::Op::MoeExpertsStreamed): reads the routing back
@@ -766,6 +768,7 @@ fn cached(
     let sc = ScratchLayout::new(s, chunk_max, pairs, chunk_max);
     let base = enc.scratch.get(enc.stream, sc.total)?;
     let xp = enc.buf(x.raw())?;
+    let mut x_split = XSplit::default();
     let (wp, op) = (enc.buf(weights.raw())?, enc.buf(out.raw())?);
     zero_y(enc, &sc, base, s)?;
     let y = base + sc.y as u64;
@@ -863,7 +866,7 @@ fn cached(
         if !entries.is_empty() {
             // SAFETY: wave_idx holds `pairs` u32 and wave_table chunk_max * 9 u64 of scratch
             // (entries <= chunk); both host vectors are kept until the stream passes the copies.
-            unsafe { local_pass(enc, f, &sc, base, xp, s, &local, &ptrs, vec) }?;
+            unsafe { local_pass(enc, f, &sc, base, xp, &mut x_split, s, &local, &ptrs, vec) }?;
             keep.push(Box::new(local));
             keep.push(Box::new(ptrs));
         }
@@ -1228,6 +1231,7 @@ fn waves(
     }
     let stage = stage.0;
     let xp = enc.buf(x.raw())?;
+    let mut x_split = XSplit::default();
     let (wp, op) = (enc.buf(weights.raw())?, enc.buf(out.raw())?);
     zero_y(enc, &sc, base, s)?;
     let y = base + sc.y as u64;
@@ -1273,7 +1277,7 @@ fn waves(
             .collect();
         // SAFETY: wave_idx holds `pairs` u32 and wave_table wave_n * 9 u64 of scratch; both
         // host vectors live until the synchronisation below.
-        unsafe { local_pass(enc, f, &sc, base, xp, s, &local, &ptrs, vec) }?;
+        unsafe { local_pass(enc, f, &sc, base, xp, &mut x_split, s, &local, &ptrs, vec) }?;
         let keep = if wi + 1 == n_waves {
             cpu_pass(enc, tier, r, cpu_set, y, stats)?
         } else {
