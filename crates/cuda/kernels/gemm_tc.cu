@@ -3,9 +3,9 @@
 // their own program so an older GPU loses nothing else.
 //
 // Exactness. The SIMT kernels compute in f32; these must agree with them (and the CPU
-// reference) to ~1e-6, so nothing is rounded to bf16 that the f32 path keeps:
+// reference) to ~1e-6, so nothing is rounded that the f32 path keeps:
 //  * affine weights (q4, q8): W[r, c] = s[r, g] * q[r, c] + b[r, g], and per group slice
-//    sum_c W x = s * sum_c q x + b * sum_c x. The codes q (0..255) are exact in bf16, so the
+//    sum_c W x = s * sum_c q x + b * sum_c x. The codes q (0..255) are exact in f16, so the
 //    tensor cores compute sum q x, and s, b and sum x are applied in f32 per 32-column slice.
 //  * bf16 weights are exact in bf16 as they are.
 //  * bf16 weights: x (f32) is split in the tile into three bf16 parts x = hi + mid + lo (each
@@ -234,8 +234,8 @@ __device__ __forceinline__ void tc_load(TcRaw<FMT, TM>& raw, const float* const*
     }
 }
 
-// Converts a stage into shared memory: x split into its parts with per-token sums, codes
-// into bf16, scales and biases.
+// Converts a stage into shared memory: x parts (copied when split before the call, else split
+// here) with per-token sums, codes into f16, scales and biases.
 template <int FMT, int TM>
 __device__ __forceinline__ void tc_store(TcSmem& sm, const TcRaw<FMT, TM>& raw) {
     typedef TcRaw<FMT, TM> R;
@@ -248,9 +248,9 @@ __device__ __forceinline__ void tc_store(TcSmem& sm, const TcRaw<FMT, TM>& raw) 
             *(uint4*)&sm.xs[j >> 2][tok][(j & 3) * 8] = raw.xp[it];
         }
         if (tid < TM) sm.sx[tid] = raw.sx;
-    }
+    } else {
 #pragma unroll
-    for (int it = 0; it < (TC_PRE(FMT) ? 0 : R::XI); it++) {
+    for (int it = 0; it < R::XI; it++) {
         const u32 i = tid + 128 * it;
         const u32 tok = i >> 3, q = i & 7;
         const float4 v = raw.x[it];
@@ -270,6 +270,7 @@ __device__ __forceinline__ void tc_store(TcSmem& sm, const TcRaw<FMT, TM>& raw) 
         sum += __shfl_xor_sync(0xffffffffu, sum, 4);
         if (q == 0) sm.sx[tok] = sum;
     }
+    }
 #pragma unroll
     for (int it = 0; it < R::WI; it++) {
         const u32 i = tid + 128 * it;
@@ -278,7 +279,7 @@ __device__ __forceinline__ void tc_store(TcSmem& sm, const TcRaw<FMT, TM>& raw) 
         const uint4 v = raw.w[it];
         u32 ws[4] = {v.x, v.y, v.z, v.w};
         if (FMT == FMT_Q4) {
-            // 32 codes -> 32 bf16 (16 words)
+            // 32 codes -> 32 f16 (16 words)
             u32 o[16];
 #pragma unroll
             for (int j = 0; j < 4; j++)
