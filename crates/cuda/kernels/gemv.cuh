@@ -391,3 +391,110 @@ __device__ __forceinline__ void gemm_tile(const WMat& w0, const WMat& w1, const 
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Streamed matrix-vector products (decode, one token)
+//
+// The mv_* kernels above keep a warp's in-flight weights in registers, one step of R rows at a
+// time, so how many bytes are in flight is tied to occupancy and register use. Here weights pass
+// through shared memory instead: cp.async (sm_80+) copies tiles of whole rows (codes, and for
+// affine formats their scales and biases) MS_STAGES - 1 tiles ahead of the tile being computed,
+// so each block keeps tens of KB in flight whatever its registers. A tile is TR = MS_R * (256 /
+// L) rows: each L-lane row group of the block takes MS_R consecutive rows and walks them in
+// steps of L * E elements with x staged (permuted, as above) in shared memory and read once per
+// step for its MS_R rows. For affine formats the per-lane sums of x per step are computed once
+// per block (`sxs`).
+#define MS_STAGES 4
+
+// 16 bytes global -> shared, asynchronously where the arch has cp.async.
+__device__ __forceinline__ void cp16(void* dst, const void* src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const u32 s = (u32)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(src) : "memory");
+#else
+    *(uint4*)dst = *(const uint4*)src;
+#endif
+}
+
+__device__ __forceinline__ void cp_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+
+// 4 bytes global -> shared, asynchronously where the arch has cp.async.
+__device__ __forceinline__ void cp4(void* dst, const void* src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const u32 s = (u32)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(s), "l"(src) : "memory");
+#else
+    *(u32*)dst = *(const u32*)src;
+#endif
+}
+
+// `bytes` from src to dst, spread over the block: 16-byte copies when both addresses and the
+// size are multiples of 16, else 4-byte ones (the caller guarantees multiples of 4).
+__device__ __forceinline__ void cp_block(u8* dst, const u8* src, u32 bytes) {
+    if ((((u64)src | (u64)dst | bytes) & 15) == 0) {
+        for (u32 o = threadIdx.x * 16; o < bytes; o += blockDim.x * 16) cp16(dst + o, src + o);
+    } else {
+        for (u32 o = threadIdx.x * 4; o < bytes; o += blockDim.x * 4) cp4(dst + o, src + o);
+    }
+}
+
+// Sums of x per 16-byte weight chunk (E elements), sxs[c] for chunk c < padded / E, from the
+// permuted staged x (see stage_rows). Affine formats use them to recover sum(q x).
+template <int E, int L>
+__device__ __forceinline__ void chunk_sums(float* sxs, const float* xs, u32 padded) {
+    constexpr int F = E / 4;
+    for (u32 c = threadIdx.x; c < padded / E; c += blockDim.x) {
+        const u32 base = c / L * (L * E), lane = c % L;
+        float s = 0.f;
+#pragma unroll
+        for (int f = 0; f < F; f++) {
+            const float4 v = *(const float4*)(xs + base + f * (4 * L) + lane * 4);
+            s += (v.x + v.y) + (v.z + v.w);
+        }
+        sxs[c] = s;
+    }
+}
+
+// Per-lane partial dots of R consecutive rows of a tile in shared memory (`codes`: row j at
+// codes + j * rb; `sc` / `bi`: row j's scales / biases at + j * sb, affine only) with the staged
+// x, for this thread's lane of an L-lane row group.
+template <int FMT, int R, int L>
+__device__ __forceinline__ void ms_rows(const u8* codes, const u8* sc, const u8* bi, u32 rb, u32 sb, int sdt, u32 cols,
+                                        u32 group, const float* xs, const float* sxs, float* acc) {
+    constexpr int E = elems16<FMT>();
+    constexpr int F = E / 4;
+    constexpr bool AFF = FMT == FMT_Q4 || FMT == FMT_Q8;
+    constexpr float QS = FMT == FMT_Q4 ? 16.f : 256.f;
+    const u32 sl = threadIdx.x & (L - 1);
+    for (u32 base = 0; base < cols; base += L * E) {
+        const u32 e0 = base + sl * E;
+        if (e0 >= cols) break;
+        float4 xv[F];
+#pragma unroll
+        for (int f = 0; f < F; f++) xv[f] = *(const float4*)(xs + base + sl * 4 + f * (4 * L));
+        const float sx = AFF ? sxs[e0 / E] : 0.f;
+        const u32 gi = AFF ? e0 / group : 0;
+#pragma unroll
+        for (int j = 0; j < R; j++) {
+            const uint4 wv = *(const uint4*)(codes + j * rb + elem_byte<FMT>(e0));
+            const float d = dot16<FMT>(wv, xv);
+            if (AFF) {
+                acc[j] += load_float(sc + j * sb, sdt, gi) * (QS * (d - sx)) + load_float(bi + j * sb, sdt, gi) * sx;
+            } else {
+                acc[j] += d;
+            }
+        }
+    }
+}

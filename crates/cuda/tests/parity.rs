@@ -659,6 +659,36 @@ fn matmul_same_input_runs() {
     }
 }
 
+/// Decode matvecs large enough that every block of the streamed kernel (sm_80+: weights
+/// copied through shared memory in a ring of stages) goes round its ring several times, for
+/// each row-group width (rows of >= 512, 256-511 and < 256 bytes), ragged row counts, rows
+/// that end inside a step, and scales copied 16 or 4 bytes at a time.
+#[test]
+fn matmul_streamed() {
+    let q4 = WFmt::Q(4, 64, DType::BF16);
+    for (f, rows, cols) in [
+        (q4, 34_001, 2048),
+        (q4, 9_000, 768),
+        (q4, 270_007, 256),
+        (WFmt::Q(8, 32, DType::F32), 3_000, 4096),
+        (WFmt::BF16, 5_003, 1000),
+        (WFmt::F32, 4_000, 516),
+    ] {
+        check(
+            &format!("matmul {f:?} {rows}x{cols} n 1"),
+            310,
+            2e-5,
+            &|s| {
+                let w = matrix(s, f, rows, cols, 0);
+                let x = s.rand(cols, 1.0);
+                let x = s.input(&x, "x");
+                let out = s.output(rows, "out");
+                s.op(Op::Matmul { x, w, out, n: 1 });
+            },
+        );
+    }
+}
+
 #[test]
 fn matmul_odd_shapes() {
     // Tiny and ragged shapes: fewer columns than one warp step, rows not a multiple of 4.
