@@ -403,7 +403,8 @@ __device__ __forceinline__ void gemm_tile(const WMat& w0, const WMat& w1, const 
 // L) rows: each L-lane row group of the block takes MS_R consecutive rows and walks them in
 // steps of L * E elements with x staged (permuted, as above) in shared memory and read once per
 // step for its MS_R rows. For affine formats the per-lane sums of x per step are computed once
-// per block (`sxs`).
+// per block (`sxs`). The ring has S stages (MS_STAGES for the dense matvec, whose tiles are
+// the largest).
 #define MS_STAGES 4
 
 // 16 bytes global -> shared, asynchronously where the arch has cp.async.
@@ -440,13 +441,17 @@ __device__ __forceinline__ void cp4(void* dst, const void* src) {
 #endif
 }
 
-// `bytes` from src to dst, spread over the block: 16-byte copies when both addresses and the
-// size are multiples of 16, else 4-byte ones (the caller guarantees multiples of 4).
+// `bytes` from src to dst, spread over the block: 16-byte asynchronous copies when both
+// addresses and the size are multiples of 16, 4-byte ones when they are multiples of 4, and
+// plain byte copies otherwise (scales of checkpoints that pack tensors off their alignment).
 __device__ __forceinline__ void cp_block(u8* dst, const u8* src, u32 bytes) {
-    if ((((u64)src | (u64)dst | bytes) & 15) == 0) {
+    const u64 a = (u64)src | (u64)dst | bytes;
+    if ((a & 15) == 0) {
         for (u32 o = threadIdx.x * 16; o < bytes; o += blockDim.x * 16) cp16(dst + o, src + o);
-    } else {
+    } else if ((a & 3) == 0) {
         for (u32 o = threadIdx.x * 4; o < bytes; o += blockDim.x * 4) cp4(dst + o, src + o);
+    } else {
+        for (u32 o = threadIdx.x; o < bytes; o += blockDim.x) dst[o] = src[o];
     }
 }
 

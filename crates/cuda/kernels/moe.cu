@@ -368,6 +368,190 @@ __device__ __forceinline__ void moe_gemm_body(const u64* table, const u32* sorte
     gemm_tile<FMT, NMAT, MOE_TM>(w0, w1, xr, orow, blockIdx.x * GT_N, sm);
 }
 
+// ----------------------------------------------------------------------------- streamed decode
+// One token (pairs = k slots of token 0), weights copied through shared memory in a ring of S
+// stages (see gemv.cuh's streamed matvec). Dynamic shared memory: staged inputs and their chunk
+// sums (x: one row; h: k rows), the slots' expert indices (and weights) rounded up to 16 bytes,
+// then S tiles.
+#define GU_STAGES 4  // gate/up tiles hold TR rows of both matrices
+#define DC_STAGES 8  // down tiles are short rows: more of them in flight
+
+// moe_gate_up_stream_F_lL_rR: tile t = (pair t / tpp, rows (t % tpp) * TR ..) of gate and of up,
+//   tpp = ceil(inter / TR); h[p] = silu(G x) * (U x). Pairs with an index >= ne are skipped.
+template <int FMT, int L, int R>
+__device__ __forceinline__ void gate_up_stream_body(const u64* table, u32 ne, const float* x, const u32* idx, u32 pairs,
+                                                    u32 hidden, u32 inter, u32 group, int sdt, float* h) {
+    constexpr int E = elems16<FMT>();
+    constexpr bool AFF = FMT == FMT_Q4 || FMT == FMT_Q8;
+    constexpr u32 TR = R * (256 / L), S = GU_STAGES;
+    const u32 rb = (u32)row_bytes<FMT>(hidden);
+    const u32 sb = AFF ? hidden / group * (sdt == DT_F32 ? 4u : 2u) : 0u;
+    const u32 padded = mv_padded<E, L>(hidden);
+    float* xs = (float*)smem4;
+    float* sxs = xs + padded;
+    u32* ids = (u32*)(sxs + padded / E);
+    u8* st = (u8*)(ids + (pairs + 3) / 4 * 4);
+    const u32 cb = TR * rb, half = cb + 2 * TR * sb, stride = 2 * half;
+    const u32 tpp = (inter + TR - 1) / TR, ntiles = pairs * tpp;
+    for (u32 p = threadIdx.x; p < pairs; p += blockDim.x) ids[p] = idx[p];
+    __syncthreads();
+    auto issue = [&](u32 i) {
+        const u32 t = blockIdx.x + i * gridDim.x;
+        if (t < ntiles) {
+            const u32 e = ids[t / tpp];
+            if (e < ne) {
+                const u32 r0 = t % tpp * TR, nr = min(TR, inter - r0);
+#pragma unroll
+                for (int m = 0; m < 2; m++) {
+                    const WMat w = expert_mat(table, e, m, inter, hidden, group, sdt);
+                    u8* dst = st + (i % S) * stride + m * half;
+                    cp_block(dst, w.data + (u64)r0 * rb, nr * rb);
+                    if (AFF) {
+                        cp_block(dst + cb, w.scales + (u64)r0 * sb, nr * sb);
+                        cp_block(dst + cb + TR * sb, w.biases + (u64)r0 * sb, nr * sb);
+                    }
+                }
+            }
+        }
+        cp_commit();
+    };
+#pragma unroll
+    for (u32 i = 0; i < S - 1; i++) issue(i);
+    stage_x<E, L>(xs, x, hidden, padded);
+    if (AFF) {
+        __syncthreads();
+        chunk_sums<E, L>(sxs, xs, padded);
+    }
+    const u32 mine = blockIdx.x < ntiles ? (ntiles - 1 - blockIdx.x) / gridDim.x + 1 : 0;
+    const u32 rr = threadIdx.x / L * R, sl = threadIdx.x & (L - 1);
+    for (u32 i = 0; i < mine; i++) {
+        cp_wait<S - 2>();
+        __syncthreads();
+        issue(i + S - 1);
+        const u32 t = blockIdx.x + i * gridDim.x, p = t / tpp;
+        if (ids[p] >= ne) continue;  // uniform across the block
+        const u32 r0 = t % tpp * TR, nr = min(TR, inter - r0);
+        const u8* g = st + (i % S) * stride;
+        const u8* u = g + half;
+        float ag[R], au[R];
+#pragma unroll
+        for (int j = 0; j < R; j++) ag[j] = au[j] = 0.f;
+        ms_rows<FMT, R, L>(g + rr * rb, g + cb + rr * sb, g + cb + TR * sb + rr * sb, rb, sb, sdt, hidden, group, xs, sxs, ag);
+        ms_rows<FMT, R, L>(u + rr * rb, u + cb + rr * sb, u + cb + TR * sb + rr * sb, rb, sb, sdt, hidden, group, xs, sxs, au);
+#pragma unroll
+        for (int j = 0; j < R; j++) {
+            ag[j] = group_sum<L>(ag[j]);
+            au[j] = group_sum<L>(au[j]);
+        }
+        if (sl == 0) {
+#pragma unroll
+            for (int j = 0; j < R; j++)
+                if (rr + j < nr) h[(u64)p * inter + r0 + rr + j] = silu_f(ag[j]) * au[j];
+        }
+    }
+}
+
+// moe_down_combine_stream_F_lL_rR: out[r] = sum_slot weights[slot] * (D_e h[slot])[r]. Block b
+//   takes row blocks (TR rows of the output) b, b + grid, ... and, per row block, the tile of
+//   every slot's down matrix in slot order (the order of moe_combine_f32 and the CPU), summing
+//   in registers. Slots with an index >= ne count as zero.
+template <int FMT, int L, int R>
+__device__ __forceinline__ void down_combine_stream_body(const u64* table, u32 ne, const float* h, const u32* idx,
+                                                         const float* weights, u32 k, u32 hidden, u32 inter, u32 group,
+                                                         int sdt, float* out) {
+    constexpr int E = elems16<FMT>();
+    constexpr bool AFF = FMT == FMT_Q4 || FMT == FMT_Q8;
+    constexpr u32 TR = R * (256 / L), S = DC_STAGES;
+    const u32 rb = (u32)row_bytes<FMT>(inter);
+    const u32 sb = AFF ? inter / group * (sdt == DT_F32 ? 4u : 2u) : 0u;
+    const u32 padded = mv_padded<E, L>(inter), nc = padded / E;
+    float* xs = (float*)smem4;
+    float* sxs = xs + k * padded;
+    u32* ids = (u32*)(sxs + k * nc);
+    float* ws = (float*)(ids + (k + 3) / 4 * 4);
+    u8* st = (u8*)(ws + (k + 3) / 4 * 4);
+    const u32 cb = TR * rb, stride = cb + 2 * TR * sb;
+    const u32 nrb = (hidden + TR - 1) / TR;
+    for (u32 j = threadIdx.x; j < k; j += blockDim.x) {
+        ids[j] = idx[j];
+        ws[j] = weights[j];
+    }
+    __syncthreads();
+    const u32 blocks_mine = blockIdx.x < nrb ? (nrb - 1 - blockIdx.x) / gridDim.x + 1 : 0;
+    const u32 mine = blocks_mine * k;
+    auto issue = [&](u32 i) {
+        if (i < mine) {
+            const u32 r0 = (blockIdx.x + i / k * gridDim.x) * TR, j = i % k, e = ids[j];
+            if (e < ne) {
+                const u32 nr = min(TR, hidden - r0);
+                const WMat w = expert_mat(table, e, 2, hidden, inter, group, sdt);
+                u8* dst = st + (i % S) * stride;
+                cp_block(dst, w.data + (u64)r0 * rb, nr * rb);
+                if (AFF) {
+                    cp_block(dst + cb, w.scales + (u64)r0 * sb, nr * sb);
+                    cp_block(dst + cb + TR * sb, w.biases + (u64)r0 * sb, nr * sb);
+                }
+            }
+        }
+        cp_commit();
+    };
+#pragma unroll
+    for (u32 i = 0; i < S - 1; i++) issue(i);
+    stage_rows<E, L>(xs, h, k, inter, padded);
+    if (AFF) {
+        __syncthreads();
+        chunk_sums<E, L>(sxs, xs, k * padded);
+    }
+    const u32 rr = threadIdx.x / L * R, sl = threadIdx.x & (L - 1);
+    float acc[R];
+#pragma unroll
+    for (int j = 0; j < R; j++) acc[j] = 0.f;
+    for (u32 i = 0; i < mine; i++) {
+        cp_wait<S - 2>();
+        __syncthreads();
+        issue(i + S - 1);
+        const u32 j = i % k;
+        if (ids[j] < ne) {  // uniform across the block
+            const u8* buf = st + (i % S) * stride;
+            float d[R];
+#pragma unroll
+            for (int q = 0; q < R; q++) d[q] = 0.f;
+            ms_rows<FMT, R, L>(buf + rr * rb, buf + cb + rr * sb, buf + cb + TR * sb + rr * sb, rb, sb, sdt, inter, group,
+                               xs + j * padded, sxs + j * nc, d);
+#pragma unroll
+            for (int q = 0; q < R; q++) acc[q] += ws[j] * group_sum<L>(d[q]);
+        }
+        if (j == k - 1) {
+            const u32 r0 = (blockIdx.x + i / k * gridDim.x) * TR, nr = min(TR, hidden - r0);
+            if (sl == 0) {
+#pragma unroll
+                for (int q = 0; q < R; q++)
+                    if (rr + q < nr) out[r0 + rr + q] = acc[q];
+            }
+#pragma unroll
+            for (int q = 0; q < R; q++) acc[q] = 0.f;
+        }
+    }
+}
+
+#define MOE_STREAM_KERNEL(NAME, FMT, L, R)                                                                              \
+    extern "C" __global__ void __launch_bounds__(256) moe_gate_up_stream_##NAME##_l##L##_r##R(const u64* table, u32 ne, \
+        const float* x, const u32* idx, u32 pairs, u32 hidden, u32 inter, u32 group, int sdt, float* h) { pdl_prologue(); \
+        gate_up_stream_body<FMT, L, R>(table, ne, x, idx, pairs, hidden, inter, group, sdt, h);                          \
+    }                                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(256) moe_down_combine_stream_##NAME##_l##L##_r##R(const u64* table,    \
+        u32 ne, const float* h, const u32* idx, const float* weights, u32 k, u32 hidden, u32 inter, u32 group, int sdt,  \
+        float* out) { pdl_prologue();                                                                                   \
+        down_combine_stream_body<FMT, L, R>(table, ne, h, idx, weights, k, hidden, inter, group, sdt, out);              \
+    }
+#define MOE_STREAM_KERNELS(NAME, FMT)                                                                                   \
+    MOE_STREAM_KERNEL(NAME, FMT, 32, 1)                                                                                 \
+    MOE_STREAM_KERNEL(NAME, FMT, 32, 2)                                                                                 \
+    MOE_STREAM_KERNEL(NAME, FMT, 16, 1)                                                                                 \
+    MOE_STREAM_KERNEL(NAME, FMT, 16, 2)                                                                                 \
+    MOE_STREAM_KERNEL(NAME, FMT, 8, 1)                                                                                  \
+    MOE_STREAM_KERNEL(NAME, FMT, 8, 2)
+
 #define MOE_VEC_KERNELS(NAME, FMT, L)                                                                                   \
     extern "C" __global__ void __launch_bounds__(256) moe_gate_up_vec_##NAME##_l##L(const u64* table, u32 ne, const float* x, \
         const u32* idx, u32 k, u32 hidden, u32 inter, u32 group, int sdt, float* h) { pdl_prologue();                                    \
@@ -409,6 +593,12 @@ MOE_KERNELS(f16, FMT_F16)
 MOE_KERNELS(bf16, FMT_BF16)
 MOE_KERNELS(q4, FMT_Q4)
 MOE_KERNELS(q8, FMT_Q8)
+
+MOE_STREAM_KERNELS(f32, FMT_F32)
+MOE_STREAM_KERNELS(f16, FMT_F16)
+MOE_STREAM_KERNELS(bf16, FMT_BF16)
+MOE_STREAM_KERNELS(q4, FMT_Q4)
+MOE_STREAM_KERNELS(q8, FMT_Q8)
 
 extern "C" __global__ void moe_combine_f32(const float* y, const float* weights, float* out, u32 n, u32 k, u32 hidden) { pdl_prologue();
     const u64 total = (u64)n * hidden;

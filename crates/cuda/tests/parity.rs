@@ -1296,6 +1296,34 @@ fn moe_experts_decode_widths() {
     }
 }
 
+/// One token through experts large enough that the blocks of the streamed decode kernels
+/// (sm_80+) go round their rings of copy stages: gate/up over 2048+ tiles, down + combine over
+/// more slots than its ring has stages, an inter that is not a multiple of the tile, and
+/// scales stored as f32 (4-byte copies) and bf16.
+#[test]
+fn moe_experts_streamed_decode() {
+    for (ci, (fmt, hidden, inter, k)) in [
+        (WFmt::Q(4, 64, DType::BF16), 1024, 4096, 10),
+        (WFmt::Q(8, 32, DType::F32), 512, 3008, 9),
+        (WFmt::BF16, 256, 2056, 12),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        check(
+            &format!("moe_experts streamed {fmt:?} {hidden}/{inter} k {k}"),
+            490 + ci as u64,
+            2e-5,
+            &|s| {
+                let e = k + 2;
+                let experts = gen_experts(s, e, hidden, inter, fmt, fmt, 0);
+                let ids: Vec<u32> = (0..k as u32).map(|j| (j * 5 + 1) % e as u32).collect();
+                moe_op(s, experts, &ids, (1, k, hidden, inter));
+            },
+        );
+    }
+}
+
 /// Expert records held in memory, served like a tiered store (budget = max_in_flight).
 #[derive(Debug)]
 struct TestStore {

@@ -7,7 +7,10 @@
 use cudarc::driver::LaunchConfig;
 use moeflux_core::{Act, BufId, Matrix};
 
-use super::{Enc, Fmt, WMatArg, grid_y, launch, u32_of, vec_ok};
+use super::{
+    Enc, Fmt, StreamGeom, StreamNames, WMatArg, grid_y, launch, stream_cfg, stream_enabled,
+    stream_names, u32_of, vec_ok,
+};
 use crate::error::CudaError;
 
 pub(crate) const MATVEC_MAX_N: usize = 2;
@@ -322,93 +325,14 @@ pub(crate) fn matvec_multi(
     Ok(true)
 }
 
-/// Stages of the streamed matvec's copy pipeline (MS_STAGES in gemv.cuh).
+/// Stages of the streamed matvec's copy ring (MS_STAGES in gemv.cuh).
 const MS_STAGES: usize = 4;
 
-/// `matvec_stream_<fmt>_l<L>_r<R>` (matmul.cu), for L = 32, 16, 8 and R = 1, 2.
-fn stream_name(fmt: Fmt, lanes: usize, r: usize) -> &'static str {
-    const NAMES: [[&str; 6]; 5] = [
-        [
-            "matvec_stream_f32_l32_r1",
-            "matvec_stream_f32_l32_r2",
-            "matvec_stream_f32_l16_r1",
-            "matvec_stream_f32_l16_r2",
-            "matvec_stream_f32_l8_r1",
-            "matvec_stream_f32_l8_r2",
-        ],
-        [
-            "matvec_stream_f16_l32_r1",
-            "matvec_stream_f16_l32_r2",
-            "matvec_stream_f16_l16_r1",
-            "matvec_stream_f16_l16_r2",
-            "matvec_stream_f16_l8_r1",
-            "matvec_stream_f16_l8_r2",
-        ],
-        [
-            "matvec_stream_bf16_l32_r1",
-            "matvec_stream_bf16_l32_r2",
-            "matvec_stream_bf16_l16_r1",
-            "matvec_stream_bf16_l16_r2",
-            "matvec_stream_bf16_l8_r1",
-            "matvec_stream_bf16_l8_r2",
-        ],
-        [
-            "matvec_stream_q4_l32_r1",
-            "matvec_stream_q4_l32_r2",
-            "matvec_stream_q4_l16_r1",
-            "matvec_stream_q4_l16_r2",
-            "matvec_stream_q4_l8_r1",
-            "matvec_stream_q4_l8_r2",
-        ],
-        [
-            "matvec_stream_q8_l32_r1",
-            "matvec_stream_q8_l32_r2",
-            "matvec_stream_q8_l16_r1",
-            "matvec_stream_q8_l16_r2",
-            "matvec_stream_q8_l8_r1",
-            "matvec_stream_q8_l8_r2",
-        ],
-    ];
-    let li = match lanes {
-        32 => 0,
-        16 => 1,
-        _ => 2,
-    };
-    NAMES[fmt as usize][2 * li + usize::from(r == 2)]
-}
+const MATVEC_STREAM: StreamNames = stream_names!("matvec_stream");
 
-/// The lanes per row group of the streamed kernels for rows of `rb` bytes: a whole warp for
-/// rows of 512 bytes or more (one 16-byte chunk per lane per step), fewer for shorter rows.
-pub(crate) fn stream_lanes(rb: usize) -> usize {
-    if rb >= 512 {
-        32
-    } else if rb >= 256 {
-        16
-    } else {
-        8
-    }
-}
-
-/// Whether the streamed decode kernels may run (`MOEFLUX_CUDA_STREAM=0` turns them off for
-/// A/B runs; they need cp.async, sm_80+).
-pub(crate) fn stream_enabled(enc: &Enc<'_>) -> bool {
-    enc.kernels.tensor_cores() && std::env::var("MOEFLUX_CUDA_STREAM").as_deref() != Ok("0")
-}
-
-/// Scale bytes per row of an affine matrix (0 for dense), when the streamed kernels can copy
-/// them (4-byte aligned arrays and rows): `None` when they cannot.
-pub(crate) fn stream_scale_bytes(fmt: Fmt, w: &WMatArg) -> Option<usize> {
-    if !fmt.affine() {
-        return Some(0);
-    }
-    let size = if w.sdt == 0 { 4 } else { 2 };
-    let sb = (w.cols / w.group) as usize * size;
-    (sb.is_multiple_of(4) && w.scales.is_multiple_of(4) && w.biases.is_multiple_of(4)).then_some(sb)
-}
-
-/// One token through up to [`MV_PARTS`] matrices of one input (same format, columns and group)
-/// with the streamed kernel. `Ok(false)`: not eligible (arch, alignment, shared memory),
-/// nothing launched.
+/// One token through up to [`MV_PARTS`] matrices of one input (same format, columns, group and
+/// scale dtype) with the streamed kernel. `Ok(false)`: not eligible (arch, alignment, shared
+/// memory), nothing launched.
 fn matvec_stream(
     enc: &mut Enc<'_>,
     fmt: Fmt,
@@ -421,27 +345,24 @@ fn matvec_stream(
     }
     let w0 = parts[0].0;
     let cols = w0.cols as usize;
-    let mut sb = 0;
-    for (w, _) in parts {
-        match stream_scale_bytes(fmt, w) {
-            Some(b) if vec_ok(fmt, w.data, cols, w.group) && w.cols == w0.cols => sb = b,
-            _ => return Ok(false),
-        }
+    let same = |w: &WMatArg| w.cols == w0.cols && w.group == w0.group && w.sdt == w0.sdt;
+    if !parts
+        .iter()
+        .all(|(w, _)| same(w) && vec_ok(fmt, w.data, cols, w.group))
+    {
+        return Ok(false);
     }
-    let e = fmt.elems16();
-    let rb = cols / e * 16;
-    let lanes = stream_lanes(rb);
+    let g = StreamGeom::new(fmt, cols, w0.group, w0.sdt);
     let tiles = |r: usize| -> usize {
-        let tr = r * 256 / lanes;
+        let tr = g.tile_rows(r);
         parts
             .iter()
             .map(|(w, _)| (w.rows as usize).div_ceil(tr))
             .sum()
     };
     let r = if tiles(2) >= 2 * enc.sm_count { 2 } else { 1 };
-    let tr = r * 256 / lanes;
-    let padded = cols.div_ceil(lanes * e) * lanes * e;
-    let smem = padded * 4 + padded / e * 4 + MS_STAGES * tr * (rb + 2 * sb);
+    let tr = g.tile_rows(r);
+    let smem = g.x_bytes(1) + MS_STAGES * tr * g.row_bytes();
     if smem > enc.smem_optin {
         return Ok(false);
     }
@@ -455,26 +376,13 @@ fn matvec_stream(
     }
     a.count = parts.len() as u32;
     let ntiles = u32_of(start, "tiles", OP)?;
-    // Blocks per SM that fit in shared memory (at most 4), and no more blocks than tiles.
-    let per_sm = ((enc.smem_optin + 1024) / (smem + 1024)).clamp(1, 4);
-    let blocks = start.min(enc.sm_count * per_sm);
-    let cfg = LaunchConfig {
-        grid_dim: (u32_of(blocks, "blocks", OP)?, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
+    let cfg = stream_cfg(enc, start, smem, OP)?;
     // SAFETY: matvec_stream_*(MvParts, const float*, u32); x holds cols floats and each out
-    // rows floats of its matrix (Graph::validate, n = 1); data, scales and biases are 16-byte
-    // aligned with rows of a multiple of 16 bytes (vec_ok, stream_scale_bytes), so the
-    // kernel's 16-byte copies stay inside each matrix; smem matches the kernel's layout.
-    unsafe {
-        launch!(
-            enc,
-            "matmul.cu",
-            stream_name(fmt, lanes, r),
-            cfg,
-            [a, xp, ntiles]
-        )
-    }?;
+    // rows floats of its matrix (Graph::validate, n = 1); data is 16-byte aligned with rows of
+    // a multiple of 16 bytes (vec_ok), so the kernel's 16-byte copies stay inside each matrix
+    // (scales are copied at the alignment they have); smem matches the kernel's layout
+    // (StreamGeom).
+    let name = g.name(&MATVEC_STREAM, r);
+    unsafe { launch!(enc, "matmul.cu", name, cfg, [a, xp, ntiles]) }?;
     Ok(true)
 }

@@ -13,7 +13,10 @@ use cudarc::driver::{CudaStream, LaunchConfig};
 use moeflux_core::{Act, BufId, ExpertWeights, Idx, Matrix};
 
 use super::matmul::{GT, MOE_TM, MV_ROWS, mv_smem, tc_ok, tc_split, tc_split_bytes};
-use super::{Enc, Fmt, format_of, grid_1d, grid_y, launch, u32_of, vec_ok};
+use super::{
+    Enc, Fmt, StreamGeom, StreamNames, format_of, grid_1d, grid_y, launch, stream_cfg,
+    stream_enabled, stream_names, u32_of, vec_ok,
+};
 use crate::error::CudaError;
 use crate::pool::{CudaPool, DevMem};
 
@@ -597,6 +600,20 @@ pub(crate) fn expert_pass(
     );
     let (gu_group, gu_sdt, dn_group, dn_sdt) = (gu.group, gu.sdt, dn.group, dn.sdt);
 
+    if s.n == 1 && stream_enabled(enc) {
+        let fused = down_combine.as_ref().map(|(_, wp, outp)| (*wp, *outp));
+        if let Some(combined) = stream_pass(enc, pass, h, xp, s, fused, OP)? {
+            if combined {
+                return Ok(true);
+            }
+            // gate/up ran; down (per pair, into y) below
+            let (_, dn_plan) = per_pair_plans(enc, gu, dn, s).ok_or(CudaError::Unsupported {
+                op: OP,
+                msg: "no decode plan for the down projections".into(),
+            })?;
+            return down_pairs(enc, pass, &dn_plan, h, y, s, OP).map(|()| false);
+        }
+    }
     if let Some((gu_plan, dn_plan)) = per_pair_plans(enc, gu, dn, s) {
         let cfg = gu_plan.cfg(s.inter, pairs, "pairs", OP)?;
         // SAFETY: moe_gate_up_*(const u64*, u32, const float*, const u32*, u32, u32, u32, u32,
@@ -632,18 +649,7 @@ pub(crate) fn expert_pass(
             }?;
             return Ok(true);
         }
-        let cfg = dn_plan.cfg(s.hidden, pairs, "pairs", OP)?;
-        // SAFETY: moe_down_*(const u64*, u32, const float*, const u32*, u32, u32, u32, int,
-        // float*); h holds pairs * inter floats and y (scratch) pairs * hidden.
-        unsafe {
-            launch!(
-                enc,
-                "moe.cu",
-                dn_plan.name,
-                cfg,
-                [table, ne, h, ip, hidden, inter, dn_group, dn_sdt, y]
-            )
-        }?;
+        down_pairs(enc, pass, &dn_plan, h, y, s, OP)?;
         Ok(false)
     } else {
         let route_smem = 2 * ne as usize * 4;
@@ -826,6 +832,124 @@ pub(crate) fn expert_pass(
 /// Whether both expert roles may take the tensor-core GEMMs (see `matmul::tc_ok`): every
 /// expert's data passed the vector path's 16-byte alignment check, and the shapes and groups
 /// are multiples of 32.
+/// The per-pair down projections at decode: y[p] = D_e h[p].
+fn down_pairs(
+    enc: &mut Enc<'_>,
+    pass: &Pass,
+    plan: &MvPlan,
+    h: u64,
+    y: u64,
+    s: &MoeShape,
+    op: &'static str,
+) -> Result<(), CudaError> {
+    let (table, ne, ip) = (pass.table, pass.num_experts, pass.idx);
+    let (hidden, inter) = (
+        u32_of(s.hidden, "hidden", op)?,
+        u32_of(s.inter, "inter", op)?,
+    );
+    let (group, sdt) = (pass.down.group, pass.down.sdt);
+    let cfg = plan.cfg(s.hidden, s.n * s.k, "pairs", op)?;
+    // SAFETY: moe_down_*(const u64*, u32, const float*, const u32*, u32, u32, u32, int,
+    // float*); h holds pairs * inter floats and y (scratch) pairs * hidden.
+    unsafe {
+        launch!(
+            enc,
+            "moe.cu",
+            plan.name,
+            cfg,
+            [table, ne, h, ip, hidden, inter, group, sdt, y]
+        )
+    }
+}
+
+const GATE_UP_STREAM: StreamNames = stream_names!("moe_gate_up_stream");
+const DOWN_COMBINE_STREAM: StreamNames = stream_names!("moe_down_combine_stream");
+/// Ring stages of the streamed expert kernels (GU_STAGES, DC_STAGES in moe.cu).
+const GU_STAGES: usize = 4;
+const DC_STAGES: usize = 8;
+
+/// One token's experts with the streamed kernels (moe.cu): gate/up into h, and with `fused`
+/// (weights, out) the down projections and the combine into out. `None`: not eligible (vector
+/// path, shared memory), nothing launched; `Some(combined)` otherwise, where `combined` is
+/// false when only gate/up ran (no `fused`, or down not eligible).
+fn stream_pass(
+    enc: &mut Enc<'_>,
+    pass: &Pass,
+    h: u64,
+    xp: u64,
+    s: &MoeShape,
+    fused: Option<(u64, u64)>,
+    op: &'static str,
+) -> Result<Option<bool>, CudaError> {
+    let (gu, dn) = (pass.gate_up, pass.down);
+    if !gu.vec {
+        return Ok(None);
+    }
+    let pairs = s.n * s.k;
+    let g = StreamGeom::new(gu.fmt, s.hidden, gu.group, gu.sdt);
+    let tiles = |r: usize| pairs * s.inter.div_ceil(g.tile_rows(r));
+    let r = if tiles(2) >= 2 * enc.sm_count { 2 } else { 1 };
+    let ids = pairs.div_ceil(4) * 16;
+    let smem = g.x_bytes(1) + ids + GU_STAGES * 2 * g.tile_rows(r) * g.row_bytes();
+    // The down + combine kernel's plan, when it runs too.
+    let down = fused.filter(|_| dn.vec).and_then(|(wp, outp)| {
+        let d = StreamGeom::new(dn.fmt, s.inter, dn.group, dn.sdt);
+        let rd = if s.hidden.div_ceil(d.tile_rows(2)) >= 2 * enc.sm_count {
+            2
+        } else {
+            1
+        };
+        let smem = d.x_bytes(s.k) + 2 * ids + DC_STAGES * d.tile_rows(rd) * d.row_bytes();
+        (smem <= enc.smem_optin).then_some((d, rd, smem, wp, outp))
+    });
+    if smem > enc.smem_optin || (fused.is_some() && down.is_none()) {
+        return Ok(None);
+    }
+    let (table, ne, ip) = (pass.table, pass.num_experts, pass.idx);
+    let (p_u, k) = (u32_of(pairs, "pairs", op)?, u32_of(s.k, "k", op)?);
+    let (hidden, inter) = (
+        u32_of(s.hidden, "hidden", op)?,
+        u32_of(s.inter, "inter", op)?,
+    );
+    let (gu_group, gu_sdt, dn_group, dn_sdt) = (gu.group, gu.sdt, dn.group, dn.sdt);
+    let cfg = stream_cfg(enc, tiles(r), smem, op)?;
+    // SAFETY: moe_gate_up_stream_*(const u64*, u32, const float*, const u32*, u32, u32, u32,
+    // u32, int, float*); the table holds 9 pointers per expert to matrices whose extents were
+    // checked (Graph::validate for resident experts, the record size for streamed ones), with
+    // 16-byte aligned data and rows (the role's vec flag); x holds hidden floats (n = 1), idx
+    // pairs entries, h (scratch) pairs * inter; smem matches the kernel's layout (StreamGeom).
+    // Pairs with an index >= ne are skipped.
+    unsafe {
+        launch!(
+            enc,
+            "moe.cu",
+            g.name(&GATE_UP_STREAM, r),
+            cfg,
+            [table, ne, xp, ip, p_u, hidden, inter, gu_group, gu_sdt, h]
+        )
+    }?;
+    let Some((d, rd, smem, wp, outp)) = down else {
+        return Ok(Some(false));
+    };
+    let cfg = stream_cfg(enc, s.hidden.div_ceil(d.tile_rows(rd)), smem, op)?;
+    // SAFETY: moe_down_combine_stream_*(const u64*, u32, const float*, const u32*, const
+    // float*, u32, u32, u32, u32, int, float*); h holds k * inter floats, idx and weights k
+    // entries, out hidden floats (Graph::validate, n = 1); down data 16-byte aligned (vec);
+    // smem matches the kernel's layout (StreamGeom).
+    unsafe {
+        launch!(
+            enc,
+            "moe.cu",
+            d.name(&DOWN_COMBINE_STREAM, rd),
+            cfg,
+            [
+                table, ne, h, ip, wp, k, hidden, inter, dn_group, dn_sdt, outp
+            ]
+        )
+    }?;
+    Ok(Some(true))
+}
+
 fn tc_roles(enc: &Enc<'_>, gu: RoleFmt, dn: RoleFmt, s: &MoeShape) -> bool {
     // tc_ok's data check is per matrix; `vec` already holds it for every expert.
     gu.vec
