@@ -8,8 +8,8 @@ use cudarc::driver::LaunchConfig;
 use moeflux_core::{Act, BufId, Matrix};
 
 use super::{
-    Enc, Fmt, StreamGeom, StreamNames, WMatArg, grid_y, launch, stream_cfg, stream_enabled,
-    stream_names, u32_of, vec_ok,
+    Enc, Fmt, StreamGeom, StreamNames, StreamUse, WMatArg, grid_y, launch, stream_cfg,
+    stream_enabled, stream_names, stream_rows, u32_of, vec_ok,
 };
 use crate::error::CudaError;
 
@@ -340,7 +340,7 @@ fn matvec_stream(
     xp: u64,
 ) -> Result<bool, CudaError> {
     const OP: &str = "matmul";
-    if !stream_enabled(enc) || parts.is_empty() || parts.len() > MV_PARTS {
+    if !stream_enabled(enc, StreamUse::Dense) || parts.is_empty() || parts.len() > MV_PARTS {
         return Ok(false);
     }
     let w0 = parts[0].0;
@@ -360,9 +360,9 @@ fn matvec_stream(
             .map(|(w, _)| (w.rows as usize).div_ceil(tr))
             .sum()
     };
-    let r = if tiles(2) >= 2 * enc.sm_count { 2 } else { 1 };
-    let tr = g.tile_rows(r);
-    let smem = g.x_bytes(1) + MS_STAGES * tr * g.row_bytes();
+    let smem = |r: usize| g.x_bytes(1) + MS_STAGES * g.tile_rows(r) * g.row_bytes();
+    let r = stream_rows(enc, tiles(2), smem(2));
+    let (tr, smem) = (g.tile_rows(r), smem(r));
     if smem > enc.smem_optin {
         return Ok(false);
     }

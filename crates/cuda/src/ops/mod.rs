@@ -210,10 +210,33 @@ macro_rules! stream_names {
 }
 pub(crate) use stream_names;
 
-/// Whether the streamed decode kernels may run: they need cp.async (sm_80+), and
-/// `MOEFLUX_CUDA_STREAM=0` turns them off (A/B measurements).
-pub(crate) fn stream_enabled(enc: &Enc<'_>) -> bool {
-    enc.kernels.tensor_cores() && std::env::var("MOEFLUX_CUDA_STREAM").as_deref() != Ok("0")
+/// Which ops may take the streamed decode kernels.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StreamUse {
+    Dense,
+    Experts,
+}
+
+/// Whether the streamed decode kernels may run for `what`: they need cp.async (sm_80+), and
+/// `MOEFLUX_CUDA_STREAM=0|dense|experts` limits them (A/B measurements).
+pub(crate) fn stream_enabled(enc: &Enc<'_>, what: StreamUse) -> bool {
+    enc.kernels.tensor_cores()
+        && match std::env::var("MOEFLUX_CUDA_STREAM").as_deref() {
+            Ok("0") => false,
+            Ok("dense") => what == StreamUse::Dense,
+            Ok("experts") => what == StreamUse::Experts,
+            _ => true,
+        }
+}
+
+/// Rows per row group of a streamed kernel: 2 (x read once per step for two rows) when that
+/// still leaves two blocks per SM and two tiles per block slot, else 1 (more warps per SM).
+pub(crate) fn stream_rows(enc: &Enc<'_>, tiles2: usize, smem2: usize) -> usize {
+    if 2 * smem2 + 2048 <= enc.smem_optin && tiles2 >= 2 * enc.sm_count {
+        2
+    } else {
+        1
+    }
 }
 
 /// The shape of a streamed kernel's work over rows of `cols` elements of one format: its lanes

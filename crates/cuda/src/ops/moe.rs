@@ -14,8 +14,8 @@ use moeflux_core::{Act, BufId, ExpertWeights, Idx, Matrix};
 
 use super::matmul::{GT, MOE_TM, MV_ROWS, mv_smem, tc_ok, tc_split, tc_split_bytes};
 use super::{
-    Enc, Fmt, StreamGeom, StreamNames, format_of, grid_1d, grid_y, launch, stream_cfg,
-    stream_enabled, stream_names, u32_of, vec_ok,
+    Enc, Fmt, StreamGeom, StreamNames, StreamUse, format_of, grid_1d, grid_y, launch, stream_cfg,
+    stream_enabled, stream_names, stream_rows, u32_of, vec_ok,
 };
 use crate::error::CudaError;
 use crate::pool::{CudaPool, DevMem};
@@ -600,7 +600,7 @@ pub(crate) fn expert_pass(
     );
     let (gu_group, gu_sdt, dn_group, dn_sdt) = (gu.group, gu.sdt, dn.group, dn.sdt);
 
-    if s.n == 1 && stream_enabled(enc) {
+    if s.n == 1 && stream_enabled(enc, StreamUse::Experts) {
         let fused = down_combine.as_ref().map(|(_, wp, outp)| (*wp, *outp));
         if let Some(combined) = stream_pass(enc, pass, h, xp, s, fused, OP)? {
             if combined {
@@ -888,18 +888,16 @@ fn stream_pass(
     let pairs = s.n * s.k;
     let g = StreamGeom::new(gu.fmt, s.hidden, gu.group, gu.sdt);
     let tiles = |r: usize| pairs * s.inter.div_ceil(g.tile_rows(r));
-    let r = if tiles(2) >= 2 * enc.sm_count { 2 } else { 1 };
     let ids = pairs.div_ceil(4) * 16;
-    let smem = g.x_bytes(1) + ids + GU_STAGES * 2 * g.tile_rows(r) * g.row_bytes();
+    let smem = |r: usize| g.x_bytes(1) + ids + GU_STAGES * 2 * g.tile_rows(r) * g.row_bytes();
+    let r = stream_rows(enc, tiles(2), smem(2));
+    let smem = smem(r);
     // The down + combine kernel's plan, when it runs too.
     let down = fused.filter(|_| dn.vec).and_then(|(wp, outp)| {
         let d = StreamGeom::new(dn.fmt, s.inter, dn.group, dn.sdt);
-        let rd = if s.hidden.div_ceil(d.tile_rows(2)) >= 2 * enc.sm_count {
-            2
-        } else {
-            1
-        };
-        let smem = d.x_bytes(s.k) + 2 * ids + DC_STAGES * d.tile_rows(rd) * d.row_bytes();
+        let smem = |r: usize| d.x_bytes(s.k) + 2 * ids + DC_STAGES * d.tile_rows(r) * d.row_bytes();
+        let rd = stream_rows(enc, s.hidden.div_ceil(d.tile_rows(2)), smem(2));
+        let smem = smem(rd);
         (smem <= enc.smem_optin).then_some((d, rd, smem, wp, outp))
     });
     if smem > enc.smem_optin || (fused.is_some() && down.is_none()) {
