@@ -371,10 +371,23 @@ __device__ __forceinline__ void moe_gemm_body(const u64* table, const u32* sorte
 // ----------------------------------------------------------------------------- streamed decode
 // One token (pairs = k slots of token 0), weights copied through shared memory in a ring of S
 // stages (see gemv.cuh's streamed matvec). Dynamic shared memory: staged inputs and their chunk
-// sums (x: one row; h: k rows), the slots' expert indices (and weights) rounded up to 16 bytes,
-// then S tiles.
+// sums (x: one row; h: k rows), the slots' table pointers (9 u64 each), expert indices (and
+// weights), each array rounded up to 16 bytes, then S tiles.
 #define GU_STAGES 4  // gate/up tiles hold TR rows of both matrices
 #define DC_STAGES 8  // down tiles are short rows: more of them in flight
+
+// The slots' expert indices (ids[p] = idx[p]) and their 9 table pointers (tp[p * 9 ..], zero
+// for indices >= ne) in shared memory, so the copies a block issues while it computes never
+// wait on a global load. Synchronises.
+__device__ __forceinline__ void stage_table(u64* tp, u32* ids, const u64* table, const u32* idx, u32 ne, u32 pairs) {
+    for (u32 p = threadIdx.x; p < pairs; p += blockDim.x) ids[p] = idx[p];
+    __syncthreads();
+    for (u32 q = threadIdx.x; q < pairs * 9; q += blockDim.x) {
+        const u32 e = ids[q / 9];
+        tp[q] = e < ne ? table[(u64)e * 9 + q % 9] : 0;
+    }
+    __syncthreads();
+}
 
 // moe_gate_up_stream_F_lL_rR: tile t = (pair t / tpp, rows (t % tpp) * TR ..) of gate and of up,
 //   tpp = ceil(inter / TR); h[p] = silu(G x) * (U x). Pairs with an index >= ne are skipped.
@@ -389,21 +402,21 @@ __device__ __forceinline__ void gate_up_stream_body(const u64* table, u32 ne, co
     const u32 padded = mv_padded<E, L>(hidden);
     float* xs = (float*)smem4;
     float* sxs = xs + padded;
-    u32* ids = (u32*)(sxs + padded / E);
+    u64* tp = (u64*)(sxs + padded / E);
+    u32* ids = (u32*)(tp + (pairs * 9 + 1) / 2 * 2);
     u8* st = (u8*)(ids + (pairs + 3) / 4 * 4);
     const u32 cb = TR * rb, half = cb + 2 * TR * sb, stride = 2 * half;
     const u32 tpp = (inter + TR - 1) / TR, ntiles = pairs * tpp;
-    for (u32 p = threadIdx.x; p < pairs; p += blockDim.x) ids[p] = idx[p];
-    __syncthreads();
+    stage_table(tp, ids, table, idx, ne, pairs);
     auto issue = [&](u32 i) {
         const u32 t = blockIdx.x + i * gridDim.x;
         if (t < ntiles) {
-            const u32 e = ids[t / tpp];
-            if (e < ne) {
+            const u32 p = t / tpp;
+            if (ids[p] < ne) {
                 const u32 r0 = t % tpp * TR, nr = min(TR, inter - r0);
 #pragma unroll
                 for (int m = 0; m < 2; m++) {
-                    const WMat w = expert_mat(table, e, m, inter, hidden, group, sdt);
+                    const WMat w = expert_mat(tp, p, m, inter, hidden, group, sdt);
                     u8* dst = st + (i % S) * stride + m * half;
                     cp_block(dst, w.data + (u64)r0 * rb, nr * rb);
                     if (AFF) {
@@ -467,16 +480,14 @@ __device__ __forceinline__ void down_combine_stream_body(const u64* table, u32 n
     const u32 padded = mv_padded<E, L>(inter), nc = padded / E;
     float* xs = (float*)smem4;
     float* sxs = xs + k * padded;
-    u32* ids = (u32*)(sxs + k * nc);
+    u64* tp = (u64*)(sxs + k * nc);
+    u32* ids = (u32*)(tp + (k * 9 + 1) / 2 * 2);
     float* ws = (float*)(ids + (k + 3) / 4 * 4);
     u8* st = (u8*)(ws + (k + 3) / 4 * 4);
     const u32 cb = TR * rb, stride = cb + 2 * TR * sb;
     const u32 nrb = (hidden + TR - 1) / TR;
-    for (u32 j = threadIdx.x; j < k; j += blockDim.x) {
-        ids[j] = idx[j];
-        ws[j] = weights[j];
-    }
-    __syncthreads();
+    for (u32 j = threadIdx.x; j < k; j += blockDim.x) ws[j] = weights[j];
+    stage_table(tp, ids, table, idx, ne, k);
     const u32 blocks_mine = blockIdx.x < nrb ? (nrb - 1 - blockIdx.x) / gridDim.x + 1 : 0;
     const u32 mine = blocks_mine * k;
     auto issue = [&](u32 i) {
@@ -484,7 +495,7 @@ __device__ __forceinline__ void down_combine_stream_body(const u64* table, u32 n
             const u32 r0 = (blockIdx.x + i / k * gridDim.x) * TR, j = i % k, e = ids[j];
             if (e < ne) {
                 const u32 nr = min(TR, hidden - r0);
-                const WMat w = expert_mat(table, e, 2, hidden, inter, group, sdt);
+                const WMat w = expert_mat(tp, j, 2, hidden, inter, group, sdt);
                 u8* dst = st + (i % S) * stride;
                 cp_block(dst, w.data + (u64)r0 * rb, nr * rb);
                 if (AFF) {

@@ -888,14 +888,20 @@ fn stream_pass(
     let pairs = s.n * s.k;
     let g = StreamGeom::new(gu.fmt, s.hidden, gu.group, gu.sdt);
     let tiles = |r: usize| pairs * s.inter.div_ceil(g.tile_rows(r));
-    let ids = pairs.div_ceil(4) * 16;
+    // per slot: 9 table pointers (72 bytes, the array rounded to 16) and an index (rounded to 16)
+    let ids = (pairs * 72).div_ceil(16) * 16 + pairs.div_ceil(4) * 16;
     let smem = |r: usize| g.x_bytes(1) + ids + GU_STAGES * 2 * g.tile_rows(r) * g.row_bytes();
     let r = stream_rows(enc, tiles(2), smem(2));
     let smem = smem(r);
     // The down + combine kernel's plan, when it runs too.
     let down = fused.filter(|_| dn.vec).and_then(|(wp, outp)| {
         let d = StreamGeom::new(dn.fmt, s.inter, dn.group, dn.sdt);
-        let smem = |r: usize| d.x_bytes(s.k) + 2 * ids + DC_STAGES * d.tile_rows(r) * d.row_bytes();
+        let smem = |r: usize| {
+            d.x_bytes(s.k)
+                + ids
+                + pairs.div_ceil(4) * 16
+                + DC_STAGES * d.tile_rows(r) * d.row_bytes()
+        };
         let rd = stream_rows(enc, s.hidden.div_ceil(d.tile_rows(2)), smem(2));
         let smem = smem(rd);
         (smem <= enc.smem_optin).then_some((d, rd, smem, wp, outp))
