@@ -403,8 +403,7 @@ __device__ __forceinline__ void gemm_tile(const WMat& w0, const WMat& w1, const 
 // L) rows: each L-lane row group of the block takes MS_R consecutive rows and walks them in
 // steps of L * E elements with x staged (permuted, as above) in shared memory and read once per
 // step for its MS_R rows. For affine formats the per-lane sums of x per step are computed once
-// per block (`sxs`). The ring has S stages (MS_STAGES for the dense matvec, whose tiles are
-// the largest).
+// per block (`sxs`).
 #define MS_STAGES 4
 
 // 16 bytes global -> shared, asynchronously where the arch has cp.async.

@@ -10,6 +10,10 @@
 //  * matvec_multi_{vec,scalar}_F_rR: up to MV_PARTS matvecs of one x (consecutive Matmul ops
 //    with the same input, formats and columns) in one launch: the grid's x blocks are the parts'
 //    row blocks one after the other (`start` = first block of each part).
+//  * matvec_stream_F_lL_rR: one token on sm_80+ (the host's first choice at decode): weights
+//    copied through shared memory by cp.async in a ring of MS_STAGES tiles (gemv.cuh), up to
+//    MV_PARTS matrices of one x per launch, a grid of at most what fits on the device at once
+//    whose blocks walk the tiles.
 //  * gemm_F (prefill): grid (ceil(rows / 64), ceil(n / 64)), block 256, static shared memory.
 #include "common.cuh"
 #include "gemv.cuh"

@@ -8,8 +8,8 @@ use cudarc::driver::LaunchConfig;
 use moeflux_core::{Act, BufId, Matrix};
 
 use super::{
-    Enc, Fmt, StreamGeom, StreamNames, StreamUse, WMatArg, grid_y, launch, stream_cfg,
-    stream_enabled, stream_names, stream_rows, u32_of, vec_ok,
+    Enc, Fmt, StreamGeom, StreamNames, WMatArg, grid_y, launch, stream_cfg, stream_enabled,
+    stream_names, stream_rows, u32_of, vec_ok,
 };
 use crate::error::CudaError;
 
@@ -340,7 +340,7 @@ fn matvec_stream(
     xp: u64,
 ) -> Result<bool, CudaError> {
     const OP: &str = "matmul";
-    if !stream_enabled(enc, StreamUse::Dense) || parts.is_empty() || parts.len() > MV_PARTS {
+    if !stream_enabled(enc) || parts.is_empty() || parts.len() > MV_PARTS {
         return Ok(false);
     }
     let w0 = parts[0].0;

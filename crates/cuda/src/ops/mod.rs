@@ -210,23 +210,10 @@ macro_rules! stream_names {
 }
 pub(crate) use stream_names;
 
-/// Which ops may take the streamed decode kernels.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum StreamUse {
-    Dense,
-    Experts,
-}
-
-/// Whether the streamed decode kernels may run for `what`: they need cp.async (sm_80+), and
-/// `MOEFLUX_CUDA_STREAM=0|dense|experts` limits them (A/B measurements).
-pub(crate) fn stream_enabled(enc: &Enc<'_>, what: StreamUse) -> bool {
-    enc.kernels.tensor_cores()
-        && match std::env::var("MOEFLUX_CUDA_STREAM").as_deref() {
-            Ok("0") => false,
-            Ok("dense") => what == StreamUse::Dense,
-            Ok("experts") => what == StreamUse::Experts,
-            _ => true,
-        }
+/// Whether the streamed decode matvec may run: it needs cp.async (sm_80+), and
+/// `MOEFLUX_CUDA_STREAM=0` turns it off (A/B measurements).
+pub(crate) fn stream_enabled(enc: &Enc<'_>) -> bool {
+    enc.kernels.tensor_cores() && std::env::var("MOEFLUX_CUDA_STREAM").as_deref() != Ok("0")
 }
 
 /// Rows per row group of a streamed kernel: 2 (x read once per step for two rows) when that

@@ -13,10 +13,7 @@ use cudarc::driver::{CudaStream, LaunchConfig};
 use moeflux_core::{Act, BufId, ExpertWeights, Idx, Matrix};
 
 use super::matmul::{GT, MOE_TM, MV_ROWS, mv_smem, tc_ok, tc_split, tc_split_bytes};
-use super::{
-    Enc, Fmt, StreamGeom, StreamNames, StreamUse, format_of, grid_1d, grid_y, launch, stream_cfg,
-    stream_enabled, stream_names, stream_rows, u32_of, vec_ok,
-};
+use super::{Enc, Fmt, format_of, grid_1d, grid_y, launch, u32_of, vec_ok};
 use crate::error::CudaError;
 use crate::pool::{CudaPool, DevMem};
 
@@ -600,20 +597,6 @@ pub(crate) fn expert_pass(
     );
     let (gu_group, gu_sdt, dn_group, dn_sdt) = (gu.group, gu.sdt, dn.group, dn.sdt);
 
-    if s.n == 1 && stream_enabled(enc, StreamUse::Experts) {
-        let fused = down_combine.as_ref().map(|(_, wp, outp)| (*wp, *outp));
-        if let Some(combined) = stream_pass(enc, pass, h, xp, s, fused, OP)? {
-            if combined {
-                return Ok(true);
-            }
-            // gate/up ran; down (per pair, into y) below
-            let (_, dn_plan) = per_pair_plans(enc, gu, dn, s).ok_or(CudaError::Unsupported {
-                op: OP,
-                msg: "no decode plan for the down projections".into(),
-            })?;
-            return down_pairs(enc, pass, &dn_plan, h, y, s, OP).map(|()| false);
-        }
-    }
     if let Some((gu_plan, dn_plan)) = per_pair_plans(enc, gu, dn, s) {
         let cfg = gu_plan.cfg(s.inter, pairs, "pairs", OP)?;
         // SAFETY: moe_gate_up_*(const u64*, u32, const float*, const u32*, u32, u32, u32, u32,
@@ -860,98 +843,6 @@ fn down_pairs(
             [table, ne, h, ip, hidden, inter, group, sdt, y]
         )
     }
-}
-
-const GATE_UP_STREAM: StreamNames = stream_names!("moe_gate_up_stream");
-const DOWN_COMBINE_STREAM: StreamNames = stream_names!("moe_down_combine_stream");
-/// Ring stages of the streamed expert kernels (GU_STAGES, DC_STAGES in moe.cu).
-const GU_STAGES: usize = 4;
-const DC_STAGES: usize = 8;
-
-/// One token's experts with the streamed kernels (moe.cu): gate/up into h, and with `fused`
-/// (weights, out) the down projections and the combine into out. `None`: not eligible (vector
-/// path, shared memory), nothing launched; `Some(combined)` otherwise, where `combined` is
-/// false when only gate/up ran (no `fused`, or down not eligible).
-fn stream_pass(
-    enc: &mut Enc<'_>,
-    pass: &Pass,
-    h: u64,
-    xp: u64,
-    s: &MoeShape,
-    fused: Option<(u64, u64)>,
-    op: &'static str,
-) -> Result<Option<bool>, CudaError> {
-    let (gu, dn) = (pass.gate_up, pass.down);
-    if !gu.vec {
-        return Ok(None);
-    }
-    let pairs = s.n * s.k;
-    let g = StreamGeom::new(gu.fmt, s.hidden, gu.group, gu.sdt);
-    let tiles = |r: usize| pairs * s.inter.div_ceil(g.tile_rows(r));
-    // per slot: 9 table pointers (72 bytes, the array rounded to 16) and an index (rounded to 16)
-    let ids = (pairs * 72).div_ceil(16) * 16 + pairs.div_ceil(4) * 16;
-    let smem = |r: usize| g.x_bytes(1) + ids + GU_STAGES * 2 * g.tile_rows(r) * g.row_bytes();
-    let r = stream_rows(enc, tiles(2), smem(2));
-    let smem = smem(r);
-    // The down + combine kernel's plan, when it runs too.
-    let down = fused.filter(|_| dn.vec).and_then(|(wp, outp)| {
-        let d = StreamGeom::new(dn.fmt, s.inter, dn.group, dn.sdt);
-        let smem = |r: usize| {
-            d.x_bytes(s.k)
-                + ids
-                + pairs.div_ceil(4) * 16
-                + DC_STAGES * d.tile_rows(r) * d.row_bytes()
-        };
-        let rd = stream_rows(enc, s.hidden.div_ceil(d.tile_rows(2)), smem(2));
-        let smem = smem(rd);
-        (smem <= enc.smem_optin).then_some((d, rd, smem, wp, outp))
-    });
-    if smem > enc.smem_optin || (fused.is_some() && down.is_none()) {
-        return Ok(None);
-    }
-    let (table, ne, ip) = (pass.table, pass.num_experts, pass.idx);
-    let (p_u, k) = (u32_of(pairs, "pairs", op)?, u32_of(s.k, "k", op)?);
-    let (hidden, inter) = (
-        u32_of(s.hidden, "hidden", op)?,
-        u32_of(s.inter, "inter", op)?,
-    );
-    let (gu_group, gu_sdt, dn_group, dn_sdt) = (gu.group, gu.sdt, dn.group, dn.sdt);
-    let cfg = stream_cfg(enc, tiles(r), smem, op)?;
-    // SAFETY: moe_gate_up_stream_*(const u64*, u32, const float*, const u32*, u32, u32, u32,
-    // u32, int, float*); the table holds 9 pointers per expert to matrices whose extents were
-    // checked (Graph::validate for resident experts, the record size for streamed ones), with
-    // 16-byte aligned data and rows (the role's vec flag); x holds hidden floats (n = 1), idx
-    // pairs entries, h (scratch) pairs * inter; smem matches the kernel's layout (StreamGeom).
-    // Pairs with an index >= ne are skipped.
-    unsafe {
-        launch!(
-            enc,
-            "moe.cu",
-            g.name(&GATE_UP_STREAM, r),
-            cfg,
-            [table, ne, xp, ip, p_u, hidden, inter, gu_group, gu_sdt, h]
-        )
-    }?;
-    let Some((d, rd, smem, wp, outp)) = down else {
-        return Ok(Some(false));
-    };
-    let cfg = stream_cfg(enc, s.hidden.div_ceil(d.tile_rows(rd)), smem, op)?;
-    // SAFETY: moe_down_combine_stream_*(const u64*, u32, const float*, const u32*, const
-    // float*, u32, u32, u32, u32, int, float*); h holds k * inter floats, idx and weights k
-    // entries, out hidden floats (Graph::validate, n = 1); down data 16-byte aligned (vec);
-    // smem matches the kernel's layout (StreamGeom).
-    unsafe {
-        launch!(
-            enc,
-            "moe.cu",
-            d.name(&DOWN_COMBINE_STREAM, rd),
-            cfg,
-            [
-                table, ne, h, ip, wp, k, hidden, inter, dn_group, dn_sdt, outp
-            ]
-        )
-    }?;
-    Ok(Some(true))
 }
 
 fn tc_roles(enc: &Enc<'_>, gu: RoleFmt, dn: RoleFmt, s: &MoeShape) -> bool {
