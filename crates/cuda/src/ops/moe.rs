@@ -632,7 +632,18 @@ pub(crate) fn expert_pass(
             }?;
             return Ok(true);
         }
-        down_pairs(enc, pass, &dn_plan, h, y, s, OP)?;
+        let cfg = dn_plan.cfg(s.hidden, pairs, "pairs", OP)?;
+        // SAFETY: moe_down_*(const u64*, u32, const float*, const u32*, u32, u32, u32, int,
+        // float*); h holds pairs * inter floats and y (scratch) pairs * hidden.
+        unsafe {
+            launch!(
+                enc,
+                "moe.cu",
+                dn_plan.name,
+                cfg,
+                [table, ne, h, ip, hidden, inter, dn_group, dn_sdt, y]
+            )
+        }?;
         Ok(false)
     } else {
         let route_smem = 2 * ne as usize * 4;
@@ -815,36 +826,6 @@ pub(crate) fn expert_pass(
 /// Whether both expert roles may take the tensor-core GEMMs (see `matmul::tc_ok`): every
 /// expert's data passed the vector path's 16-byte alignment check, and the shapes and groups
 /// are multiples of 32.
-/// The per-pair down projections at decode: y[p] = D_e h[p].
-fn down_pairs(
-    enc: &mut Enc<'_>,
-    pass: &Pass,
-    plan: &MvPlan,
-    h: u64,
-    y: u64,
-    s: &MoeShape,
-    op: &'static str,
-) -> Result<(), CudaError> {
-    let (table, ne, ip) = (pass.table, pass.num_experts, pass.idx);
-    let (hidden, inter) = (
-        u32_of(s.hidden, "hidden", op)?,
-        u32_of(s.inter, "inter", op)?,
-    );
-    let (group, sdt) = (pass.down.group, pass.down.sdt);
-    let cfg = plan.cfg(s.hidden, s.n * s.k, "pairs", op)?;
-    // SAFETY: moe_down_*(const u64*, u32, const float*, const u32*, u32, u32, u32, int,
-    // float*); h holds pairs * inter floats and y (scratch) pairs * hidden.
-    unsafe {
-        launch!(
-            enc,
-            "moe.cu",
-            plan.name,
-            cfg,
-            [table, ne, h, ip, hidden, inter, group, sdt, y]
-        )
-    }
-}
-
 fn tc_roles(enc: &Enc<'_>, gu: RoleFmt, dn: RoleFmt, s: &MoeShape) -> bool {
     // tc_ok's data check is per matrix; `vec` already holds it for every expert.
     gu.vec
