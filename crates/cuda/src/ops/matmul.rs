@@ -7,10 +7,7 @@
 use cudarc::driver::LaunchConfig;
 use moeflux_core::{Act, BufId, Matrix};
 
-use super::{
-    Enc, Fmt, StreamGeom, StreamNames, WMatArg, grid_y, launch, stream_cfg, stream_enabled,
-    stream_names, stream_rows, u32_of, vec_ok,
-};
+use super::{Enc, Fmt, WMatArg, grid_y, lanes_for, launch, u32_of, vec_ok};
 use crate::error::CudaError;
 
 pub(crate) const MATVEC_MAX_N: usize = 2;
@@ -328,7 +325,135 @@ pub(crate) fn matvec_multi(
 /// Stages of the streamed matvec's copy ring (MS_STAGES in gemv.cuh).
 const MS_STAGES: usize = 4;
 
-const MATVEC_STREAM: StreamNames = stream_names!("matvec_stream");
+/// `matvec_stream_<fmt>_l<L>_r<R>` per format, (L, R) in (32, 1), (32, 2), (16, 1), (16, 2),
+/// (8, 1), (8, 2).
+const MATVEC_STREAM: [[&str; 6]; 5] = [
+    [
+        "matvec_stream_f32_l32_r1",
+        "matvec_stream_f32_l32_r2",
+        "matvec_stream_f32_l16_r1",
+        "matvec_stream_f32_l16_r2",
+        "matvec_stream_f32_l8_r1",
+        "matvec_stream_f32_l8_r2",
+    ],
+    [
+        "matvec_stream_f16_l32_r1",
+        "matvec_stream_f16_l32_r2",
+        "matvec_stream_f16_l16_r1",
+        "matvec_stream_f16_l16_r2",
+        "matvec_stream_f16_l8_r1",
+        "matvec_stream_f16_l8_r2",
+    ],
+    [
+        "matvec_stream_bf16_l32_r1",
+        "matvec_stream_bf16_l32_r2",
+        "matvec_stream_bf16_l16_r1",
+        "matvec_stream_bf16_l16_r2",
+        "matvec_stream_bf16_l8_r1",
+        "matvec_stream_bf16_l8_r2",
+    ],
+    [
+        "matvec_stream_q4_l32_r1",
+        "matvec_stream_q4_l32_r2",
+        "matvec_stream_q4_l16_r1",
+        "matvec_stream_q4_l16_r2",
+        "matvec_stream_q4_l8_r1",
+        "matvec_stream_q4_l8_r2",
+    ],
+    [
+        "matvec_stream_q8_l32_r1",
+        "matvec_stream_q8_l32_r2",
+        "matvec_stream_q8_l16_r1",
+        "matvec_stream_q8_l16_r2",
+        "matvec_stream_q8_l8_r1",
+        "matvec_stream_q8_l8_r2",
+    ],
+];
+
+/// Whether the streamed decode matvec may run: it needs cp.async (sm_80+), and
+/// `MOEFLUX_CUDA_STREAM=0` turns it off (A/B measurements).
+fn stream_enabled(enc: &Enc<'_>) -> bool {
+    enc.kernels.tensor_cores() && std::env::var("MOEFLUX_CUDA_STREAM").as_deref() != Ok("0")
+}
+
+/// Rows per row group of a streamed kernel: 2 (x read once per step for two rows) when that
+/// still leaves two blocks per SM and two tiles per block slot, else 1 (more warps per SM).
+fn stream_rows(enc: &Enc<'_>, tiles2: usize, smem2: usize) -> usize {
+    if 2 * smem2 + 2048 <= enc.smem_optin && tiles2 >= 2 * enc.sm_count {
+        2
+    } else {
+        1
+    }
+}
+
+/// The shape of a streamed kernel's work over rows of `cols` elements of one format: its lanes
+/// per row group, and the shared memory its staged inputs and tiles take.
+#[derive(Clone, Copy, Debug)]
+struct StreamGeom {
+    fmt: Fmt,
+    cols: usize,
+    /// Lanes per row group (`lanes_for`) and its index in the name table.
+    lanes: usize,
+    li: usize,
+    /// Scale bytes per row (affine formats; 0 for dense ones).
+    sb: usize,
+}
+
+impl StreamGeom {
+    fn new(fmt: Fmt, cols: usize, group: u32, sdt: i32) -> Self {
+        let (lanes, li) = lanes_for(cols, fmt.elems16());
+        let sb = match fmt.affine() {
+            true => cols / group as usize * if sdt == 0 { 4 } else { 2 },
+            false => 0,
+        };
+        StreamGeom {
+            fmt,
+            cols,
+            lanes,
+            li,
+            sb,
+        }
+    }
+
+    /// Rows per tile with `r` rows per row group (`R * 256 / L`).
+    fn tile_rows(&self, r: usize) -> usize {
+        r * 256 / self.lanes
+    }
+
+    /// Bytes of one row in a tile: codes, scales and biases.
+    fn row_bytes(&self) -> usize {
+        self.cols / self.fmt.elems16() * 16 + 2 * self.sb
+    }
+
+    /// Shared memory of `rows` staged input rows and their per-chunk sums.
+    fn x_bytes(&self, rows: usize) -> usize {
+        let e = self.fmt.elems16();
+        let padded = self.cols.div_ceil(self.lanes * e) * self.lanes * e;
+        rows * (padded * 4 + padded / e * 4)
+    }
+
+    /// `matvec_stream_<fmt>_l<L>_r<R>` (matmul.cu) for this geometry and `r`.
+    fn name(&self, r: usize) -> &'static str {
+        MATVEC_STREAM[self.fmt as usize][2 * self.li + usize::from(r == 2)]
+    }
+}
+
+/// A streamed kernel's launch: one block per `work` unit up to as many as fit on the device at
+/// once with `smem` bytes each (at most 4 per SM): the blocks then walk the rest.
+fn stream_cfg(
+    enc: &Enc<'_>,
+    work: usize,
+    smem: usize,
+    op: &'static str,
+) -> Result<LaunchConfig, CudaError> {
+    let per_sm = ((enc.smem_optin + 1024) / (smem + 1024)).clamp(1, 4);
+    let blocks = work.min(enc.sm_count * per_sm).max(1);
+    Ok(LaunchConfig {
+        grid_dim: (u32_of(blocks, "blocks", op)?, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: smem as u32,
+    })
+}
 
 /// One token through up to [`MV_PARTS`] matrices of one input (same format, columns, group and
 /// scale dtype) with the streamed kernel. `Ok(false)`: not eligible (arch, alignment, shared
@@ -382,7 +507,7 @@ fn matvec_stream(
     // a multiple of 16 bytes (vec_ok), so the kernel's 16-byte copies stay inside each matrix
     // (scales are copied at the alignment they have); smem matches the kernel's layout
     // (StreamGeom).
-    let name = g.name(&MATVEC_STREAM, r);
+    let name = g.name(r);
     unsafe { launch!(enc, "matmul.cu", name, cfg, [a, xp, ntiles]) }?;
     Ok(true)
 }

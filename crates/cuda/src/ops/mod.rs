@@ -183,123 +183,16 @@ pub(crate) fn vec_ok(fmt: Fmt, data: u64, cols: usize, group: u32) -> bool {
         && (!fmt.affine() || (group as usize).is_multiple_of(e))
 }
 
-/// Names of a streamed decode kernel (gemv.cuh) per format and (lanes, rows per group):
-/// `<prefix>_<fmt>_l<L>_r<R>` for L = 32, 16, 8 and R = 1, 2.
-pub(crate) type StreamNames = [[&'static str; 6]; 5];
-
-macro_rules! stream_names {
-    ($p:literal) => {
-        [
-            stream_names!(@f $p, "f32"),
-            stream_names!(@f $p, "f16"),
-            stream_names!(@f $p, "bf16"),
-            stream_names!(@f $p, "q4"),
-            stream_names!(@f $p, "q8"),
-        ]
-    };
-    (@f $p:literal, $f:literal) => {
-        [
-            concat!($p, "_", $f, "_l32_r1"),
-            concat!($p, "_", $f, "_l32_r2"),
-            concat!($p, "_", $f, "_l16_r1"),
-            concat!($p, "_", $f, "_l16_r2"),
-            concat!($p, "_", $f, "_l8_r1"),
-            concat!($p, "_", $f, "_l8_r2"),
-        ]
-    };
-}
-pub(crate) use stream_names;
-
-/// Whether the streamed decode matvec may run: it needs cp.async (sm_80+), and
-/// `MOEFLUX_CUDA_STREAM=0` turns it off (A/B measurements).
-pub(crate) fn stream_enabled(enc: &Enc<'_>) -> bool {
-    enc.kernels.tensor_cores() && std::env::var("MOEFLUX_CUDA_STREAM").as_deref() != Ok("0")
-}
-
-/// Rows per row group of a streamed kernel: 2 (x read once per step for two rows) when that
-/// still leaves two blocks per SM and two tiles per block slot, else 1 (more warps per SM).
-pub(crate) fn stream_rows(enc: &Enc<'_>, tiles2: usize, smem2: usize) -> usize {
-    if 2 * smem2 + 2048 <= enc.smem_optin && tiles2 >= 2 * enc.sm_count {
-        2
-    } else {
-        1
-    }
-}
-
-/// The shape of a streamed kernel's work over rows of `cols` elements of one format: its lanes
-/// per row group, and the shared memory its staged inputs and tiles take.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct StreamGeom {
-    fmt: Fmt,
-    cols: usize,
-    /// Lanes per row group: of 32, 16 and 8, the one whose step (lanes x elements per 16
-    /// bytes) pads a row least, the widest on ties.
-    pub lanes: usize,
-    /// Scale bytes per row (affine formats; 0 for dense ones).
-    sb: usize,
-}
-
-impl StreamGeom {
-    pub fn new(fmt: Fmt, cols: usize, group: u32, sdt: i32) -> Self {
-        let e = fmt.elems16();
-        let lanes = [32usize, 16, 8]
-            .into_iter()
-            .min_by_key(|&l| cols.div_ceil(l * e) * l * e - cols)
-            .expect("three choices");
-        let sb = match fmt.affine() {
-            true => cols / group as usize * if sdt == 0 { 4 } else { 2 },
-            false => 0,
-        };
-        StreamGeom {
-            fmt,
-            cols,
-            lanes,
-            sb,
-        }
-    }
-
-    /// Rows per tile with `r` rows per row group (`R * 256 / L`).
-    pub fn tile_rows(&self, r: usize) -> usize {
-        r * 256 / self.lanes
-    }
-
-    /// Bytes of one row in a tile: codes, scales and biases.
-    pub fn row_bytes(&self) -> usize {
-        self.cols / self.fmt.elems16() * 16 + 2 * self.sb
-    }
-
-    /// Shared memory of `rows` staged input rows and their per-chunk sums.
-    pub fn x_bytes(&self, rows: usize) -> usize {
-        let e = self.fmt.elems16();
-        let padded = self.cols.div_ceil(self.lanes * e) * self.lanes * e;
-        rows * (padded * 4 + padded / e * 4)
-    }
-
-    pub fn name(&self, names: &StreamNames, r: usize) -> &'static str {
-        let li = match self.lanes {
-            32 => 0,
-            16 => 1,
-            _ => 2,
-        };
-        names[self.fmt as usize][2 * li + usize::from(r == 2)]
-    }
-}
-
-/// A streamed kernel's launch: one block per `work` unit up to as many as fit on the device at
-/// once with `smem` bytes each (at most 4 per SM): the blocks then walk the rest.
-pub(crate) fn stream_cfg(
-    enc: &Enc<'_>,
-    work: usize,
-    smem: usize,
-    op: &'static str,
-) -> Result<LaunchConfig, CudaError> {
-    let per_sm = ((enc.smem_optin + 1024) / (smem + 1024)).clamp(1, 4);
-    let blocks = work.min(enc.sm_count * per_sm).max(1);
-    Ok(LaunchConfig {
-        grid_dim: (u32_of(blocks, "blocks", op)?, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: smem as u32,
-    })
+/// Lanes per row group of a vector-path matvec over rows of `cols` elements (`elems` per 16
+/// bytes): of 32, 16 and 8, the one whose step span (lanes x elems) pads a row least, the
+/// widest on ties. Returns (lanes, index into per-lane name tables: 0, 1, 2 = 32, 16, 8).
+pub(crate) fn lanes_for(cols: usize, elems: usize) -> (usize, usize) {
+    [32usize, 16, 8]
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| (l, i))
+        .min_by_key(|&(l, _)| cols.div_ceil(l * elems) * l * elems - cols)
+        .expect("three choices")
 }
 
 pub(crate) fn u32_of(v: usize, what: &str, op: &'static str) -> Result<u32, CudaError> {

@@ -13,7 +13,7 @@ use cudarc::driver::{CudaStream, LaunchConfig};
 use moeflux_core::{Act, BufId, ExpertWeights, Idx, Matrix};
 
 use super::matmul::{GT, MOE_TM, MV_ROWS, mv_smem, tc_ok, tc_split, tc_split_bytes};
-use super::{Enc, Fmt, format_of, grid_1d, grid_y, launch, u32_of, vec_ok};
+use super::{Enc, Fmt, format_of, grid_1d, grid_y, lanes_for, launch, u32_of, vec_ok};
 use crate::error::CudaError;
 use crate::pool::{CudaPool, DevMem};
 
@@ -61,18 +61,6 @@ const DOWN_SCALAR: [&str; 5] = [
 const GU_R: usize = 2;
 const DN_R: usize = 4;
 const DC_RB: usize = 8;
-
-/// Lanes per row group of a vector-path matvec over rows of `cols` elements (`elems` per 16
-/// bytes): of 32, 16 and 8, the one whose step span (lanes x elems) pads a row least, the
-/// widest on ties. Returns (lanes, index into the `lane_names!` tables).
-fn lanes_for(cols: usize, elems: usize) -> (usize, usize) {
-    [32usize, 16, 8]
-        .into_iter()
-        .enumerate()
-        .map(|(i, l)| (l, i))
-        .min_by_key(|&(l, _)| cols.div_ceil(l * elems) * l * elems - cols)
-        .expect("three choices")
-}
 
 /// How one role's decode kernel runs: name, rows per block, dynamic shared memory.
 pub(crate) struct MvPlan {
