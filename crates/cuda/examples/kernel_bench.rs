@@ -255,9 +255,9 @@ fn main() {
         }
     }
 
-    // Attention decode at position 4095: heads 32, kv heads 4, head dim 128.
-    {
-        let (heads, kvh, hd, ctx) = (32, 4, 128, 4096);
+    // Attention decode at the last position: qwen3-30b-a3b's heads (32, kv 4, dim 128) at 4096
+    // and qwen3-next-80b-a3b's (16, kv 2, dim 256) at 4096 and 32768.
+    for (heads, kvh, hd, ctx) in [(32, 4, 128, 4096), (16, 2, 256, 4096), (16, 2, 256, 32768)] {
         let q = act(b, heads * hd);
         let out = act(b, heads * hd);
         let pos: BufId<Pos> = b.pool().alloc(4, "pos", Lifetime::External).unwrap();
@@ -287,7 +287,7 @@ fn main() {
             },
         );
         report_bytes(
-            "attention decode h32 kv4 hd128 ctx 4096",
+            &format!("attention decode h{heads} kv{kvh} hd{hd} ctx {ctx}"),
             s,
             2 * ctx * kvh * hd * 4,
         );

@@ -10,7 +10,8 @@
 //    warp + ATT_WARPS, ... and keeps an online softmax (running max, sum and weighted V) with
 //    lane d holding dims d, d + 32, ... (head_dim <= 32 * ATT_MAXD, checked on the host); the
 //    warps are merged through shared memory at the end. Used for wide batches (prefill).
-//  * attention_split_f32 + attention_merge_f32 (few queries: decode): flash-decoding. Grid
+//  * attention_split_f32 + attention_merge_f32 (few queries: decode, for head dims the GQA
+//    kernels below do not take): flash-decoding, one query head per block. Grid
 //    (heads, n, splits) with splits = ceil(max_ctx / AS_KEYS); block z takes keys
 //    [z * AS_KEYS, (z + 1) * AS_KEYS) of the query's 0..=pos[t] (blocks past it only mark
 //    themselves empty), each warp walks AS_KU keys at a time (independent loads and reductions
@@ -225,6 +226,240 @@ extern "C" __global__ void attention_merge_f32(const float* part, float* out, u3
             if (l > 0.f) a += P[s * stride + 2 + d] * expf(P[s * stride] - M);
         }
         o[d] = a / L;
+    }
+}
+
+// attention_gqa_f32_h{HB}_d{D} + attention_gqa_merge_f32 (few queries, head_dim 128 or 256):
+//   flash-decoding that reads each K/V row once for all the query heads that share it. Grid
+//   (kv_heads * G / HB, n, splits) for G = heads / kv_heads query heads per kv head and HB
+//   (1, 2, 4 or 8, dividing G) of them per block; block GQ_WARPS * 32. The block's keys are
+//   split z of the query's own 0..=pos[t] (so the splits follow the context actually
+//   attended, not max_ctx: the grid is fixed when the decode step is captured, the length is
+//   read on the device). Lane l holds dims 4l + 128c .. + 3 (c < D / 128) of q and of the
+//   output for all HB heads; each warp walks GQ_KU keys at a time (a float4 of K and of V per
+//   lane and key, all loads of a step in flight together). A key's HB partial dots are
+//   summed over the warp by a reduce-scatter (HB - 1 + 5 - log2 HB shuffles instead of 5 HB),
+//   which leaves lane l the score of head l >> (5 - log2 HB); that lane keeps the head's
+//   online softmax, and the P V update reads each head's correction and probabilities back
+//   with one shuffle each. The warps are merged in shared memory and the block writes its
+//   unnormalised partial per head: (max, sum) to ml[t, h, z] and acc[D] to acc[t, h, z]. The
+//   merge (grid (heads, n), block GM_THREADS) weighs the non-empty partials by exp(max - M) in
+//   shared memory, sums them with the splits spread over the block, and normalises.
+#define GQ_WARPS 4
+#define GM_THREADS 256
+#define GM_MAXZ 1024
+
+template <int HB, int D4>
+__device__ __forceinline__ void attention_gqa_body(const float* q, const u32* pos, const float* kc, const float* vc, float* ml,
+                                                   float4* acc_out, u32 heads, u32 kv_heads, float scale, u32 max_ctx,
+                                                   u32 splits) {
+    constexpr int D = 128 * D4;
+    constexpr int LOG_HB = HB == 8 ? 3 : HB == 4 ? 2 : HB == 2 ? 1 : 0;
+    constexpr int KU = 4 / D4;  // keys per warp step: 8 (D 128) or 16 (D 256) float4 loads in flight
+    constexpr u32 STEP = GQ_WARPS * KU;
+    __shared__ float s_m[GQ_WARPS][HB], s_l[GQ_WARPS][HB];
+    __shared__ float4 s_acc[GQ_WARPS][HB][D / 4];
+    const u32 G = heads / kv_heads, groups = G / HB;
+    const u32 kvh = blockIdx.x / groups, h0 = kvh * G + (blockIdx.x % groups) * HB;
+    const u32 t = blockIdx.y, z = blockIdx.z;
+    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const u32 len = min(pos[t] + 1, max_ctx);
+    const u32 chunk = ((len + splits - 1) / splits + STEP - 1) / STEP * STEP;
+    const u32 j0 = z * chunk, j1 = min(j0 + chunk, len);
+    const u64 rec0 = ((u64)t * heads + h0) * splits + z;  // head h0 + i's record: rec0 + i * splits
+    if (j0 >= len) {
+        if (threadIdx.x < HB) {
+            ml[2 * (rec0 + threadIdx.x * splits)] = NEG_INF;
+            ml[2 * (rec0 + threadIdx.x * splits) + 1] = 0.f;
+        }
+        return;  // uniform across the block
+    }
+    const u64 kv_dim = (u64)kv_heads * D;
+    const float* kb = kc + (u64)kvh * D + 4 * lane;
+    const float* vb = vc + (u64)kvh * D + 4 * lane;
+    float4 qv[HB][D4], acc[HB][D4];
+#pragma unroll
+    for (int i = 0; i < HB; i++)
+#pragma unroll
+        for (int c = 0; c < D4; c++) {
+            float4 a = *(const float4*)(q + ((u64)t * heads + h0 + i) * D + 128 * c + 4 * lane);
+            qv[i][c] = make_float4(a.x * scale, a.y * scale, a.z * scale, a.w * scale);
+            acc[i][c] = make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+    float m = NEG_INF, l = 0.f;  // the online softmax of head lane >> (5 - LOG_HB)
+    for (u32 jb = j0 + warp * KU; jb < j1; jb += STEP) {
+        float4 kr[KU][D4], vr[KU][D4];
+#pragma unroll
+        for (int u = 0; u < KU; u++) {
+            const u64 j = min(jb + u, j1 - 1);  // clamped rows are masked below
+#pragma unroll
+            for (int c = 0; c < D4; c++) {
+                kr[u][c] = *(const float4*)(kb + j * kv_dim + 128 * c);
+                vr[u][c] = *(const float4*)(vb + j * kv_dim + 128 * c);
+            }
+        }
+        float sc[KU];
+#pragma unroll
+        for (int u = 0; u < KU; u++) {
+            float v[HB];
+#pragma unroll
+            for (int i = 0; i < HB; i++) {
+                float a = 0.f;
+#pragma unroll
+                for (int c = 0; c < D4; c++)
+                    a += qv[i][c].x * kr[u][c].x + qv[i][c].y * kr[u][c].y + qv[i][c].z * kr[u][c].z + qv[i][c].w * kr[u][c].w;
+                v[i] = a;
+            }
+            // Reduce-scatter: each step halves the heads a lane carries and sums them over the
+            // lane pairs of one mask.
+#pragma unroll
+            for (int st = 0; st < LOG_HB; st++) {
+                const u32 mask = 16u >> st;
+                const int half = HB >> (st + 1);
+                const bool up = lane & mask;
+#pragma unroll
+                for (int i = 0; i < half; i++) {
+                    const float send = up ? v[i] : v[i + half];
+                    const float keep = up ? v[i + half] : v[i];
+                    v[i] = keep + __shfl_xor_sync(0xffffffffu, send, mask);
+                }
+            }
+#pragma unroll
+            for (u32 mask = 16u >> LOG_HB; mask > 0; mask >>= 1) v[0] += __shfl_xor_sync(0xffffffffu, v[0], mask);
+            sc[u] = jb + u < j1 ? v[0] : NEG_INF;
+        }
+        float mn = m;
+#pragma unroll
+        for (int u = 0; u < KU; u++) mn = fmaxf(mn, sc[u]);
+        const float corr = expf(m - mn);  // 0 on the first keys (m = -inf); key jb is valid
+        float p[KU];
+        l *= corr;
+#pragma unroll
+        for (int u = 0; u < KU; u++) {
+            p[u] = expf(sc[u] - mn);  // 0 for masked keys
+            l += p[u];
+        }
+        m = mn;
+#pragma unroll
+        for (int i = 0; i < HB; i++) {
+            const int src = i << (5 - LOG_HB);
+            const float ci = __shfl_sync(0xffffffffu, corr, src);
+            float pi[KU];
+#pragma unroll
+            for (int u = 0; u < KU; u++) pi[u] = __shfl_sync(0xffffffffu, p[u], src);
+#pragma unroll
+            for (int c = 0; c < D4; c++) {
+                float4 a = acc[i][c];
+                a.x *= ci, a.y *= ci, a.z *= ci, a.w *= ci;
+#pragma unroll
+                for (int u = 0; u < KU; u++) {
+                    a.x += pi[u] * vr[u][c].x;
+                    a.y += pi[u] * vr[u][c].y;
+                    a.z += pi[u] * vr[u][c].z;
+                    a.w += pi[u] * vr[u][c].w;
+                }
+                acc[i][c] = a;
+            }
+        }
+    }
+    if ((lane & ((32 >> LOG_HB) - 1)) == 0) {
+        s_m[warp][lane >> (5 - LOG_HB)] = m;
+        s_l[warp][lane >> (5 - LOG_HB)] = l;
+    }
+#pragma unroll
+    for (int i = 0; i < HB; i++)
+#pragma unroll
+        for (int c = 0; c < D4; c++) s_acc[warp][i][32 * c + lane] = acc[i][c];
+    __syncthreads();
+    for (u32 idx = threadIdx.x; idx < HB * (D / 4); idx += blockDim.x) {
+        const u32 i = idx / (D / 4), d4 = idx % (D / 4);
+        float M = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < GQ_WARPS; w++) M = fmaxf(M, s_m[w][i]);
+        float L = 0.f;
+        float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+        for (int w = 0; w < GQ_WARPS; w++) {
+            const float f = s_l[w][i] > 0.f ? expf(s_m[w][i] - M) : 0.f;  // warps that saw no key: 0
+            L += s_l[w][i] * f;
+            const float4 b = s_acc[w][i][d4];
+            a.x += b.x * f, a.y += b.y * f, a.z += b.z * f, a.w += b.w * f;
+        }
+        const u64 rec = rec0 + (u64)i * splits;
+        acc_out[rec * (D / 4) + d4] = a;
+        if (d4 == 0) {
+            ml[2 * rec] = M;
+            ml[2 * rec + 1] = L;
+        }
+    }
+}
+
+#define ATTENTION_GQA(HB, D4, D)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(GQ_WARPS * 32) attention_gqa_f32_h##HB##_d##D(                           \
+        const float* q, const u32* pos, const float* kc, const float* vc, float* ml, float4* acc, u32 heads, u32 kv_heads, \
+        float scale, u32 max_ctx, u32 splits) { pdl_prologue();                                                            \
+        attention_gqa_body<HB, D4>(q, pos, kc, vc, ml, acc, heads, kv_heads, scale, max_ctx, splits);                      \
+    }
+
+ATTENTION_GQA(1, 1, 128)
+ATTENTION_GQA(2, 1, 128)
+ATTENTION_GQA(4, 1, 128)
+ATTENTION_GQA(8, 1, 128)
+ATTENTION_GQA(1, 2, 256)
+ATTENTION_GQA(2, 2, 256)
+ATTENTION_GQA(4, 2, 256)
+ATTENTION_GQA(8, 2, 256)
+
+// Max over the whole block (as block_sum).
+__device__ __forceinline__ float block_max(float v, float* red) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    float t = lane < nw ? red[lane] : NEG_INF;
+    return warp_max(t);
+}
+
+extern "C" __global__ void __launch_bounds__(GM_THREADS) attention_gqa_merge_f32(const float* ml, const float4* acc, float* out,
+                                                                                u32 heads, u32 head_dim, u32 splits) { pdl_prologue();
+    __shared__ float s_w[GM_MAXZ];
+    __shared__ float red[32];
+    __shared__ float4 s_part[GM_THREADS];
+    const u32 h = blockIdx.x, t = blockIdx.y, tid = threadIdx.x;
+    const u64 base = ((u64)t * heads + h) * splits;
+    float mx = NEG_INF;
+    for (u32 s = tid; s < splits; s += GM_THREADS)
+        if (ml[2 * (base + s) + 1] > 0.f) mx = fmaxf(mx, ml[2 * (base + s)]);
+    const float M = block_max(mx, red);
+    float ls = 0.f;
+    for (u32 s = tid; s < splits; s += GM_THREADS) {
+        const float l = ml[2 * (base + s) + 1];
+        const float w = l > 0.f ? expf(ml[2 * (base + s)] - M) : 0.f;
+        s_w[s] = w;
+        ls += l * w;
+    }
+    const float L = block_sum(ls, red);  // synchronises: s_w is visible below
+    const u32 d4n = head_dim / 4, groups = GM_THREADS / d4n, g = tid / d4n, d4 = tid % d4n;
+    float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (g < groups)
+        for (u32 s = g; s < splits; s += groups) {
+            const float w = s_w[s];
+            if (w > 0.f) {
+                const float4 b = acc[(base + s) * d4n + d4];
+                a.x += b.x * w, a.y += b.y * w, a.z += b.z * w, a.w += b.w * w;
+            }
+        }
+    s_part[tid] = a;
+    __syncthreads();
+    if (tid < d4n) {
+        float4 r = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (u32 gg = 0; gg < groups; gg++) {
+            const float4 b = s_part[gg * d4n + tid];
+            r.x += b.x, r.y += b.y, r.z += b.z, r.w += b.w;
+        }
+        const float inv = L > 0.f ? 1.f / L : 0.f;
+        ((float4*)(out + ((u64)t * heads + h) * head_dim))[tid] = make_float4(r.x * inv, r.y * inv, r.z * inv, r.w * inv);
     }
 }
 

@@ -1,7 +1,8 @@
 // attention_tc.cu: causal GQA attention over the KV cache for wide batches (prefill) on the
 // tensor cores (mma.sync m16n8k8 tf32, f32 accumulate). Needs sm_80 or newer; the host picks
 // it only there, for head_dim 64, 128 or 256, and keeps it in its own program. (At 256 a lane
-// holds 128 output accumulators: ~210 registers and one 145 KB block per SM.)
+// holds 128 output accumulators: ~255 registers and one 197 KB block per SM; at 128, two
+// 101 KB blocks.)
 //
 // Same computation and layouts as attention_tiled_f32 in attention.cu: caches f32 [max_ctx,
 // kv_heads * head_dim], q / out f32 [n, heads * head_dim], query t attends keys 0..=pos[t]
@@ -11,20 +12,24 @@
 // the f32 remainder, which the mma reads as tf32), and each product is hi*hi + hi*lo + lo*hi:
 // the dropped lo*lo and the truncation of lo leave ~2^-21 relative, far below the 1e-5 of
 // the parity test and near what the f32 SIMT kernels round to. So a score or output costs
-// three mma per 8-deep step.
+// three mma per 8-deep step. K and V are split once per tile when staged (not once per warp
+// and use), and a q or P fragment once per k-step for all the mma tiles that read it, so the
+// inner loops are one 16-byte shared-memory read and three mma.
 //
-// attention_tc_f32_dD: grid (ceil(n / TA_Q), heads), block TA_WARPS * 32. Warp w owns queries
+// attention_tc_f32_dD: grid (ceil(n / TA_Q), heads), block TA_WARPS * 32, the query tiles
+//   with the most keys under the causal mask scheduled first. Warp w owns queries
 //   t0 + 16w .. + 15 (mma rows g and g + 8, g = lane / 4, c = lane % 4). Per key tile of
 //   TA_K keys: K and V staged in shared memory, S = Q K^T (16 x TA_K per warp: TA_K / 8 mma
 //   tiles of C, c's columns 2c, 2c + 1), masked past each query's position, online softmax
-//   (row max and sum over the 4 lanes of a row), P written to the warp's shared-memory tile and
-//   read back as A fragments, O += P V (D / 8 mma tiles).
-// Shared-memory layouts are chosen so that each lane reads both floats of a fragment pair with
-// one 8-byte load: q, K and P rows hold each group of 8 columns in the order 0 4 1 5 2 6 3 7
-// (columns c and c + 4 side by side), and V is stored by key pairs (j, j + 4) of each group of
-// 8 keys, dim by dim. Row strides are 8 floats past a multiple of 32, which puts the 16 lanes
-// of each half-warp in distinct banks. Dynamic shared memory: TA_Q * (D + 8) + TA_K * (D + 8)
-// + TA_K / 2 * (2 D + 8) + TA_Q * (TA_K + 8) floats.
+//   (row max and sum over the 4 lanes of a row), P written to the warp's shared-memory tile
+//   (over K, after a barrier) and read back as A fragments, O += P V (D / 8 mma tiles).
+// Shared-memory layouts are chosen so that each lane reads a whole fragment pair with one
+// load: q and P rows hold each group of 8 columns in the order 0 4 1 5 2 6 3 7 (columns c and
+// c + 4 side by side, one 8-byte read); K row r holds for dims 8kk + e and + 4 the quad (hi,
+// hi', lo, lo') at 16 kk + 4 e; V is stored by key pairs (j, j + 4) of each group of 8 keys,
+// dim d as the quad (hi_j, hi_j+4, lo_j, lo_j+4) (16-byte reads). Row strides (q: D + 8, K:
+// 2D + 16, V: 4D + 8 words) put the lanes of each load phase in distinct banks. Dynamic
+// shared memory: TA_Q * (D + 8) + TA_K * (2D + 16) + TA_K / 2 * (4D + 8) words.
 #include "common.cuh"
 
 #define TA_WARPS 4
@@ -60,32 +65,39 @@ __device__ __forceinline__ void mma_tf32(float* c, const u32* a, u32 b0, u32 b1)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// c += a b with a (4 floats, A fragment) and b (2 floats, B fragment) split into tf32 parts.
-__device__ __forceinline__ void mma3(float* c, const float* a, float b0, float b1) {
-    u32 ah[4], al[4], bh0, bl0, bh1, bl1;
-#pragma unroll
-    for (int i = 0; i < 4; i++) tf32_split(a[i], ah[i], al[i]);
-    tf32_split(b0, bh0, bl0);
-    tf32_split(b1, bh1, bl1);
+// c += a b for an A fragment split into (ah, al) and a B fragment pre-split into (bh, bl): the
+// three products of the split, smallest first.
+__device__ __forceinline__ void mma3s(float* c, const u32* ah, const u32* al, u32 bh0, u32 bh1, u32 bl0, u32 bl1) {
     mma_tf32(c, al, bh0, bh1);
     mma_tf32(c, ah, bl0, bl1);
     mma_tf32(c, ah, bh0, bh1);
 }
 
+__device__ __forceinline__ void split4(const float* a, u32* ah, u32* al) {
+#pragma unroll
+    for (int i = 0; i < 4; i++) tf32_split(a[i], ah[i], al[i]);
+}
+
 template <int D>
 __device__ __forceinline__ void attention_tc_body(const float* q, const u32* pos, const float* kc, const float* vc, float* out,
                                                   u32 n, u32 heads, u32 kv_heads, float scale, u32 max_ctx) {
-    constexpr u32 QP = D + 8, KP = D + 8, VP = 2 * D + 8;
-    float* qs = (float*)smem4;        // [TA_Q][QP], paired columns
-    float* ks = qs + TA_Q * QP;       // [TA_K][KP], paired columns
-    float* vs = ks + TA_K * KP;       // [TA_K / 2][VP]: key pair p, dim d at p * VP + 2 d
-    float* ps = vs + TA_K / 2 * VP;   // [TA_Q][TA_PP], paired columns, 16 rows per warp
+    constexpr u32 QP = D + 8, KS = 2 * D + 16, VS = 4 * D + 8;
+    float* qs = (float*)smem4;         // [TA_Q][QP], paired columns
+    u32* ks = (u32*)(qs + TA_Q * QP);  // [TA_K][KS]: split K, see below
+    u32* vs = ks + TA_K * KS;          // [TA_K / 2][VS]: split V by key pairs
+    float* ps = (float*)ks;            // [TA_Q][TA_PP], paired columns, 16 rows per warp: over K,
+                                       // which S no longer reads when P is written
     __shared__ u32 s_len;
-    const u32 h = blockIdx.y, t0 = blockIdx.x * TA_Q;
+    // Heaviest query tiles (the most keys under the causal mask) first.
+    const u32 h = blockIdx.y, t0 = (gridDim.x - 1 - blockIdx.x) * TA_Q;
     const u32 tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
     const u32 kvh = h / (heads / kv_heads);
     const u64 kv_dim = (u64)kv_heads * D;
     if (tid == 0) s_len = 0;
+    // This lane's two query rows and their attended lengths (0 past n).
+    const u32 ra = 16 * warp + g, rb = ra + 8;
+    const u32 la = t0 + ra < n ? min(pos[t0 + ra] + 1, max_ctx) : 0;
+    const u32 lb = t0 + rb < n ? min(pos[t0 + rb] + 1, max_ctx) : 0;
     for (u32 i = tid; i < TA_Q * D / 8; i += blockDim.x) {
         const u32 qr = i / (D / 8), d = 8 * (i % (D / 8));
         const u32 tq = t0 + qr;
@@ -99,10 +111,6 @@ __device__ __forceinline__ void attention_tc_body(const float* q, const u32* pos
         }
         store_paired(qs + qr * QP + d, a, b);
     }
-    // This lane's two query rows and their attended lengths (0 past n).
-    const u32 ra = 16 * warp + g, rb = ra + 8;
-    const u32 la = t0 + ra < n ? min(pos[t0 + ra] + 1, max_ctx) : 0;
-    const u32 lb = t0 + rb < n ? min(pos[t0 + rb] + 1, max_ctx) : 0;
     __syncthreads();
     if (c == 0) atomicMax(&s_len, max(la, lb));
     __syncthreads();
@@ -116,25 +124,34 @@ __device__ __forceinline__ void attention_tc_body(const float* q, const u32* pos
     const float* qb = qs + rb * QP;
     float* pw = ps + 16 * warp * TA_PP;
     for (u32 k0 = 0; k0 < kmax; k0 += TA_K) {
-        for (u32 i = tid; i < TA_K * D / 8; i += blockDim.x) {
-            const u32 kr = i / (D / 8), d = 8 * (i % (D / 8));
+        // K split once per tile: row kr, dims 8 kk + e and + 4 (e < 4) as the u32 quad
+        // (hi, hi + 4, lo, lo + 4) at kr * KS + 16 kk + 4 e, one 16-byte read per B fragment.
+        for (u32 i = tid; i < TA_K * D / 2; i += blockDim.x) {
+            const u32 kr = i / (D / 2), r = i % (D / 2), kk = r / 4, e = r % 4;
             const u32 j = k0 + kr;
-            float4 a = make_float4(0.f, 0.f, 0.f, 0.f), b = a;
+            float a = 0.f, b = 0.f;
             if (j < kmax) {
-                const float* src = kc + (u64)j * kv_dim + (u64)kvh * D + d;
-                a = *(const float4*)src;
-                b = *(const float4*)(src + 4);
+                const float* src = kc + (u64)j * kv_dim + (u64)kvh * D + 8 * kk + e;
+                a = src[0];
+                b = src[4];
             }
-            store_paired(ks + kr * KP + d, a, b);
+            uint4 w;
+            tf32_split(a, w.x, w.z);
+            tf32_split(b, w.y, w.w);
+            *(uint4*)(ks + kr * KS + 16 * kk + 4 * e) = w;
         }
-        for (u32 i = tid; i < TA_K / 2 * D / 4; i += blockDim.x) {
-            const u32 p = i / (D / 4), d = 4 * (i % (D / 4));
-            const u32 j = k0 + 8 * (p >> 2) + (p & 3);  // keys j and j + 4
-            float4 a = make_float4(0.f, 0.f, 0.f, 0.f), b = a;
+        // V split once per tile: keys j and j + 4 of each group of 8 (pair p = 4 (j / 8) + j % 8),
+        // dim d as the quad (hi_j, hi_j+4, lo_j, lo_j+4) at p * VS + 4 d.
+        for (u32 i = tid; i < TA_K / 2 * D; i += blockDim.x) {
+            const u32 p = i / D, d = i % D;
+            const u32 j = k0 + 8 * (p >> 2) + (p & 3);
             const float* src = vc + (u64)j * kv_dim + (u64)kvh * D + d;
-            if (j < kmax) a = *(const float4*)src;
-            if (j + 4 < kmax) b = *(const float4*)(src + 4 * kv_dim);
-            store_paired(vs + p * VP + 2 * d, a, b);
+            const float a = j < kmax ? src[0] : 0.f;
+            const float b = j + 4 < kmax ? src[4 * kv_dim] : 0.f;
+            uint4 w;
+            tf32_split(a, w.x, w.z);
+            tf32_split(b, w.y, w.w);
+            *(uint4*)(vs + p * VS + 4 * d) = w;
         }
         __syncthreads();
         // S = Q K^T: tile nt holds keys 8 nt + 2c, + 1 of rows ra (s[nt][0..1]) and rb ([2..3]).
@@ -146,10 +163,12 @@ __device__ __forceinline__ void attention_tc_body(const float* q, const u32* pos
             const u32 d = 8 * kk + 2 * c;  // dims 8 kk + c and + 4, paired
             const float2 x = *(const float2*)(qa + d), y = *(const float2*)(qb + d);
             const float a[4] = {x.x, y.x, x.y, y.y};
+            u32 ah[4], al[4];
+            split4(a, ah, al);
 #pragma unroll
             for (int nt = 0; nt < TA_K / 8; nt++) {
-                const float2 k2 = *(const float2*)(ks + (8 * nt + g) * KP + d);
-                mma3(s[nt], a, k2.x, k2.y);
+                const uint4 k4 = *(const uint4*)(ks + (8 * nt + g) * KS + 16 * kk + 4 * c);
+                mma3s(s[nt], ah, al, k4.x, k4.y, k4.z, k4.w);
             }
         }
         // Mask, then the online softmax of rows ra and rb over this tile.
@@ -175,20 +194,14 @@ __device__ __forceinline__ void attention_tc_body(const float* q, const u32* pos
         sa *= ca;
         sb *= cb;
 #pragma unroll
-        for (int nt = 0; nt < TA_K / 8; nt++) {
-            float p[4];
+        for (int nt = 0; nt < TA_K / 8; nt++) {  // s becomes P
 #pragma unroll
             for (int e = 0; e < 2; e++) {
-                p[e] = s[nt][e] == NEG_INF ? 0.f : expf(s[nt][e] - na);
-                p[2 + e] = s[nt][2 + e] == NEG_INF ? 0.f : expf(s[nt][2 + e] - nb);
+                s[nt][e] = s[nt][e] == NEG_INF ? 0.f : expf(s[nt][e] - na);
+                s[nt][2 + e] = s[nt][2 + e] == NEG_INF ? 0.f : expf(s[nt][2 + e] - nb);
             }
-            sa += p[0] + p[1];
-            sb += p[2] + p[3];
-            const u32 c0 = 8 * nt + pair_pos(2 * c), c1 = 8 * nt + pair_pos(2 * c + 1);
-            pw[g * TA_PP + c0] = p[0];
-            pw[g * TA_PP + c1] = p[1];
-            pw[(g + 8) * TA_PP + c0] = p[2];
-            pw[(g + 8) * TA_PP + c1] = p[3];
+            sa += s[nt][0] + s[nt][1];
+            sb += s[nt][2] + s[nt][3];
         }
         ma = na;
         mb = nb;
@@ -197,18 +210,30 @@ __device__ __forceinline__ void attention_tc_body(const float* q, const u32* pos
             o[i][0] *= ca, o[i][1] *= ca;
             o[i][2] *= cb, o[i][3] *= cb;
         }
+        __syncthreads();  // every warp is past S: P may overwrite K
+#pragma unroll
+        for (int nt = 0; nt < TA_K / 8; nt++) {
+            const u32 c0 = 8 * nt + pair_pos(2 * c), c1 = 8 * nt + pair_pos(2 * c + 1);
+            pw[g * TA_PP + c0] = s[nt][0];
+            pw[g * TA_PP + c1] = s[nt][1];
+            pw[(g + 8) * TA_PP + c0] = s[nt][2];
+            pw[(g + 8) * TA_PP + c1] = s[nt][3];
+        }
         __syncwarp();
+
         // O += P V: k-steps of 8 keys, output tiles of 8 dims (dims 8i + 2c, + 1).
 #pragma unroll
         for (int kk = 0; kk < TA_K / 8; kk++) {
             const u32 j = 8 * kk + 2 * c;  // keys 8 kk + c and + 4, paired
             const float2 x = *(const float2*)(pw + g * TA_PP + j), y = *(const float2*)(pw + (g + 8) * TA_PP + j);
             const float a[4] = {x.x, y.x, x.y, y.y};
-            const float* vp = vs + (4 * kk + c) * VP + 2 * g;
+            u32 ah[4], al[4];
+            split4(a, ah, al);
+            const u32* vp = vs + (4 * kk + c) * VS + 4 * g;
 #pragma unroll
             for (int i = 0; i < D / 8; i++) {
-                const float2 v2 = *(const float2*)(vp + 16 * i);  // dim 8 i + g of keys j, j + 4
-                mma3(o[i], a, v2.x, v2.y);
+                const uint4 v4 = *(const uint4*)(vp + 32 * i);  // dim 8 i + g of keys j, j + 4
+                mma3s(o[i], ah, al, v4.x, v4.y, v4.z, v4.w);
             }
         }
         __syncthreads();

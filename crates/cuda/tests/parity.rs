@@ -968,7 +968,15 @@ fn attention() {
     // 4) or else the one-pass kernel (hd 66, and 256 without tensor cores).
     let prefill: Vec<u32> = (40..110).collect(); // 70 queries: two full tiles and a partial one
     let scattered: Vec<u32> = (0..37u32).map(|i| (i * 7919) % 523).collect();
-    let cases: [(usize, usize, usize, Vec<u32>); 12] = [
+    // Decode with head_dim 128 or 256 takes the GQA kernels (query heads per block: the
+    // largest of 8, 4, 2, 1 dividing the group): 30b's and next-80b's shapes over long
+    // contexts, a group of 16 (two blocks per kv head), of 6 (pairs) and of 1.
+    let cases: [(usize, usize, usize, Vec<u32>); 17] = [
+        (32, 4, 128, vec![4095, 17]),
+        (16, 2, 256, vec![4999]),
+        (32, 2, 256, vec![2047, 0, 1500]),
+        (24, 4, 128, vec![700]),
+        (4, 4, 128, vec![0, 1]),
         (4, 2, 64, prefill.clone()),
         (8, 4, 128, scattered.clone()),
         (8, 2, 64, vec![0, 17, 299]),

@@ -1,8 +1,9 @@
 //! Op::KvAppend and Op::Attention -> kernels/attention.cu, and kernels/attention_tc.cu for
 //! prefill on the tensor cores.
 //!
-//! Which attention kernel: up to [`SPLIT_MAX_N`] queries take split-K flash-decoding; wider
-//! batches take the tensor-core kernel (sm_80+, head_dim 64, 128 or 256), else the tiled SIMT
+//! Which attention kernel: up to [`SPLIT_MAX_N`] queries take split-K flash-decoding (the GQA
+//! kernels, which read each K/V row once for all the query heads sharing it, for head_dim 128
+//! or 256; one block per query head otherwise); wider batches take the tensor-core kernel (sm_80+, head_dim 64, 128 or 256), else the tiled SIMT
 //! kernel (head_dim <= 128, a multiple of 4), else the one-pass kernel.
 
 use cudarc::driver::LaunchConfig;
@@ -17,6 +18,11 @@ const MAX_HEAD_DIM: usize = 8 * 32;
 /// `AS_WARPS` and `AS_KEYS` in attention.cu (the split, flash-decoding path).
 const SPLIT_WARPS: u32 = 4;
 const SPLIT_KEYS: usize = 256;
+/// attention_gqa_* (attention.cu): warps per block (GQ_WARPS), the largest split count the
+/// merge stages (GM_MAXZ) and the merge's block (GM_THREADS).
+const GQA_WARPS: u32 = 4;
+const GQA_MAX_SPLITS: usize = 1024;
+const GQA_MERGE_THREADS: u32 = 256;
 /// Batches up to this many queries take the split path: few queries leave the one-block-per-
 /// (query, head) kernel with too few blocks to fill the GPU over a long context.
 pub(crate) const SPLIT_MAX_N: usize = 4;
@@ -43,14 +49,46 @@ fn tc_attention_kernel(enc: &Enc<'_>, head_dim: usize) -> Option<&'static str> {
     }
 }
 
-/// Dynamic shared memory of attention_tc_f32_d{head_dim}: q and K tiles, V by key pairs, and
-/// the warps' P tiles, every row padded by 8 floats.
+/// Dynamic shared memory of attention_tc_f32_d{head_dim}: the q tile (rows padded by 8
+/// floats), the K tile split in tf32 halves (rows padded by 16), V split by key pairs (rows
+/// padded by 8); the warps' P tiles reuse K's space.
 fn tc_attention_smem(head_dim: usize) -> usize {
-    (TC_Q * (head_dim + 8)
-        + TC_K * (head_dim + 8)
-        + TC_K / 2 * (2 * head_dim + 8)
-        + TC_Q * (TC_K + 8))
-        * 4
+    (TC_Q * (head_dim + 8) + TC_K * (2 * head_dim + 16) + TC_K / 2 * (4 * head_dim + 8)) * 4
+}
+
+/// The GQA decode kernel for this head shape and the query heads per block (the largest of 8,
+/// 4, 2, 1 dividing the group), or None for head dims other than 128 and 256.
+fn gqa_kernel(heads: usize, kv_heads: usize, head_dim: usize) -> Option<(&'static str, usize)> {
+    let group = heads / kv_heads;
+    let hb = [8, 4, 2, 1].into_iter().find(|hb| group.is_multiple_of(*hb))?;
+    const NAMES: [[&str; 4]; 2] = [
+        [
+            "attention_gqa_f32_h1_d128",
+            "attention_gqa_f32_h2_d128",
+            "attention_gqa_f32_h4_d128",
+            "attention_gqa_f32_h8_d128",
+        ],
+        [
+            "attention_gqa_f32_h1_d256",
+            "attention_gqa_f32_h2_d256",
+            "attention_gqa_f32_h4_d256",
+            "attention_gqa_f32_h8_d256",
+        ],
+    ];
+    let d = match head_dim {
+        128 => 0,
+        256 => 1,
+        _ => return None,
+    };
+    Some((NAMES[d][hb.trailing_zeros() as usize], hb))
+}
+
+/// Key splits of the GQA decode kernel: enough blocks for two per SM, no split shorter than
+/// one warp step of keys at full context, at most what the merge stages.
+fn gqa_splits(blocks: usize, sm_count: usize, max_ctx: usize, head_dim: usize) -> usize {
+    let step = GQA_WARPS as usize * (4 / (head_dim / 128));
+    let want = (2 * sm_count).div_ceil(blocks.max(1));
+    want.min(max_ctx.div_ceil(step)).clamp(1, GQA_MAX_SPLITS)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -147,6 +185,54 @@ pub(crate) fn attention(
         u32_of(s.max_ctx, "max_ctx", OP)?,
     );
     let ty = grid_y(s.n, "tokens", OP)?;
+    if s.n <= SPLIT_MAX_N
+        && let Some((name, hb)) = gqa_kernel(s.heads, s.kv_heads, s.head_dim)
+    {
+        let blocks_x = s.heads / hb;
+        let splits = gqa_splits(blocks_x * s.n, enc.sm_count, s.max_ctx, s.head_dim);
+        let sp = grid_y(splits, "key splits", OP)?;
+        let recs = s.n * s.heads * splits;
+        let acc_bytes = recs * s.head_dim * 4;
+        let part = enc.scratch.get(enc.stream, acc_bytes + recs * 2 * 4)?;
+        let (acc, ml) = (part, part + acc_bytes as u64);
+        let cfg = LaunchConfig {
+            grid_dim: (u32_of(blocks_x, "head groups", OP)?, ty, sp),
+            block_dim: (GQA_WARPS * 32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: attention_gqa_f32_h*_d*(const float*, const u32*, const float*, const float*,
+        // float*, float4*, u32, u32, float, u32, u32); q holds n * heads * head_dim floats, caches
+        // max_ctx * kv_heads * head_dim (Graph::validate), head_dim is the kernel's D and HB
+        // divides heads / kv_heads (gqa_kernel), so every float4 load is aligned in the 256-byte
+        // aligned pool buffers; acc (scratch, 256-byte aligned) holds n * heads * splits *
+        // head_dim floats and ml, right after it, 2 per record; keys are clamped to max_ctx.
+        unsafe {
+            launch!(
+                enc,
+                "attention.cu",
+                name,
+                cfg,
+                [qp, pp, kc, vc, ml, acc, h, kvh, scale, mc, sp]
+            )
+        }?;
+        let cfg = LaunchConfig {
+            grid_dim: (h, ty, 1),
+            block_dim: (GQA_MERGE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: attention_gqa_merge_f32(const float*, const float4*, float*, u32, u32, u32);
+        // ml and acc as written above (splits <= GM_MAXZ, head_dim / 4 <= GM_THREADS), out
+        // n * heads * head_dim floats.
+        return unsafe {
+            launch!(
+                enc,
+                "attention.cu",
+                "attention_gqa_merge_f32",
+                cfg,
+                [ml, acc, op, h, hd, sp]
+            )
+        };
+    }
     if s.n <= SPLIT_MAX_N {
         let splits = s.max_ctx.div_ceil(SPLIT_KEYS);
         let sp = grid_y(splits, "key splits", OP)?;
