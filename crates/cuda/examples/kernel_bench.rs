@@ -293,6 +293,48 @@ fn main() {
         );
     }
 
+    // Causal attention prefill of 4096 queries over the cache (the tensor-core kernel):
+    // qwen3-30b-a3b's and qwen3-next-80b-a3b's head shapes. Reported as useful TFLOP/s (the
+    // causal half of Q K^T and P V; the kernel spends three tf32 mma per product).
+    for (heads, kvh, hd) in [(32, 4, 128), (16, 2, 256)] {
+        let n = 4096;
+        let q = act(b, n * heads * hd);
+        let out = act(b, n * heads * hd);
+        let pos: BufId<Pos> = b.pool().alloc(4 * n, "pos", Lifetime::External).unwrap();
+        let p: Vec<u32> = (0..n as u32).collect();
+        b.pool().upload_u32(pos, &p).unwrap();
+        let kc: BufId<Cache> = b
+            .pool()
+            .alloc(n * kvh * hd * 4, "k", Lifetime::Persistent)
+            .unwrap();
+        let vc: BufId<Cache> = b
+            .pool()
+            .alloc(n * kvh * hd * 4, "v", Lifetime::Persistent)
+            .unwrap();
+        let s = time(
+            b,
+            Op::Attention {
+                q,
+                pos,
+                k_cache: kc,
+                v_cache: vc,
+                out,
+                n,
+                heads,
+                kv_heads: kvh,
+                head_dim: hd,
+                scale: 0.088,
+                max_ctx: n,
+            },
+        );
+        let flops = (n * (n + 1) / 2 * heads * hd * 4) as f64;
+        println!(
+            "| attention prefill h{heads} kv{kvh} hd{hd} n {n} | {:.1} | | {:.1} TFLOP/s | |",
+            s * 1e6,
+            flops / s / 1e12
+        );
+    }
+
     // Gated delta decode: 32 value heads, 16 key heads, 128 x 128 state per head.
     {
         let (kh, vh, dk, dv) = (16, 32, 128, 128);

@@ -73,6 +73,19 @@ __device__ __forceinline__ void mma3s(float* c, const u32* ah, const u32* al, u3
     mma_tf32(c, ah, bh0, bh1);
 }
 
+// Stores the tf32 split of a (4 values) and b (4 values) as four quads (hi(a_e), hi(b_e),
+// lo(a_e), lo(b_e)), e = 0..3, `stride` words apart from dst.
+__device__ __forceinline__ void store_split(u32* dst, u32 stride, float4 a, float4 b) {
+    const float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        uint4 w;
+        tf32_split(av[e], w.x, w.z);
+        tf32_split(bv[e], w.y, w.w);
+        *(uint4*)(dst + e * stride) = w;
+    }
+}
+
 __device__ __forceinline__ void split4(const float* a, u32* ah, u32* al) {
 #pragma unroll
     for (int i = 0; i < 4; i++) tf32_split(a[i], ah[i], al[i]);
@@ -82,6 +95,9 @@ template <int D>
 __device__ __forceinline__ void attention_tc_body(const float* q, const u32* pos, const float* kc, const float* vc, float* out,
                                                   u32 n, u32 heads, u32 kv_heads, float scale, u32 max_ctx) {
     constexpr u32 QP = D + 8, KS = 2 * D + 16, VS = 4 * D + 8;
+    // K and V staging: D / 32 items of two float4 per thread and tile (both tiles have
+    // TA_K * D / 8 of them), loaded STAGE_U at a time (2 at D 256, where o fills the registers).
+    constexpr int STAGE_IT = TA_K * D / 8 / (TA_WARPS * 32), STAGE_U = D > 128 ? 2 : STAGE_IT < 4 ? STAGE_IT : 4;
     float* qs = (float*)smem4;         // [TA_Q][QP], paired columns
     u32* ks = (u32*)(qs + TA_Q * QP);  // [TA_K][KS]: split K, see below
     u32* vs = ks + TA_K * KS;          // [TA_K / 2][VS]: split V by key pairs
@@ -126,32 +142,49 @@ __device__ __forceinline__ void attention_tc_body(const float* q, const u32* pos
     for (u32 k0 = 0; k0 < kmax; k0 += TA_K) {
         // K split once per tile: row kr, dims 8 kk + e and + 4 (e < 4) as the u32 quad
         // (hi, hi + 4, lo, lo + 4) at kr * KS + 16 kk + 4 e, one 16-byte read per B fragment.
-        for (u32 i = tid; i < TA_K * D / 2; i += blockDim.x) {
-            const u32 kr = i / (D / 2), r = i % (D / 2), kk = r / 4, e = r % 4;
-            const u32 j = k0 + kr;
-            float a = 0.f, b = 0.f;
-            if (j < kmax) {
-                const float* src = kc + (u64)j * kv_dim + (u64)kvh * D + 8 * kk + e;
-                a = src[0];
-                b = src[4];
+        // V split by key pairs: keys j and j + 4 of each group of 8 (pair p = 4 (j / 8) + j % 8),
+        // dim d as the quad (hi_j, hi_j+4, lo_j, lo_j+4) at p * VS + 4 d. Both staged with
+        // 16-byte loads, STAGE_U per thread issued before any is used.
+#pragma unroll
+        for (int it0 = 0; it0 < STAGE_IT; it0 += STAGE_U) {
+            float4 ka[STAGE_U], kb[STAGE_U];
+#pragma unroll
+            for (int u = 0; u < STAGE_U; u++) {
+                const u32 i = tid + (it0 + u) * TA_WARPS * 32;
+                const u32 kr = i / (D / 8), kk = i % (D / 8), j = k0 + kr;
+                ka[u] = kb[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+                if (j < kmax) {
+                    const float* src = kc + (u64)j * kv_dim + (u64)kvh * D + 8 * kk;
+                    ka[u] = *(const float4*)src;
+                    kb[u] = *(const float4*)(src + 4);
+                }
             }
-            uint4 w;
-            tf32_split(a, w.x, w.z);
-            tf32_split(b, w.y, w.w);
-            *(uint4*)(ks + kr * KS + 16 * kk + 4 * e) = w;
+#pragma unroll
+            for (int u = 0; u < STAGE_U; u++) {
+                const u32 i = tid + (it0 + u) * TA_WARPS * 32;
+                const u32 kr = i / (D / 8), kk = i % (D / 8);
+                store_split(ks + kr * KS + 16 * kk, 4, ka[u], kb[u]);
+            }
         }
-        // V split once per tile: keys j and j + 4 of each group of 8 (pair p = 4 (j / 8) + j % 8),
-        // dim d as the quad (hi_j, hi_j+4, lo_j, lo_j+4) at p * VS + 4 d.
-        for (u32 i = tid; i < TA_K / 2 * D; i += blockDim.x) {
-            const u32 p = i / D, d = i % D;
-            const u32 j = k0 + 8 * (p >> 2) + (p & 3);
-            const float* src = vc + (u64)j * kv_dim + (u64)kvh * D + d;
-            const float a = j < kmax ? src[0] : 0.f;
-            const float b = j + 4 < kmax ? src[4 * kv_dim] : 0.f;
-            uint4 w;
-            tf32_split(a, w.x, w.z);
-            tf32_split(b, w.y, w.w);
-            *(uint4*)(vs + p * VS + 4 * d) = w;
+#pragma unroll
+        for (int it0 = 0; it0 < STAGE_IT; it0 += STAGE_U) {
+            float4 va[STAGE_U], vb[STAGE_U];
+#pragma unroll
+            for (int u = 0; u < STAGE_U; u++) {
+                const u32 i = tid + (it0 + u) * TA_WARPS * 32;
+                const u32 p = i / (D / 4), d = 4 * (i % (D / 4));
+                const u32 j = k0 + 8 * (p >> 2) + (p & 3);
+                const float* src = vc + (u64)j * kv_dim + (u64)kvh * D + d;
+                va[u] = vb[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+                if (j < kmax) va[u] = *(const float4*)src;
+                if (j + 4 < kmax) vb[u] = *(const float4*)(src + 4 * kv_dim);
+            }
+#pragma unroll
+            for (int u = 0; u < STAGE_U; u++) {
+                const u32 i = tid + (it0 + u) * TA_WARPS * 32;
+                const u32 p = i / (D / 4), d = 4 * (i % (D / 4));
+                store_split(vs + p * VS + 4 * d, 4, va[u], vb[u]);
+            }
         }
         __syncthreads();
         // S = Q K^T: tile nt holds keys 8 nt + 2c, + 1 of rows ra (s[nt][0..1]) and rb ([2..3]).
