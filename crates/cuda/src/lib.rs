@@ -580,7 +580,7 @@ impl CudaBackend {
 
     /// Launches node `index` together with the nodes after it that one kernel can serve: the
     /// decode matvecs of the same input (up to 4 in all, see [`ops::matmul::matvec_multi`]),
-    /// or the RMS norm of an add's sum. The number of nodes launched, or 0 when the node runs
+    /// the RMS norm of an add's sum, or an attention block's q/k norms, rope and KV append. The number of nodes launched, or 0 when the node runs
     /// alone.
     fn merge_run(&mut self, graph: &Graph, index: usize) -> Result<usize, CudaError> {
         if !self.merge_nodes {
@@ -588,6 +588,9 @@ impl CudaBackend {
         }
         if let Op::Add { a, b, out, len } = &graph.nodes[index].1 {
             return self.fuse_add_norm(graph, index, (*a, *b, *out, *len));
+        }
+        if matches!(graph.nodes[index].1, Op::RmsNorm { .. } | Op::Rope { .. }) {
+            return self.fuse_qk_prep(graph, index);
         }
         let Op::Matmul { x, n, .. } = &graph.nodes[index].1 else {
             return Ok(0);
@@ -659,6 +662,159 @@ impl CudaBackend {
             *offset,
         )?;
         Ok(if fused { 2 } else { 0 })
+    }
+
+    /// Launches an attention block's per-head preparation as one kernel: the in-place RMS
+    /// norms of the q and k heads (either may be absent), the rope of both (or none) and the
+    /// KV append that follows them, in the order `attn::emit` writes them (see
+    /// [`ops::rope::qk_prep`]). The number of nodes launched, or 0 when they run apart.
+    fn fuse_qk_prep(&mut self, graph: &Graph, index: usize) -> Result<usize, CudaError> {
+        let nodes = &graph.nodes[index..];
+        let mut i = 0;
+        let mut norms = Vec::new();
+        while i < nodes.len().min(2) {
+            match &nodes[i].1 {
+                Op::RmsNorm {
+                    x,
+                    weight,
+                    out,
+                    rows,
+                    dim,
+                    eps,
+                    offset,
+                } if x == out => norms.push((*x, weight, *rows, *dim, *eps, *offset)),
+                _ => break,
+            }
+            i += 1;
+        }
+        let mut ropes = Vec::new();
+        while i < nodes.len() && ropes.len() < 2 {
+            match &nodes[i].1 {
+                Op::Rope {
+                    x,
+                    pos,
+                    n,
+                    heads,
+                    head_dim,
+                    rotary_dim,
+                    theta,
+                } => ropes.push((*x, *pos, *n, *heads, *head_dim, *rotary_dim, *theta)),
+                _ => break,
+            }
+            i += 1;
+        }
+        let Some((
+            _,
+            Op::KvAppend {
+                k,
+                v,
+                pos,
+                k_cache,
+                v_cache,
+                n,
+                kv_dim,
+                max_ctx,
+            },
+        )) = nodes.get(i)
+        else {
+            return Ok(0);
+        };
+        let (k, n) = (*k, *n);
+        // q is the one other buffer the norms and ropes touch; it must be touched.
+        let mut q = None;
+        for x in norms.iter().map(|n| n.0).chain(ropes.iter().map(|r| r.0)) {
+            if x != k {
+                if q.is_some_and(|q| q != x) {
+                    return Ok(0);
+                }
+                q = Some(x);
+            }
+        }
+        let Some(q) = q else { return Ok(0) };
+        if *v == k || *v == q {
+            return Ok(0);
+        }
+        // The ropes: none, or one of q then one of k with the same pos, n and angles.
+        let (heads, head_dim, rope) = match ropes.as_slice() {
+            [] => {
+                let Some(&(_, _, rows, dim, ..)) = norms.iter().find(|n| n.0 == q) else {
+                    return Ok(0);
+                };
+                if n == 0 || !rows.is_multiple_of(n) {
+                    return Ok(0);
+                }
+                (rows / n, dim, None)
+            }
+            [rq, rk] => {
+                if rq.0 != q
+                    || rk.0 != k
+                    || rq.1 != *pos
+                    || rk.1 != *pos
+                    || rq.2 != n
+                    || rk.2 != n
+                    || rq.4 != rk.4
+                    || rq.5 != rk.5
+                    || rq.6 != rk.6
+                {
+                    return Ok(0);
+                }
+                (rq.3, rq.4, Some((rq.5, rq.6)))
+            }
+            _ => return Ok(0),
+        };
+        if head_dim == 0 || !kv_dim.is_multiple_of(head_dim) {
+            return Ok(0);
+        }
+        let kv_heads = kv_dim / head_dim;
+        if let Some(&(_, _, rk, ..)) = ropes.get(1)
+            && rk != kv_heads
+        {
+            return Ok(0);
+        }
+        // Norms: at most one per buffer, per head, with one eps and offset.
+        let mut q_norm = None;
+        let mut k_norm = None;
+        for &(x, w, rows, dim, eps, offset) in &norms {
+            let (slot, heads) = if x == q {
+                (&mut q_norm, heads)
+            } else {
+                (&mut k_norm, kv_heads)
+            };
+            if slot.is_some() || dim != head_dim || Some(rows) != n.checked_mul(heads) {
+                return Ok(0);
+            }
+            *slot = Some((w, eps, offset));
+        }
+        let (eps, offset) = match (q_norm, k_norm) {
+            (Some((_, e1, o1)), Some((_, e2, o2))) if (e1, o1) != (e2, o2) => return Ok(0),
+            (Some((_, e, o)), _) | (_, Some((_, e, o))) => (e, o),
+            (None, None) => (0.0, 0.0),
+        };
+        if !ops::rope::qk_prep_fits(head_dim, rope) {
+            return Ok(0);
+        }
+        ops::rope::qk_prep(
+            &mut self.enc(),
+            &ops::rope::QkPrep {
+                q,
+                k,
+                v: *v,
+                pos: *pos,
+                k_cache: *k_cache,
+                v_cache: *v_cache,
+                q_norm: q_norm.map(|n| n.0),
+                k_norm: k_norm.map(|n| n.0),
+                eps,
+                offset,
+                rope,
+                n,
+                heads,
+                kv_heads,
+                head_dim,
+                max_ctx: *max_ctx,
+            },
+        )?;
+        Ok(i + 1)
     }
 
     fn encode_one(&mut self, op: &Op) -> Result<(), CudaError> {

@@ -933,6 +933,89 @@ fn rope() {
 }
 
 #[test]
+fn qk_norm_rope_append() {
+    // The attention block's q/k norms, ropes and KV append, which the CUDA backend launches as
+    // one kernel (qk_prep_f32, head_dim <= 256): 30b's heads, next-80b's (partial rope), no
+    // norms, norms without rope, a position past the cache (skipped), and head dim 80.
+    let cases: [(usize, usize, usize, usize, bool, bool, Vec<u32>); 6] = [
+        (32, 4, 128, 128, true, true, vec![4095]),
+        (16, 2, 256, 64, true, true, vec![7, 8, 9]),
+        (8, 2, 128, 128, false, false, vec![0, 30000]),
+        (4, 4, 64, 0, true, true, vec![2]),
+        (8, 1, 128, 64, true, false, vec![5, 4100]),
+        (4, 2, 80, 80, true, true, vec![1, 2]),
+    ];
+    for (heads, kv_heads, hd, rd, q_norm, k_norm, positions) in cases {
+        check(
+            &format!("qk norm {q_norm}/{k_norm} rope {rd} h {heads} kv {kv_heads} hd {hd} pos {positions:?}"),
+            23,
+            2e-6,
+            &|s| {
+                let n = positions.len();
+                let max_ctx = 4097;
+                let kv_dim = kv_heads * hd;
+                let q = s.rand(n * heads * hd, 2.0);
+                let q = s.input(&q, "q");
+                let k = s.rand(n * kv_dim, 2.0);
+                let k = s.input(&k, "k");
+                let v = s.rand(n * kv_dim, 1.0);
+                let v = s.input(&v, "v");
+                s.watch(q, n * heads * hd, "q (in place)", Kind::F32);
+                s.watch(k, n * kv_dim, "k (in place)", Kind::F32);
+                let pos: BufId<Pos> = s.input_u32(&positions, "pos");
+                let kc0 = s.rand(max_ctx * kv_dim, 1.0);
+                let k_cache: BufId<Cache> = s.input_as(&kc0, "k_cache", Lifetime::Persistent);
+                let vc0 = s.rand(max_ctx * kv_dim, 1.0);
+                let v_cache: BufId<Cache> = s.input_as(&vc0, "v_cache", Lifetime::Persistent);
+                s.watch(k_cache, max_ctx * kv_dim, "k_cache", Kind::F32);
+                s.watch(v_cache, max_ctx * kv_dim, "v_cache", Kind::F32);
+                for (on, x, rows, label) in [
+                    (q_norm, q, n * heads, "q_norm"),
+                    (k_norm, k, n * kv_heads, "k_norm"),
+                ] {
+                    if on {
+                        let w = s.rand(hd, 1.0);
+                        let weight = gen_vector(s, &w, DType::BF16, label);
+                        s.op(Op::RmsNorm {
+                            x,
+                            weight,
+                            out: x,
+                            rows,
+                            dim: hd,
+                            eps: 1e-6,
+                            offset: 1.0,
+                        });
+                    }
+                }
+                if rd > 0 {
+                    for (x, h) in [(q, heads), (k, kv_heads)] {
+                        s.op(Op::Rope {
+                            x,
+                            pos,
+                            n,
+                            heads: h,
+                            head_dim: hd,
+                            rotary_dim: rd,
+                            theta: 1e7,
+                        });
+                    }
+                }
+                s.op(Op::KvAppend {
+                    k,
+                    v,
+                    pos,
+                    k_cache,
+                    v_cache,
+                    n,
+                    kv_dim,
+                    max_ctx,
+                });
+            },
+        );
+    }
+}
+
+#[test]
 fn kv_append() {
     check("kv_append", 18, 0.0, &|s| {
         let (n, kv_dim, max_ctx) = (4, 64, 32);
