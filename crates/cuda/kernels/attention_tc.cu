@@ -2,7 +2,7 @@
 // tensor cores (mma.sync m16n8k8 tf32, f32 accumulate). Needs sm_80 or newer; the host picks
 // it only there, for head_dim 64, 128 or 256, and keeps it in its own program. (At 256 a lane
 // holds 128 output accumulators: ~255 registers and one 197 KB block per SM; at 128, two
-// 101 KB blocks.)
+// 101 KB blocks of ~254 registers, the prefetched tile included.)
 //
 // Same computation and layouts as attention_tiled_f32 in attention.cu: caches f32 [max_ctx,
 // kv_heads * head_dim], q / out f32 [n, heads * head_dim], query t attends keys 0..=pos[t]
@@ -14,7 +14,8 @@
 // the parity test and near what the f32 SIMT kernels round to. So a score or output costs
 // three mma per 8-deep step. K and V are split once per tile when staged (not once per warp
 // and use), and a q or P fragment once per k-step for all the mma tiles that read it, so the
-// inner loops are one 16-byte shared-memory read and three mma.
+// inner loops are one 16-byte shared-memory read and three mma. At head_dim <= 128 the next
+// tile's K and V loads are issued before a tile's mma work, so their latency hides behind it.
 //
 // attention_tc_f32_dD: grid (ceil(n / TA_Q), heads), block TA_WARPS * 32, the query tiles
 //   with the most keys under the causal mask scheduled first. Warp w owns queries
@@ -91,6 +92,47 @@ __device__ __forceinline__ void split4(const float* a, u32* ah, u32* al) {
     for (int i = 0; i < 4; i++) tf32_split(a[i], ah[i], al[i]);
 }
 
+// K split once per tile: row kr, dims 8 kk + e and + 4 (e < 4) as the u32 quad (hi, hi + 4,
+// lo, lo + 4) at kr * (2D + 16) + 16 kk + 4 e, one 16-byte read per B fragment. V split by key
+// pairs: keys j and j + 4 of each group of 8 (pair p = 4 (j / 8) + j % 8), dim d as the quad
+// (hi_j, hi_j+4, lo_j, lo_j+4) at p * (4D + 8) + 4 d. Both tiles have TA_K * D / 8 items of two
+// float4; load_kv reads items it0 .. it0 + U of this thread (16-byte loads, all issued before
+// any is used; rows past kmax read as 0), store_kv splits and stores them.
+template <int D, int U>
+__device__ __forceinline__ void load_kv(const float* kc, const float* vc, u64 kv_dim, u32 kvh, u32 k0, u32 kmax, int it0,
+                                        float4* ka, float4* kb, float4* va, float4* vb) {
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const u32 i = threadIdx.x + (it0 + u) * TA_WARPS * 32;
+        const u32 kr = i / (D / 8), kk = i % (D / 8), j = k0 + kr;
+        ka[u] = kb[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (j < kmax) {
+            const float* src = kc + (u64)j * kv_dim + (u64)kvh * D + 8 * kk;
+            ka[u] = *(const float4*)src;
+            kb[u] = *(const float4*)(src + 4);
+        }
+        const u32 p = i / (D / 4), d = 4 * (i % (D / 4));
+        const u32 jv = k0 + 8 * (p >> 2) + (p & 3);
+        const float* src = vc + (u64)jv * kv_dim + (u64)kvh * D + d;
+        va[u] = vb[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (jv < kmax) va[u] = *(const float4*)src;
+        if (jv + 4 < kmax) vb[u] = *(const float4*)(src + 4 * kv_dim);
+    }
+}
+
+template <int D, int U>
+__device__ __forceinline__ void store_kv(u32* ks, u32* vs, int it0, const float4* ka, const float4* kb, const float4* va,
+                                         const float4* vb) {
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const u32 i = threadIdx.x + (it0 + u) * TA_WARPS * 32;
+        const u32 kr = i / (D / 8), kk = i % (D / 8);
+        store_split(ks + kr * (2 * D + 16) + 16 * kk, 4, ka[u], kb[u]);
+        const u32 p = i / (D / 4), d = 4 * (i % (D / 4));
+        store_split(vs + p * (4 * D + 8) + 4 * d, 4, va[u], vb[u]);
+    }
+}
+
 template <int D>
 __device__ __forceinline__ void attention_tc_body(const float* q, const u32* pos, const float* kc, const float* vc, float* out,
                                                   u32 n, u32 heads, u32 kv_heads, float scale, u32 max_ctx) {
@@ -139,54 +181,26 @@ __device__ __forceinline__ void attention_tc_body(const float* q, const u32* pos
     const float* qa = qs + ra * QP;
     const float* qb = qs + rb * QP;
     float* pw = ps + 16 * warp * TA_PP;
+    // K and V tiles: with PREFETCH (D <= 128, where the registers allow) the next tile's loads
+    // are issued before this tile's mma work and stored after it; at D 256 each tile is loaded
+    // and stored in chunks of STAGE_U items before its work.
+    constexpr bool PREFETCH = D <= 128;
+    constexpr int PF = PREFETCH ? STAGE_IT : 1;
+    float4 ka[PF], kb[PF], va[PF], vb[PF];
+    if (PREFETCH) load_kv<D, PF>(kc, vc, kv_dim, kvh, 0, kmax, 0, ka, kb, va, vb);
     for (u32 k0 = 0; k0 < kmax; k0 += TA_K) {
-        // K split once per tile: row kr, dims 8 kk + e and + 4 (e < 4) as the u32 quad
-        // (hi, hi + 4, lo, lo + 4) at kr * KS + 16 kk + 4 e, one 16-byte read per B fragment.
-        // V split by key pairs: keys j and j + 4 of each group of 8 (pair p = 4 (j / 8) + j % 8),
-        // dim d as the quad (hi_j, hi_j+4, lo_j, lo_j+4) at p * VS + 4 d. Both staged with
-        // 16-byte loads, STAGE_U per thread issued before any is used.
+        if (PREFETCH) {
+            store_kv<D, PF>(ks, vs, 0, ka, kb, va, vb);
+        } else {
 #pragma unroll
-        for (int it0 = 0; it0 < STAGE_IT; it0 += STAGE_U) {
-            float4 ka[STAGE_U], kb[STAGE_U];
-#pragma unroll
-            for (int u = 0; u < STAGE_U; u++) {
-                const u32 i = tid + (it0 + u) * TA_WARPS * 32;
-                const u32 kr = i / (D / 8), kk = i % (D / 8), j = k0 + kr;
-                ka[u] = kb[u] = make_float4(0.f, 0.f, 0.f, 0.f);
-                if (j < kmax) {
-                    const float* src = kc + (u64)j * kv_dim + (u64)kvh * D + 8 * kk;
-                    ka[u] = *(const float4*)src;
-                    kb[u] = *(const float4*)(src + 4);
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < STAGE_U; u++) {
-                const u32 i = tid + (it0 + u) * TA_WARPS * 32;
-                const u32 kr = i / (D / 8), kk = i % (D / 8);
-                store_split(ks + kr * KS + 16 * kk, 4, ka[u], kb[u]);
-            }
-        }
-#pragma unroll
-        for (int it0 = 0; it0 < STAGE_IT; it0 += STAGE_U) {
-            float4 va[STAGE_U], vb[STAGE_U];
-#pragma unroll
-            for (int u = 0; u < STAGE_U; u++) {
-                const u32 i = tid + (it0 + u) * TA_WARPS * 32;
-                const u32 p = i / (D / 4), d = 4 * (i % (D / 4));
-                const u32 j = k0 + 8 * (p >> 2) + (p & 3);
-                const float* src = vc + (u64)j * kv_dim + (u64)kvh * D + d;
-                va[u] = vb[u] = make_float4(0.f, 0.f, 0.f, 0.f);
-                if (j < kmax) va[u] = *(const float4*)src;
-                if (j + 4 < kmax) vb[u] = *(const float4*)(src + 4 * kv_dim);
-            }
-#pragma unroll
-            for (int u = 0; u < STAGE_U; u++) {
-                const u32 i = tid + (it0 + u) * TA_WARPS * 32;
-                const u32 p = i / (D / 4), d = 4 * (i % (D / 4));
-                store_split(vs + p * VS + 4 * d, 4, va[u], vb[u]);
+            for (int it0 = 0; it0 < STAGE_IT; it0 += STAGE_U) {
+                float4 a[STAGE_U], b[STAGE_U], c2[STAGE_U], d2[STAGE_U];
+                load_kv<D, STAGE_U>(kc, vc, kv_dim, kvh, k0, kmax, it0, a, b, c2, d2);
+                store_kv<D, STAGE_U>(ks, vs, it0, a, b, c2, d2);
             }
         }
         __syncthreads();
+        if (PREFETCH && k0 + TA_K < kmax) load_kv<D, PF>(kc, vc, kv_dim, kvh, k0 + TA_K, kmax, 0, ka, kb, va, vb);
         // S = Q K^T: tile nt holds keys 8 nt + 2c, + 1 of rows ra (s[nt][0..1]) and rb ([2..3]).
         float s[TA_K / 8][4];
 #pragma unroll

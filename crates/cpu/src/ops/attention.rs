@@ -2,7 +2,8 @@
 //!
 //! Caches are `[max_ctx, kv_heads * head_dim]`; query `i` of the batch sits at absolute
 //! position `pos[i]` and attends rows `0..=pos[i]`, which makes prefill and decode the
-//! same computation.
+//! same computation. Positions past the cache are not stored, and a query attends at most
+//! the whole cache (as the CUDA kernels do); the session never asks for either.
 
 use rayon::prelude::*;
 
@@ -16,8 +17,12 @@ pub fn kv_append(
     v_cache: &mut [f32],
     kv_dim: usize,
 ) {
+    let max_ctx = k_cache.len() / kv_dim.max(1);
     for (t, &p) in pos.iter().enumerate() {
         let p = p as usize;
+        if p >= max_ctx {
+            continue;
+        }
         k_cache[p * kv_dim..(p + 1) * kv_dim].copy_from_slice(&k[t * kv_dim..(t + 1) * kv_dim]);
         v_cache[p * kv_dim..(p + 1) * kv_dim].copy_from_slice(&v[t * kv_dim..(t + 1) * kv_dim]);
     }
@@ -41,13 +46,14 @@ pub fn attention(
     let hd = s.head_dim;
     let kv_dim = s.kv_heads * hd;
     let group = s.heads / s.kv_heads;
+    let max_ctx = k_cache.len() / kv_dim.max(1);
     out.par_chunks_mut(hd).enumerate().for_each_init(
         Vec::new,
         |scores: &mut Vec<f32>, (row, o)| {
             let (t, h) = (row / s.heads, row % s.heads);
             let kvh = h / group;
             let qv = &q[row * hd..(row + 1) * hd];
-            let len = pos[t] as usize + 1;
+            let len = (pos[t] as usize + 1).min(max_ctx);
             scores.clear();
             let mut max = f32::NEG_INFINITY;
             for j in 0..len {
