@@ -947,7 +947,9 @@ fn qk_norm_rope_append() {
     ];
     for (heads, kv_heads, hd, rd, q_norm, k_norm, positions) in cases {
         check(
-            &format!("qk norm {q_norm}/{k_norm} rope {rd} h {heads} kv {kv_heads} hd {hd} pos {positions:?}"),
+            &format!(
+                "qk norm {q_norm}/{k_norm} rope {rd} h {heads} kv {kv_heads} hd {hd} pos {positions:?}"
+            ),
             23,
             2e-6,
             &|s| {

@@ -60,7 +60,9 @@ fn tc_attention_smem(head_dim: usize) -> usize {
 /// 4, 2, 1 dividing the group), or None for head dims other than 128 and 256.
 fn gqa_kernel(heads: usize, kv_heads: usize, head_dim: usize) -> Option<(&'static str, usize)> {
     let group = heads / kv_heads;
-    let hb = [8, 4, 2, 1].into_iter().find(|hb| group.is_multiple_of(*hb))?;
+    let hb = [8, 4, 2, 1]
+        .into_iter()
+        .find(|hb| group.is_multiple_of(*hb))?;
     const NAMES: [[&str; 4]; 2] = [
         [
             "attention_gqa_f32_h1_d128",

@@ -128,7 +128,10 @@ pub(crate) fn qk_prep(enc: &mut Enc<'_>, p: &QkPrep<'_>) -> Result<(), CudaError
             "rope.cu",
             "qk_prep_f32",
             cfg,
-            [qp, kp, vp, pp, kc, vc, qw, qwdt, kw, kwdt, n_, h, kvh, hd, rd, theta, eps, offset, mc, flags]
+            [
+                qp, kp, vp, pp, kc, vc, qw, qwdt, kw, kwdt, n_, h, kvh, hd, rd, theta, eps, offset,
+                mc, flags
+            ]
         )
     }
 }
