@@ -664,157 +664,15 @@ impl CudaBackend {
         Ok(if fused { 2 } else { 0 })
     }
 
-    /// Launches an attention block's per-head preparation as one kernel: the in-place RMS
-    /// norms of the q and k heads (either may be absent), the rope of both (or none) and the
-    /// KV append that follows them, in the order `attn::emit` writes them (see
-    /// [`ops::rope::qk_prep`]). The number of nodes launched, or 0 when they run apart.
+    /// Launches an attention block's per-head preparation as one kernel (see
+    /// [`match_qk_prep`] and [`ops::rope::qk_prep`]). The number of nodes launched, or 0 when
+    /// they run apart.
     fn fuse_qk_prep(&mut self, graph: &Graph, index: usize) -> Result<usize, CudaError> {
-        let nodes = &graph.nodes[index..];
-        let mut i = 0;
-        let mut norms = Vec::new();
-        while i < nodes.len().min(2) {
-            match &nodes[i].1 {
-                Op::RmsNorm {
-                    x,
-                    weight,
-                    out,
-                    rows,
-                    dim,
-                    eps,
-                    offset,
-                } if x == out => norms.push((*x, weight, *rows, *dim, *eps, *offset)),
-                _ => break,
-            }
-            i += 1;
-        }
-        let mut ropes = Vec::new();
-        while i < nodes.len() && ropes.len() < 2 {
-            match &nodes[i].1 {
-                Op::Rope {
-                    x,
-                    pos,
-                    n,
-                    heads,
-                    head_dim,
-                    rotary_dim,
-                    theta,
-                } => ropes.push((*x, *pos, *n, *heads, *head_dim, *rotary_dim, *theta)),
-                _ => break,
-            }
-            i += 1;
-        }
-        let Some((
-            _,
-            Op::KvAppend {
-                k,
-                v,
-                pos,
-                k_cache,
-                v_cache,
-                n,
-                kv_dim,
-                max_ctx,
-            },
-        )) = nodes.get(i)
-        else {
+        let Some((count, prep)) = match_qk_prep(&graph.nodes[index..]) else {
             return Ok(0);
         };
-        let (k, n) = (*k, *n);
-        // q is the one other buffer the norms and ropes touch; it must be touched.
-        let mut q = None;
-        for x in norms.iter().map(|n| n.0).chain(ropes.iter().map(|r| r.0)) {
-            if x != k {
-                if q.is_some_and(|q| q != x) {
-                    return Ok(0);
-                }
-                q = Some(x);
-            }
-        }
-        let Some(q) = q else { return Ok(0) };
-        if *v == k || *v == q {
-            return Ok(0);
-        }
-        // The ropes: none, or one of q then one of k with the same pos, n and angles.
-        let (heads, head_dim, rope) = match ropes.as_slice() {
-            [] => {
-                let Some(&(_, _, rows, dim, ..)) = norms.iter().find(|n| n.0 == q) else {
-                    return Ok(0);
-                };
-                if n == 0 || !rows.is_multiple_of(n) {
-                    return Ok(0);
-                }
-                (rows / n, dim, None)
-            }
-            [rq, rk] => {
-                if rq.0 != q
-                    || rk.0 != k
-                    || rq.1 != *pos
-                    || rk.1 != *pos
-                    || rq.2 != n
-                    || rk.2 != n
-                    || rq.4 != rk.4
-                    || rq.5 != rk.5
-                    || rq.6 != rk.6
-                {
-                    return Ok(0);
-                }
-                (rq.3, rq.4, Some((rq.5, rq.6)))
-            }
-            _ => return Ok(0),
-        };
-        if head_dim == 0 || !kv_dim.is_multiple_of(head_dim) {
-            return Ok(0);
-        }
-        let kv_heads = kv_dim / head_dim;
-        if let Some(&(_, _, rk, ..)) = ropes.get(1)
-            && rk != kv_heads
-        {
-            return Ok(0);
-        }
-        // Norms: at most one per buffer, per head, with one eps and offset.
-        let mut q_norm = None;
-        let mut k_norm = None;
-        for &(x, w, rows, dim, eps, offset) in &norms {
-            let (slot, heads) = if x == q {
-                (&mut q_norm, heads)
-            } else {
-                (&mut k_norm, kv_heads)
-            };
-            if slot.is_some() || dim != head_dim || Some(rows) != n.checked_mul(heads) {
-                return Ok(0);
-            }
-            *slot = Some((w, eps, offset));
-        }
-        let (eps, offset) = match (q_norm, k_norm) {
-            (Some((_, e1, o1)), Some((_, e2, o2))) if (e1, o1) != (e2, o2) => return Ok(0),
-            (Some((_, e, o)), _) | (_, Some((_, e, o))) => (e, o),
-            (None, None) => (0.0, 0.0),
-        };
-        if !ops::rope::qk_prep_fits(head_dim, rope) {
-            return Ok(0);
-        }
-        ops::rope::qk_prep(
-            &mut self.enc(),
-            &ops::rope::QkPrep {
-                q,
-                k,
-                v: *v,
-                pos: *pos,
-                k_cache: *k_cache,
-                v_cache: *v_cache,
-                q_norm: q_norm.map(|n| n.0),
-                k_norm: k_norm.map(|n| n.0),
-                eps,
-                offset,
-                rope,
-                n,
-                heads,
-                kv_heads,
-                head_dim,
-                max_ctx: *max_ctx,
-            },
-        )?;
-        Ok(i + 1)
+        ops::rope::qk_prep(&mut self.enc(), &prep)?;
+        Ok(count)
     }
 
     fn encode_one(&mut self, op: &Op) -> Result<(), CudaError> {
@@ -840,6 +698,159 @@ impl CudaBackend {
             },
         }
     }
+}
+
+/// The attention block's per-head preparation at the head of `nodes`, as `attn::emit` writes
+/// it: in-place RMS norms of the q and k heads (either may be absent, one eps and offset), the
+/// rope of both (or none), then the KV append. The number of nodes and what one qk_prep_f32
+/// launch must do for them, or None when the nodes are anything else.
+fn match_qk_prep(
+    nodes: &[(moeflux_core::op::NodeName, Op)],
+) -> Option<(usize, ops::rope::QkPrep<'_>)> {
+    let mut i = 0;
+    let mut norms = Vec::new();
+    while i < nodes.len().min(2) {
+        match &nodes[i].1 {
+            Op::RmsNorm {
+                x,
+                weight,
+                out,
+                rows,
+                dim,
+                eps,
+                offset,
+            } if x == out => norms.push((*x, weight, *rows, *dim, *eps, *offset)),
+            _ => break,
+        }
+        i += 1;
+    }
+    let mut ropes = Vec::new();
+    while i < nodes.len() && ropes.len() < 2 {
+        match &nodes[i].1 {
+            Op::Rope {
+                x,
+                pos,
+                n,
+                heads,
+                head_dim,
+                rotary_dim,
+                theta,
+            } => ropes.push((*x, *pos, *n, *heads, *head_dim, *rotary_dim, *theta)),
+            _ => break,
+        }
+        i += 1;
+    }
+    let Some((
+        _,
+        Op::KvAppend {
+            k,
+            v,
+            pos,
+            k_cache,
+            v_cache,
+            n,
+            kv_dim,
+            max_ctx,
+        },
+    )) = nodes.get(i)
+    else {
+        return None;
+    };
+    let (k, n) = (*k, *n);
+    // q is the one other buffer the norms and ropes touch; it must be touched.
+    let mut q = None;
+    for x in norms.iter().map(|n| n.0).chain(ropes.iter().map(|r| r.0)) {
+        if x != k {
+            if q.is_some_and(|q| q != x) {
+                return None;
+            }
+            q = Some(x);
+        }
+    }
+    let q = q?;
+    if *v == k || *v == q {
+        return None;
+    }
+    // The ropes: none, or one of q then one of k with the same pos, n and angles.
+    let (heads, head_dim, rope) = match ropes.as_slice() {
+        [] => {
+            let Some(&(_, _, rows, dim, ..)) = norms.iter().find(|n| n.0 == q) else {
+                return None;
+            };
+            if n == 0 || !rows.is_multiple_of(n) {
+                return None;
+            }
+            (rows / n, dim, None)
+        }
+        [rq, rk] => {
+            if rq.0 != q
+                || rk.0 != k
+                || rq.1 != *pos
+                || rk.1 != *pos
+                || rq.2 != n
+                || rk.2 != n
+                || rq.4 != rk.4
+                || rq.5 != rk.5
+                || rq.6 != rk.6
+            {
+                return None;
+            }
+            (rq.3, rq.4, Some((rq.5, rq.6)))
+        }
+        _ => return None,
+    };
+    if head_dim == 0 || !kv_dim.is_multiple_of(head_dim) {
+        return None;
+    }
+    let kv_heads = kv_dim / head_dim;
+    if let Some(&(_, _, _, rk, ..)) = ropes.get(1)
+        && rk != kv_heads
+    {
+        return None;
+    }
+    // Norms: at most one per buffer, per head, with one eps and offset.
+    let mut q_norm = None;
+    let mut k_norm = None;
+    for &(x, w, rows, dim, eps, offset) in &norms {
+        let (slot, heads) = if x == q {
+            (&mut q_norm, heads)
+        } else {
+            (&mut k_norm, kv_heads)
+        };
+        if slot.is_some() || dim != head_dim || Some(rows) != n.checked_mul(heads) {
+            return None;
+        }
+        *slot = Some((w, eps, offset));
+    }
+    let (eps, offset) = match (q_norm, k_norm) {
+        (Some((_, e1, o1)), Some((_, e2, o2))) if (e1, o1) != (e2, o2) => return None,
+        (Some((_, e, o)), _) | (_, Some((_, e, o))) => (e, o),
+        (None, None) => (0.0, 0.0),
+    };
+    if !ops::rope::qk_prep_fits(head_dim, rope) {
+        return None;
+    }
+    Some((
+        i + 1,
+        ops::rope::QkPrep {
+            q,
+            k,
+            v: *v,
+            pos: *pos,
+            k_cache: *k_cache,
+            v_cache: *v_cache,
+            q_norm: q_norm.map(|n| n.0),
+            k_norm: k_norm.map(|n| n.0),
+            eps,
+            offset,
+            rope,
+            n,
+            heads,
+            kv_heads,
+            head_dim,
+            max_ctx: *max_ctx,
+        },
+    ))
 }
 
 /// Whether `graph` is a decode step: every matmul takes the matrix-vector path. Programmatic
@@ -1059,6 +1070,105 @@ mod tests {
             let bin = kernels::compile_cubin(file, "sm_90").unwrap_or_else(|e| panic!("{e}"));
             assert!(!bin.is_empty(), "{file}: empty CUBIN");
         }
+    }
+
+    /// The attention block's nodes as `attn::emit` writes them (q/k norms, ropes, KV append),
+    /// with what may be left out.
+    fn attn_prep_nodes(
+        norms: bool,
+        ropes: bool,
+        k_rope_heads: usize,
+    ) -> Vec<(moeflux_core::op::NodeName, Op)> {
+        use moeflux_core::op::{Region, Vector};
+        use moeflux_core::{BufId, DType, RawBufId, Role};
+        fn id<R: Role>(i: u32) -> BufId<R> {
+            BufId::from_raw(RawBufId(i))
+        }
+        let (q, k, v, pos, kc, vc) = (id(1), id(2), id(3), id(4), id(5), id(6));
+        let (n, heads, kv_heads, hd) = (1, 32, 4, 128);
+        let w = Vector {
+            data: Region {
+                buf: id(7),
+                offset: 0,
+            },
+            len: hd,
+            dtype: DType::BF16,
+        };
+        let mut g = Graph::new("attn");
+        if norms {
+            for (x, h) in [(q, heads), (k, kv_heads)] {
+                g.push(
+                    None,
+                    "norm",
+                    Op::RmsNorm {
+                        x,
+                        weight: w,
+                        out: x,
+                        rows: n * h,
+                        dim: hd,
+                        eps: 1e-6,
+                        offset: 0.0,
+                    },
+                );
+            }
+        }
+        if ropes {
+            for (x, h) in [(q, heads), (k, k_rope_heads)] {
+                g.push(
+                    None,
+                    "rope",
+                    Op::Rope {
+                        x,
+                        pos,
+                        n,
+                        heads: h,
+                        head_dim: hd,
+                        rotary_dim: hd,
+                        theta: 1e6,
+                    },
+                );
+            }
+        }
+        g.push(
+            None,
+            "kv_append",
+            Op::KvAppend {
+                k,
+                v,
+                pos,
+                k_cache: kc,
+                v_cache: vc,
+                n,
+                kv_dim: kv_heads * hd,
+                max_ctx: 64,
+            },
+        );
+        g.nodes
+    }
+
+    #[test]
+    fn the_attention_prep_nodes_fuse() {
+        let full = attn_prep_nodes(true, true, 4);
+        let (count, p) = match_qk_prep(&full).expect("norms, ropes and append fuse");
+        assert_eq!(
+            (count, p.heads, p.kv_heads, p.head_dim, p.n),
+            (5, 32, 4, 128, 1)
+        );
+        assert!(p.q_norm.is_some() && p.k_norm.is_some() && p.rope == Some((128, 1e6)));
+        let no_norms = attn_prep_nodes(false, true, 4);
+        let (count, p) = match_qk_prep(&no_norms).expect("ropes and append");
+        assert_eq!((count, p.heads, p.q_norm.is_none()), (3, 32, true));
+        let no_ropes = attn_prep_nodes(true, false, 4);
+        let (count, p) = match_qk_prep(&no_ropes).expect("norms and append");
+        assert_eq!((count, p.heads, p.rope), (3, 32, None));
+        // Nothing on q, or a k rope over other heads than the cache's: the nodes run apart.
+        assert!(match_qk_prep(&attn_prep_nodes(false, false, 4)).is_none());
+        assert!(match_qk_prep(&attn_prep_nodes(true, true, 2)).is_none());
+        // Starting anywhere but the first norm is not the pattern.
+        assert!(
+            match_qk_prep(&full[1..]).is_none()
+                || match_qk_prep(&full[1..]).is_some_and(|(c, _)| c == 4)
+        );
     }
 
     #[test]
