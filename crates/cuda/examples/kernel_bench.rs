@@ -129,6 +129,40 @@ fn time(b: &mut dyn Backend, op: Op) -> f64 {
     best / REPS as f64
 }
 
+/// Seconds per Op::Attention of queries at `positions` over caches of `max_ctx` rows, for
+/// (heads, kv heads, head dim).
+fn time_attention(
+    b: &mut dyn Backend,
+    (heads, kv_heads, head_dim): (usize, usize, usize),
+    positions: &[u32],
+    max_ctx: usize,
+) -> f64 {
+    let n = positions.len();
+    let q = act(b, n * heads * head_dim);
+    let out = act(b, n * heads * head_dim);
+    let pos: BufId<Pos> = b.pool().alloc(4 * n, "pos", Lifetime::External).unwrap();
+    b.pool().upload_u32(pos, positions).unwrap();
+    let cache = max_ctx * kv_heads * head_dim * 4;
+    let k_cache: BufId<Cache> = b.pool().alloc(cache, "k", Lifetime::Persistent).unwrap();
+    let v_cache: BufId<Cache> = b.pool().alloc(cache, "v", Lifetime::Persistent).unwrap();
+    time(
+        b,
+        Op::Attention {
+            q,
+            pos,
+            k_cache,
+            v_cache,
+            out,
+            n,
+            heads,
+            kv_heads,
+            head_dim,
+            scale: 0.088,
+            max_ctx,
+        },
+    )
+}
+
 fn report_bytes(name: &str, secs: f64, bytes: usize) {
     let floor = bytes as f64 / FLOOR_BPS;
     println!(
@@ -258,34 +292,7 @@ fn main() {
     // Attention decode at the last position: qwen3-30b-a3b's heads (32, kv 4, dim 128) at 4096
     // and qwen3-next-80b-a3b's (16, kv 2, dim 256) at 4096 and 32768.
     for (heads, kvh, hd, ctx) in [(32, 4, 128, 4096), (16, 2, 256, 4096), (16, 2, 256, 32768)] {
-        let q = act(b, heads * hd);
-        let out = act(b, heads * hd);
-        let pos: BufId<Pos> = b.pool().alloc(4, "pos", Lifetime::External).unwrap();
-        b.pool().upload_u32(pos, &[ctx as u32 - 1]).unwrap();
-        let kc: BufId<Cache> = b
-            .pool()
-            .alloc(ctx * kvh * hd * 4, "k", Lifetime::Persistent)
-            .unwrap();
-        let vc: BufId<Cache> = b
-            .pool()
-            .alloc(ctx * kvh * hd * 4, "v", Lifetime::Persistent)
-            .unwrap();
-        let s = time(
-            b,
-            Op::Attention {
-                q,
-                pos,
-                k_cache: kc,
-                v_cache: vc,
-                out,
-                n: 1,
-                heads,
-                kv_heads: kvh,
-                head_dim: hd,
-                scale: 0.088,
-                max_ctx: ctx,
-            },
-        );
+        let s = time_attention(b, (heads, kvh, hd), &[ctx as u32 - 1], ctx);
         report_bytes(
             &format!("attention decode h{heads} kv{kvh} hd{hd} ctx {ctx}"),
             s,
@@ -298,35 +305,8 @@ fn main() {
     // causal half of Q K^T and P V; the kernel spends three tf32 mma per product).
     for (heads, kvh, hd) in [(32, 4, 128), (16, 2, 256)] {
         let n = 4096;
-        let q = act(b, n * heads * hd);
-        let out = act(b, n * heads * hd);
-        let pos: BufId<Pos> = b.pool().alloc(4 * n, "pos", Lifetime::External).unwrap();
-        let p: Vec<u32> = (0..n as u32).collect();
-        b.pool().upload_u32(pos, &p).unwrap();
-        let kc: BufId<Cache> = b
-            .pool()
-            .alloc(n * kvh * hd * 4, "k", Lifetime::Persistent)
-            .unwrap();
-        let vc: BufId<Cache> = b
-            .pool()
-            .alloc(n * kvh * hd * 4, "v", Lifetime::Persistent)
-            .unwrap();
-        let s = time(
-            b,
-            Op::Attention {
-                q,
-                pos,
-                k_cache: kc,
-                v_cache: vc,
-                out,
-                n,
-                heads,
-                kv_heads: kvh,
-                head_dim: hd,
-                scale: 0.088,
-                max_ctx: n,
-            },
-        );
+        let positions: Vec<u32> = (0..n as u32).collect();
+        let s = time_attention(b, (heads, kvh, hd), &positions, n);
         let flops = (n * (n + 1) / 2 * heads * hd * 4) as f64;
         println!(
             "| attention prefill h{heads} kv{kvh} hd{hd} n {n} | {:.1} | | {:.1} TFLOP/s | |",

@@ -410,17 +410,6 @@ ATTENTION_GQA(2, 2, 256)
 ATTENTION_GQA(4, 2, 256)
 ATTENTION_GQA(8, 2, 256)
 
-// Max over the whole block (as block_sum).
-__device__ __forceinline__ float block_max(float v, float* red) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) red[warp] = v;
-    __syncthreads();
-    float t = lane < nw ? red[lane] : NEG_INF;
-    return warp_max(t);
-}
-
 extern "C" __global__ void __launch_bounds__(GM_THREADS) attention_gqa_merge_f32(const float* ml, const float4* acc, float* out,
                                                                                 u32 heads, u32 head_dim, u32 splits) { pdl_prologue();
     __shared__ float s_w[GM_MAXZ];
