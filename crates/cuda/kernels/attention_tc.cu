@@ -92,6 +92,12 @@ __device__ __forceinline__ void split4(const float* a, u32* ah, u32* al) {
     for (int i = 0; i < 4; i++) tf32_split(a[i], ah[i], al[i]);
 }
 
+// Shared-memory row strides in words: q (paired f32), split K, split V by key pairs.
+template <int D>
+struct TcStrides {
+    static constexpr u32 QP = D + 8, KS = 2 * D + 16, VS = 4 * D + 8;
+};
+
 // K split once per tile: row kr, dims 8 kk + e and + 4 (e < 4) as the u32 quad (hi, hi + 4,
 // lo, lo + 4) at kr * (2D + 16) + 16 kk + 4 e, one 16-byte read per B fragment. V split by key
 // pairs: keys j and j + 4 of each group of 8 (pair p = 4 (j / 8) + j % 8), dim d as the quad
@@ -127,16 +133,16 @@ __device__ __forceinline__ void store_kv(u32* ks, u32* vs, int it0, const float4
     for (int u = 0; u < U; u++) {
         const u32 i = threadIdx.x + (it0 + u) * TA_WARPS * 32;
         const u32 kr = i / (D / 8), kk = i % (D / 8);
-        store_split(ks + kr * (2 * D + 16) + 16 * kk, 4, ka[u], kb[u]);
+        store_split(ks + kr * TcStrides<D>::KS + 16 * kk, 4, ka[u], kb[u]);
         const u32 p = i / (D / 4), d = 4 * (i % (D / 4));
-        store_split(vs + p * (4 * D + 8) + 4 * d, 4, va[u], vb[u]);
+        store_split(vs + p * TcStrides<D>::VS + 4 * d, 4, va[u], vb[u]);
     }
 }
 
 template <int D>
 __device__ __forceinline__ void attention_tc_body(const float* q, const u32* pos, const float* kc, const float* vc, float* out,
                                                   u32 n, u32 heads, u32 kv_heads, float scale, u32 max_ctx) {
-    constexpr u32 QP = D + 8, KS = 2 * D + 16, VS = 4 * D + 8;
+    constexpr u32 QP = TcStrides<D>::QP, KS = TcStrides<D>::KS, VS = TcStrides<D>::VS;
     // K and V staging: D / 32 items of two float4 per thread and tile (both tiles have
     // TA_K * D / 8 of them), loaded STAGE_U at a time (2 at D 256, where o fills the registers).
     constexpr int STAGE_IT = TA_K * D / 8 / (TA_WARPS * 32), STAGE_U = D > 128 ? 2 : STAGE_IT < 4 ? STAGE_IT : 4;

@@ -7,6 +7,14 @@
 // Grid-stride over n * heads * rotary_dim/2 pairs, block 256.
 #include "common.cuh"
 
+// cos and sin of pair i's angle at position p: pos * theta^(-2i / rotary_dim), in double.
+__device__ __forceinline__ void rope_cos_sin(u32 p, u32 i, u32 rotary_dim, float theta, float& c, float& s) {
+    const double inv = 1.0 / pow((double)theta, 2.0 * (double)i / (double)rotary_dim);
+    const double a = (double)p * inv;
+    c = (float)cos(a);
+    s = (float)sin(a);
+}
+
 extern "C" __global__ void rope_f32(float* x, const u32* pos, u32 n, u32 heads, u32 head_dim, u32 rotary_dim, float theta) { pdl_prologue();
     const u32 half = rotary_dim / 2;
     const u64 total = (u64)n * heads * half;
@@ -14,9 +22,8 @@ extern "C" __global__ void rope_f32(float* x, const u32* pos, u32 n, u32 heads, 
         u32 i = (u32)(k % half);
         u64 th = k / half;  // t * heads + h
         u32 t = (u32)(th / heads);
-        double inv = 1.0 / pow((double)theta, 2.0 * (double)i / (double)rotary_dim);
-        double a = (double)pos[t] * inv;
-        float c = (float)cos(a), s = (float)sin(a);
+        float c, s;
+        rope_cos_sin(pos[t], i, rotary_dim, theta, c, s);
         float* v = x + th * head_dim;
         float p = v[i], q = v[i + half];
         v[i] = p * c - q * s;
@@ -80,9 +87,8 @@ extern "C" __global__ void __launch_bounds__(QP_WARPS * 32) qk_prep_f32(float* q
         __syncwarp();
         const u32 half = rotary_dim / 2;
         for (u32 i = lane; i < half; i += 32) {
-            const double inv = 1.0 / pow((double)theta, 2.0 * (double)i / (double)rotary_dim);
-            const double a = (double)p * inv;
-            const float c = (float)cos(a), s = (float)sin(a);
+            float c, s;
+            rope_cos_sin(p, i, rotary_dim, theta, c, s);
             const float x0 = sr[i], x1 = sr[i + half];
             sr[i] = x0 * c - x1 * s;
             sr[i + half] = x1 * c + x0 * s;

@@ -707,26 +707,52 @@ impl CudaBackend {
 fn match_qk_prep(
     nodes: &[(moeflux_core::op::NodeName, Op)],
 ) -> Option<(usize, ops::rope::QkPrep<'_>)> {
+    /// An in-place RmsNorm node's fields.
+    struct Norm<'a> {
+        x: BufId<Act>,
+        weight: &'a moeflux_core::op::Vector,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+        offset: f32,
+    }
+    /// A Rope node's fields.
+    struct Rope {
+        x: BufId<Act>,
+        pos: BufId<moeflux_core::Pos>,
+        n: usize,
+        heads: usize,
+        head_dim: usize,
+        rotary_dim: usize,
+        theta: f32,
+    }
     let mut i = 0;
     let mut norms = Vec::new();
     while i < nodes.len().min(2) {
         match &nodes[i].1 {
-            Op::RmsNorm {
+            &Op::RmsNorm {
                 x,
-                weight,
+                ref weight,
                 out,
                 rows,
                 dim,
                 eps,
                 offset,
-            } if x == out => norms.push((*x, weight, *rows, *dim, *eps, *offset)),
+            } if x == out => norms.push(Norm {
+                x,
+                weight,
+                rows,
+                dim,
+                eps,
+                offset,
+            }),
             _ => break,
         }
         i += 1;
     }
     let mut ropes = Vec::new();
     while i < nodes.len() && ropes.len() < 2 {
-        match &nodes[i].1 {
+        match nodes[i].1 {
             Op::Rope {
                 x,
                 pos,
@@ -735,7 +761,15 @@ fn match_qk_prep(
                 head_dim,
                 rotary_dim,
                 theta,
-            } => ropes.push((*x, *pos, *n, *heads, *head_dim, *rotary_dim, *theta)),
+            } => ropes.push(Rope {
+                x,
+                pos,
+                n,
+                heads,
+                head_dim,
+                rotary_dim,
+                theta,
+            }),
             _ => break,
         }
         i += 1;
@@ -759,7 +793,7 @@ fn match_qk_prep(
     let (k, n) = (*k, *n);
     // q is the one other buffer the norms and ropes touch; it must be touched.
     let mut q = None;
-    for x in norms.iter().map(|n| n.0).chain(ropes.iter().map(|r| r.0)) {
+    for x in norms.iter().map(|n| n.x).chain(ropes.iter().map(|r| r.x)) {
         if x != k {
             if q.is_some_and(|q| q != x) {
                 return None;
@@ -771,31 +805,33 @@ fn match_qk_prep(
     if *v == k || *v == q {
         return None;
     }
-    // The ropes: none, or one of q then one of k with the same pos, n and angles.
+    // The ropes: none, or one of q's heads then one of k's (the cache's) with the same pos, n
+    // and angles.
     let (heads, head_dim, rope) = match ropes.as_slice() {
         [] => {
-            let Some(&(_, _, rows, dim, ..)) = norms.iter().find(|n| n.0 == q) else {
-                return None;
-            };
-            if n == 0 || !rows.is_multiple_of(n) {
+            let qn = norms.iter().find(|nm| nm.x == q)?;
+            if n == 0 || !qn.rows.is_multiple_of(n) {
                 return None;
             }
-            (rows / n, dim, None)
+            (qn.rows / n, qn.dim, None)
         }
         [rq, rk] => {
-            if rq.0 != q
-                || rk.0 != k
-                || rq.1 != *pos
-                || rk.1 != *pos
-                || rq.2 != n
-                || rk.2 != n
-                || rq.4 != rk.4
-                || rq.5 != rk.5
-                || rq.6 != rk.6
+            let same = |r: &Rope| {
+                r.pos == *pos
+                    && r.n == n
+                    && r.head_dim == rq.head_dim
+                    && r.rotary_dim == rq.rotary_dim
+                    && r.theta == rq.theta
+            };
+            if rq.x != q
+                || rk.x != k
+                || !same(rq)
+                || !same(rk)
+                || rk.heads.checked_mul(rk.head_dim) != Some(*kv_dim)
             {
                 return None;
             }
-            (rq.3, rq.4, Some((rq.5, rq.6)))
+            (rq.heads, rq.head_dim, Some((rq.rotary_dim, rq.theta)))
         }
         _ => return None,
     };
@@ -803,28 +839,23 @@ fn match_qk_prep(
         return None;
     }
     let kv_heads = kv_dim / head_dim;
-    if let Some(&(_, _, _, rk, ..)) = ropes.get(1)
-        && rk != kv_heads
-    {
-        return None;
-    }
     // Norms: at most one per buffer, per head, with one eps and offset.
-    let mut q_norm = None;
-    let mut k_norm = None;
-    for &(x, w, rows, dim, eps, offset) in &norms {
-        let (slot, heads) = if x == q {
+    let mut q_norm: Option<&Norm> = None;
+    let mut k_norm: Option<&Norm> = None;
+    for nm in &norms {
+        let (slot, heads) = if nm.x == q {
             (&mut q_norm, heads)
         } else {
             (&mut k_norm, kv_heads)
         };
-        if slot.is_some() || dim != head_dim || Some(rows) != n.checked_mul(heads) {
+        if slot.is_some() || nm.dim != head_dim || Some(nm.rows) != n.checked_mul(heads) {
             return None;
         }
-        *slot = Some((w, eps, offset));
+        *slot = Some(nm);
     }
     let (eps, offset) = match (q_norm, k_norm) {
-        (Some((_, e1, o1)), Some((_, e2, o2))) if (e1, o1) != (e2, o2) => return None,
-        (Some((_, e, o)), _) | (_, Some((_, e, o))) => (e, o),
+        (Some(a), Some(b)) if (a.eps, a.offset) != (b.eps, b.offset) => return None,
+        (Some(nm), _) | (_, Some(nm)) => (nm.eps, nm.offset),
         (None, None) => (0.0, 0.0),
     };
     if !ops::rope::qk_prep_fits(head_dim, rope) {
@@ -839,8 +870,8 @@ fn match_qk_prep(
             pos: *pos,
             k_cache: *k_cache,
             v_cache: *v_cache,
-            q_norm: q_norm.map(|n| n.0),
-            k_norm: k_norm.map(|n| n.0),
+            q_norm: q_norm.map(|nm| nm.weight),
+            k_norm: k_norm.map(|nm| nm.weight),
             eps,
             offset,
             rope,
