@@ -937,15 +937,17 @@ fn qk_norm_rope_append() {
     // The attention block's q/k norms, ropes and KV append, which the CUDA backend launches as
     // one kernel (qk_prep_f32, head_dim <= 256): 30b's heads, next-80b's (partial rope), no
     // norms, norms without rope, a position past the cache (skipped), and head dim 80.
-    let cases: [(usize, usize, usize, usize, bool, bool, Vec<u32>); 6] = [
-        (32, 4, 128, 128, true, true, vec![4095]),
-        (16, 2, 256, 64, true, true, vec![7, 8, 9]),
-        (8, 2, 128, 128, false, false, vec![0, 30000]),
-        (4, 4, 64, 0, true, true, vec![2]),
-        (8, 1, 128, 64, true, false, vec![5, 4100]),
-        (4, 2, 80, 80, true, true, vec![1, 2]),
+    // (heads, kv_heads, head_dim, rotary_dim), (q norm, k norm), positions
+    type Case = ((usize, usize, usize, usize), (bool, bool), Vec<u32>);
+    let cases: [Case; 6] = [
+        ((32, 4, 128, 128), (true, true), vec![4095]),
+        ((16, 2, 256, 64), (true, true), vec![7, 8, 9]),
+        ((8, 2, 128, 128), (false, false), vec![0, 30000]),
+        ((4, 4, 64, 0), (true, true), vec![2]),
+        ((8, 1, 128, 64), (true, false), vec![5, 4100]),
+        ((4, 2, 80, 80), (true, true), vec![1, 2]),
     ];
-    for (heads, kv_heads, hd, rd, q_norm, k_norm, positions) in cases {
+    for ((heads, kv_heads, hd, rd), (q_norm, k_norm), positions) in cases {
         check(
             &format!(
                 "qk norm {q_norm}/{k_norm} rope {rd} h {heads} kv {kv_heads} hd {hd} pos {positions:?}"
